@@ -1,0 +1,215 @@
+"""The one readable torch reference for RoRA's math.
+
+Everything else in rora-fast (the CPU path of :class:`rora_fast.RoraLinear`, the
+Triton kernels in :mod:`rora_fast.kernels`, the benchmarks) is checked against the
+functions in this file. Keep them simple; speed lives elsewhere.
+
+Notation (one adapted linear layer, ``W`` frozen with shape ``out x in``)::
+
+    y  = x (M ⊙ W)ᵀ / (1 - p) + b + s (x̃ Aᵀ) Bᵀ
+    dX = dY (M ⊙ W) / (1 - p)                      (plus s (dY B) A through x̃)
+    dB = s dYᵀ (x̃ Aᵀ)          dA = s (dY B)ᵀ x̃
+    Ω  = ‖Uₖᵀ B‖²_F + ‖A Vₖ‖²_F     ∇_B Ω = 2 Uₖ (Uₖᵀ B)     ∇_A Ω = 2 (A Vₖ) Vₖᵀ
+
+``M`` is a Bernoulli keep-mask over the weight elements, one per call, shared by
+every row of the batch. ``x̃`` is the (optional) LoRA input dropout of ``x``.
+
+The weight mask
+---------------
+The mask is drawn from a counter-based generator so that the forward pass, the
+backward pass, activation-checkpoint replays and the GPU kernels all draw the
+identical mask from one integer ``seed``, whatever their tile shapes:
+
+* element ``(n, k)`` of the ``out x in`` weight belongs to Philox counter
+  ``g = n * ceil(in / 8) + k // 8`` and uses 16-bit lane ``j = k % 8``;
+* ``(c0, c1, c2, c3) = Philox4x32-10(key = seed, counter = (g, 0, 0, 0))``, the
+  same stream as Triton's ``tl.randint4x(seed, g)`` with an int32 offset;
+* the lane value is ``(c[j // 2] >> (16 * (j % 2))) & 0xFFFF``;
+* the element is kept when the lane value is ``>= round(p * 65536)``.
+
+One Philox call therefore yields eight mask bits, and the effective drop
+probability is ``p_eff = round(p * 65536) / 65536`` (``|p_eff - p| <= 7.7e-6``);
+kept weights are scaled by ``1 / (1 - p_eff)`` so the expectation is exactly ``W``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "PHILOX_ROUNDS",
+    "MASK_LANES",
+    "philox4x32",
+    "keep_threshold",
+    "effective_drop_prob",
+    "weight_keep_mask",
+    "masked_weight",
+    "rora_linear_forward",
+    "rora_linear_backward",
+    "ortho_penalty",
+    "ortho_penalty_grads",
+]
+
+PHILOX_ROUNDS = 10
+MASK_LANES = 8  # 16-bit lanes per Philox call (4 words x 2 halves)
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+# Counters are int32 in the kernels; refuse weights whose counters would overflow.
+_MAX_COUNTER = 2**31 - 1
+# Elements processed at once by the torch generator (bounds its temporary memory).
+_CHUNK = 1 << 21
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and a tensor of
+    uint32 values held in int64, without overflowing int64 (split ``b`` in halves)."""
+    b_hi = b >> 16
+    b_lo = b & 0xFFFF
+    t_hi = a * b_hi  # < 2**48
+    t_lo = a * b_lo  # < 2**48
+    hi = (t_hi + (t_lo >> 16)) >> 16
+    lo = (((t_hi & 0xFFFF) << 16) + t_lo) & _MASK32
+    return hi, lo
+
+
+def philox4x32(seed: int, counter: torch.Tensor, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 with key ``seed`` (64-bit, split lo/hi) and counter ``(counter, 0, 0, 0)``.
+
+    Bit-identical to Triton's ``tl.randint4x(seed, counter)`` for int32 counters.
+    Returns four int64 tensors holding uint32 values.
+    """
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = counter.to(torch.int64) & _MASK32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def keep_threshold(p: float) -> int:
+    """16-bit threshold: an element is kept when its lane value is >= this."""
+    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+        raise ValueError(f"weight_dropout must be in [0, 1), got {p!r}")
+    thr = int(round(p * 65536))
+    if thr >= 65536:
+        raise ValueError(f"weight_dropout={p} is too close to 1 (keeps no weight)")
+    return thr
+
+
+def effective_drop_prob(p: float) -> float:
+    """The drop probability the 16-bit mask really has (``round(p * 65536) / 65536``)."""
+    return keep_threshold(p) / 65536.0
+
+
+def weight_keep_mask(seed: int, out_features: int, in_features: int, p: float,
+                     device=None) -> torch.Tensor:
+    """Boolean keep-mask of shape ``(out_features, in_features)`` (True = kept)."""
+    thr = keep_threshold(p)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if thr == 0:
+        return torch.ones(out_features, in_features, dtype=torch.bool, device=device)
+    groups = -(-in_features // MASK_LANES)
+    if out_features * groups - 1 > _MAX_COUNTER:
+        raise ValueError(
+            f"weight of shape ({out_features}, {in_features}) is too large for the "
+            f"int32 mask counter ({out_features * groups} > 2**31)")
+    total = out_features * groups
+    halves = torch.empty(total * MASK_LANES, dtype=torch.int32, device=device)
+    shifts = torch.tensor([0, 16], dtype=torch.int64, device=device)
+    for start in range(0, total, _CHUNK):
+        stop = min(total, start + _CHUNK)
+        g = torch.arange(start, stop, dtype=torch.int64, device=device)
+        words = torch.stack(philox4x32(seed, g), dim=-1)  # (chunk, 4)
+        lanes = (words.unsqueeze(-1) >> shifts) & 0xFFFF  # (chunk, 4, 2)
+        halves[start * MASK_LANES:stop * MASK_LANES] = lanes.reshape(-1).to(torch.int32)
+    halves = halves.view(out_features, groups * MASK_LANES)[:, :in_features]
+    return halves >= thr
+
+
+def masked_weight(weight: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``(M ⊙ W) / (1 - p_eff)`` in the weight's dtype (``W`` itself when ``p == 0``)."""
+    if keep_threshold(p) == 0:
+        return weight
+    keep = weight_keep_mask(seed, weight.shape[0], weight.shape[1], p, weight.device)
+    scale = 1.0 / (1.0 - effective_drop_prob(p))
+    return torch.where(keep, weight * scale, torch.zeros((), dtype=weight.dtype,
+                                                         device=weight.device))
+
+
+def rora_linear_forward(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                        lora_B: torch.Tensor, scaling: float, p: float,
+                        seed: int) -> torch.Tensor:
+    """``x (M ⊙ W)ᵀ / (1-p) + b + s (x̃ Aᵀ) Bᵀ`` for inputs of shape ``[..., in]``."""
+    w = masked_weight(weight, seed, p)
+    y = torch.nn.functional.linear(x, w, bias)
+    return y + scaling * ((x_lora @ lora_A.t()) @ lora_B.t())
+
+
+def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, x_lora: torch.Tensor,
+                         weight: torch.Tensor, lora_A: torch.Tensor,
+                         lora_B: torch.Tensor, scaling: float, p: float, seed: int,
+                         penalty_lambda: float = 0.0,
+                         ortho_U: Optional[torch.Tensor] = None,
+                         ortho_V: Optional[torch.Tensor] = None):
+    """Gradients ``(dX, dX̃, dA, dB)`` of the forward above for upstream ``grad_out``.
+
+    ``dX`` is the base-path gradient only and ``dX̃`` the LoRA-path gradient; when
+    there is no LoRA input dropout ``x̃ = x`` and the caller adds the two. When
+    ``penalty_lambda > 0`` the gradient of ``λ Ω(A, B)`` is added to ``dA``/``dB``.
+    """
+    in_f = x.shape[-1]
+    dy = grad_out.reshape(-1, grad_out.shape[-1])
+    xl = x_lora.reshape(-1, in_f)
+    w = masked_weight(weight, seed, p)
+    dx = (dy @ w).reshape(x.shape)
+    dyb = dy @ lora_B  # (tokens, r)
+    dx_lora = (scaling * (dyb @ lora_A)).reshape(x.shape)
+    dA = scaling * (dyb.t() @ xl)
+    dB = scaling * (dy.t() @ (xl @ lora_A.t()))
+    if penalty_lambda:
+        gA, gB = ortho_penalty_grads(lora_A, lora_B, ortho_U, ortho_V)
+        dA = dA + penalty_lambda * gA
+        dB = dB + penalty_lambda * gB
+    return dx, dx_lora, dA, dB
+
+
+def ortho_penalty(lora_A: torch.Tensor, lora_B: torch.Tensor, ortho_U: torch.Tensor,
+                  ortho_V: torch.Tensor) -> torch.Tensor:
+    """``Ω(A, B) = ‖Uₖᵀ B‖²_F + ‖A Vₖ‖²_F`` (differentiable, computed in float32 or wider)."""
+    dt = torch.promote_types(lora_A.dtype, torch.float32)
+    ub = ortho_U.to(dt).t() @ lora_B.to(dt)
+    av = lora_A.to(dt) @ ortho_V.to(dt)
+    return ub.pow(2).sum() + av.pow(2).sum()
+
+
+def ortho_penalty_grads(lora_A: torch.Tensor, lora_B: torch.Tensor,
+                        ortho_U: torch.Tensor, ortho_V: torch.Tensor):
+    """``(∇_A Ω, ∇_B Ω) = (2 (A Vₖ) Vₖᵀ, 2 Uₖ (Uₖᵀ B))`` in the dtypes of A and B."""
+    dt = torch.promote_types(lora_A.dtype, torch.float32)
+    U = ortho_U.to(dt)
+    V = ortho_V.to(dt)
+    gA = 2.0 * ((lora_A.to(dt) @ V) @ V.t())
+    gB = 2.0 * (U @ (U.t() @ lora_B.to(dt)))
+    return gA.to(lora_A.dtype), gB.to(lora_B.dtype)
+
+
+def _self_check() -> None:  # pragma: no cover - a debugging aid
+    m = weight_keep_mask(1234, 37, 33, 0.1)
+    print(m.shape, 1 - m.float().mean().item(), math.sqrt(0.09 / m.numel()))

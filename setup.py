@@ -1,0 +1,36 @@
+"""Packaging for rora-fast.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository but are
+installed as ``rora_fast.kernels``: a top-level package called ``kernels`` would
+collide with the ``kernels`` package that transformers detects and imports.
+"""
+from setuptools import setup
+
+setup(
+    name="rora-fast",
+    version="0.1.0",
+    description="RoRA (Regularized Low-Rank Adaptation) as fast, drop-in PyTorch modules "
+                "with fused Triton kernels and a backdoor-removal evaluation harness",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["rora_fast", "rora_fast.kernels", "rora_fast.evaluation"],
+    package_dir={"rora_fast": "rora_fast", "rora_fast.kernels": "kernels"},
+    package_data={"rora_fast": ["datasets/*/*.tsv", "datasets/*/*.txt", "datasets/SOURCES.md"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.45",
+        "peft>=0.13",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "numpy>=1.24",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.1"],
+    },
+    entry_points={"console_scripts": ["rora-fast=rora_fast.cli:main"]},
+)
