@@ -1,0 +1,376 @@
+"""``RoraLinear``: a drop-in replacement for ``nn.Linear`` that trains with RoRA.
+
+A RoRA layer is LoRA (``W' = W_pre + s·BA``) plus
+
+1. clean-strengthened regularisation: dropout on the frozen pretrained *weights*
+   during training, ``W = Dropout_p(W_pre) + s·BA``;
+2. trigger-insensitive regularisation: ``λ (‖Uₖᵀ B‖²_F + ‖A Vₖ‖²_F)`` added to the
+   objective, ``Uₖ``, ``Vₖ`` the cached top-k singular vectors of ``W_pre``;
+3. post-training spectral rescaling ``s = σ_max(W_pre) / σ_max(BA)``
+   (:func:`rora_fast.spectral_rescale_`).
+
+The math lives in :mod:`rora_fast.reference`; the op and its backends in
+:mod:`rora_fast.functional`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional as F_rora
+from . import reference as ref
+from .linalg import sigma_max_lowrank, spectral_basis
+
+__all__ = ["RoraLinear", "PENALTY_MODES", "INITS"]
+
+PENALTY_MODES = ("backward", "optimizer", "loss")
+INITS = ("default", "gaussian", "pissa", "olora")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
+
+
+class RoraLinear(nn.Module):
+    """Linear layer with a RoRA adapter: ``y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ``.
+
+    In training, ``W`` is replaced by ``(M ⊙ W) / (1 - p)`` with a fresh Bernoulli
+    keep-mask ``M`` per call (seeded from torch's default generator, regenerated in
+    backward, replayed by activation checkpointing), and the gradient of
+    ``λ Ω(A, B)`` is added to the adapter gradients once per optimizer step
+    (``penalty_mode="backward"``, the default; see :func:`rora_fast.rora_penalty`).
+
+    Args:
+        in_features, out_features, bias: as for ``nn.Linear`` (ignored by
+            :meth:`from_linear`, which wraps an existing layer).
+        r: adapter rank, ``1 <= r <= min(in, out)``.
+        alpha: LoRA alpha; ``scaling = alpha / r`` until rescaled.
+        weight_dropout: ``p`` of the weight dropout, in ``[0, 1)`` (paper: 0.1).
+        lora_dropout: PEFT-style dropout on the adapter's input, in ``[0, 1)``.
+        ortho_rank: ``k``, number of singular vectors of ``W_pre`` penalised.
+        ortho_lambda: ``λ`` (paper: 10); 0 turns the penalty off.
+        penalty_mode: ``"backward"`` (the layer adds ``λ∇Ω`` in its backward, once per
+            optimizer step), ``"optimizer"`` (added by an optimizer pre-step hook, see
+            :func:`rora_fast.attach_penalty`; exact with AMP grad scaling) or
+            ``"loss"`` (nothing automatic: add :func:`rora_fast.rora_penalty` to the loss).
+        init: ``"default"`` (A Kaiming-uniform, B zero, like PEFT), ``"gaussian"``,
+            ``"pissa"`` or ``"olora"`` (base weight replaced by the residual, as PEFT).
+        use_dora: DoRA magnitude/direction decomposition on top (as PEFT's DoRA).
+        adapter_dtype: dtype of A and B (default: float32 for a half-precision base,
+            else the base dtype — what PEFT does with ``autocast_adapter_dtype``).
+        svd_method, svd_cache: see :func:`rora_fast.linalg.spectral_basis`.
+        backend: ``None`` (``RORA_FAST_BACKEND`` or auto), ``"reference"``, ``"triton"``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 r: int = 8, alpha: float = 16, weight_dropout: float = 0.1,
+                 lora_dropout: float = 0.0, ortho_rank: int = 32,
+                 ortho_lambda: float = 10.0, penalty_mode: str = "backward",
+                 init: str = "default", use_dora: bool = False,
+                 adapter_dtype: Optional[torch.dtype] = None, svd_method: str = "auto",
+                 svd_cache="default", backend: Optional[str] = None,
+                 device=None, dtype=None, _base: Optional[nn.Linear] = None):
+        super().__init__()
+        if _base is None:
+            _base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if not isinstance(_base, nn.Linear):
+            raise TypeError(f"RoraLinear wraps an nn.Linear, got {type(_base).__name__}")
+        in_features, out_features = _base.in_features, _base.out_features
+        if _base.weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"unsupported weight dtype {_base.weight.dtype}; expected one of "
+                            "float32, float16, bfloat16, float64")
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"r must be an int, got {r!r}")
+        if not 1 <= r <= min(in_features, out_features):
+            raise ValueError(f"r must be in [1, min(in_features, out_features)] = "
+                             f"[1, {min(in_features, out_features)}], got {r}")
+        _check_range("alpha", alpha, lo=0, lo_open=True)
+        _check_range("weight_dropout", weight_dropout, lo=0, hi=1, hi_open=True)
+        _check_range("lora_dropout", lora_dropout, lo=0, hi=1, hi_open=True)
+        _check_range("ortho_lambda", ortho_lambda, lo=0)
+        if isinstance(ortho_rank, bool) or not isinstance(ortho_rank, int):
+            raise TypeError(f"ortho_rank must be an int, got {ortho_rank!r}")
+        if not 1 <= ortho_rank <= min(in_features, out_features):
+            raise ValueError(f"ortho_rank must be in [1, min(in_features, out_features)] = "
+                             f"[1, {min(in_features, out_features)}], got {ortho_rank}")
+        if penalty_mode not in PENALTY_MODES:
+            raise ValueError(f"penalty_mode must be one of {PENALTY_MODES}, got {penalty_mode!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        ref.keep_threshold(weight_dropout)  # rejects p that rounds to "drop everything"
+
+        self.in_features, self.out_features = in_features, out_features
+        # Share the base parameters (same Parameter objects, no copy) and freeze them.
+        self.weight = _base.weight
+        self.weight.requires_grad_(False)
+        self.bias = _base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+        self.r = r
+        self.lora_alpha = float(alpha)
+        self.scaling = self.lora_alpha / r
+        self.weight_dropout = float(weight_dropout)
+        self.lora_dropout_p = float(lora_dropout)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.ortho_rank = ortho_rank
+        self.ortho_lambda = float(ortho_lambda)
+        self.penalty_mode = penalty_mode
+        self.init = init
+        self.use_dora = bool(use_dora)
+        self.backend = backend
+        self.rescaled = False
+
+        wdtype, wdev = self.weight.dtype, self.weight.device
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if wdtype in (torch.float16, torch.bfloat16) else wdtype
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=adapter_dtype, device=wdev))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=adapter_dtype, device=wdev))
+
+        # Spectral quantities of the *original* W_pre, before any init rewrites it.
+        basis = spectral_basis(self.weight, ortho_rank, method=svd_method, cache_dir=svd_cache)
+        self.register_buffer("ortho_U", basis.U.to(adapter_dtype), persistent=False)
+        self.register_buffer("ortho_V", basis.V.to(adapter_dtype), persistent=False)
+        self.sigma_pre = basis.sigma_max
+
+        self._init_adapter(init)
+        if self.use_dora:
+            with torch.no_grad():
+                norm = self._weight_norm(self.weight, self._delta_weight().detach())
+            self.lora_magnitude = nn.Parameter(norm.to(adapter_dtype))
+        else:
+            self.lora_magnitude = None
+
+        # Penalty bookkeeping (once per optimizer step, see _claim_penalty).
+        self._penalty_version = None
+        self._penalty_pending = False
+        self._penalty_attached = False
+        self.lora_A.register_post_accumulate_grad_hook(self._after_grad_accumulated)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16,
+                    weight_dropout: float = 0.1, lora_dropout: float = 0.0,
+                    ortho_rank: int = 32, ortho_lambda: float = 10.0,
+                    **kwargs) -> "RoraLinear":
+        """Wrap an existing ``nn.Linear`` (its weight and bias are shared, not copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.in_features, linear.out_features, linear.bias is not None,
+                   r=r, alpha=alpha, weight_dropout=weight_dropout, lora_dropout=lora_dropout,
+                   ortho_rank=ortho_rank, ortho_lambda=ortho_lambda, _base=linear, **kwargs)
+
+    def _init_adapter(self, init: str) -> None:
+        with torch.no_grad():
+            if init in ("default", "gaussian"):
+                if init == "default":
+                    nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                else:
+                    nn.init.normal_(self.lora_A, std=1 / self.r)
+                nn.init.zeros_(self.lora_B)
+                self.register_buffer("lora_A0", None)
+                self.register_buffer("lora_B0", None)
+                return
+            w = self.weight.detach().to(torch.float32)
+            if init == "pissa":  # as peft.tuners.lora.layer.LoraLayer.pissa_init
+                Vfull, S, Uh = torch.linalg.svd(w, full_matrices=False)
+                Sr = S[: self.r] / self.scaling
+                A = torch.diag(torch.sqrt(Sr)) @ Uh[: self.r]
+                B = Vfull[:, : self.r] @ torch.diag(torch.sqrt(Sr))
+            else:  # olora, as peft.tuners.lora.layer.LoraLayer.olora_init
+                Q, R = torch.linalg.qr(w)
+                A, B = R[: self.r].contiguous(), Q[:, : self.r].contiguous()
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+            # The base becomes the residual, in place (as PEFT does to the base layer).
+            self.weight.copy_((w - self.scaling * (B @ A)).to(self.weight.dtype))
+            # Keep the initial factors: the merged model is W_res + s·BA, and an export to
+            # plain LoRA needs ΔW = s·BA − s0·B0A0 relative to the original weight.
+            self.register_buffer("lora_A0", A.to(self.lora_A.dtype).clone())
+            self.register_buffer("lora_B0", B.to(self.lora_B.dtype).clone())
+            self.init_scaling = self.scaling
+
+    # ------------------------------------------------------------------ helpers
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, r={self.r}, scaling={self.scaling:.4g}, "
+                f"weight_dropout={self.weight_dropout}, ortho_rank={self.ortho_rank}, "
+                f"ortho_lambda={self.ortho_lambda}, init={self.init}, use_dora={self.use_dora}")
+
+    def _delta_weight(self) -> torch.Tensor:
+        """``s · B A`` (out x in) in the adapter dtype."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    @staticmethod
+    def _weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Row norms of ``W + ΔW`` (DoRA's ‖·‖_c for an out x in weight)."""
+        return torch.linalg.norm(weight.to(delta.dtype) + delta, dim=1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The weight change this adapter applies, relative to the stored base weight."""
+        with torch.no_grad():
+            if not self.use_dora:
+                return self._delta_weight()
+            delta = self._delta_weight()
+            w = self.weight.to(delta.dtype)
+            g = (self.lora_magnitude / self._weight_norm(w, delta)).unsqueeze(1)
+            return g * (w + delta) - w
+
+    # ------------------------------------------------------------------ penalty
+    def penalty(self) -> torch.Tensor:
+        """``λ Ω(A, B)``; differentiable only with ``penalty_mode="loss"`` so that the
+        penalty cannot be counted twice (the other modes apply its gradient themselves)."""
+        if not self.ortho_lambda:
+            return torch.zeros((), device=self.lora_A.device)
+        if self.penalty_mode == "loss":
+            return self.ortho_lambda * ref.ortho_penalty(self.lora_A, self.lora_B,
+                                                         self.ortho_U, self.ortho_V)
+        with torch.no_grad():
+            return self.ortho_lambda * ref.ortho_penalty(self.lora_A, self.lora_B,
+                                                         self.ortho_U, self.ortho_V)
+
+    def add_penalty_grad_(self) -> None:
+        """Add ``λ∇Ω`` to ``lora_A.grad``/``lora_B.grad`` now (``penalty_mode="optimizer"``)."""
+        if not self.ortho_lambda:
+            return
+        with torch.no_grad():
+            gA, gB = ref.ortho_penalty_grads(self.lora_A, self.lora_B, self.ortho_U, self.ortho_V)
+            for p_, g in ((self.lora_A, gA), (self.lora_B, gB)):
+                if not p_.requires_grad:
+                    continue
+                if p_.grad is None:
+                    p_.grad = self.ortho_lambda * g
+                else:
+                    p_.grad.add_(g, alpha=self.ortho_lambda)
+
+    def _claim_penalty(self) -> bool:
+        """Asked in backward: add the penalty gradient now?
+
+        Yes exactly once per optimizer step. A step is recognised by the adapter's
+        ``.grad`` having been reset to ``None`` (``zero_grad()``) or by ``lora_A``
+        having been changed in place (``optimizer.step()`` bumps its version counter)
+        since the last time. Further backward calls before the next step (gradient
+        accumulation, a layer called twice) add nothing.
+        """
+        A = self.lora_A
+        if A.grad is None:
+            if self._penalty_pending:  # already added earlier in this backward pass
+                return False
+        elif A._version == self._penalty_version:
+            return False
+        self._penalty_version = A._version
+        self._penalty_pending = True
+        return True
+
+    def _after_grad_accumulated(self, param) -> None:
+        self._penalty_pending = False
+
+    def _penalty_handle(self) -> Optional[F_rora.PenaltyHandle]:
+        if self.penalty_mode != "backward" or not self.ortho_lambda:
+            return None
+        return F_rora.PenaltyHandle(self.ortho_lambda, self.ortho_U, self.ortho_V,
+                                    self._claim_penalty)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"RoraLinear expects a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"RoraLinear expects inputs of shape [..., {self.in_features}], "
+                             f"got {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"unsupported input dtype {x.dtype}; expected float32, float16, "
+                            "bfloat16 or float64")
+        if x.device != self.weight.device:
+            raise ValueError(f"input is on {x.device} but the layer's weight is on "
+                             f"{self.weight.device}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            cdtype = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                return self._forward(x.to(cdtype), cdtype)
+        # Without autocast the layer computes in its base weight's dtype, like nn.Linear.
+        return self._forward(x, self.weight.dtype)
+
+    def _forward(self, x: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+        if x.dtype != cdtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {cdtype} "
+                            "(cast the input or use torch.autocast)")
+        W = self.weight.to(cdtype)
+        b = self.bias.to(cdtype) if self.bias is not None else None
+        A = self.lora_A.to(cdtype)
+        B = self.lora_B.to(cdtype)
+        if not self.training:
+            lora = self.scaling * ((x @ A.t()) @ B.t())
+            if self.use_dora:
+                y = nn.functional.linear(x, W) + lora
+                return self._dora_output(y, b, x, x, W, A, B, cdtype, None)
+            return nn.functional.linear(x, W, b) + lora
+        if self.penalty_mode == "optimizer" and self.ortho_lambda and not self._penalty_attached:
+            raise RuntimeError("penalty_mode='optimizer' but no optimizer is attached: call "
+                               "rora_fast.attach_penalty(optimizer, model) before training")
+        x_lora = self.lora_dropout(x)
+        p = self.weight_dropout
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if ref.keep_threshold(p) else 0
+        bias_arg = None if self.use_dora else b
+        y = F_rora.rora_linear(x, x_lora, W, bias_arg, A, B, self.scaling, p, seed,
+                               self._penalty_handle(), backend=self.backend)
+        if self.use_dora:
+            y = self._dora_output(y, b, x, x_lora, W, A, B, cdtype, seed)
+        return y
+
+    def _dora_output(self, y, b, x, x_lora, W, A, B, cdtype, seed):
+        """DoRA on top of ``y = x Ŵᵀ + s x̃ AᵀBᵀ`` (no bias), as PEFT's DoRA layer:
+        ``g = m / ‖W + s·BA‖_row`` (norm detached, undropped ``W``), and
+        ``out = y + (g − 1) ⊙ (x̃ Ŵᵀ + s x̃ AᵀBᵀ) + b``; when ``x̃`` is ``x`` this is
+        ``g ⊙ y + b``."""
+        with torch.no_grad():
+            norm = self._weight_norm(W, self.scaling * (B @ A)).to(cdtype)
+        g = self.lora_magnitude.to(cdtype) / norm
+        if x_lora is x:
+            out = g * y
+        else:
+            inner = F_rora.rora_linear(x_lora, x_lora, W, None, A, B, self.scaling,
+                                       self.weight_dropout, seed, None, backend=self.backend)
+            out = y + (g - 1) * inner
+        return out + b if b is not None else out
+
+    # ------------------------------------------------------------------ rescaling / merging
+    def sigma_delta(self) -> float:
+        """Exact σ_max(B A) (the adapter product, without ``scaling``)."""
+        return sigma_max_lowrank(self.lora_B, self.lora_A)
+
+    def spectral_rescale_(self) -> float:
+        """Set ``scaling = σ_max(W_pre) / σ_max(BA)`` and return it."""
+        sd = self.sigma_delta()
+        if not sd > 0 or not math.isfinite(sd):
+            raise ValueError("cannot rescale: the adapter product BA is zero (was the layer "
+                             "trained?); σ_max(BA) = 0 would give an infinite scale")
+        self.scaling = self.sigma_pre / sd
+        self.rescaled = True
+        return self.scaling
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing this layer's eval output (base weight updated
+        in place, the same storage as before)."""
+        with torch.no_grad():
+            delta = self.delta_weight()
+            self.weight.add_(delta.to(self.weight.dtype))
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device="meta")
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin

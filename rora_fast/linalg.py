@@ -1,0 +1,238 @@
+"""Spectral helpers: fast σ_max, exact σ_max of a low-rank product, truncated SVD bases
+with an on-disk cache keyed by the weight's content."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "sigma_max",
+    "sigma_max_lowrank",
+    "randomized_svd",
+    "SpectralBasis",
+    "spectral_basis",
+    "default_cache_dir",
+    "weight_fingerprint",
+]
+
+# Matrices whose smaller side is at most this get an exact SVD for their bases.
+EXACT_SVD_MAX_DIM = 1024
+
+
+def _work_dtype(W: torch.Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def sigma_max(W: torch.Tensor, tol: float = 1e-3, max_iter: int = 200,
+              generator: Optional[torch.Generator] = None) -> float:
+    """Largest singular value of a 2-D matrix by Golub–Kahan–Lanczos bidiagonalisation.
+
+    Full reorthogonalisation; stops when the estimate changes by less than
+    ``tol / 10`` (relative) between steps, or after ``max_iter`` steps. The estimate
+    is a lower bound that converges from below; on the matrices in the test-suite its
+    relative error is far below ``tol``. Much cheaper than
+    ``torch.linalg.matrix_norm(W, ord=2)``, which computes a full SVD.
+    """
+    if W.dim() != 2:
+        raise ValueError(f"sigma_max expects a 2-D matrix, got shape {tuple(W.shape)}")
+    if not (0 < tol < 1):
+        raise ValueError(f"tol must be in (0, 1), got {tol}")
+    m, n = W.shape
+    if m == 0 or n == 0:
+        return 0.0
+    dt = _work_dtype(W)
+    A = W.detach().to(dt)
+    if min(m, n) <= 64:  # tiny: exact is cheapest
+        return float(torch.linalg.svdvals(A)[0])
+    steps = min(max_iter, min(m, n))
+    gen_dev = generator.device if generator is not None else A.device
+    v = torch.randn(n, dtype=dt, device=gen_dev, generator=generator).to(A.device)
+    v = v / v.norm()
+    Vs = torch.empty(steps + 1, n, dtype=dt, device=A.device)
+    Us = torch.empty(steps, m, dtype=dt, device=A.device)
+    alphas, betas = [], []
+    Vs[0] = v
+    u_prev = None
+    beta = 0.0
+    est = 0.0
+    for j in range(steps):
+        u = A @ Vs[j]
+        if u_prev is not None:
+            u = u - beta * u_prev
+        u = u - Us[:j].t() @ (Us[:j] @ u)  # reorthogonalise
+        alpha = float(u.norm())
+        if alpha == 0.0:
+            break
+        u = u / alpha
+        Us[j] = u
+        alphas.append(alpha)
+        w = A.t() @ u - alpha * Vs[j]
+        w = w - Vs[:j + 1].t() @ (Vs[:j + 1] @ w)
+        beta = float(w.norm())
+        # σ_max of the (j+1) x (j+1) upper bidiagonal matrix built so far
+        k = len(alphas)
+        Bk = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if k > 1:
+            Bk += torch.diag(torch.tensor(betas, dtype=torch.float64), 1)
+        new = float(torch.linalg.svdvals(Bk)[0])
+        if j > 0 and abs(new - est) <= 0.1 * tol * new:
+            return new
+        est = new
+        if beta <= 1e-12 * max(alpha, 1.0):
+            break
+        betas.append(beta)
+        Vs[j + 1] = w / beta
+        u_prev = u
+    return est
+
+
+def sigma_max_lowrank(B: torch.Tensor, A: torch.Tensor) -> float:
+    """Exact σ_max(B A) for ``B`` (out x r) and ``A`` (r x in) through QR of the factors.
+
+    ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` give ``B A = Q_B (R_B R_Aᵀ) Q_Aᵀ``, so
+    ``σ_max(BA) = ‖R_B R_Aᵀ‖₂``, an r x r problem.
+    """
+    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"expected B (out x r) and A (r x in), got {tuple(B.shape)} and "
+                         f"{tuple(A.shape)}")
+    Bd = B.detach().to(torch.float64)
+    Ad = A.detach().to(torch.float64)
+    _, Rb = torch.linalg.qr(Bd)
+    _, Ra = torch.linalg.qr(Ad.t())
+    return float(torch.linalg.svdvals(Rb @ Ra.t())[0])
+
+
+def randomized_svd(W: torch.Tensor, k: int, block: Optional[int] = None,
+                   niter: int = 8, generator: Optional[torch.Generator] = None):
+    """Randomized truncated SVD by block Krylov iteration (Musco & Musco, 2015).
+
+    Builds the Krylov space ``[AΩ, (AAᵀ)AΩ, …, (AAᵀ)^niter AΩ]`` from a Gaussian
+    block ``Ω`` of ``block`` columns (default ``k + max(k, 32)``), each block
+    QR-stabilised, and takes the Rayleigh–Ritz SVD of ``W`` on it. Unlike plain
+    subspace iteration it converges even on flat spectra (random matrices): with the
+    defaults the captured top-k energy is within 0.1 % of the exact one on a 4096 x
+    4096 Gaussian matrix. Returns ``(U_k, S_k, V_k)`` with ``W ≈ U diag(S) Vᵀ``.
+    """
+    m, n = W.shape
+    b = min(m, n, block if block is not None else k + max(k, 32))
+    dt = _work_dtype(W)
+    A = W.detach().to(dt)
+    gen_dev = generator.device if generator is not None else A.device
+    omega = torch.randn(n, b, dtype=dt, device=gen_dev, generator=generator).to(A.device)
+    Q, _ = torch.linalg.qr(A @ omega)
+    blocks = [Q]
+    for _ in range(niter):
+        if sum(t.shape[1] for t in blocks) >= min(m, n):
+            break
+        Z, _ = torch.linalg.qr(A.t() @ Q)
+        Q, _ = torch.linalg.qr(A @ Z)
+        blocks.append(Q)
+    K, _ = torch.linalg.qr(torch.cat(blocks, dim=1)[:, :min(m, n)])
+    Ub, S, Vh = torch.linalg.svd(K.t() @ A, full_matrices=False)
+    return (K @ Ub)[:, :k], S[:k], Vh[:k].t()
+
+
+@dataclass
+class SpectralBasis:
+    """Top-k singular triplets of a weight: ``U`` (out x k), ``S`` (k), ``V`` (in x k)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    method: str
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.S[0]) if self.S.numel() else 0.0
+
+
+def default_cache_dir() -> Optional[Path]:
+    """Directory of the SVD-basis cache: ``$RORA_FAST_CACHE_DIR`` or
+    ``~/.cache/rora_fast/svd``; ``RORA_FAST_CACHE=0`` turns the cache off."""
+    if os.environ.get("RORA_FAST_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    root = os.environ.get("RORA_FAST_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.path.expanduser("~")) / ".cache" / "rora_fast" / "svd"
+
+
+def weight_fingerprint(W: torch.Tensor) -> str:
+    """Content hash (BLAKE2b over the raw bytes, shape and dtype) of a tensor."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{tuple(W.shape)}|{W.dtype}".encode())
+    t = W.detach().contiguous()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def spectral_basis(W: torch.Tensor, k: int, method: str = "auto",
+                   cache_dir: Optional[os.PathLike] = "default",
+                   seed: int = 0) -> SpectralBasis:
+    """Top-``k`` singular vectors and values of ``W`` (out x in), cached on disk.
+
+    ``method``: ``"exact"`` (``torch.linalg.svd``), ``"randomized"``
+    (:func:`randomized_svd`), or ``"auto"``: exact when ``min(out, in) <=
+    EXACT_SVD_MAX_DIM``, randomized above. ``cache_dir=None`` disables the cache;
+    ``"default"`` uses :func:`default_cache_dir`. Results are float32 on ``W``'s device.
+    """
+    if W.dim() != 2:
+        raise ValueError(f"spectral_basis expects a 2-D weight, got shape {tuple(W.shape)}")
+    m, n = W.shape
+    if not 1 <= k <= min(m, n):
+        raise ValueError(f"ortho_rank must be in [1, min(out, in)] = [1, {min(m, n)}] for a "
+                         f"weight of shape ({m}, {n}), got {k}")
+    if method == "auto":
+        method = "exact" if min(m, n) <= EXACT_SVD_MAX_DIM else "randomized"
+    if method not in ("exact", "randomized"):
+        raise ValueError(f"unknown SVD method {method!r}; expected auto, exact or randomized")
+    cdir = default_cache_dir() if cache_dir == "default" else (
+        Path(cache_dir) if cache_dir is not None else None)
+    path = None
+    if cdir is not None:
+        path = cdir / f"{weight_fingerprint(W)}-k{k}-{method}.safetensors"
+        if path.exists():
+            basis = _load_basis(path, W.device, method)
+            if basis is not None:
+                return basis
+    if method == "exact":
+        U, S, Vh = torch.linalg.svd(W.detach().to(_work_dtype(W)), full_matrices=False)
+        U, S, V = U[:, :k], S[:k], Vh[:k].t()
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        U, S, V = randomized_svd(W, k, generator=gen)
+    basis = SpectralBasis(U.float().contiguous(), S.float().contiguous(),
+                          V.float().contiguous(), method)
+    if path is not None:
+        _save_basis(path, basis)
+    return basis
+
+
+def _save_basis(path: Path, basis: SpectralBasis) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"U": basis.U.cpu(), "S": basis.S.cpu(), "V": basis.V.cpu()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full cache must never break training
+        pass
+
+
+def _load_basis(path: Path, device, method: str) -> Optional[SpectralBasis]:
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+        return SpectralBasis(t["U"].to(device), t["S"].to(device), t["V"].to(device), method)
+    except Exception:  # corrupt entry: recompute (and overwrite) instead of failing
+        return None
