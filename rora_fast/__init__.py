@@ -10,6 +10,7 @@ from .layer import RoraLinear
 from .linalg import sigma_max, sigma_max_lowrank, spectral_basis
 from .model import (RoraConfig, apply_rora, attach_penalty, export_peft_adapter, load_rora,
                     merge_rora, rora_layers, rora_penalty, save_rora, spectral_rescale_)
+from .peft_integration import register_rora, spectral_rescale_peft_
 from .reference import effective_drop_prob, weight_keep_mask
 
 __version__ = "0.1.0"
@@ -31,5 +32,7 @@ __all__ = [
     "spectral_basis",
     "spectral_rescale_",
     "effective_drop_prob",
+    "register_rora",
+    "spectral_rescale_peft_",
     "weight_keep_mask",
 ]

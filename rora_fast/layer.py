@@ -24,8 +24,10 @@ from torch import nn
 from . import functional as F_rora
 from . import reference as ref
 from .linalg import sigma_max_lowrank, spectral_basis
+from .penalty import OncePerStep
 
 __all__ = ["RoraLinear", "PENALTY_MODES", "INITS"]
+
 
 PENALTY_MODES = ("backward", "optimizer", "loss")
 INITS = ("default", "gaussian", "pissa", "olora")
@@ -151,11 +153,9 @@ class RoraLinear(nn.Module):
         else:
             self.lora_magnitude = None
 
-        # Penalty bookkeeping (once per optimizer step, see _claim_penalty).
-        self._penalty_version = None
-        self._penalty_pending = False
+        # The penalty gradient is added once per optimizer step (see OncePerStep).
+        self._penalty_clock = OncePerStep(self.lora_A)
         self._penalty_attached = False
-        self.lora_A.register_post_accumulate_grad_hook(self._after_grad_accumulated)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -253,33 +253,11 @@ class RoraLinear(nn.Module):
                 else:
                     p_.grad.add_(g, alpha=self.ortho_lambda)
 
-    def _claim_penalty(self) -> bool:
-        """Asked in backward: add the penalty gradient now?
-
-        Yes exactly once per optimizer step. A step is recognised by the adapter's
-        ``.grad`` having been reset to ``None`` (``zero_grad()``) or by ``lora_A``
-        having been changed in place (``optimizer.step()`` bumps its version counter)
-        since the last time. Further backward calls before the next step (gradient
-        accumulation, a layer called twice) add nothing.
-        """
-        A = self.lora_A
-        if A.grad is None:
-            if self._penalty_pending:  # already added earlier in this backward pass
-                return False
-        elif A._version == self._penalty_version:
-            return False
-        self._penalty_version = A._version
-        self._penalty_pending = True
-        return True
-
-    def _after_grad_accumulated(self, param) -> None:
-        self._penalty_pending = False
-
     def _penalty_handle(self) -> Optional[F_rora.PenaltyHandle]:
         if self.penalty_mode != "backward" or not self.ortho_lambda:
             return None
         return F_rora.PenaltyHandle(self.ortho_lambda, self.ortho_U, self.ortho_V,
-                                    self._claim_penalty)
+                                    self._penalty_clock.claim)
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:

@@ -201,12 +201,15 @@ def rora_penalty(model: nn.Module) -> torch.Tensor:
     other modes the layers apply the penalty's gradient themselves and this value is
     detached (for logging only), so adding it to a loss cannot count it twice.
     """
-    total = None
-    for _, layer in rora_layers(model):
-        v = layer.penalty()
-        total = v if total is None else total + v.to(total.device)
-    if total is None:
+    values = [layer.penalty() for _, layer in rora_layers(model)]
+    from .peft_integration import peft_rora_layers
+
+    values += [layer.rora_penalty() for _, layer in peft_rora_layers(model)]
+    if not values:
         raise ValueError("the model has no RoRA layers")
+    total = values[0]
+    for v in values[1:]:
+        total = total + v.to(total.device)
     return total
 
 

@@ -1,0 +1,164 @@
+"""RoRA inside PEFT, for code built around ``get_peft_model``.
+
+PEFT lets a ``LoraConfig`` map a layer type to a custom LoRA layer class
+(``LoraConfig._register_custom_module``). :func:`register_rora` registers a subclass
+of PEFT's own ``lora.Linear`` whose training forward is the RoRA op (weight dropout,
+penalty gradient in backward), so everything else stays PEFT's: adapter names,
+``merge_and_unload``, ``disable_adapter``, saving (only ``lora_``-prefixed tensors are
+saved; the SVD bases are non-persistent buffers). Eval, merged and disabled paths
+are PEFT's unchanged.
+
+    from peft import LoraConfig, get_peft_model
+    import rora_fast
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
+    rora_fast.register_rora(config, weight_dropout=0.1, ortho_rank=32, ortho_lambda=10.0)
+    model = get_peft_model(model, config)        # train as usual
+    rora_fast.spectral_rescale_peft_(model, layers=3)
+
+The mapping is not saved by PEFT: call :func:`register_rora` on the config again
+before ``PeftModel.from_pretrained(..., config=config)``; a saved adapter also loads
+as a plain LoRA adapter (RoRA changes training, not the adapter format).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import functional as F_rora
+from . import reference as ref
+from .linalg import sigma_max_lowrank, spectral_basis
+from .penalty import OncePerStep
+
+__all__ = ["register_rora", "make_peft_rora_linear", "peft_rora_layers",
+           "spectral_rescale_peft_"]
+
+
+def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
+                          ortho_lambda: float = 10.0):
+    """A PEFT LoRA ``Linear`` subclass bound to these RoRA hyper-parameters."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    ref.keep_threshold(weight_dropout)
+    if ortho_lambda < 0:
+        raise ValueError(f"ortho_lambda must be >= 0, got {ortho_lambda}")
+    if isinstance(ortho_rank, bool) or not isinstance(ortho_rank, int) or ortho_rank < 1:
+        raise ValueError(f"ortho_rank must be an int >= 1, got {ortho_rank!r}")
+
+    class PeftRoraLinear(PeftLinear):
+        """PEFT ``lora.Linear`` trained with RoRA (one active vanilla-LoRA adapter)."""
+
+        rora_weight_dropout = float(weight_dropout)
+        rora_ortho_rank = ortho_rank
+        rora_ortho_lambda = float(ortho_lambda)
+
+        def __init__(self, base_layer, adapter_name, **kwargs):
+            base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") \
+                else base_layer
+            if not isinstance(base, nn.Linear):
+                raise TypeError(f"RoRA adapts nn.Linear layers, got {type(base).__name__}")
+            k = self.rora_ortho_rank
+            if k > min(base.in_features, base.out_features):
+                raise ValueError(f"ortho_rank {k} exceeds min(in, out) = "
+                                 f"{min(base.in_features, base.out_features)}")
+            # Bases and σ_max of the original weight, before any init rewrites it.
+            basis = spectral_basis(base.weight, k)
+            super().__init__(base_layer, adapter_name, **kwargs)
+            self.register_buffer("rora_U", basis.U, persistent=False)
+            self.register_buffer("rora_V", basis.V, persistent=False)
+            self.rora_sigma_pre = basis.sigma_max
+            self._rora_clocks: Dict[str, OncePerStep] = {}
+
+        def _rora_handle(self, adapter: str, A: torch.Tensor) -> Optional[F_rora.PenaltyHandle]:
+            if not self.rora_ortho_lambda:
+                return None
+            param = self.lora_A[adapter].weight
+            clock = self._rora_clocks.get(adapter)
+            if clock is None or clock.param is not param:
+                clock = self._rora_clocks[adapter] = OncePerStep(param)
+            return F_rora.PenaltyHandle(self.rora_ortho_lambda, self.rora_U.to(A.dtype),
+                                        self.rora_V.to(A.dtype), clock.claim)
+
+        def rora_penalty(self) -> torch.Tensor:
+            """λ Ω summed over this layer's adapters (detached, for logging)."""
+            total = torch.zeros((), device=self.rora_U.device)
+            with torch.no_grad():
+                for name in self.active_adapters:
+                    if name in self.lora_A:
+                        total = total + self.rora_ortho_lambda * ref.ortho_penalty(
+                            self.lora_A[name].weight, self.lora_B[name].weight,
+                            self.rora_U, self.rora_V)
+            return total
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            active = [a for a in self.active_adapters if a in self.lora_A]
+            if (not self.training or self.disable_adapters or self.merged or args or kwargs
+                    or len(active) != 1 or active[0] in self.lora_variant):
+                return super().forward(x, *args, **kwargs)
+            name = active[0]
+            base = self.get_base_layer()
+            dtype = base.weight.dtype
+            if torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype)
+            W = base.weight.to(dtype)
+            b = base.bias.to(dtype) if base.bias is not None else None
+            A = self.lora_A[name].weight.to(dtype)
+            B = self.lora_B[name].weight.to(dtype)
+            p = self.rora_weight_dropout
+            seed = int(torch.randint(0, 2**62, (1,)).item()) if ref.keep_threshold(p) else 0
+            with torch.autocast(x.device.type, enabled=False):
+                return F_rora.rora_linear(x, self.lora_dropout[name](x), W, b, A, B,
+                                          self.scaling[name], p, seed,
+                                          self._rora_handle(name, A))
+
+    return PeftRoraLinear
+
+
+def register_rora(lora_config, weight_dropout: float = 0.1, ortho_rank: int = 32,
+                  ortho_lambda: float = 10.0):
+    """Make ``get_peft_model(model, lora_config)`` create RoRA layers for ``nn.Linear``.
+    Returns the layer class."""
+    cls = make_peft_rora_linear(weight_dropout, ortho_rank, ortho_lambda)
+    lora_config._register_custom_module({nn.Linear: cls})
+    return cls
+
+
+def peft_rora_layers(model: nn.Module):
+    """Iterate ``(name, layer)`` over the PEFT RoRA layers of a model."""
+    for name, m in model.named_modules():
+        if hasattr(m, "rora_sigma_pre") and hasattr(m, "lora_A"):
+            yield name, m
+
+
+def spectral_rescale_peft_(model: nn.Module, layers: Union[int, Sequence[str]] = 3,
+                           adapter_name: str = "default") -> Dict[str, float]:
+    """Spectral rescaling for a PEFT model built with :func:`register_rora`: sets
+    ``scaling[adapter] = σ_max(W_pre) / σ_max(BA)`` for the chosen layers."""
+    from .model import block_index
+
+    rl = dict(peft_rora_layers(model))
+    if not rl:
+        raise ValueError("the model has no PEFT RoRA layers (use register_rora)")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        idx = [i for i in (block_index(n) for n, _ in model.named_modules()) if i is not None]
+        if not idx:
+            raise ValueError("cannot find transformer block indices in the module names")
+        first = max(idx) - layers + 1
+        names = [n for n in rl if block_index(n) is not None and block_index(n) >= first]
+    else:
+        names = list(layers)
+        missing = [n for n in names if n not in rl]
+        if missing:
+            raise ValueError(f"not PEFT RoRA layers of this model: {missing}")
+    out = {}
+    for n in names:
+        layer = rl[n]
+        sd = sigma_max_lowrank(layer.lora_B[adapter_name].weight, layer.lora_A[adapter_name].weight)
+        if not sd > 0:
+            raise ValueError(f"{n}: cannot rescale, the adapter product BA is zero")
+        layer.scaling[adapter_name] = layer.rora_sigma_pre / sd
+        out[n] = layer.scaling[adapter_name]
+    return out

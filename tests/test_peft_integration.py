@@ -1,0 +1,112 @@
+"""RoRA used through PEFT's custom-module registration (rora_fast.register_rora)."""
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RORA_FAST_CACHE", "0")
+
+import rora_fast as rf  # noqa: E402
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_bert():
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4,
+                                  num_attention_heads=2, intermediate_size=64, num_labels=2,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _lora_config(**kw):
+    return peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                           task_type="SEQ_CLS", init_lora_weights="gaussian", **kw)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_register_rora_without_regularisers_is_exactly_peft_lora():
+    base = _tiny_bert()
+    ids = torch.randint(0, 100, (3, 7))
+    labels = torch.tensor([0, 1, 0])
+    torch.manual_seed(1)
+    plain = peft.get_peft_model(copy.deepcopy(base), _lora_config())
+    cfg = _lora_config()
+    cls = rf.register_rora(cfg, weight_dropout=0.0, ortho_rank=8, ortho_lambda=0.0)
+    torch.manual_seed(1)
+    rora = peft.get_peft_model(copy.deepcopy(base), cfg)
+    layer = rora.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert isinstance(layer, cls)
+    for m in (plain, rora):
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        m.train()
+    l1 = plain(input_ids=ids, labels=labels).loss
+    l1.backward()
+    l2 = rora(input_ids=ids, labels=labels).loss
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    g1, g2 = _grads(plain), _grads(rora)
+    assert g1.keys() == g2.keys() and g1
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-7)
+
+
+def test_peft_rora_trains_applies_penalty_and_rescales(tmp_path):
+    base = _tiny_bert()
+    ids = torch.randint(0, 100, (4, 7))
+    labels = torch.tensor([0, 1, 0, 1])
+    cfg = _lora_config()
+    rf.register_rora(cfg, weight_dropout=0.1, ortho_rank=8, ortho_lambda=10.0)
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    model.train()
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    # The penalty gradient arrives through a plain backward: with the LoRA path's
+    # gradient subtracted (B = 0 => dA from the loss is zero), dA is λ·2(AV)Vᵀ.
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    A = layer.lora_A["default"].weight
+    expected = 10.0 * 2 * (A @ layer.rora_V) @ layer.rora_V.t()
+    torch.testing.assert_close(A.grad, expected.detach(), rtol=1e-4, atol=1e-6)
+    penalty = rf.rora_penalty(model)
+    assert not penalty.requires_grad and penalty.item() > 0
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt.step()
+    opt.zero_grad()
+    for _ in range(3):
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert rf.rora_penalty(model).item() < penalty.item()
+    scales = rf.spectral_rescale_peft_(model, layers=2)
+    assert sorted(scales) == sorted(
+        f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}"
+        for i in (2, 3) for m in ("query", "value"))
+    name = "base_model.model.bert.encoder.layer.3.attention.self.query"
+    layer3 = model.get_submodule(name)
+    sd = torch.linalg.matrix_norm(layer3.lora_B["default"].weight @ layer3.lora_A["default"].weight,
+                                  ord=2).item()
+    assert scales[name] == pytest.approx(layer3.rora_sigma_pre / sd, rel=1e-4)
+    # The saved adapter is an ordinary PEFT LoRA adapter (no SVD buffers in it).
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "adapter_model.safetensors")).keys()
+    assert keys and not any("rora" in k for k in keys)
+
+
+def test_register_rora_rejects_bad_hyperparameters():
+    with pytest.raises(ValueError, match="weight_dropout"):
+        rf.register_rora(_lora_config(), weight_dropout=1.0)
+    with pytest.raises(ValueError, match="ortho_lambda"):
+        rf.register_rora(_lora_config(), ortho_lambda=-1.0)
+    cfg = _lora_config()
+    rf.register_rora(cfg, ortho_rank=64)
+    with pytest.raises(ValueError, match="ortho_rank"):
+        peft.get_peft_model(_tiny_bert(), cfg)
