@@ -1,1 +1,35 @@
-"""Fused Triton kernels for RoRA (installed as ``rora_fast.kernels``). Placeholder until issue 3 lands."""
+"""Fused Triton kernels for RoRA (this folder is installed as ``rora_fast.kernels``).
+
+Public API, used by ``rora_fast.functional.rora_linear`` for CUDA tensors:
+
+* ``supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool``
+* ``fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
+  penalty=None, *, strategy=None, config=None) -> y``
+
+Files, one op each (its autograd Function and backward derivation inside):
+
+* ``mask.py``: the weight keep-mask drawn in Triton (bit-identical to
+  ``rora_fast.reference.weight_keep_mask``), ``masked_copy`` and ``keep_mask``.
+* ``gemm.py``: GEMMs with the mask drawn in the K-loop, bias/LoRA in the epilogue.
+* ``rora_linear.py``: ``FusedRoraLinearFunction``, ``fused_rora_linear``, ``supports``.
+* ``_common.py``: mask-strategy choice (``RORA_FAST_MASK_STRATEGY``: ``copy`` |
+  ``inloop``) with the decision record, interpreter detection, configs.
+
+Importing this package needs triton but no GPU. Under ``TRITON_INTERPRET=1`` (set
+before import) the kernels run on CPU tensors, which is how the tests run in CI.
+"""
+
+from ._common import DEFAULT_MASK_STRATEGY, MASK_STRATEGIES, resolve_mask_strategy
+from .mask import keep_mask, masked_copy
+from .rora_linear import FusedRoraLinearFunction, fused_rora_linear, supports
+
+__all__ = [
+    "supports",
+    "fused_rora_linear",
+    "FusedRoraLinearFunction",
+    "masked_copy",
+    "keep_mask",
+    "MASK_STRATEGIES",
+    "DEFAULT_MASK_STRATEGY",
+    "resolve_mask_strategy",
+]

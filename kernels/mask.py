@@ -1,0 +1,206 @@
+"""The RoRA weight keep-mask drawn inside Triton kernels, and the masked copy of W.
+
+The mask is defined in :mod:`rora_fast.reference` (read it first). Element ``(n, k)``
+of the ``out x in`` weight uses Philox counter ``g = n * ceil(in / 8) + k // 8`` and
+16-bit lane ``j = k % 8`` of ``tl.randint4x(seed, g)``; lane ``j`` is
+``(c[j // 2] >> (16 * (j % 2))) & 0xFFFF`` and the element is kept when that lane is
+``>= thr = round(p * 65536)``.
+
+``_keep_nk`` / ``_keep_kn`` draw that mask for one tile. A tile of ``BLOCK_K``
+columns starting at a multiple of 8 covers whole counter groups (a group never
+straddles two rows, because each row starts a new group), so each tile makes one
+``randint4x`` call per 8 elements on a ``[rows, BLOCK_K // 8]`` counter block and
+expands the 8 lanes along a trailing axis of 8, which ``tl.reshape`` (row-major, no
+reordering) folds back into the column axis. The result depends only on the
+element's ``(n, k)``: tile shapes, launch grids and which kernel (forward, dX,
+masked copy) draws it do not change a single bit. Tests check this against
+``reference.weight_keep_mask`` for several tile shapes and seeds up to ``2**63 - 1``.
+
+``masked_copy(W, seed, p)`` is mask strategy ``"copy"``: one small elementwise
+kernel writes ``(M ⊙ W) / (1 - p_eff)`` in W's dtype, a transient ``out x in``
+buffer that cuBLAS then consumes. The same kernel, applied to ``Gᵀ X``, gives the
+masked weight gradient when a caller trains W.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rora_fast import reference as ref
+
+__all__ = ["masked_copy", "keep_mask", "mask_params", "check_counter_range"]
+
+# Tile of the elementwise mask kernels (rows x columns); columns must be a multiple of 8.
+_COPY_BLOCK_N = 32
+_COPY_BLOCK_K = 128
+
+
+def mask_params(p: float):
+    """``(thr, scale)``: the 16-bit keep threshold and ``1 / (1 - p_eff)`` for drop prob ``p``."""
+    thr = ref.keep_threshold(p)  # validates p, raises ValueError with a clear message
+    return thr, 1.0 / (1.0 - thr / 65536.0)
+
+
+def check_counter_range(out_features: int, in_features: int) -> int:
+    """Number of counter groups per row; raises if the int32 counters would overflow."""
+    groups = -(-in_features // ref.MASK_LANES)
+    if out_features * groups - 1 > 2**31 - 1:
+        raise ValueError(
+            f"weight of shape ({out_features}, {in_features}) is too large for the "
+            f"int32 mask counter ({out_features * groups} > 2**31)")
+    return groups
+
+
+@triton.jit
+def _lanes_to_keep(c0, c1, c2, c3, thr):
+    """Expand four ``[R, C]`` uint32 Philox words to ``[R, C, 8]`` keep bits (lane j last)."""
+    lane = tl.arange(0, 8)[None, None, :]
+    word = tl.where(lane < 2, c0[:, :, None],
+                    tl.where(lane < 4, c1[:, :, None],
+                             tl.where(lane < 6, c2[:, :, None], c3[:, :, None])))
+    half = (word >> ((lane % 2) * 16)) & 0xFFFF
+    return half >= thr
+
+
+@triton.jit
+def _keep_nk(seed, row0, col0, n_groups, thr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Keep bits of the weight tile rows ``row0 + [0, BLOCK_N)`` x cols ``col0 + [0, BLOCK_K)``
+    as a ``[BLOCK_N, BLOCK_K]`` tensor. ``col0`` must be a multiple of 8 and
+    ``BLOCK_K`` a multiple of 8. Rows/cols beyond the weight give garbage bits that the
+    caller's masked loads ignore."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    grp = col0 // 8 + tl.arange(0, BLOCK_K // 8)
+    ctr = rows[:, None] * n_groups + grp[None, :]  # int32 [BLOCK_N, BLOCK_K // 8]
+    c0, c1, c2, c3 = tl.randint4x(seed, ctr)
+    keep = _lanes_to_keep(c0, c1, c2, c3, thr)  # [BLOCK_N, BLOCK_K // 8, 8]
+    return tl.reshape(keep, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _keep_kn(seed, row0, col0, n_groups, thr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The same bits as :func:`_keep_nk`, laid out transposed: ``[BLOCK_K, BLOCK_N]``
+    (column index of W first), the layout of the ``Wᵀ`` tile of the forward GEMM."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    grp = col0 // 8 + tl.arange(0, BLOCK_K // 8)
+    ctr = grp[:, None] + rows[None, :] * n_groups  # int32 [BLOCK_K // 8, BLOCK_N]
+    c0, c1, c2, c3 = tl.randint4x(seed, ctr)
+    lane = tl.arange(0, 8)[None, :, None]
+    w0 = c0[:, None, :]
+    w1 = c1[:, None, :]
+    w2 = c2[:, None, :]
+    w3 = c3[:, None, :]
+    word = tl.where(lane < 2, w0, tl.where(lane < 4, w1, tl.where(lane < 6, w2, w3)))
+    half = (word >> ((lane % 2) * 16)) & 0xFFFF  # [BLOCK_K // 8, 8, BLOCK_N]
+    return tl.reshape(half >= thr, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _mask_apply_kernel(W, OUT, N, K, stride_wn, stride_wk, stride_on, stride_ok,
+                       seed, thr, n_groups, scale,
+                       WRITE_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """``OUT = where(keep, W * scale, 0)`` (or ``OUT = keep`` as int8 when WRITE_MASK)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    inb = (rn[:, None] < N) & (rk[None, :] < K)
+    keep = _keep_nk(seed, pid_n * BLOCK_N, pid_k * BLOCK_K, n_groups, thr, BLOCK_N, BLOCK_K)
+    o_ptrs = OUT + rn[:, None].to(tl.int64) * stride_on + rk[None, :] * stride_ok
+    if WRITE_MASK:
+        tl.store(o_ptrs, keep.to(tl.int8), mask=inb)
+    else:
+        w_ptrs = W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk
+        w = tl.load(w_ptrs, mask=inb, other=0.0)
+        val = tl.where(keep, w.to(tl.float32) * scale, 0.0)
+        tl.store(o_ptrs, val.to(OUT.dtype.element_ty), mask=inb)
+
+
+def _check_blocks(block_n, block_k):
+    for name, b in (("block_n", block_n), ("block_k", block_k)):
+        if b < 1 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two, got {b}")
+    if block_k < 8:
+        raise ValueError(f"block_k must be a multiple of 8 (mask groups), got {block_k}")
+
+
+def _launch(w, out, seed, thr, scale, write_mask, block_n, block_k):
+    n, k = out.shape
+    _check_blocks(block_n, block_k)
+    groups = check_counter_range(n, k)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    src = w if w is not None else out
+    _mask_apply_kernel[grid](src, out, n, k, src.stride(0), src.stride(1),
+                             out.stride(0), out.stride(1), int(seed), int(thr),
+                             groups, float(scale), WRITE_MASK=write_mask,
+                             BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def _check_seed(seed) -> int:
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def masked_copy(weight: torch.Tensor, seed: int, p: float, *, block_n: int = _COPY_BLOCK_N,
+                block_k: int = _COPY_BLOCK_K) -> torch.Tensor:
+    """``(M ⊙ W) / (1 - p_eff)`` in W's dtype, a new contiguous tensor (``W`` itself when
+    ``p_eff == 0``). Bit-identical to ``reference.masked_weight`` (same product
+    ``w * scale`` in float32, rounded once to W's dtype)."""
+    thr, scale = mask_params(p)
+    seed = _check_seed(seed)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    if thr == 0:
+        return weight
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    if out.numel() == 0:
+        return out
+    return _launch(weight, out, seed, thr, scale, False, block_n, block_k)
+
+
+def keep_mask(seed: int, out_features: int, in_features: int, p: float, device=None, *,
+              block_n: int = _COPY_BLOCK_N, block_k: int = _COPY_BLOCK_K) -> torch.Tensor:
+    """The keep-mask the kernels draw, materialised as a bool ``(out, in)`` tensor.
+
+    For tests and debugging: it runs the same ``_keep_nk`` as every kernel, so it must
+    equal ``reference.weight_keep_mask(seed, out, in, p)`` bit for bit, whatever
+    ``block_n``/``block_k`` (a multiple of 8)."""
+    thr, _ = mask_params(p)
+    seed = _check_seed(seed)
+    out = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+    if out.numel() == 0:
+        return out.bool()
+    return _launch(None, out, seed, thr, 1.0, True, block_n, block_k).bool()
+
+
+def keep_mask_transposed(seed: int, out_features: int, in_features: int, p: float,
+                         device=None, *, block_n: int = 16, block_k: int = 16) -> torch.Tensor:
+    """The mask as drawn by :func:`_keep_kn` (the forward GEMM's layout), returned as a
+    bool ``(out, in)`` tensor. For tests."""
+    thr, _ = mask_params(p)
+    seed = _check_seed(seed)
+    _check_blocks(block_n, block_k)
+    groups = check_counter_range(out_features, in_features)
+    out = torch.empty(in_features, out_features, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
+    _keep_kn_kernel[grid](out, out_features, in_features, out.stride(0), out.stride(1),
+                          seed, thr, groups, BLOCK_K=block_k, BLOCK_N=block_n)
+    return out.t().bool()
+
+
+@triton.jit
+def _keep_kn_kernel(OUT, N, K, stride_ok, stride_on, seed, thr, n_groups,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep_kn(seed, pid_n * BLOCK_N, pid_k * BLOCK_K, n_groups, thr, BLOCK_K, BLOCK_N)
+    inb = (rk[:, None] < K) & (rn[None, :] < N)
+    tl.store(OUT + rk[:, None].to(tl.int64) * stride_ok + rn[None, :] * stride_on,
+             keep.to(tl.int8), mask=inb)

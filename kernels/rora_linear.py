@@ -1,0 +1,262 @@
+"""The fused RoRA linear op: its autograd Function, the public entry point and ``supports``.
+
+Math (one layer; ``W`` frozen ``out x in``, ``A`` r x in, ``B`` out x r, ``s`` the LoRA
+scaling, ``M`` the weight keep-mask of :mod:`rora_fast.reference`, ``c = 1/(1-p_eff)``)::
+
+    y = c · x (M ⊙ W)ᵀ + b + s · (x̃ Aᵀ) Bᵀ
+
+Two mask strategies compute the same thing (``_common.MASK_STRATEGIES``; the choice
+and the figures behind it are documented in ``kernels/_common.py``):
+
+* ``"copy"``: ``W' = c · (M ⊙ W)`` made once per call by ``mask.masked_copy`` (a
+  transient buffer, freed when the call returns), then cuBLAS.
+* ``"inloop"``: ``kernels.gemm``: the mask is drawn in the GEMM's K-loop; bias and
+  LoRA term in the epilogue.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+
+from rora_fast import reference as ref
+
+from . import _common, gemm
+from .mask import check_counter_range, masked_copy
+
+__all__ = ["FusedRoraLinearFunction", "fused_rora_linear", "supports", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class FusedRoraLinearFunction(torch.autograd.Function):
+    """Fused RoRA linear: same inputs, outputs and gradients as
+    ``rora_fast.functional.RoraLinearFunction``.
+
+    Forward, with ``X`` = x as ``(T, in)``, ``X̃`` = x_lora as ``(T, in)``, ``c = 1/(1-p_eff)``::
+
+        S = X̃ Aᵀ                                   (T x r, torch: a small GEMM)
+        Y = c · X (M ⊙ W)ᵀ + b + s · S Bᵀ           (T x out)
+
+    Backward. Write ``W' = c · (M ⊙ W)`` (constant: W is frozen, M is fixed by the
+    seed). ``Y`` is linear in each input, so with ``G = ∂L/∂Y`` (T x out):
+
+    * ``Y = X W'ᵀ + ...``: ``∂L/∂X_tj = Σ_i G_ti W'_ij``, i.e. ``dX = G W'``
+      (``= c · G (M ⊙ W)``, the same mask regenerated from the seed; nothing of
+      size out x in was stored).
+    * ``Y = s · X̃ Aᵀ Bᵀ``: the chain through ``S``: ``dS = s · G B`` (T x r), then
+      ``dX̃ = dS A = s · (G B) A`` and ``dA = dSᵀ X̃ = s · (G B)ᵀ X̃``.
+    * ``Y = s · S Bᵀ`` with ``S`` fixed: ``dB = s · Gᵀ S = s · Gᵀ (X̃ Aᵀ)``.
+    * ``db = Σ_t G_t``.
+    * Penalty ``λ Ω``, ``Ω = ‖Uᵀ B‖² + ‖A V‖²``: ``∇_A = 2 (A V) Vᵀ``,
+      ``∇_B = 2 U (Uᵀ B)``; added to ``dA``, ``dB`` once per optimizer step, when
+      ``penalty.claim()`` (asked here, in backward, at most once) says so. These cost
+      O((in+out)·k·r): they are done in torch by ``reference.ortho_penalty_grads``.
+    * ``dW`` (only if a caller made W trainable, not the RoRA setting):
+      ``dW_ij = Σ_t G_ti c M_ij X_tj = c · M ⊙ (Gᵀ X)``: ``masked_copy(Gᵀ X)``.
+
+    When ``x̃`` is ``x`` itself (no LoRA input dropout), autograd would add
+    ``dX + dX̃``; the op then computes the sum in one pass (``"inloop"``: the LoRA
+    term ``s·(G B) A`` is added in the dX kernel's epilogue; ``"copy"``: one addmm)
+    and returns it for ``x``, and None for the second slot.
+
+    Saved for backward: ``x̃`` (for dA), ``S`` (T x r, for dB), ``x`` only when W
+    is trainable; W, A, B are parameters (no copy).
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
+                lora_input_is_x, strategy, config):
+        in_f = x.shape[-1]
+        out_f = weight.shape[0]
+        x2 = x.reshape(-1, in_f)
+        xl2 = x2 if lora_input_is_x else x_lora.reshape(-1, in_f)
+        s_mat = xl2 @ lora_A.t()  # (T, r) in the input dtype, as the reference rounds it
+        if strategy == "inloop":
+            y2 = gemm.gemm_forward(x2, weight, s_mat, lora_B, bias, scaling, p, seed,
+                                   config=config)
+        else:
+            wm = masked_copy(weight, seed, p)
+            y2 = torch.addmm(bias, x2, wm.t()) if bias is not None else x2 @ wm.t()
+            del wm
+            y2.addmm_(s_mat, lora_B.t(), alpha=scaling)
+
+        needs = ctx.needs_input_grad
+        need_xl = needs[4]  # dA needs x̃
+        need_s = needs[5]   # dB needs S
+        ctx.save_for_backward(x2 if needs[2] else None,
+                              xl2 if need_xl else None,
+                              weight, lora_A, lora_B,
+                              s_mat if need_s else None)
+        ctx.scaling, ctx.p, ctx.seed, ctx.penalty = scaling, p, seed, penalty
+        ctx.lora_input_is_x, ctx.strategy, ctx.config = lora_input_is_x, strategy, config
+        ctx.has_bias = bias is not None
+        ctx.x_shape, ctx.xl_shape = x.shape, x_lora.shape
+        return y2.reshape(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xl2, weight, lora_A, lora_B, s_mat = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        out_f = weight.shape[0]
+        g = grad_out.reshape(-1, out_f)
+        if g.stride(-1) != 1:
+            g = g.contiguous()
+        fused = ctx.lora_input_is_x
+        need_dx = needs[0]
+        need_dxl = needs[1] and not fused
+        need_dyb = needs[4] or need_dxl or (fused and need_dx)
+        dyb = g @ lora_B if need_dyb else None  # (T, r)
+
+        dx = dx_lora = dA = dB = db = dW = None
+        if need_dx:
+            lora_part = dyb if fused else None
+            if ctx.strategy == "inloop":
+                dx = gemm.gemm_dx(g, weight, lora_part, lora_A, s, p, seed, config=ctx.config)
+            else:
+                wm = masked_copy(weight, seed, p)
+                dx = g @ wm
+                del wm
+                if lora_part is not None:
+                    dx.addmm_(lora_part, lora_A, alpha=s)
+            dx = dx.reshape(ctx.x_shape)
+        if need_dxl:
+            dx_lora = (s * (dyb @ lora_A)).reshape(ctx.xl_shape)
+        if needs[4]:
+            dA = s * (dyb.t() @ xl2)
+        if needs[5]:
+            dB = s * (g.t() @ s_mat)
+        penalty = ctx.penalty
+        if penalty is not None and (needs[4] or needs[5]) and penalty.claim():
+            gA, gB = ref.ortho_penalty_grads(lora_A, lora_B, penalty.U, penalty.V)
+            if dA is not None:
+                dA = dA + penalty.lam * gA
+            if dB is not None:
+                dB = dB + penalty.lam * gB
+        if ctx.has_bias and needs[3]:
+            db = g.sum(0)
+        if needs[2]:
+            dW = masked_copy(g.t() @ x2, seed, p)
+        return (dx, dx_lora, dW, db, dA, dB) + (None,) * 7
+
+
+# ---------------------------------------------------------------------------------
+# Validation, supports, entry point
+# ---------------------------------------------------------------------------------
+
+def _validate(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
+              allow_cpu: bool):
+    """Raise a clear TypeError/ValueError for inputs the fused op cannot take."""
+    named = dict(x=x, x_lora=x_lora, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the in_features axis)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out x in), got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features but weight expects {in_f} "
+                         f"(x {tuple(x.shape)}, weight {tuple(weight.shape)})")
+    if x_lora.shape != x.shape:
+        raise ValueError(f"x_lora must have x's shape {tuple(x.shape)}, got {tuple(x_lora.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A must be r x {in_f}, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or lora_B.shape != (out_f, r):
+        raise ValueError(f"lora_B must be {out_f} x {r}, got {tuple(lora_B.shape)}")
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+    dtypes = {t.dtype for t in named.values()}
+    if len(dtypes) != 1:
+        raise TypeError("x, x_lora, weight, bias, lora_A and lora_B must share one dtype; got "
+                        + ", ".join(f"{k}={v.dtype}" for k, v in named.items()))
+    dtype = x.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {dtype} is not supported by the fused kernels "
+                        f"(supported: {SUPPORTED_DTYPES})")
+    devices = {t.device for t in named.values()}
+    if len(devices) != 1:
+        raise ValueError("all tensors must be on one device; got "
+                         + ", ".join(f"{k}={v.device}" for k, v in named.items()))
+    if not x.is_cuda:
+        if not (allow_cpu and _common.interpreting()):
+            raise ValueError(f"the fused kernels need CUDA tensors, got {x.device} "
+                             "(CPU tensors only under TRITON_INTERPRET=1, for tests)")
+        if dtype == torch.bfloat16:
+            raise TypeError("bfloat16 is not supported by the Triton interpreter")
+    if isinstance(scaling, bool) or not isinstance(scaling, Real) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    if isinstance(p, bool) or not isinstance(p, Real):
+        raise ValueError(f"weight_dropout p must be a real number in [0, 1), got {p!r}")
+    ref.keep_threshold(float(p))  # clear ValueError outside [0, 1)
+    if isinstance(seed, bool) or not isinstance(seed, int) and not (
+            isinstance(seed, torch.Tensor) and seed.numel() == 1):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}")
+    if penalty is not None and not all(hasattr(penalty, a) for a in ("claim", "lam", "U", "V")):
+        raise TypeError("penalty must be None or a PenaltyHandle (claim, lam, U, V)")
+    check_counter_range(out_f, in_f)
+
+
+def supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool:
+    """Whether the fused kernels take these inputs: CUDA tensors on one device, one dtype
+    in fp32/fp16/bf16 (bf16 on compute capability >= 8.0), consistent 2-D shapes,
+    non-empty, r >= 1, and a weight small enough for int32 mask counters. Anything else
+    makes the caller use the reference path. ``lora_B``, ``bias`` and ``x_lora`` are
+    optional: pass them to have their dtype/device/shape checked too."""
+    try:
+        if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in (x, weight, lora_A)):
+            return False
+        if lora_B is None:
+            lora_B = lora_A.new_empty((weight.shape[0], lora_A.shape[0])) \
+                if weight.dim() == 2 and lora_A.dim() == 2 else lora_A
+        _validate(x, x if x_lora is None else x_lora, weight, bias, lora_A, lora_B,
+                  1.0, 0.0, 0, None, allow_cpu=False)
+        if x.numel() == 0 or weight.numel() == 0 or lora_A.shape[0] == 0:
+            return False
+        if x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] < 8:
+            return False
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+def fused_rora_linear(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                      lora_B: torch.Tensor, scaling: float, p: float, seed: int,
+                      penalty=None, *, strategy: Optional[str] = None,
+                      config: Optional[dict] = None) -> torch.Tensor:
+    """Training forward of a RoRA linear layer through the fused kernels.
+
+    Same arguments and semantics as ``rora_fast.functional.rora_linear`` (minus
+    ``backend``); see :class:`FusedRoraLinearFunction` for the math.
+
+    ``strategy``: ``"copy"`` or ``"inloop"`` (default: ``RORA_FAST_MASK_STRATEGY``, else
+    ``_common.DEFAULT_MASK_STRATEGY``). ``config``: pin the ``"inloop"`` GEMM tiles
+    (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``: powers of two >= 16; ``GROUP_M``; optional
+    ``num_warps``/``num_stages``) instead of autotuning; tests use it.
+
+    Inputs must be CUDA tensors (``supports`` says which); under ``TRITON_INTERPRET=1``
+    CPU tensors are accepted too so that the kernels can be tested on a CPU.
+    """
+    _validate(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
+              allow_cpu=True)
+    strategy = _common.resolve_mask_strategy(strategy)
+    if config is not None:
+        config = dict(config)
+        for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+            if key not in config:
+                raise ValueError(f"config needs {key}; got {config}")
+        gemm._check_config(config)
+    return FusedRoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B,
+                                         float(scaling), float(p), int(seed), penalty,
+                                         x_lora is x, strategy, config)

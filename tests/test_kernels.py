@@ -1,0 +1,478 @@
+"""Tests of the fused RoRA kernels (``rora_fast.kernels``) against ``rora_fast.reference``.
+
+Without CUDA these run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set below
+before anything imports triton), in float32, on tiny ragged shapes: this is what CI
+runs. With CUDA the same file runs the compiled kernels, and additionally checks
+fp16/bf16 with the accuracy rule of flash-attention: the kernel's error against a
+float64 reference is at most twice the error of the same computation done by the
+torch reference in the same dtype (plus one ulp of slack).
+"""
+
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton kernels
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from rora_fast import reference as ref  # noqa: E402
+from rora_fast.functional import PenaltyHandle, RoraLinearFunction  # noqa: E402
+
+import rora_fast.kernels as K  # noqa: E402
+from rora_fast.kernels import _common, gemm, mask  # noqa: E402
+from rora_fast.kernels import rora_linear as rl  # noqa: E402
+
+
+def _ensure_interpreted():
+    """If something imported the kernels before TRITON_INTERPRET was set (another test
+    module in the same process), reload them so that they run in the interpreter."""
+    global K, gemm, mask, rl
+    if CUDA or type(gemm._fwd_kernel).__name__ == "InterpretedFunction":
+        return
+    for mod in (_common, mask, gemm, rl, K):
+        importlib.reload(mod)
+    import rora_fast.kernels as K_new
+    K = K_new
+    from rora_fast.kernels import gemm as g2, mask as m2, rora_linear as rl2
+    gemm, mask, rl = g2, m2, rl2
+    assert type(gemm._fwd_kernel).__name__ == "InterpretedFunction"
+
+
+_ensure_interpreted()
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+STRATEGIES = list(_common.MASK_STRATEGIES)
+# GEMM tiles that the "inloop" strategy is pinned to in the exactness tests (two
+# different shapes: the mask must not depend on them). tl.dot needs >= 16 on a GPU.
+TILE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1),
+                dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)]
+
+
+# ------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------
+
+def _randn(gen, *shape, scale=1.0):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+def make_case(lead, in_f, out_f, r, seed=0, bias=True, k=3):
+    """float64 CPU master copies of one layer's inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _randn(gen, *lead, in_f)
+    keep = (torch.rand(*lead, in_f, generator=gen) > 0.1).double()
+    U, _ = torch.linalg.qr(_randn(gen, out_f, k))
+    V, _ = torch.linalg.qr(_randn(gen, in_f, k))
+    return dict(
+        x=x, x_lora=x * keep / 0.9,  # a LoRA-input-dropout-like x̃, distinct from x
+        weight=_randn(gen, out_f, in_f, scale=in_f ** -0.5),
+        bias=_randn(gen, out_f) if bias else None,
+        lora_A=_randn(gen, r, in_f, scale=in_f ** -0.5),
+        lora_B=_randn(gen, out_f, r, scale=0.5),
+        grad=_randn(gen, *lead, out_f),
+        U=U, V=V)
+
+
+def cast(case, dtype, device=DEVICE):
+    return {k: (v.to(device=device, dtype=dtype) if v is not None else None)
+            for k, v in case.items()}
+
+
+class FakePenalty(PenaltyHandle):
+    """A PenaltyHandle whose claim answers ``answer`` and counts the calls."""
+
+    def __init__(self, lam, U, V, answer=True):
+        self.calls = 0
+
+        def claim():
+            self.calls += 1
+            return answer
+
+        super().__init__(lam, U, V, claim)
+
+
+def run_fused(t, scaling, p, seed, *, strategy, penalty=None, lora_is_x=False,
+              weight_grad=False, config=None):
+    """Forward+backward through the fused op; returns y and the gradients by name."""
+    x = t["x"].clone().requires_grad_(True)
+    x_lora = x if lora_is_x else t["x_lora"].clone().requires_grad_(True)
+    w = t["weight"].clone().requires_grad_(weight_grad)
+    b = t["bias"].clone().requires_grad_(True) if t["bias"] is not None else None
+    A = t["lora_A"].clone().requires_grad_(True)
+    B = t["lora_B"].clone().requires_grad_(True)
+    y = K.fused_rora_linear(x, x_lora, w, b, A, B, scaling, p, seed, penalty,
+                            strategy=strategy, config=config)
+    y.backward(t["grad"])
+    out = dict(y=y.detach(), dx=x.grad, dA=A.grad, dB=B.grad)
+    if not lora_is_x:
+        out["dxl"] = x_lora.grad
+    if b is not None:
+        out["db"] = b.grad
+    if weight_grad:
+        out["dW"] = w.grad
+    return out
+
+
+def run_reference(t, scaling, p, seed, *, lam=0.0, lora_is_x=False, weight_grad=False):
+    """The same quantities from rora_fast.reference (in t's dtype and device)."""
+    x_lora = t["x"] if lora_is_x else t["x_lora"]
+    y = ref.rora_linear_forward(t["x"], x_lora, t["weight"], t["bias"], t["lora_A"],
+                                t["lora_B"], scaling, p, seed)
+    dx, dxl, dA, dB = ref.rora_linear_backward(
+        t["grad"], t["x"], x_lora, t["weight"], t["lora_A"], t["lora_B"], scaling, p,
+        seed, lam, t["U"] if lam else None, t["V"] if lam else None)
+    out = dict(y=y, dx=dx + dxl if lora_is_x else dx, dA=dA, dB=dB)
+    if not lora_is_x:
+        out["dxl"] = dxl
+    g2 = t["grad"].reshape(-1, t["grad"].shape[-1])
+    if t["bias"] is not None:
+        out["db"] = g2.sum(0)
+    if weight_grad:
+        out["dW"] = ref.masked_weight(g2.t() @ t["x"].reshape(-1, t["x"].shape[-1]), seed, p)
+    return out
+
+
+def assert_2x_rule(got, ref_lo, ref_hi, dtype, what):
+    """err(kernel) <= 2 * err(torch reference in the same dtype) + ~1 ulp of max|ref|."""
+    assert got.shape == ref_hi.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref_hi.shape)}"
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype} != {dtype}"
+    hi = ref_hi.double().cpu()
+    err_k = (got.double().cpu() - hi).abs().max().item() if hi.numel() else 0.0
+    err_t = (ref_lo.double().cpu() - hi).abs().max().item() if hi.numel() else 0.0
+    atol = torch.finfo(dtype).eps * max(1.0, hi.abs().max().item() if hi.numel() else 0.0)
+    assert err_k <= 2 * err_t + atol, (
+        f"{what}: kernel error {err_k:.3e} > 2 x torch {dtype} error {err_t:.3e} + {atol:.1e}")
+
+
+def check_against_reference(case, dtype, scaling, p, seed, *, strategy, lam=0.0, claim=True,
+                            lora_is_x=False, weight_grad=False, config=None):
+    t = cast(case, dtype)
+    penalty = FakePenalty(lam, t["U"], t["V"], claim) if lam else None
+    got = run_fused(t, scaling, p, seed, strategy=strategy, penalty=penalty,
+                    lora_is_x=lora_is_x, weight_grad=weight_grad, config=config)
+    lam_eff = lam if claim else 0.0
+    lo = run_reference(t, scaling, p, seed, lam=lam_eff, lora_is_x=lora_is_x,
+                       weight_grad=weight_grad)
+    hi = run_reference(cast(case, torch.float64), scaling, p, seed, lam=lam_eff,
+                       lora_is_x=lora_is_x, weight_grad=weight_grad)
+    assert set(got) == set(hi), (sorted(got), sorted(hi))
+    for name in hi:
+        assert got[name] is not None, f"{name} missing"
+        assert_2x_rule(got[name], lo[name], hi[name], dtype, name)
+    if penalty is not None:
+        assert penalty.calls == 1, f"claim() called {penalty.calls} times, expected once"
+    return got
+
+
+# ------------------------------------------------------------------------------------
+# the mask, bit for bit
+# ------------------------------------------------------------------------------------
+
+SEEDS = [0, 1, 2**31 - 1, 2**31 + 5, 2**40 + 3, 2**63 - 1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_keep_mask_bit_identical_to_reference(seed):
+    for out_f, in_f in [(37, 33), (3, 1), (9, 70)]:
+        for p in (0.1, 0.5):
+            expected = ref.weight_keep_mask(seed, out_f, in_f, p)
+            blocks = [(32, 128)] + ([(4, 8), (2, 16)] if (out_f, in_f, p) == (9, 70, 0.1) else [])
+            for bn, bk in blocks:  # tiny tiles are slow in the interpreter: one shape only
+                got = K.keep_mask(seed, out_f, in_f, p, DEVICE, block_n=bn, block_k=bk).cpu()
+                assert torch.equal(got, expected), (seed, out_f, in_f, p, bn, bk)
+            got_t = mask.keep_mask_transposed(seed, out_f, in_f, p, DEVICE).cpu()
+            assert torch.equal(got_t, expected), ("transposed layout", seed, out_f, in_f, p)
+
+
+def test_keep_mask_statistics_and_seed_dependence():
+    m1 = K.keep_mask(7, 64, 256, 0.3, DEVICE).cpu()
+    m2 = K.keep_mask(8, 64, 256, 0.3, DEVICE).cpu()
+    assert not torch.equal(m1, m2)
+    drop = 1 - m1.double().mean().item()
+    assert abs(drop - 0.3) < 5 * (0.3 * 0.7 / m1.numel()) ** 0.5
+    assert K.keep_mask(7, 5, 9, 0.0, DEVICE).all()
+
+
+def test_keep_mask_threshold_boundary():
+    """A lane equal to the threshold is kept (``>=``): set p so that thr equals the lane
+    of element (0, j) for each lane j, whose result then hinges on the comparison."""
+    seed = 4321
+    words = [w.item() for w in ref.philox4x32(seed, torch.tensor([0]))]
+    for j in range(8):
+        lane = (words[j // 2] >> (16 * (j % 2))) & 0xFFFF
+        if lane == 0:
+            continue
+        p = lane / 65536
+        assert ref.keep_threshold(p) == lane
+        got = K.keep_mask(seed, 3, 8, p, DEVICE).cpu()
+        assert got[0, j], f"lane {j} equal to the threshold must be kept"
+        assert torch.equal(got, ref.weight_keep_mask(seed, 3, 8, p))
+        got_t = mask.keep_mask_transposed(seed, 3, 8, p, DEVICE).cpu()
+        assert torch.equal(got_t, ref.weight_keep_mask(seed, 3, 8, p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.float16, torch.bfloat16] if CUDA else []))
+def test_masked_copy_bit_identical_to_reference(dtype):
+    w = torch.randn(37, 33, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    for p in (0.1, 0.5):
+        got = K.masked_copy(w, 12345, p)
+        assert got.dtype == dtype and got.is_contiguous()
+        assert torch.equal(got.cpu(), ref.masked_weight(w, 12345, p).cpu())
+    assert K.masked_copy(w, 12345, 0.0) is w
+    wt = torch.randn(33, 37, dtype=torch.float64).to(dtype=dtype, device=DEVICE).t()  # strided
+    assert torch.equal(K.masked_copy(wt, 9, 0.25).cpu(), ref.masked_weight(wt, 9, 0.25).cpu())
+
+
+@pytest.mark.parametrize("config", TILE_CONFIGS, ids=["tiles16", "tiles32"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_gemm_mask_exact_whatever_the_tiles(config, p):
+    """x = I makes the forward GEMM return c·(M ⊙ W)ᵀ and dY = I makes the dX GEMM return
+    c·(M ⊙ W), exactly (one product by 1, sums of exact zeros, one multiply by c): the
+    mask drawn inside the K-loop is the reference mask, for either tile shape."""
+    out_f, in_f, seed = 37, 45, 2**33 + 17
+    w = torch.randn(out_f, in_f, dtype=torch.float32, device=DEVICE)
+    expected = ref.masked_weight(w, seed, p)
+    y = gemm.gemm_forward(torch.eye(in_f, device=DEVICE), w, None, None, None, 1.0, p, seed,
+                          config=config)
+    assert torch.equal(y.t().cpu(), expected.cpu())
+    dx = gemm.gemm_dx(torch.eye(out_f, device=DEVICE), w, None, None, 1.0, p, seed,
+                      config=config)
+    assert torch.equal(dx.cpu(), expected.cpu())
+
+
+# ------------------------------------------------------------------------------------
+# the op against the reference
+# ------------------------------------------------------------------------------------
+
+def _shape_for_rank(r):
+    # ragged everywhere; r = 64 needs in, out >= 64 for a meaningful low-rank adapter
+    return (37, 33, 19) if r <= 16 else (29, 70, 67)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("r", [1, 4, 8, 16, 64])
+def test_forward_backward_match_reference(strategy, p, r):
+    tokens, in_f, out_f = _shape_for_rank(r)
+    case = make_case((tokens,), in_f, out_f, r, seed=r * 10 + int(p * 10))
+    check_against_reference(case, torch.float32, 0.75, p, 2024 + r, strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_input_is_x(strategy, p):
+    """x̃ is x (no LoRA input dropout): dX + dX̃ comes back as x's gradient."""
+    case = make_case((37,), 33, 19, 4, seed=5)
+    check_against_reference(case, torch.float32, 2.0, p, 99, strategy=strategy, lora_is_x=True)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_leading_dims_and_non_contiguous(strategy):
+    in_f, out_f, r, p, seed = 33, 19, 8, 0.2, 31337
+    case = make_case((2, 3), in_f, out_f, r, seed=11)
+    t = cast(case, torch.float32)
+
+    def strided(a):  # same values, transposed memory layout
+        return a.t().contiguous().t() if a.dim() == 2 else a
+
+    nt = dict(t)
+    nt["x"] = t["x"].transpose(0, 1).contiguous().transpose(0, 1)  # [2,3,in], non-contiguous
+    nt["x_lora"] = t["x_lora"].permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    nt["weight"], nt["lora_A"], nt["lora_B"] = (strided(t[k]) for k in ("weight", "lora_A", "lora_B"))
+    nt["grad"] = t["grad"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not nt["x"].is_contiguous() and not nt["weight"].is_contiguous()
+    assert not nt["lora_B"].is_contiguous() and not nt["grad"].is_contiguous()
+    got = run_fused(nt, 0.5, p, seed, strategy=strategy)
+    hi = run_reference(cast(case, torch.float64), 0.5, p, seed)
+    lo = run_reference(t, 0.5, p, seed)
+    assert got["y"].shape == (2, 3, out_f) and got["dx"].shape == (2, 3, in_f)
+    for name in hi:
+        assert_2x_rule(got[name], lo[name], hi[name], torch.float32, name)
+
+
+def test_one_dimensional_input():
+    case = make_case((), 33, 19, 4, seed=3)
+    for strategy in STRATEGIES:
+        check_against_reference(case, torch.float32, 1.0, 0.1, 5, strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("claim", [True, False])
+def test_penalty_gradients(strategy, claim):
+    case = make_case((37,), 33, 19, 4, seed=8)
+    check_against_reference(case, torch.float32, 0.5, 0.1, 17, strategy=strategy,
+                            lam=0.3, claim=claim)
+
+
+def test_penalty_not_claimed_without_adapter_grads():
+    t = cast(make_case((5,), 33, 19, 4, seed=1), torch.float32)
+    penalty = FakePenalty(0.3, t["U"], t["V"], True)
+    x = t["x"].clone().requires_grad_(True)
+    y = K.fused_rora_linear(x, x, t["weight"], None, t["lora_A"], t["lora_B"], 1.0, 0.1, 3,
+                            penalty)
+    y.sum().backward()
+    assert penalty.calls == 0 and x.grad is not None
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_trainable_weight_no_bias(strategy):
+    case = make_case((37,), 33, 19, 4, seed=4, bias=False)
+    check_against_reference(case, torch.float32, 0.5, 0.25, 77, strategy=strategy,
+                            weight_grad=True)
+
+
+@pytest.mark.parametrize("config", TILE_CONFIGS, ids=["tiles16", "tiles32"])
+def test_inloop_pinned_tiles(config):
+    case = make_case((37,), 33, 19, 16, seed=6)
+    check_against_reference(case, torch.float32, 0.5, 0.1, 5, strategy="inloop", config=config)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_matches_reference_autograd_function(strategy):
+    """Same gradients, slot by slot, as functional.RoraLinearFunction (the reference op)."""
+    t = cast(make_case((37,), 33, 19, 4, seed=9), torch.float32)
+    ins = [t["x"], t["x_lora"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]]
+    a = [v.clone().requires_grad_(i != 2) for i, v in enumerate(ins)]
+    b = [v.clone().requires_grad_(i != 2) for i, v in enumerate(ins)]
+    y1 = K.fused_rora_linear(*a, 0.5, 0.1, 11, None, strategy=strategy)
+    y2 = RoraLinearFunction.apply(*b, 0.5, 0.1, 11, None)
+    g1 = torch.autograd.grad(y1, [a[i] for i in (0, 1, 3, 4, 5)], t["grad"])
+    g2 = torch.autograd.grad(y2, [b[i] for i in (0, 1, 3, 4, 5)], t["grad"])
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    for u, v in zip(g1, g2):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nothing_weight_sized_saved(strategy):
+    """Between forward and backward only W itself (the parameter, not a copy) has the
+    weight's shape among the saved tensors."""
+    t = cast(make_case((37,), 33, 19, 4, seed=2), torch.float32)
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.data_ptr()))
+        return tensor
+
+    x = t["x"].clone().requires_grad_(True)
+    A = t["lora_A"].clone().requires_grad_(True)
+    B = t["lora_B"].clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        y = K.fused_rora_linear(x, x, t["weight"], t["bias"], A, B, 1.0, 0.5, 1, None,
+                                strategy=strategy)
+    y.sum().backward()
+    assert saved
+    for shape, ptr in saved:
+        if shape in ((19, 33), (33, 19)):
+            assert ptr == t["weight"].data_ptr(), f"a weight-sized tensor {shape} was saved"
+
+
+# ------------------------------------------------------------------------------------
+# API: strategy choice, validation, supports
+# ------------------------------------------------------------------------------------
+
+def test_strategy_resolution(monkeypatch):
+    monkeypatch.delenv("RORA_FAST_MASK_STRATEGY", raising=False)
+    assert _common.resolve_mask_strategy() == _common.DEFAULT_MASK_STRATEGY == "copy"
+    monkeypatch.setenv("RORA_FAST_MASK_STRATEGY", "InLoop")
+    assert _common.resolve_mask_strategy() == "inloop"
+    assert _common.resolve_mask_strategy("copy") == "copy"
+    monkeypatch.setenv("RORA_FAST_MASK_STRATEGY", "bogus")
+    with pytest.raises(ValueError, match="mask strategy"):
+        _common.resolve_mask_strategy()
+
+
+def test_bad_inputs_raise_clear_errors():
+    t = cast(make_case((4,), 33, 19, 4, seed=0), torch.float32)
+    args = [t["x"], t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.0, 0.1, 3]
+
+    def call(i, v, **kw):
+        a = list(args)
+        a[i] = v
+        return K.fused_rora_linear(*a, **kw)
+
+    with pytest.raises(ValueError, match="features"):
+        call(0, torch.randn(4, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="lora_B"):
+        call(5, torch.randn(19, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="bias"):
+        call(3, torch.randn(7, device=DEVICE))
+    with pytest.raises(TypeError, match="dtype"):
+        call(4, t["lora_A"].double())
+    with pytest.raises(ValueError, match="weight_dropout"):
+        call(7, 1.0)
+    with pytest.raises(ValueError, match="seed"):
+        call(8, -1)
+    with pytest.raises(ValueError, match="seed"):
+        call(8, 2**63)
+    with pytest.raises(ValueError, match="scaling"):
+        call(6, float("nan"))
+    with pytest.raises(ValueError, match="mask strategy"):
+        K.fused_rora_linear(*args, strategy="nope")
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        K.fused_rora_linear(*args, strategy="inloop",
+                            config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=12, GROUP_M=1))
+    with pytest.raises(ValueError, match="power of two"):
+        K.keep_mask(1, 5, 9, 0.1, DEVICE, block_k=24)
+    with pytest.raises(ValueError, match="too large"):
+        mask.check_counter_range(2**20, 2**15)
+
+
+def test_supports():
+    t = cast(make_case((4,), 33, 19, 4, seed=0), torch.float32)
+    cpu = cast(make_case((4,), 33, 19, 4, seed=0), torch.float32, torch.device("cpu"))
+    # CPU tensors never go to the kernels in production, even under the interpreter
+    assert not K.supports(cpu["x"], cpu["weight"], cpu["lora_A"])
+    if not CUDA:
+        return
+    assert K.supports(t["x"], t["weight"], t["lora_A"])
+    assert K.supports(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], t["x_lora"])
+    assert not K.supports(t["x"].double(), t["weight"].double(), t["lora_A"].double())
+    assert not K.supports(t["x"], t["weight"], t["lora_A"].half())
+    assert not K.supports(t["x"][:, :32], t["weight"], t["lora_A"])
+    assert not K.supports(t["x"][:0], t["weight"], t["lora_A"])
+    assert not K.supports(t["x"], t["weight"], t["lora_A"], t["lora_B"][:, :2])
+
+
+# ------------------------------------------------------------------------------------
+# CUDA only: dtypes, bigger shapes, dispatch from rora_fast.functional
+# ------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 33, 19, 4), (300, 520, 264, 16), (1000, 1024, 768, 64)])
+def test_cuda_dtypes_2x_rule(strategy, dtype, shape):
+    tokens, in_f, out_f, r = shape
+    case = make_case((tokens,), in_f, out_f, r, seed=tokens)
+    check_against_reference(case, dtype, 0.5, 0.1, 4242, strategy=strategy, lam=0.1)
+    check_against_reference(case, dtype, 2.0, 0.0, 7, strategy=strategy, lora_is_x=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_functional_dispatch_to_kernels(backend, monkeypatch):
+    from rora_fast.functional import rora_linear
+    calls = []
+    real = K.fused_rora_linear
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(K, "fused_rora_linear", spy)
+    t = cast(make_case((37,), 33, 19, 4, seed=1), torch.float16)
+    y = rora_linear(t["x"], t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"],
+                    0.5, 0.1, 3, None, backend=backend)
+    assert calls, "rora_linear did not use the fused kernels for CUDA tensors"
+    y_ref = ref.rora_linear_forward(t["x"], t["x"], t["weight"], t["bias"], t["lora_A"],
+                                    t["lora_B"], 0.5, 0.1, 3)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
