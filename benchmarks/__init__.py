@@ -1,0 +1,1 @@
+"""rora-fast benchmark suite (pytest-benchmark); see benchmarks/README.md."""
