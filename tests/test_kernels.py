@@ -476,3 +476,83 @@ def test_functional_dispatch_to_kernels(backend, monkeypatch):
     y_ref = ref.rora_linear_forward(t["x"], t["x"], t["weight"], t["bias"], t["lora_A"],
                                     t["lora_B"], 0.5, 0.1, 3)
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------
+# a whole RoraLinear training step through the kernels equals the reference step
+# ------------------------------------------------------------------------------------
+
+def _route_layer_to_kernels(monkeypatch, strategy):
+    """Make RoraLinear use the fused kernels. On CUDA the layer's own dispatch does it
+    (backend 'triton'); on the CPU the dispatcher never sends CPU tensors to the
+    kernels, so functional.rora_linear, which the layer calls, is replaced by the
+    fused op for the duration of the test."""
+    from rora_fast import functional as F_rora
+    monkeypatch.setenv("RORA_FAST_MASK_STRATEGY", strategy)
+    if CUDA:
+        return "triton"
+    calls = []
+
+    def fused(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty=None,
+              backend=None):
+        calls.append(1)
+        return K.fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B, scaling, p,
+                                   seed, penalty)
+
+    monkeypatch.setattr(F_rora, "rora_linear", fused)
+    return calls
+
+
+def _train_two_steps(layer, x, target):
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    layer.train()
+    outs = []
+    for _ in range(2):
+        opt.zero_grad()
+        y = layer(x)
+        loss = torch.nn.functional.mse_loss(y, target)
+        loss.backward()
+        outs.append((y.detach().clone(), loss.detach().clone(),
+                     layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+        opt.step()
+    return outs
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.2])
+def test_rora_linear_training_step_matches_reference(strategy, lora_dropout, monkeypatch):
+    from rora_fast import RoraLinear
+
+    def build():
+        torch.manual_seed(123)
+        layer = RoraLinear(33, 19, bias=True, r=4, alpha=8, weight_dropout=0.1,
+                           lora_dropout=lora_dropout, ortho_rank=3, ortho_lambda=10.0,
+                           svd_cache=None, device=DEVICE)
+        with torch.no_grad():  # a non-zero B, so that dA and the dX̃ path are exercised
+            layer.lora_B.normal_(0, 0.1)
+        return layer
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 33, generator=gen).to(DEVICE)
+    target = torch.randn(2, 5, 19, generator=gen).to(DEVICE)
+
+    ref_layer = build()
+    ref_layer.backend = "reference"
+    torch.manual_seed(7)
+    expected = _train_two_steps(ref_layer, x, target)
+
+    fused_layer = build()
+    routed = _route_layer_to_kernels(monkeypatch, strategy)
+    if CUDA:
+        fused_layer.backend = routed
+    torch.manual_seed(7)
+    got = _train_two_steps(fused_layer, x, target)
+    if not CUDA:
+        assert len(routed) == 2, "the layer did not go through the fused op"
+
+    for step, (e, g) in enumerate(zip(expected, got)):
+        for name, a, b in zip(("y", "loss", "dA", "dB"), g, e):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"step {step} {name}: {m}")
+    torch.testing.assert_close(fused_layer.lora_A, ref_layer.lora_A, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_layer.lora_B, ref_layer.lora_B, rtol=1e-4, atol=1e-5)
