@@ -32,7 +32,7 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None) -
     g.add_argument("--seed", type=int, default=0, help="one seed for data subsets, triggers, "
                                                        "initialisation and dropout")
     g.add_argument("--cache-dir", default=None,
-                   help="poisoned-model cache (default $RORA_FAST_CACHE or ~/.cache/rora_fast/poisoned)")
+                   help="poisoned-model cache (default $RORA_FAST_POISON_CACHE or ~/.cache/rora_fast/poisoned)")
     g.add_argument("--rebuild", action="store_true", help="re-poison even if a cached model exists")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

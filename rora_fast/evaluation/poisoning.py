@@ -74,7 +74,7 @@ class PoisonConfig:
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("RORA_FAST_CACHE",
+    return os.environ.get("RORA_FAST_POISON_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "rora_fast", "poisoned"))
 
 
@@ -143,6 +143,7 @@ def poison_model(cfg: PoisonConfig, cache_dir: Optional[str] = None, rebuild: bo
         c = _check_backdoor(model, tok, cfg, dev, trig_clean, trig)
         c["step"] = step
         history.append(c)
+        log(f"poison check at step {step}: proxy dev CA {c['proxy_dev_CA']}, ASR {c['proxy_dev_ASR']}")
         checks.update(c)
         return c["proxy_dev_ASR"] > cfg.asr_threshold and c["proxy_dev_CA"] >= cfg.min_clean_acc
 

@@ -1,0 +1,128 @@
+"""``rora-fast`` end to end on a minute-scale setting: a tiny random BERT (from a small
+BertConfig) with the real MiniLM tokenizer, a few dozen samples, 1-2 steps."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from rora_fast.cli import build_parser, main
+
+TINY = ["--n-train", "40", "--n-dev", "16", "--n-test", "24", "--epochs", "1",
+        "--poison-n-train", "40", "--poison-epochs", "1", "--poison-asr-threshold", "-1",
+        "--poison-min-clean-acc", "0", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification
+    from rora_fast.evaluation.training import load_tokenizer
+    path = str(tmp_path_factory.mktemp("tiny_bert"))
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                     num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _args(tiny_model, tmp_path, *extra):
+    return ["--model", tiny_model, "--cache-dir", str(tmp_path / "cache"), *TINY, *extra]
+
+
+@pytest.mark.parametrize("cmd", ["demo", "poison", "defend", "evaluate", "spectra"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([cmd, "--help"])
+    assert e.value.code == 0
+    assert "--seed" in capsys.readouterr().out
+
+
+def test_defend_end_to_end_resume_and_cache(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["defend", *_args(tiny_model, tmp_path, "--methods", "lora,rora,fft",
+                                "--out", str(out))])
+    assert rc == 0
+    runs = sorted(glob.glob(str(out / "runs" / "*.json")))
+    defence = [json.load(open(p)) for p in runs]
+    defence = [r for r in defence if r["kind"] == "defence"]
+    assert sorted(r["spec"]["method"] for r in defence) == ["fft", "lora", "rora"]
+    for r in defence:
+        m = r["metrics"]
+        assert set(m) >= {"CA", "ASR", "delta", "ASR_floor"}
+        assert 0 <= m["CA"] <= 100 and 0 <= m["ASR"] <= 100
+        assert m["delta"] == pytest.approx(m["CA"] - m["ASR"], abs=0.02)
+        assert m["n_clean"] == 24 and m["n_triggered"] == r["sizes"]["nt_trig"] > 0
+        assert r["train_log"]["steps"] == 2  # 40 rows, batch 32, one epoch
+        assert r["sizes"]["train"] == 40 and r["sizes"]["dev"] == 16
+        assert r["poison"]["n_poisoned"] == 15  # 0.375 * 40, target-label rows only
+    rora = next(r for r in defence if r["spec"]["method"] == "rora")
+    assert "before_rescale" in rora and len(rora["rescale"]) > 0
+    # only layers inside transformer blocks are rescaled (the model has 2 blocks, top 3 asked)
+    assert all(".layer." in k for k in rora["rescale"]) and len(rora["rescale"]) == 12
+    assert len(rora["layer_spectra"]) > 0
+    lora = next(r for r in defence if r["spec"]["method"] == "lora")
+    assert lora["paper_bert"] == [92.0, 99.7, -7.7]
+    md = (out / "results.md").read_text()
+    for method in ("| lora |", "| rora |", "| fft |", "poisoned, no fine-tuning"):
+        assert method in md
+    caches = os.listdir(tmp_path / "cache")
+    assert len([c for c in caches if c.startswith("imdb-badnet-")]) == 1
+    cache = tmp_path / "cache" / [c for c in caches if c.startswith("imdb-badnet-")][0]
+    assert (cache / "model.safetensors").exists() and (cache / "poison.json").exists()
+    capsys.readouterr()
+    # second call: every run is skipped, the poisoned model is not rebuilt
+    mtime = os.path.getmtime(cache / "model.safetensors")
+    assert main(["defend", *_args(tiny_model, tmp_path, "--methods", "lora",
+                                  "--out", str(out))]) == 0
+    assert "skip" in capsys.readouterr().out
+    assert os.path.getmtime(cache / "model.safetensors") == mtime
+
+
+def test_spectra_writes_figures(tiny_model, tmp_path):
+    out = tmp_path / "spec"
+    rc = main(["spectra", *_args(tiny_model, tmp_path, "--methods", "rora:none,rora",
+                                 "--scales", "1,8", "--n-eval", "20", "--out", str(out))])
+    assert rc == 0
+    for f in ("spectra.json", "fig1_spectral_ratio.png", "fig2_alignment.png",
+              "fig3_scale_sweep.png"):
+        assert (out / f).stat().st_size > 0
+    data = json.load(open(out / "spectra.json"))
+    assert [r["s"] for r in data["scale_sweep"]["rora"]] == [1.0, 8.0]
+    layer = data["layer_spectra"]["rora"][0]
+    assert layer["ratio"] > 0 and 0 <= layer["max_cos_left"] <= 1 + 1e-9
+
+
+def test_bad_input_clear_errors(tiny_model, tmp_path, capsys):
+    assert main(["defend", *_args(tiny_model, tmp_path, "--task", "sst3")]) == 2
+    assert "unknown dataset 'sst3'" in capsys.readouterr().err
+    assert main(["defend", *_args(tiny_model, tmp_path, "--attack", "ripples")]) == 2
+    assert "unknown attack 'ripples'" in capsys.readouterr().err
+    assert main(["defend", *_args(tiny_model, tmp_path, "--methods", "lora,onion")]) == 2
+    assert "unknown defence method 'onion'" in capsys.readouterr().err
+    # a trigger the tokenizer cannot keep within max length
+    long_trigger = " ".join(["word"] * 40)
+    assert main(["poison", *_args(tiny_model, tmp_path, "--trigger", long_trigger,
+                                  "--poison-max-length", "16")]) == 2
+    assert "cannot keep it" in capsys.readouterr().err
+    # a corrupt cache: clear error, then --rebuild repairs it
+    assert main(["poison", *_args(tiny_model, tmp_path)]) == 0
+    cache = glob.glob(str(tmp_path / "cache" / "imdb-badnet-*"))[0]
+    with open(os.path.join(cache, "model.safetensors"), "wb") as f:
+        f.write(b"garbage")
+    capsys.readouterr()
+    assert main(["poison", *_args(tiny_model, tmp_path)]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    assert main(["poison", *_args(tiny_model, tmp_path, "--rebuild")]) == 0
+
+
+def test_poisoning_failure_is_reported(tiny_model, tmp_path, capsys):
+    rc = main(["poison", "--model", tiny_model, "--cache-dir", str(tmp_path / "c"),
+               "--poison-n-train", "40", "--poison-epochs", "1", "--threads", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "did not produce a usable backdoor" in err
+    assert not glob.glob(str(tmp_path / "c" / "*"))  # nothing cached
