@@ -153,8 +153,10 @@ class RoraLinear(nn.Module):
         else:
             self.lora_magnitude = None
 
-        # The penalty gradient is added once per optimizer step (see OncePerStep).
-        self._penalty_clock = OncePerStep(self.lora_A)
+        # The penalty gradient is added once per optimizer step (see OncePerStep). The
+        # clock looks lora_A up through the module at backward time: FSDP2 and
+        # load_state_dict(assign=True) replace the Parameter object.
+        self._penalty_clock = OncePerStep(module=self, name="lora_A")
         self._penalty_attached = False
 
     # ------------------------------------------------------------------ construction
