@@ -54,14 +54,14 @@ def check_counter_range(out_features: int, in_features: int) -> int:
 
 
 @triton.jit
-def _lanes_to_keep(c0, c1, c2, c3, thr):
-    """Expand four ``[R, C]`` uint32 Philox words to ``[R, C, 8]`` keep bits (lane j last)."""
+def _lanes(c0, c1, c2, c3):
+    """Expand four ``[R, C]`` uint32 Philox words to their ``[R, C, 8]`` 16-bit lanes
+    (lane j = ``(c[j // 2] >> (16 * (j % 2))) & 0xFFFF`` on the trailing axis)."""
     lane = tl.arange(0, 8)[None, None, :]
     word = tl.where(lane < 2, c0[:, :, None],
                     tl.where(lane < 4, c1[:, :, None],
                              tl.where(lane < 6, c2[:, :, None], c3[:, :, None])))
-    half = (word >> ((lane % 2) * 16)) & 0xFFFF
-    return half >= thr
+    return (word >> ((lane % 2) * 16)) & 0xFFFF
 
 
 @triton.jit
@@ -74,8 +74,8 @@ def _keep_nk(seed, row0, col0, n_groups, thr, BLOCK_N: tl.constexpr, BLOCK_K: tl
     grp = col0 // 8 + tl.arange(0, BLOCK_K // 8)
     ctr = rows[:, None] * n_groups + grp[None, :]  # int32 [BLOCK_N, BLOCK_K // 8]
     c0, c1, c2, c3 = tl.randint4x(seed, ctr)
-    keep = _lanes_to_keep(c0, c1, c2, c3, thr)  # [BLOCK_N, BLOCK_K // 8, 8]
-    return tl.reshape(keep, (BLOCK_N, BLOCK_K))
+    half = _lanes(c0, c1, c2, c3)  # [BLOCK_N, BLOCK_K // 8, 8]
+    return tl.reshape(half, (BLOCK_N, BLOCK_K)) >= thr
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def _keep_kn(seed, row0, col0, n_groups, thr, BLOCK_K: tl.constexpr, BLOCK_N: tl
     w3 = c3[:, None, :]
     word = tl.where(lane < 2, w0, tl.where(lane < 4, w1, tl.where(lane < 6, w2, w3)))
     half = (word >> ((lane % 2) * 16)) & 0xFFFF  # [BLOCK_K // 8, 8, BLOCK_N]
-    return tl.reshape(half >= thr, (BLOCK_K, BLOCK_N))
+    return tl.reshape(half, (BLOCK_K, BLOCK_N)) >= thr
 
 
 @triton.jit

@@ -51,6 +51,12 @@ STRATEGIES = list(_common.MASK_STRATEGIES)
 # different shapes: the mask must not depend on them). tl.dot needs >= 16 on a GPU.
 TILE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1),
                 dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)]
+# On CUDA most tests pin one tile configuration: autotuning every (shape, dtype,
+# variant) would compile each candidate and take minutes. AUTOTUNE asks for the
+# production path (config=None), used by test_cuda_autotuned and the layer test.
+# Under the interpreter config=None means gemm.DEFAULT_INTERPRETER_CONFIG.
+AUTOTUNE = "autotune"
+PINNED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4) if CUDA else None
 
 
 # ------------------------------------------------------------------------------------
@@ -105,6 +111,10 @@ def run_fused(t, scaling, p, seed, *, strategy, penalty=None, lora_is_x=False,
     b = t["bias"].clone().requires_grad_(True) if t["bias"] is not None else None
     A = t["lora_A"].clone().requires_grad_(True)
     B = t["lora_B"].clone().requires_grad_(True)
+    if config is None:
+        config = PINNED
+    elif config == AUTOTUNE:
+        config = None
     y = K.fused_rora_linear(x, x_lora, w, b, A, B, scaling, p, seed, penalty,
                             strategy=strategy, config=config)
     y.backward(t["grad"])
@@ -339,7 +349,7 @@ def test_matches_reference_autograd_function(strategy):
     ins = [t["x"], t["x_lora"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]]
     a = [v.clone().requires_grad_(i != 2) for i, v in enumerate(ins)]
     b = [v.clone().requires_grad_(i != 2) for i, v in enumerate(ins)]
-    y1 = K.fused_rora_linear(*a, 0.5, 0.1, 11, None, strategy=strategy)
+    y1 = K.fused_rora_linear(*a, 0.5, 0.1, 11, None, strategy=strategy, config=PINNED)
     y2 = RoraLinearFunction.apply(*b, 0.5, 0.1, 11, None)
     g1 = torch.autograd.grad(y1, [a[i] for i in (0, 1, 3, 4, 5)], t["grad"])
     g2 = torch.autograd.grad(y2, [b[i] for i in (0, 1, 3, 4, 5)], t["grad"])
@@ -364,7 +374,7 @@ def test_nothing_weight_sized_saved(strategy):
     B = t["lora_B"].clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
         y = K.fused_rora_linear(x, x, t["weight"], t["bias"], A, B, 1.0, 0.5, 1, None,
-                                strategy=strategy)
+                                strategy=strategy, config=PINNED)
     y.sum().backward()
     assert saved
     for shape, ptr in saved:
@@ -455,6 +465,15 @@ def test_cuda_dtypes_2x_rule(strategy, dtype, shape):
     case = make_case((tokens,), in_f, out_f, r, seed=tokens)
     check_against_reference(case, dtype, 0.5, 0.1, 4242, strategy=strategy, lam=0.1)
     check_against_reference(case, dtype, 2.0, 0.0, 7, strategy=strategy, lora_is_x=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_autotuned(dtype):
+    """The production path: autotuned tiles (no pinned config)."""
+    case = make_case((1000,), 1024, 768, 16, seed=1)
+    check_against_reference(case, dtype, 0.5, 0.1, 4243, strategy="inloop", lam=0.1,
+                            config=AUTOTUNE)
 
 
 @needs_cuda
