@@ -1,0 +1,211 @@
+"""RoRA with the transformers ``Trainer``: a recipe and a callback.
+
+Recipe::
+
+    from transformers import Trainer, TrainingArguments
+    import rora_fast
+    from rora_fast.trainer import RoraTrainerCallback, add_rora_callback
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    rora_fast.apply_rora(model, rora_fast.RoraConfig(target_modules=["q_proj", "v_proj"]))
+    model.gradient_checkpointing_enable()            # optional; the masks replay
+    trainer = Trainer(model=model, args=TrainingArguments(..., bf16=True,
+                      gradient_accumulation_steps=4), train_dataset=ds)
+    add_rora_callback(trainer, save_dir="out/rora", export_peft_dir="out/peft")
+    trainer.train()      # trains L_sup + λΩ, logs rora_penalty, rescales at the end
+
+What the pieces do:
+
+* The full objective trains with no change to the Trainer: each RoRA layer adds
+  ``λ∇Ω`` to its adapter gradients in its own backward, once per optimizer step
+  (the Trainer's micro-batches of one step add it once: its ``model.zero_grad()``
+  after each step is what the layers' clock recognises). The Trainer scales the
+  supervised loss by ``1 / gradient_accumulation_steps``; the penalty is not scaled,
+  so the step's gradient is that of ``mean(L_sup) + λΩ``.
+* ``fp16=True`` (AMP GradScaler): a gradient added in backward would be divided by
+  the loss scale at unscaling, so the callback switches the layers to
+  ``penalty_mode="optimizer"`` and attaches the penalty to the Trainer's optimizer
+  (a pre-step hook: after unscaling and gradient clipping, skipped with the step on
+  overflow). ``bf16=True`` needs no scaler and keeps the default.
+* ``on_log`` adds ``rora_penalty`` (``λΣΩ``) to the logs (and to ``state.log_history``).
+  :func:`add_rora_callback` puts the callback first so that the printer and the
+  reporting integrations see the value.
+* ``on_train_end``: spectral rescaling of the last ``rescale_layers`` blocks, then
+  :func:`rora_fast.save_rora` and/or :func:`rora_fast.export_peft_adapter` if
+  directories were given (rank 0 writes; under FSDP2 the adapters are gathered first).
+
+Distributed: DDP and FSDP2 launched by ``torchrun`` or ``accelerate launch`` need
+nothing more (see :mod:`rora_fast.distributed`); every rank must be seeded the same
+(the Trainer's ``set_seed(args.seed)`` does) so that the weight masks agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from transformers import TrainerCallback
+
+from .distributed import (full_adapters, is_main_process, penalty_value, rng_in_sync,
+                          save_rora_distributed, spectral_rescale_distributed_)
+from .model import attach_penalty, export_peft_adapter, rora_layers
+
+__all__ = ["RoraTrainerCallback", "add_rora_callback", "tiny_llama_config", "ByteLMDataset"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _torch_optimizer(optimizer):
+    """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer``."""
+    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer,
+                                                         torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class RoraTrainerCallback(TrainerCallback):
+    """Makes ``Trainer.train()`` a complete RoRA run (see the module docstring).
+
+    Args:
+        penalty_mode: ``"auto"`` (``"optimizer"`` when ``args.fp16``, else the layers'
+            own mode), ``"backward"``, ``"optimizer"`` or ``"keep"`` (touch nothing).
+        rescale: apply spectral rescaling at the end of training.
+        rescale_layers: blocks to rescale (default: the model's ``rora_config``).
+        save_dir: if set, ``save_rora`` there at the end.
+        export_peft_dir: if set, ``export_peft_adapter`` there at the end.
+        log_penalty: add ``rora_penalty`` to every log.
+        check_rng_sync: under ``torch.distributed``, check at the start of training that
+            every rank's CPU generator agrees (else the weight masks would differ) and
+            raise if not.
+    """
+
+    def __init__(self, penalty_mode: str = "auto", rescale: bool = True,
+                 rescale_layers: Optional[int] = None,
+                 save_dir: Optional[Union[str, Path]] = None,
+                 export_peft_dir: Optional[Union[str, Path]] = None,
+                 log_penalty: bool = True, check_rng_sync: bool = True):
+        if penalty_mode not in ("auto", "backward", "optimizer", "keep"):
+            raise ValueError(f"penalty_mode must be auto, backward, optimizer or keep, got "
+                             f"{penalty_mode!r}")
+        self.penalty_mode = penalty_mode
+        self.rescale = rescale
+        self.rescale_layers = rescale_layers
+        self.save_dir = save_dir
+        self.export_peft_dir = export_peft_dir
+        self.log_penalty = log_penalty
+        self.check_rng_sync = check_rng_sync
+        self.scales = None
+        self._hook = None
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        inner = _unwrap(model)
+        layers = [layer for _, layer in rora_layers(inner)]
+        if not layers:
+            raise ValueError("RoraTrainerCallback: the model has no RoRA layers "
+                             "(call rora_fast.apply_rora before building the Trainer)")
+        mode = self.penalty_mode
+        if mode == "auto":
+            mode = "optimizer" if getattr(args, "fp16", False) else "keep"
+        if mode != "keep":
+            for layer in layers:
+                layer.penalty_mode = mode
+        if any(layer.penalty_mode == "optimizer" and layer.ortho_lambda for layer in layers):
+            if optimizer is None:
+                raise RuntimeError("penalty_mode='optimizer' needs the Trainer's optimizer")
+            if self._hook is not None:
+                self._hook.remove()
+            self._hook = attach_penalty(_torch_optimizer(optimizer), inner)
+        if any(layer.penalty_mode == "loss" for layer in layers):
+            logger.warning("RoRA layers use penalty_mode='loss': the Trainer's loss does not "
+                           "include the penalty; override compute_loss to add "
+                           "rora_fast.rora_penalty(model)")
+        if self.check_rng_sync and not rng_in_sync():
+            raise RuntimeError("the ranks' CPU random generators differ, so RoRA's weight "
+                               "masks would differ between ranks: seed every rank the same "
+                               "(transformers.set_seed(args.seed)) before training")
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if not self.log_penalty or logs is None or model is None:
+            return
+        value = penalty_value(_unwrap(model))
+        logs["rora_penalty"] = value
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["rora_penalty"] = value
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        inner = _unwrap(model)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.rescale:
+            layers = self.rescale_layers
+            if layers is None:
+                layers = getattr(getattr(inner, "rora_config", None), "rescale_layers", 3)
+            self.scales = spectral_rescale_distributed_(inner, layers)
+        if self.save_dir is not None:
+            save_rora_distributed(inner, self.save_dir)
+        if self.export_peft_dir is not None:
+            with full_adapters(inner):
+                if is_main_process():
+                    export_peft_adapter(inner, self.export_peft_dir)
+
+
+def add_rora_callback(trainer, **kwargs) -> RoraTrainerCallback:
+    """Create a :class:`RoraTrainerCallback` and put it first in ``trainer``'s callbacks
+    (so the printer and reporters see ``rora_penalty``). Returns it."""
+    cb = RoraTrainerCallback(**kwargs)
+    trainer.callback_handler.callbacks.insert(0, cb)
+    return cb
+
+
+# ---------------------------------------------------------------------- tiny recipe
+def tiny_llama_config(**overrides):
+    """A tiny ``LlamaConfig`` (2 blocks, hidden 64, byte vocabulary) for CPU runs."""
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=ByteLMDataset.VOCAB, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, pad_token_id=ByteLMDataset.PAD,
+              bos_token_id=ByteLMDataset.BOS, eos_token_id=ByteLMDataset.EOS,
+              tie_word_embeddings=False)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+class ByteLMDataset(torch.utils.data.Dataset):
+    """Causal-LM examples from real sentences, tokenised as UTF-8 bytes (no tokenizer
+    download): ``[BOS] bytes [EOS]``, cut or padded to ``max_length``; padding is
+    ignored by the loss (label -100). Sentences come from the shipped SST-2 train
+    split by default."""
+
+    VOCAB, PAD, BOS, EOS = 259, 256, 257, 258
+
+    def __init__(self, sentences=None, n: int = 32, max_length: int = 32):
+        if sentences is None:
+            from .data import load_dataset
+
+            sentences = [e.text for e in load_dataset("sst2_sentence", "train", limit=n)]
+        self.items = []
+        for s in list(sentences)[:n]:
+            ids = [self.BOS] + list(s.encode("utf-8"))[: max_length - 2] + [self.EOS]
+            pad = max_length - len(ids)
+            input_ids = torch.tensor(ids + [self.PAD] * pad)
+            labels = torch.tensor(ids + [-100] * pad)
+            mask = torch.tensor([1] * len(ids) + [0] * pad)
+            self.items.append({"input_ids": input_ids, "attention_mask": mask,
+                               "labels": labels})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
