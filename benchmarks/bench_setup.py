@@ -94,7 +94,7 @@ def bench_setup_wrap(benchmark, bench_sizes, model, method, cache, tmp_path):
 
 BASIS = [("tiny", "exact", "cold"), ("tiny", "randomized", "cold"),
          ("4096x4096", "exact", "cold"), ("4096x4096", "randomized", "cold"),
-         ("4096x4096", "exact", "warm"), ("4096x4096", "randomized", "warm")]
+         ("4096x4096", "randomized", "warm")]  # a warm load costs the same for both methods
 
 
 @pytest.mark.parametrize("shape,method,cache", BASIS, ids=[f"{s}-{m}-{c}" for s, m, c in BASIS])

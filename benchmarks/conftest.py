@@ -26,6 +26,7 @@ import pytest
 from benchmarks import common
 
 _STATE = {}
+_ENV_KEYS = ("RORA_FAST_BACKEND", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "RORA_FAST_MASK_STRATEGY")
 
 
 def pytest_configure(config):
@@ -90,8 +91,11 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     import torch
 
     dev = _STATE["device"]
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("RORA_BENCH") or k in _ENV_KEYS}
+    prefix = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     info = {
-        "command": " ".join(shlex.quote(a) for a in ["pytest"] + sys.argv[1:]),
+        "command": " ".join(prefix + [shlex.quote(a) for a in ["pytest"] + sys.argv[1:]]),
         "cwd": os.getcwd(),
         "device": dev,
         "device_name": (torch.cuda.get_device_name(0) if dev == "cuda" else _cpu_name()),
@@ -103,7 +107,6 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "loadavg_end": common.loadavg(),
         "wall_s": round(time.time() - _STATE["t0"], 1),
         "versions": _versions(),
-        "env": {k: v for k, v in os.environ.items()
-                if k.startswith("RORA_BENCH") or k == "RORA_FAST_BACKEND"},
+        "env": env,
     }
     output_json["rora_bench"] = info

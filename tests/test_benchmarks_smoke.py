@@ -1,0 +1,58 @@
+"""CI smoke test of the benchmark harness (not of performance).
+
+Runs the ``tiny`` layer- and model-level cases through the real harness
+(``pytest benchmarks/ --benchmark-only -k tiny --benchmark-json ...`` in a
+subprocess) and checks that ``benchmarks/report.py`` turns the JSON into the
+Markdown tables and the PNG chart.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("pytest_benchmark")
+
+
+def _load_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_report", ROOT / "benchmarks" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_benchmark_and_report(tmp_path):
+    out = tmp_path / "tiny.json"
+    env = dict(os.environ, RORA_BENCH_DEVICE="cpu", RORA_BENCH_REPS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/bench_layer.py",
+           "benchmarks/bench_model.py", "--benchmark-only", "-k", "tiny", "-q",
+           "-p", "no:randomly", f"--benchmark-json={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    names = {b["name"] for b in data["benchmarks"]}
+    assert {"bench_layer[tiny-base-rep0]", "bench_layer[tiny-lora-rep0]",
+            "bench_layer[tiny-rora-rep0]", "bench_model[tiny-lora-rep0]",
+            "bench_model[tiny-rora-rep0]"} <= names, names
+    assert not any("tiny" not in n for n in names)
+    assert data["rora_bench"]["device"] == "cpu"
+
+    md, png = tmp_path / "tiny.md", tmp_path / "tiny.png"
+    report = _load_report()
+    assert report.main([str(out), "--md", str(md), "--png", str(png)]) == 0
+    text = md.read_text()
+    assert "### Training iteration, PEFT LoRA vs RoRA" in text
+    assert "### One adapted linear layer" in text
+    row = next(line for line in text.splitlines() if line.startswith("| tiny (smoke)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[3].replace(",", "")) > 0 and float(cells[4].replace(",", "")) > 0
+    assert "pytest benchmarks/bench_layer.py" in text  # the command is recorded
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
