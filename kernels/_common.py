@@ -62,8 +62,12 @@ def resolve_mask_strategy(strategy=None) -> str:
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: full fp32 for fp32 inputs unless torch itself allows TF32."""
-    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+    """``tl.dot`` precision. fp32 inputs: full fp32 ("ieee", what torch does by default),
+    TF32 only when torch itself allows it (``torch.backends.cuda.matmul.allow_tf32``).
+    fp16/bf16 inputs: Triton's default ("tf32", which only affects fp32 operands)."""
+    if dtype != torch.float32:
+        return "tf32"
+    if not interpreting() and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 

@@ -1,0 +1,393 @@
+"""One RoRA layer, forward + backward, against its floor and its competitors.
+
+For each weight shape (in x out) at ``--tokens`` tokens, rank ``--rank``, it times
+``y = layer(x); y.backward(dY)`` (x requires grad, as inside a network) for:
+
+* ``base``            the frozen GEMMs alone: ``x·Wᵀ`` and ``dY·W`` in torch (the floor);
+* ``peft_lora``       PEFT's ``lora.Linear`` (get_peft_model on one nn.Linear), lora_dropout 0.1,
+                      PEFT's defaults (adapter weights kept in float32 for a bf16 base);
+* ``rora_reference``  ``rora_fast.functional.rora_linear(..., backend="reference")`` (plain torch);
+* ``rora_fused_<s>``  ``rora_fast.kernels.fused_rora_linear`` with mask strategy ``<s>``.
+
+RoRA runs with weight dropout ``--weight-dropout`` (0.1), no LoRA input dropout (RoRA
+drops W, not x), the orthogonality penalty on (λ = 10, k = 32, added every backward).
+Reported: median / p20 / p80 wall time per forward+backward (CUDA events) and the peak
+memory allocated above what existed before the call (saved activations, transients
+and gradients). Also a correctness spot check of each fused strategy against the
+reference at the full shape (relative max error of y and of every gradient).
+
+Usage::
+
+    python benchmarks/gpu/layer_benchmark.py                 # GPU, LLaMA-7B shapes, bf16
+    python benchmarks/gpu/layer_benchmark.py --cpu-smoke     # CPU, tiny shapes, interpreter
+
+Writes ``<out-dir>/<YYYY-MM-DD>-<device-slug>.json`` and ``.md`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+TARGET_VS_BASE = 1.10   # fused fwd+bwd within 1.10x of the base GEMMs alone
+TARGET_VS_PEFT = 0.80   # and at most 0.8x PEFT LoRA with dropout
+LLAMA_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes on the CPU (fused kernels in the Triton interpreter); "
+                         "checks the script, measures nothing meaningful")
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--shapes", default=None, help="comma list of INxOUT (default: LLaMA-7B)")
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--weight-dropout", type=float, default=0.1)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--methods", default=None, help="comma list (default: all)")
+    ap.add_argument("--out-dir", default=None,
+                    help="where the .json/.md go (default benchmarks/results; "
+                         "--cpu-smoke: a temporary folder unless given)")
+    args = ap.parse_args(argv)
+    smoke = args.cpu_smoke
+    args.tokens = args.tokens or (24 if smoke else 8192)
+    args.dtype = args.dtype or ("fp32" if smoke else "bf16")
+    args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 5)
+    args.reps = args.reps if args.reps is not None else (3 if smoke else 20)
+    if args.shapes:
+        args.shape_list = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    else:
+        args.shape_list = [(40, 24), (24, 56)] if smoke else LLAMA_SHAPES
+    if smoke and args.rank == 16:
+        args.rank = 4
+    return args
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.cpu_smoke:
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton kernels
+
+import torch  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+# ------------------------------------------------------------------------------ timing
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def measure(self, fn, warmup, reps):
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        q = lambda f: times[min(len(times) - 1, int(round(f * (len(times) - 1))))]  # noqa: E731
+        return dict(median_ms=statistics.median(times), p20_ms=q(0.2), p80_ms=q(0.8),
+                    reps=len(times))
+
+    def peak_mib(self, fn):
+        if not self.cuda:
+            return None
+        self.sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        self.sync()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+# ------------------------------------------------------------------------------ methods
+
+def make_methods(in_f, out_f, args, device, dtype):
+    """name -> (step function doing one forward+backward, outputs getter)."""
+    from rora_fast import functional as F_rora
+    from rora_fast.functional import PenaltyHandle
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    T, r = args.tokens, args.rank
+    W = (torch.randn(out_f, in_f, generator=gen) * in_f ** -0.5).to(device, dtype)
+    x = torch.randn(T, in_f, generator=gen).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(T, out_f, generator=gen).to(device, dtype)
+    A = (torch.randn(r, in_f, generator=gen) * in_f ** -0.5).to(device, dtype).requires_grad_(True)
+    B = (torch.randn(out_f, r, generator=gen) * 0.02).to(device, dtype).requires_grad_(True)
+    k = min(32, in_f, out_f)
+    U = torch.linalg.qr(torch.randn(out_f, k, generator=gen))[0].to(device, dtype)
+    V = torch.linalg.qr(torch.randn(in_f, k, generator=gen))[0].to(device, dtype)
+    scaling, p, seed = 2.0, args.weight_dropout, 1234567
+    penalty = PenaltyHandle(10.0, U, V, lambda: True)
+
+    def clear(*ts):
+        for t in ts:
+            t.grad = None
+
+    methods = {}
+
+    def base():
+        y = x.detach() @ W.t()
+        dx = dy @ W
+        return y, dx
+    methods["base"] = base
+
+    try:
+        import peft
+        from torch import nn
+
+        class One(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+
+            def forward(self, inp):
+                return self.lin(inp)
+
+        module = One()
+        with torch.no_grad():
+            module.lin.weight.copy_(W)
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["lin"])
+        peft_model = peft.get_peft_model(module, cfg)
+        peft_model.train()
+        with torch.no_grad():  # non-zero B, as after some training
+            for name, prm in peft_model.named_parameters():
+                if "lora_B" in name:
+                    prm.normal_(0, 0.02)
+        peft_params = [q for q in peft_model.parameters() if q.requires_grad]
+
+        def peft_lora():
+            clear(x, *peft_params)
+            y = peft_model(x)
+            y.backward(dy)
+            return y
+        methods["peft_lora"] = peft_lora
+    except Exception as exc:  # reported, not fatal: the other methods still run
+        methods["peft_lora"] = exc
+
+    def rora(backend=None, strategy=None):
+        def step():
+            clear(x, A, B)
+            if backend == "reference":
+                y = F_rora.rora_linear(x, x, W, None, A, B, scaling, p, seed, penalty,
+                                       backend="reference")
+            else:
+                from rora_fast import kernels
+                y = kernels.fused_rora_linear(x, x, W, None, A, B, scaling, p, seed, penalty,
+                                              strategy=strategy)
+            y.backward(dy)
+            return y
+        return step
+
+    methods["rora_reference"] = rora("reference")
+    try:
+        from rora_fast import kernels
+        for s in kernels.MASK_STRATEGIES:
+            methods[f"rora_fused_{s}"] = rora(strategy=s)
+    except Exception as exc:
+        methods["rora_fused"] = exc
+
+    def outputs(step):
+        y = step()
+        return [y.detach().clone(), x.grad.clone(), A.grad.clone(), B.grad.clone()]
+
+    return methods, outputs
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+# ------------------------------------------------------------------------------ main
+
+def run(args):
+    smoke = args.cpu_smoke
+    if smoke:
+        device = torch.device("cpu")
+        device_name = f"cpu-smoke-{platform.machine()}"
+    else:
+        if not torch.cuda.is_available():
+            print("layer_benchmark: no CUDA device (torch.cuda.is_available() is False); "
+                  "use --cpu-smoke on a CPU", file=sys.stderr)
+            return 3
+        device = torch.device("cuda")
+        device_name = torch.cuda.get_device_name(0)
+    dtype = DTYPES[args.dtype]
+    timer = Timer(device)
+    wanted = set(args.methods.split(",")) if args.methods else None
+    rows, errors = [], []
+    for in_f, out_f in args.shape_list:
+        methods, outputs = make_methods(in_f, out_f, args, device, dtype)
+        ref_out = None
+        if "rora_reference" in methods and not isinstance(methods["rora_reference"], Exception):
+            ref_out = outputs(methods["rora_reference"])
+        for name, fn in methods.items():
+            if wanted and name not in wanted:
+                continue
+            row = dict(in_features=in_f, out_features=out_f, tokens=args.tokens,
+                       rank=args.rank, dtype=args.dtype, method=name)
+            if isinstance(fn, Exception):
+                row["error"] = f"{type(fn).__name__}: {fn}"
+                errors.append(f"{name} {in_f}x{out_f}: {row['error']}")
+                rows.append(row)
+                continue
+            try:
+                if name.startswith("rora_fused") and ref_out is not None:
+                    got = outputs(fn)
+                    row["max_rel_err_vs_reference"] = dict(
+                        zip(("y", "dx", "dA", "dB"), (rel_err(g, e) for g, e in zip(got, ref_out))))
+                row.update(timer.measure(fn, args.warmup, args.reps))
+                row["peak_mem_mib"] = timer.peak_mib(fn)
+            except Exception as exc:  # one failing method must not hide the others
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                errors.append(f"{name} {in_f}x{out_f}: {row['error']}")
+            rows.append(row)
+            print(f"  {in_f}x{out_f} {name}: " + (
+                f"{row['median_ms']:.3f} ms" if "median_ms" in row else row.get("error", "?")),
+                flush=True)
+        del methods, outputs, ref_out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    add_ratios(rows)
+    meta = environment(device, device_name, args)
+    date = _dt.date.today().isoformat()
+    out_dir = args.out_dir
+    if out_dir is None:
+        if smoke:
+            import tempfile
+            out_dir = tempfile.mkdtemp(prefix="rora_layer_bench_")
+        else:
+            out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   "results")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{date}-{slug(device_name)}")
+    table = markdown(rows, meta)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(meta=meta, targets=dict(fused_vs_base=TARGET_VS_BASE,
+                                               fused_vs_peft=TARGET_VS_PEFT),
+                       results=rows, errors=errors), f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    print(f"layer_benchmark: wrote {stem}.json and {stem}.md")
+    manifest = os.environ.get("RORA_BENCH_MANIFEST")
+    if manifest:  # run.sh reads where the files went (to print the table last, copy them)
+        with open(manifest, "w") as f:
+            f.write(f"{stem}.json\n{stem}.md\n")
+    if errors:
+        print("layer_benchmark: errors:\n  " + "\n  ".join(errors))
+    print()
+    print(table)
+    return 1 if errors else 0
+
+
+def add_ratios(rows):
+    by_shape = {}
+    for row in rows:
+        by_shape.setdefault((row["in_features"], row["out_features"]), {})[row["method"]] = row
+    for group in by_shape.values():
+        base = group.get("base", {}).get("median_ms")
+        peft_t = group.get("peft_lora", {}).get("median_ms")
+        peft_m = group.get("peft_lora", {}).get("peak_mem_mib")
+        for row in group.values():
+            t = row.get("median_ms")
+            if t is None:
+                continue
+            row["x_base"] = t / base if base else None
+            row["x_peft"] = t / peft_t if peft_t else None
+            if row["method"].startswith("rora_fused"):
+                row["meets_time_targets"] = bool(
+                    row["x_base"] is not None and row["x_base"] <= TARGET_VS_BASE
+                    and row["x_peft"] is not None and row["x_peft"] <= TARGET_VS_PEFT)
+                if row.get("peak_mem_mib") is not None and peft_m is not None:
+                    row["meets_memory_target"] = row["peak_mem_mib"] <= peft_m
+
+
+def environment(device, device_name, args):
+    import triton
+    meta = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), device=device_name,
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                tokens=args.tokens, rank=args.rank, dtype=args.dtype,
+                weight_dropout=args.weight_dropout, warmup=args.warmup, reps=args.reps,
+                cpu_smoke=args.cpu_smoke, penalty="lambda=10, k=32 (every backward)",
+                peft_lora_dropout=0.1)
+    try:
+        import peft
+        meta["peft"] = peft.__version__
+    except Exception:
+        pass
+    if device.type == "cuda":
+        meta["cuda"] = torch.version.cuda
+        meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    try:
+        from rora_fast.kernels import DEFAULT_MASK_STRATEGY
+        meta["default_mask_strategy"] = DEFAULT_MASK_STRATEGY
+    except Exception:
+        pass
+    return meta
+
+
+def markdown(rows, meta):
+    head = (f"### RoRA layer forward+backward, {meta['device']}, {meta['dtype']}, "
+            f"{meta['tokens']} tokens, r={meta['rank']}, weight dropout {meta['weight_dropout']}"
+            f"{' (CPU SMOKE: timings meaningless)' if meta['cpu_smoke'] else ''}\n\n"
+            f"torch {meta['torch']}, triton {meta['triton']}; median of {meta['reps']} "
+            f"(p20-p80); peak = memory allocated above the pre-call level. Targets for "
+            f"fused RoRA: <= {TARGET_VS_BASE}x base, <= {TARGET_VS_PEFT}x PEFT, "
+            f"peak <= PEFT.\n\n")
+    lines = ["| in x out | method | median ms | p20-p80 ms | x base | x PEFT | peak MiB | "
+             "targets | max rel err vs ref |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for row in rows:
+        shape = f"{row['in_features']}x{row['out_features']}"
+        if "error" in row:
+            lines.append(f"| {shape} | {row['method']} | error | | | | | | "
+                         f"{row['error'][:80].replace('|', '/')} |")
+            continue
+        targets = ""
+        if "meets_time_targets" in row:
+            targets = "time ok" if row["meets_time_targets"] else "time MISSED"
+            if "meets_memory_target" in row:
+                targets += ", mem ok" if row["meets_memory_target"] else ", mem MISSED"
+        err = row.get("max_rel_err_vs_reference")
+        err_s = ", ".join(f"{k} {v:.1e}" for k, v in err.items()) if err else ""
+        lines.append(f"| {shape} | {row['method']} | {f(row['median_ms'])} | "
+                     f"{f(row['p20_ms'])}-{f(row['p80_ms'])} | {f(row.get('x_base'), 2)} | "
+                     f"{f(row.get('x_peft'), 2)} | {f(row.get('peak_mem_mib'), 0)} | "
+                     f"{targets} | {err_s} |")
+    return head + "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(run(ARGS))

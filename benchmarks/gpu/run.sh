@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# One-call GPU check of the fused RoRA kernels (issue 3). On a lent GPU machine:
+#
+#     bash benchmarks/gpu/run.sh            # the GPU check (needs CUDA; ~8 min at most)
+#     bash benchmarks/gpu/run.sh --cpu-smoke  # the same steps on a CPU, tiny, to test this script
+#
+# Steps, each time-boxed so the whole run ends within RORA_GPU_BUDGET_S (default 470 s):
+#   0. preflight: one clear line and exit 3 when there is no CUDA device;
+#   1. install the checkout (pip -e, no deps, no network), else a PYTHONPATH fallback;
+#   2. tests/test_kernels.py on CUDA (fp32, fp16, bf16; 2x-error rule);
+#   3. one-layer forward+backward benchmark at LLaMA-7B shapes (bf16, 8192 tokens, r=16):
+#      base GEMMs, PEFT LoRA (dropout 0.1), RoRA reference, fused RoRA (each strategy);
+#      writes benchmarks/results/<date>-<device>.json and .md;
+#   4. HOOK: the model-level suite of issue 5 (`pytest benchmarks/ --benchmark-only`),
+#      only if present and time is left;
+#   5. copy the results to $OUT (if set) and print the layer table last.
+# Exit status: 0 all good, 3 no CUDA, otherwise the first failing step's status.
+set -u
+START=$SECONDS
+cd "$(dirname "$0")/../.." || { echo "run.sh: cannot cd to the repository root"; exit 2; }
+ROOT=$PWD
+PY=${PYTHON:-python3}
+BUDGET=${RORA_GPU_BUDGET_S:-470}
+export PYTHONUNBUFFERED=1
+SMOKE=0
+if [ "${1:-}" = "--cpu-smoke" ]; then SMOKE=1; fi
+say() { echo "[run.sh +$((SECONDS - START))s] $*"; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+status=0
+fail() { [ "$status" -eq 0 ] && status=$1; }
+
+# ---- 0. preflight ----------------------------------------------------------------
+if [ "$SMOKE" -eq 1 ]; then
+    export TRITON_INTERPRET=1
+    say "CPU smoke run: kernels in the Triton interpreter, tiny shapes, results to a temp folder"
+else
+    "$PY" "$ROOT/benchmarks/gpu/env_check.py" || exit 3
+fi
+
+# ---- 1. install (no network there: --no-deps, no build isolation) -----------------
+import_ok() { (cd /tmp && "$PY" - "$ROOT" <<'PYEOF'
+import os, sys
+import rora_fast.kernels as k
+sys.exit(0 if os.path.realpath(k.__file__).startswith(os.path.realpath(sys.argv[1])) else 1)
+PYEOF
+) >/dev/null 2>&1; }
+if import_ok; then
+    say "rora_fast (this checkout) already importable"
+elif "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >/tmp/rora_run_pip.log 2>&1 \
+        && import_ok; then
+    say "installed this checkout with pip -e"
+else
+    # kernels/ is installed as rora_fast.kernels (setup.py package_dir): rebuild that
+    # layout with symlinks in a temporary site folder.
+    SITE=$(mktemp -d /tmp/rora_site.XXXXXX)
+    mkdir -p "$SITE/rora_fast"
+    for entry in "$ROOT"/rora_fast/* "$ROOT"/rora_fast/.[!.]*; do
+        [ -e "$entry" ] && ln -s "$entry" "$SITE/rora_fast/$(basename "$entry")"
+    done
+    ln -s "$ROOT/kernels" "$SITE/rora_fast/kernels"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    if import_ok; then
+        say "pip -e failed (see /tmp/rora_run_pip.log); using PYTHONPATH=$SITE"
+    else
+        echo "run.sh: cannot make rora_fast.kernels importable from $ROOT (pip log: /tmp/rora_run_pip.log)"
+        exit 2
+    fi
+fi
+
+if [ "$SMOKE" -eq 1 ]; then
+    RESULTS=$(mktemp -d /tmp/rora_gpu_smoke.XXXXXX)
+else
+    RESULTS="$ROOT/benchmarks/results"
+fi
+mkdir -p "$RESULTS"
+STAMP=$(date +%Y-%m-%d)
+TESTLOG="$RESULTS/$STAMP-kernel-tests.log"
+
+# ---- 2. correctness on this device -------------------------------------------------
+T_TESTS=$(( $(left) * 45 / 100 ))
+say "kernel tests (limit ${T_TESTS}s)"
+bash "$ROOT/benchmarks/gpu/run_kernel_tests.sh" "$TESTLOG" "$T_TESTS" || fail $?
+
+# ---- 3. layer benchmark --------------------------------------------------------------
+T_BENCH=$(( $(left) - 60 ))
+[ "$T_BENCH" -lt 60 ] && T_BENCH=60
+MANIFEST=$(mktemp /tmp/rora_bench_manifest.XXXXXX)
+say "layer benchmark (limit ${T_BENCH}s)"
+bench_args=(--out-dir "$RESULTS")
+[ "$SMOKE" -eq 1 ] && bench_args+=(--cpu-smoke)
+RORA_BENCH_MANIFEST="$MANIFEST" timeout -k 10 "$T_BENCH" \
+    "$PY" "$ROOT/benchmarks/gpu/layer_benchmark.py" "${bench_args[@]}"
+rc=$?
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then say "layer benchmark hit its ${T_BENCH}s limit"; fi
+[ "$rc" -ne 0 ] && fail "$rc"
+
+# ---- 4. HOOK (issue 5): model-level benchmark suite --------------------------------
+# The suite lives in benchmarks/ (bench_*.py collected by benchmarks/pytest.ini) and is
+# written separately; run it only if it is there, pytest-benchmark is installed and
+# enough of the budget is left. Its absence or failure does not hide the layer results.
+MODEL_JSON="$RESULTS/$STAMP-model-benchmarks.json"
+if [ "$SMOKE" -eq 1 ]; then
+    say "model-level suite (issue 5): skipped in --cpu-smoke"
+elif ! ls "$ROOT"/benchmarks/bench_*.py >/dev/null 2>&1; then
+    say "model-level suite (issue 5): not present, skipped"
+elif ! "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then
+    say "model-level suite (issue 5): pytest-benchmark not installed, skipped"
+elif [ "$(left)" -lt 45 ]; then
+    say "model-level suite (issue 5): only $(left)s left, skipped"
+else
+    T_MODEL=$(( $(left) - 15 ))
+    say "model-level suite (issue 5) (limit ${T_MODEL}s)"
+    (cd "$ROOT" && timeout -k 10 "$T_MODEL" "$PY" -m pytest benchmarks/ --benchmark-only -q \
+        --benchmark-json="$MODEL_JSON") >"$RESULTS/$STAMP-model-benchmarks.log" 2>&1
+    rc=$?
+    tail -n 15 "$RESULTS/$STAMP-model-benchmarks.log"
+    say "model-level suite exit status $rc (log: $RESULTS/$STAMP-model-benchmarks.log)"
+    [ "$rc" -ne 0 ] && fail "$rc"
+fi
+
+# ---- 5. results --------------------------------------------------------------------
+TABLE=$(sed -n 2p "$MANIFEST" 2>/dev/null)
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    for f in $(cat "$MANIFEST" 2>/dev/null) "$TESTLOG" "$MODEL_JSON" \
+             "$RESULTS/$STAMP-model-benchmarks.log"; do
+        [ -f "$f" ] && cp "$f" "$OUT/"
+    done
+    say "copied results to \$OUT"
+fi
+say "done in $((SECONDS - START))s; kernel tests: $(grep -E '(passed|failed|error)' "$TESTLOG" | tail -n 1); exit status $status"
+if [ -n "$TABLE" ] && [ -f "$TABLE" ]; then
+    echo
+    cat "$TABLE"
+else
+    echo "run.sh: the layer benchmark wrote no table"
+fi
+exit "$status"
