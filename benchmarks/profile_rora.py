@@ -1,0 +1,176 @@
+"""Where does RoRA's overhead over LoRA go? One model-level case, profiled.
+
+    python -m benchmarks.profile_rora --model bert-large [--reps 3] [--patch FILE]
+                                      [--out OUT.md]
+
+1. Builds the LoRA and the RoRA model of ``benchmarks.common`` (device sizes), warms
+   both up, then times them interleaved (LoRA, RoRA[, RoRA with the patch]) ``--reps``
+   times; prints the medians.
+2. Profiles one RoRA iteration with ``torch.profiler``; the reference's mask generator
+   (``weight_keep_mask``), the masked weight copy (``masked_weight`` minus the mask)
+   and the penalty gradient are wrapped in ``record_function`` ranges (by patching
+   the ``rora_fast.reference`` module attributes inside this process only) so the
+   table attributes time to them.
+
+``--patch FILE``: a Python file defining ``weight_keep_mask`` (and optionally
+``masked_weight``) with the reference's signatures; the third timed variant runs the
+RoRA model with them swapped into ``rora_fast.reference`` (used to measure a
+proposed faster mask, e.g. ``benchmarks/prototypes/fast_mask.py``). The patch is
+checked bit-identical to the reference mask on a few shapes before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks import common
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location("_rora_patch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@contextlib.contextmanager
+def patched(mod):
+    import rora_fast.reference as ref
+
+    old = ref.weight_keep_mask, ref.masked_weight
+    ref.weight_keep_mask = mod.weight_keep_mask
+    if hasattr(mod, "masked_weight"):
+        ref.masked_weight = mod.masked_weight
+    try:
+        yield
+    finally:
+        ref.weight_keep_mask, ref.masked_weight = old
+
+
+def check_identical(mod) -> None:
+    from rora_fast.reference import masked_weight, weight_keep_mask
+
+    for o, i, p, seed in [(37, 33, 0.1, 1234), (64, 4096, 0.1, 2**62 + 7),
+                          (19, 37, 0.5, 0), (300, 1001, 0.1, 99)]:
+        a = weight_keep_mask(seed, o, i, p)
+        b = mod.weight_keep_mask(seed, o, i, p)
+        assert a.dtype == b.dtype and torch.equal(a, b), f"mask differs at {(o, i, p, seed)}"
+        if hasattr(mod, "masked_weight"):
+            W = torch.randn(o, i)
+            assert torch.equal(masked_weight(W, seed, p), mod.masked_weight(W, seed, p))
+
+
+@contextlib.contextmanager
+def ranges():
+    """Wrap the reference's hot spots in record_function ranges."""
+    import rora_fast.reference as ref
+
+    names = ["weight_keep_mask", "masked_weight", "ortho_penalty_grads"]
+    old = {n: getattr(ref, n) for n in names}
+
+    def wrap(n, f):
+        @functools.wraps(f)
+        def g(*a, **k):
+            with torch.profiler.record_function(f"rora::{n}"):
+                return f(*a, **k)
+        return g
+
+    for n in names:
+        setattr(ref, n, wrap(n, old[n]))
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(ref, n, old[n])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="bert-large")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--patch", help="file with a faster weight_keep_mask/masked_weight")
+    ap.add_argument("--out", help="write the Markdown here too")
+    ap.add_argument("--no-profile", action="store_true")
+    a = ap.parse_args(argv)
+    device = common.bench_device()
+    lines = [f"## Profile of one {a.model} training iteration ({device})", "",
+             "```", "python -m benchmarks.profile_rora " + " ".join(argv or sys.argv[1:]),
+             "```", ""]
+    patch = _load(a.patch) if a.patch else None
+    if patch is not None:
+        check_identical(patch)
+        lines.append(f"Patch `{a.patch}`: mask bit-identical to the reference on the "
+                     "checked shapes.\n")
+    _, lora, linfo = common.build_model_case(a.model, "lora", device)
+    _, rora, rinfo = common.build_model_case(a.model, "rora", device)
+    lines.append(f"Sizes: {rinfo['layers']} layers × batch {rinfo['batch']} × seq "
+                 f"{rinfo['seq']}, {rinfo['dtype']}, torch threads "
+                 f"{torch.get_num_threads()}.\n")
+    variants = [("LoRA (PEFT)", lora, contextlib.nullcontext),
+                ("RoRA (reference)", rora, contextlib.nullcontext)]
+    if patch is not None:
+        variants.append(("RoRA (reference + patch)", rora, lambda: patched(patch)))
+    for _, fn, ctx in variants:  # warm-up
+        with ctx():
+            fn()
+    times = {n: [] for n, _, _ in variants}
+    loads = []
+    for _ in range(a.reps):
+        for n, fn, ctx in variants:
+            loads.append(common.loadavg()[0])
+            with ctx():
+                t0 = time.perf_counter()
+                fn()
+                times[n].append(time.perf_counter() - t0)
+    base = statistics.median(times["LoRA (PEFT)"])
+    lines += ["| variant | median ms/iteration | × LoRA | all rounds (ms) |",
+              "|---|---|---|---|"]
+    for n, ts in times.items():
+        m = statistics.median(ts)
+        lines.append(f"| {n} | {1e3 * m:,.0f} | {m / base:.2f}× | "
+                     + ", ".join(f"{1e3 * t:,.0f}" for t in ts) + " |")
+    lines += ["", f"Load average (1 min) during the timing: {min(loads):.1f}–{max(loads):.1f}.",
+              ""]
+    if not a.no_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with ranges(), profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            rora()
+            wall = time.perf_counter() - t0
+        ka = prof.key_averages()
+        tot = {e.key: e.cpu_time_total for e in ka}
+        mask = tot.get("rora::weight_keep_mask", 0) / 1e3
+        mw = tot.get("rora::masked_weight", 0) / 1e3
+        pen = tot.get("rora::ortho_penalty_grads", 0) / 1e3
+        n_mask = next((e.count for e in ka if e.key == "rora::weight_keep_mask"), 0)
+        lines += [f"One RoRA iteration under the profiler: {1e3 * wall:,.0f} ms wall.", "",
+                  "| part | ms | share of the iteration |", "|---|---|---|",
+                  f"| weight_keep_mask (Philox mask, {n_mask} calls: forward + backward "
+                  f"per adapted layer) | {mask:,.0f} | {100 * mask / (1e3 * wall):.0f} % |",
+                  f"| masked_weight minus the mask (the masked, scaled copy of W) | "
+                  f"{mw - mask:,.0f} | {100 * (mw - mask) / (1e3 * wall):.0f} % |",
+                  f"| ortho_penalty_grads | {pen:,.1f} | "
+                  f"{100 * pen / (1e3 * wall):.1f} % |", "",
+                  "Top aten ops by self CPU time:", "", "```",
+                  ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40),
+                  "```", ""]
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
