@@ -70,6 +70,16 @@ class FusedRoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
                 lora_input_is_x, strategy, config):
+        # The op computes in its inputs' dtype (the kernels see those dtypes): an
+        # enclosing autocast must not recast the torch GEMMs around them.
+        with torch.autocast(x.device.type, enabled=False):
+            return FusedRoraLinearFunction._forward(
+                ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
+                lora_input_is_x, strategy, config)
+
+    @staticmethod
+    def _forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
+                 lora_input_is_x, strategy, config):
         in_f = x.shape[-1]
         out_f = weight.shape[0]
         x2 = x.reshape(-1, in_f)
@@ -99,6 +109,11 @@ class FusedRoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return FusedRoraLinearFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x2, xl2, weight, lora_A, lora_B, s_mat = ctx.saved_tensors
         needs = ctx.needs_input_grad
         s, p, seed = ctx.scaling, ctx.p, ctx.seed
