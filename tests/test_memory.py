@@ -1,0 +1,120 @@
+"""The memory model against what a real (small) model holds, on the CPU."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import rora_fast
+from rora_fast.memory import (GiB, PRESETS, activation_bytes_per_token_block, fits_table,
+                              main, max_batch, model_shape, parse_size, plan_memory)
+from rora_fast.trainer import tiny_llama_config
+
+
+@pytest.mark.parametrize("name", ["llama-7b", "llama-3-8b", "llama-13b"])
+def test_parameter_count_matches_transformers(name):
+    h, f, L, a, kv, V, tied = PRESETS[name]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                      num_attention_heads=a, num_key_value_heads=kv, vocab_size=V,
+                      tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert model_shape(name).n_params() == n
+    assert model_shape(cfg).n_params() == n
+    if name == "llama-7b":
+        assert n == 6_738_415_616
+
+
+def _small_cfg():
+    return tiny_llama_config(hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                             num_key_value_heads=2, num_hidden_layers=2, vocab_size=300)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
+def test_static_bytes_exact(targets):
+    """Base weights, adapters + grads + AdamW states and SVD bases, byte for byte."""
+    cfg = _small_cfg()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    rora_fast.apply_rora(model, rora_fast.RoraConfig(
+        r=4, ortho_rank=8, target_modules=list(targets) if targets != "all-linear" else targets))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = torch.randint(0, 256, (2, 16))
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    train = [p for p in model.parameters() if p.requires_grad]
+    adapters = sum(p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size()
+                   for p in train)
+    adapters += sum(t.numel() * t.element_size() for p in train
+                    for k, t in opt.state[p].items() if k != "step")
+    bases = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                if n.endswith(("ortho_U", "ortho_V")))
+    plan = plan_memory(cfg, base_dtype="bf16", r=4, ortho_rank=8, target_modules=targets)
+    assert plan.base_weights == frozen
+    assert plan.adapters_and_optimizer == adapters
+    assert plan.svd_bases == bases
+    assert plan.adapter_params == sum(p.numel() for p in train)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
+def test_block_activation_formula_matches_saved_tensors(targets):
+    """Per-token bytes autograd saves for one bf16 LLaMA block (SDPA) vs the formula."""
+    cfg = _small_cfg()
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    rora_fast.apply_rora(model, rora_fast.RoraConfig(
+        r=4, ortho_rank=8, target_modules=list(targets) if targets != "all-linear" else targets))
+    model.train()
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    B, S = 4, 128
+    x = torch.randn(B, S, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    skip.add(x.untyped_storage().data_ptr())
+    pos = torch.arange(S).unsqueeze(0)
+    pe = model.model.rotary_emb(x, pos)
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, position_embeddings=pe, attention_mask=None, position_ids=pos)
+    measured = sum(saved.values()) / (B * S)
+    tm = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") \
+        if targets == "all-linear" else targets
+    want = activation_bytes_per_token_block(model_shape(cfg), 2, tm)
+    # the rest is per-block constants (RoPE cos/sin, bf16 copies of A and B)
+    assert want <= measured <= want * 1.03, (measured, want)
+
+
+def test_plan_is_consistent():
+    a = plan_memory("llama-7b", batch=1, seq=2048)
+    b = plan_memory("llama-7b", batch=2, seq=2048)
+    c = plan_memory("llama-7b", batch=1, seq=2048, checkpointing=False)
+    assert b.peak > a.peak and c.activations > 4 * a.activations
+    assert a.base_weights == pytest.approx(2 * 6_738_415_616)
+    assert plan_memory("llama-7b", base_dtype="nf4").base_weights < a.base_weights / 3
+    assert parse_size("24GB") == 24 * GiB and parse_size("512MiB") == 0.5 * GiB
+    assert max_batch("llama-13b", 2048, parse_size("24GB")) == 0  # bf16 13B does not fit
+    assert max_batch("llama-7b", 512, parse_size("24GB")) >= 1
+    with pytest.raises(ValueError):
+        plan_memory("llama-7b", target_modules=["nope"])
+
+
+def test_cli_prints_table(capsys):
+    assert main(["--model", "llama-7b", "--gpu-mem", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 24GB" in out and "| bf16 | yes |" in out
+
+
+def test_docs_table_is_current():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "memory.md").read_text()
+    assert fits_table() in doc
