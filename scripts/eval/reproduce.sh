@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Small-scale reproduction on the embedded MiniLM-L6 (CPU), in priority order.
+# Resumable: runs whose JSON exists are skipped by rora-fast itself. With COMMIT=1 each
+# finished run is committed (results only) as it comes.
+# Usage: bash scripts/eval/reproduce.sh            (THREADS=1 by default)
+set -u
+cd "$(dirname "$0")/../.."
+OUT=benchmarks/results/eval
+THREADS=${THREADS:-1}
+COMMON="--preset small --seed 0 --threads $THREADS"
+
+commit() {
+  if [ "${COMMIT:-0}" = "1" ]; then
+    for i in 1 2 3 4 5; do
+      git add "$OUT" && git commit -q -m "eval results: $1 (measured, small preset)" -- "$OUT" && break
+      sleep 5
+    done
+  fi
+}
+
+run() {  # task attack method
+  local task=$1 attack=$2 method=$3 dir="$OUT/small-$1-$2"
+  echo "== $task $attack $method" >&2
+  rora-fast defend --task "$task" --attack "$attack" --methods "$method" $COMMON --out "$dir" \
+    && commit "$task $attack $method"
+}
+
+# 1. SST-2 <- IMDB, BadNet: baselines, RoRA, LoRA+rescaling, ablation (CI / Tr / Pt)
+for m in lora rora lora+rescale fft rora:ci+tr rora:ci rora:tr; do run sst2_sentence badnet "$m"; done
+# figures 1-3 on the same setting (LoRA through rora_fast with p=0, λ=0, vs RoRA)
+rora-fast spectra --task sst2_sentence --attack badnet --methods rora:none,rora $COMMON \
+  --out "$OUT/spectra-sst2_sentence-badnet" && commit "spectra sst2 badnet"
+# 2. CR <- MR, BadNet
+for m in lora rora fft lora+rescale; do run cr badnet "$m"; done
+# 3. InSent
+for m in lora rora fft; do run sst2_sentence insent "$m"; done
+for m in lora rora fft; do run cr insent "$m"; done
+# 4. CoLA <- SST-2
+for a in badnet insent; do for m in lora rora fft; do run cola "$a" "$m"; done; done
+# 5. variants with and without RoRA
+for t in sst2_sentence cr; do
+  for m in pissa rora-pissa dora rora-dora olora rora-olora; do run "$t" badnet "$m"; done
+done
+# 6. the paper's default targets (query, value) for comparison
+for m in lora rora; do
+  rora-fast defend --task sst2_sentence --attack badnet --methods "$m" $COMMON \
+    --target-modules peft-default --out "$OUT/small-sst2_sentence-badnet-qv" && commit "qv $m"
+done
