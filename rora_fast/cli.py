@@ -162,7 +162,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_poison(args) -> int:
-    from .evaluation.poisoning import poison_model, poison_key
+    from .evaluation.poisoning import poison_model
     from .evaluation.runner import poison_config_for
     cfg = poison_config_for(_spec(args, "lora"))
     model, tok, meta = poison_model(cfg, _cache(args), rebuild=args.rebuild)

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 __all__ = ["Preset", "PRESETS", "PAPER_TABLE2_BERT", "PAPER_TABLE5", "paper_row"]

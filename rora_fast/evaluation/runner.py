@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -23,7 +23,7 @@ from .attacks import get_attack, triggered_test_set
 from .defences import (DefenceConfig, adapter_layers, block_index, build_defence, finish_defence,
                        parse_method, set_scaling)
 from .metrics import backdoor_metrics
-from .poisoning import PROXY, PoisonConfig, poison_model, load_poisoned
+from .poisoning import PROXY, PoisonConfig, poison_model
 from .presets import PRESETS, paper_row
 from .spectra import delta_stats, plot_layer_stats, plot_scale_sweep, write_json
 from .training import TrainConfig, predict, set_seed, train, trainable_state, load_trainable_state
