@@ -34,9 +34,7 @@ def _gpu_configs():
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
         (128, 128, 64, 8, 4),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
     ]:
         cfgs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
                                   num_warps=warps, num_stages=stages))
@@ -55,7 +53,13 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+# Sizes, seed and mask parameters change from call to call: do not compile a variant
+# per value (Triton would specialise ints equal to 1 or divisible by 16; a random seed
+# would then compile two kernels). Strides stay specialised (vectorised loads).
+_NO_SPECIALIZE = ["M", "N", "K", "R", "M_BUCKET", "seed", "thr", "n_groups"]
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(X, W, S, LB, BIAS, Y, M, N, K, R, M_BUCKET,
                 stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
                 stride_bn, stride_br, stride_ym, stride_yn,
@@ -105,7 +109,7 @@ def _fwd_kernel(X, W, S, LB, BIAS, Y, M, N, K, R, M_BUCKET,
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _dx_kernel(G, W, DYB, A, DX, M, N, K, R, M_BUCKET,
                stride_gm, stride_gn, stride_wn, stride_wk, stride_dm, stride_dr,
                stride_ar, stride_ak, stride_xm, stride_xk,

@@ -96,7 +96,7 @@ def _keep_kn(seed, row0, col0, n_groups, thr, BLOCK_K: tl.constexpr, BLOCK_N: tl
     return tl.reshape(half, (BLOCK_K, BLOCK_N)) >= thr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K", "seed", "thr", "n_groups"])
 def _mask_apply_kernel(W, OUT, N, K, stride_wn, stride_wk, stride_on, stride_ok,
                        seed, thr, n_groups, scale,
                        WRITE_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
