@@ -4,7 +4,22 @@ The Triton kernels live in the top-level ``kernels/`` folder of the repository b
 installed as ``rora_fast.kernels``: a top-level package called ``kernels`` would
 collide with the ``kernels`` package that transformers detects and imports.
 """
-from setuptools import setup
+import os
+import sys
+
+from setuptools import Extension, setup
+
+# Optional C fast path of the weight keep-mask on the CPU (rora_fast/csrc/philox_mask.c):
+# plain C, no torch headers; OpenMP when the compiler has it. If it cannot be built the
+# install still succeeds and rora_fast uses the (slower) torch implementation.
+_openmp = sys.platform.startswith("linux") and os.environ.get("RORA_FAST_NO_OPENMP") != "1"
+philox_ext = Extension(
+    "rora_fast._philox_cpu",
+    sources=["rora_fast/csrc/philox_mask.c"],
+    extra_compile_args=["-O3"] + (["-fopenmp"] if _openmp else []),
+    extra_link_args=["-fopenmp"] if _openmp else [],
+    optional=True,
+)
 
 setup(
     name="rora-fast",
@@ -32,5 +47,6 @@ setup(
     extras_require={
         "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.1"],
     },
+    ext_modules=[philox_ext],
     entry_points={"console_scripts": ["rora-fast=rora_fast.cli:main"]},
 )

@@ -46,6 +46,7 @@ __all__ = [
     "keep_threshold",
     "effective_drop_prob",
     "weight_keep_mask",
+    "native_mask_available",
     "masked_weight",
     "rora_linear_forward",
     "rora_linear_backward",
@@ -117,10 +118,28 @@ def effective_drop_prob(p: float) -> float:
     return keep_threshold(p) / 65536.0
 
 
+try:  # optional C fast path, bit-identical to the torch code below (tests check it)
+    from . import _philox_cpu as _native
+except ImportError:  # not built: the torch implementation serves every device
+    _native = None
+
+
+def native_mask_available() -> bool:
+    """Whether the C fast path of the mask (built by setup.py) is importable."""
+    return _native is not None
+
+
 def weight_keep_mask(seed: int, out_features: int, in_features: int, p: float,
-                     device=None) -> torch.Tensor:
-    """Boolean keep-mask of shape ``(out_features, in_features)`` (True = kept)."""
+                     device=None, impl: str = "auto") -> torch.Tensor:
+    """Boolean keep-mask of shape ``(out_features, in_features)`` (True = kept).
+
+    ``impl="torch"`` is the definition (the Philox stream in torch ops, any device);
+    ``"native"`` is the C fast path for CPU tensors (``rora_fast/csrc/philox_mask.c``);
+    ``"auto"`` takes the C path on the CPU when it is built, torch otherwise.
+    """
     thr = keep_threshold(p)
+    if impl not in ("auto", "torch", "native"):
+        raise ValueError(f"impl must be auto, torch or native, got {impl!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     if thr == 0:
         return torch.ones(out_features, in_features, dtype=torch.bool, device=device)
@@ -129,6 +148,21 @@ def weight_keep_mask(seed: int, out_features: int, in_features: int, p: float,
         raise ValueError(
             f"weight of shape ({out_features}, {in_features}) is too large for the "
             f"int32 mask counter ({out_features * groups} > 2**31)")
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    use_native = impl == "native" or (impl == "auto" and device.type == "cpu"
+                                      and _native is not None)
+    if use_native:
+        if _native is None:
+            raise RuntimeError("the C mask extension rora_fast._philox_cpu is not built")
+        if device.type != "cpu":
+            raise ValueError("impl='native' computes the mask on the CPU only")
+        out = torch.empty(out_features, in_features, dtype=torch.bool)
+        if out.numel():
+            _native.keep_mask(seed, out.data_ptr(), out_features, in_features, thr,
+                              torch.get_num_threads())
+        return out
     total = out_features * groups
     halves = torch.empty(total * MASK_LANES, dtype=torch.int32, device=device)
     shifts = torch.tensor([0, 16], dtype=torch.int64, device=device)
@@ -146,8 +180,21 @@ def masked_weight(weight: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """``(M ⊙ W) / (1 - p_eff)`` in the weight's dtype (``W`` itself when ``p == 0``)."""
     if keep_threshold(p) == 0:
         return weight
-    keep = weight_keep_mask(seed, weight.shape[0], weight.shape[1], p, weight.device)
     scale = 1.0 / (1.0 - effective_drop_prob(p))
+    if (_native is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.dim() == 2 and weight.numel()):
+        # C fast path: one pass, bit-identical to the torch expression below.
+        w = weight.contiguous()
+        out = torch.empty_like(w)
+        rows, cols = w.shape
+        groups = -(-cols // MASK_LANES)
+        if rows * groups - 1 > _MAX_COUNTER:
+            raise ValueError(f"weight of shape ({rows}, {cols}) is too large for the int32 "
+                             "mask counter")
+        _native.masked_f32(int(seed), w.data_ptr(), out.data_ptr(), rows, cols,
+                           keep_threshold(p), scale, torch.get_num_threads())
+        return out
+    keep = weight_keep_mask(seed, weight.shape[0], weight.shape[1], p, weight.device)
     return torch.where(keep, weight * scale, torch.zeros((), dtype=weight.dtype,
                                                          device=weight.device))
 
