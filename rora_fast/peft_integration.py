@@ -74,10 +74,11 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
         def _rora_handle(self, adapter: str, A: torch.Tensor) -> Optional[F_rora.PenaltyHandle]:
             if not self.rora_ortho_lambda:
                 return None
-            param = self.lora_A[adapter].weight
             clock = self._rora_clocks.get(adapter)
-            if clock is None or clock.param is not param:
-                clock = self._rora_clocks[adapter] = OncePerStep(param)
+            if clock is None:
+                # Looked up through the module at backward time (FSDP2 swaps parameters).
+                clock = self._rora_clocks[adapter] = OncePerStep(module=self.lora_A[adapter],
+                                                                 name="weight")
             return F_rora.PenaltyHandle(self.rora_ortho_lambda, self.rora_U.to(A.dtype),
                                         self.rora_V.to(A.dtype), clock.claim)
 
