@@ -15,6 +15,13 @@ if "RORA_FAST_CACHE_DIR" not in os.environ:
     os.environ["RORA_FAST_CACHE_DIR"] = _CACHE_DIR
 
 
+# One intra-op thread unless the caller chose: the suite is many small ops, and on a
+# shared 2-core machine OpenMP threads spinning against other processes made the
+# MiniLM steps ~10x slower than single-threaded.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
+
 def pytest_unconfigure(config):
     if _CACHE_DIR is not None:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
