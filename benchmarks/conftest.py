@@ -34,6 +34,7 @@ def pytest_configure(config):
     _STATE["loadavg_start"] = common.loadavg()
     _STATE["t0"] = time.time()
     _STATE["cache"] = tempfile.mkdtemp(prefix="rora-bench-svd-")
+    _STATE["git_start"] = _git_state()
     os.environ["RORA_FAST_CACHE_DIR"] = _STATE["cache"]
     os.environ.pop("RORA_FAST_CACHE", None)
 
@@ -64,6 +65,32 @@ def bench_device():
 @pytest.fixture(scope="session")
 def bench_sizes(bench_device):
     return common.sizes(bench_device)
+
+
+def _git_state():
+    """Commit and dirtiness of rora_fast/ and kernels/ when the run starts (the code
+    the benchmarks import; pytest-benchmark's own commit_info is taken at the end)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rora_fast", "kernels",
+                                "setup.py"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "library_dirty": bool(dirty), "dirty_files": dirty.splitlines()}
+
+
+def _native_mask():
+    try:
+        from rora_fast import reference
+
+        return bool(getattr(reference, "native_mask_available", lambda: False)())
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _versions():
@@ -107,6 +134,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "loadavg_end": common.loadavg(),
         "wall_s": round(time.time() - _STATE["t0"], 1),
         "versions": _versions(),
+        "git_start": _STATE.get("git_start"),
+        "native_mask": _native_mask(),
         "env": env,
     }
     output_json["rora_bench"] = info

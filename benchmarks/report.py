@@ -413,8 +413,9 @@ def render(data: dict, include_tiny: bool = False, notes: Optional[str] = None,
              "Produced by (from the repository root):", "", "```",
              meta.get("command", "?"),
              "python benchmarks/report.py <that JSON>", "```", "",
-             f"- commit `{(meta.get('commit') or '?')[:10]}`"
-             f"{' (dirty tree)' if meta.get('dirty') else ''}, {date}",
+             _commit_line(meta, date),
+             f"- RoRA CPU mask: "
+             f"{ {True: 'C fast path (rora_fast._philox_cpu)', False: 'torch Philox (no C extension)', None: '?'}[meta.get('native_mask')] }",
              f"- device: {meta.get('device_name', '?')}, {meta.get('cpu_count', '?')} logical "
              f"CPUs, torch threads {meta.get('torch_threads', '?')}",
              f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
@@ -434,6 +435,16 @@ def render(data: dict, include_tiny: bool = False, notes: Optional[str] = None,
     if notes:
         lines += [notes.rstrip(), ""]
     return "\n".join(lines), mchart, lchart
+
+
+def _commit_line(meta, date):
+    g = meta.get("git_start")
+    if g:
+        state = " (rora_fast/kernels modified: " + ", ".join(
+            x.strip() for x in g["dirty_files"]) + ")" if g["library_dirty"] else " (clean)"
+        return f"- library at commit `{g['commit'][:10]}` when the run started{state}, {date}"
+    return (f"- commit `{(meta.get('commit') or '?')[:10]}`"
+            f"{' (dirty tree)' if meta.get('dirty') else ''}, {date}")
 
 
 def main(argv=None) -> int:
