@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "rora:none,rora")
     p.add_argument("--scales", default="1,2,4,8,16,32,64,128")
     p.add_argument("--n-eval", type=int, default=400, help="test rows for the sweep")
+    sub.add_parser("plan-memory", add_help=False,
+                   help="predict peak GPU memory of RoRA fine-tuning (LLaMA 7B/8B/13B; "
+                        "`rora-fast plan-memory --help`)")
     return ap
 
 
@@ -220,6 +223,11 @@ def cmd_spectra(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plan-memory":  # its own parser: rora_fast.memory
+        from . import memory
+
+        return memory.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         _setup(args)

@@ -126,3 +126,11 @@ def test_poisoning_failure_is_reported(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "did not produce a usable backdoor" in err
     assert not glob.glob(str(tmp_path / "c" / "*"))  # nothing cached
+
+
+def test_plan_memory_subcommand_prints_prediction(capsys):
+    from rora_fast.cli import main
+
+    assert main(["plan-memory", "--model", "llama-7b", "--gpu-mem", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-7b" in out and "fits in 24GB" in out

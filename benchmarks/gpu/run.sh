@@ -94,6 +94,22 @@ rc=$?
 if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then say "layer benchmark hit its ${T_BENCH}s limit"; fi
 [ "$rc" -ne 0 ] && fail "$rc"
 
+# ---- 3b. memory model (issue 6): predicted vs measured peak memory -----------------
+if [ "$SMOKE" -eq 1 ]; then
+    say "memory check (issue 6): skipped in --cpu-smoke"
+elif [ "$(left)" -lt 150 ]; then
+    say "memory check (issue 6): only $(left)s left, skipped"
+else
+    T_MEM=$(( $(left) / 3 ))
+    [ "$T_MEM" -gt 120 ] && T_MEM=120
+    say "memory check (issue 6) (limit ${T_MEM}s)"
+    timeout -k 10 "$T_MEM" "$PY" "$ROOT/benchmarks/gpu/memory_check.py" --layers 8 --out "$RESULTS/$STAMP-memory-check" \
+        >"$RESULTS/$STAMP-memory-check.log" 2>&1
+    rc=$?
+    tail -n 12 "$RESULTS/$STAMP-memory-check.log"
+    [ "$rc" -ne 0 ] && fail "$rc"
+fi
+
 # ---- 4. HOOK (issue 5): model-level benchmark suite --------------------------------
 # The suite lives in benchmarks/ (bench_*.py collected by benchmarks/pytest.ini) and is
 # written separately; run it only if it is there, pytest-benchmark is installed and
@@ -122,7 +138,8 @@ fi
 TABLE=$(sed -n 2p "$MANIFEST" 2>/dev/null)
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     for f in $(cat "$MANIFEST" 2>/dev/null) "$TESTLOG" "$MODEL_JSON" \
-             "$RESULTS/$STAMP-model-benchmarks.log"; do
+             "$RESULTS/$STAMP-model-benchmarks.log" "$RESULTS/$STAMP-memory-check.log" \
+             "$RESULTS/$STAMP-memory-check/memory_check.json"; do
         [ -f "$f" ] && cp "$f" "$OUT/"
     done
     say "copied results to \$OUT"
