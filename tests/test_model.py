@@ -148,6 +148,27 @@ def test_merge_outputs_identical_and_plain_linear(rescale):
     assert not hasattr(m, "rora_config")
 
 
+@pytest.mark.parametrize("kw", [dict(init="pissa"), dict(init="olora"), dict(use_dora=True),
+                                dict(init="pissa", use_dora=True)])
+def test_variants_merge_and_save_load(tmp_path, kw):
+    base = tiny_llama(2)
+    fresh = copy.deepcopy(base)
+    m = apply_rora(base, cfg(target_modules="all-linear", **kw))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, lay in rora_layers(m):
+            lay.lora_A.add_(0.1 * torch.randn(lay.lora_A.shape, generator=g))
+            lay.lora_B.add_(0.1 * torch.randn(lay.lora_B.shape, generator=g))
+    spectral_rescale_(m, layers=1)
+    want = logits(m)
+    save_rora(m, tmp_path)
+    load_rora(fresh, tmp_path)
+    assert torch.equal(logits(fresh), want)
+    merge_rora(m)
+    assert all(type(mod) is nn.Linear for n, mod in m.named_modules() if n.endswith("_proj"))
+    torch.testing.assert_close(logits(m), want, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- save/load
 def test_save_load_roundtrip_fresh_and_wrapped(tmp_path):
     base = tiny_llama(2)
