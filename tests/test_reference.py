@@ -55,12 +55,27 @@ def _direct_mask(seed, out_f, in_f, p):
     return keep
 
 
+@pytest.mark.parametrize("impl", ["torch", "auto"])  # auto: the C fast path when built
 @pytest.mark.parametrize("shape", [(5, 19), (3, 16), (4, 1), (2, 8)])
-def test_mask_layout_rule(shape):
-    seed, p = 424242, 0.3
-    got = ref.weight_keep_mask(seed, *shape, p)
+def test_mask_layout_rule(shape, impl):
+    seed, p = 424242 + 2**40, 0.3
+    got = ref.weight_keep_mask(seed, *shape, p, impl=impl)
     assert got.shape == shape and got.dtype == torch.bool
     assert torch.equal(got, _direct_mask(seed, *shape, p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_masked_weight_matches_definition_every_dtype(dtype):
+    # float32 on the CPU takes the fused C path when it is built: it must equal the
+    # torch expression on the torch-defined mask bit for bit
+    W = torch.randn(37, 45).to(dtype)
+    p, seed = 0.15, 2**62 + 12345
+    keep = ref.weight_keep_mask(seed, 37, 45, p, impl="torch")
+    want = torch.where(keep, W * (1.0 / (1.0 - ref.effective_drop_prob(p))),
+                       torch.zeros((), dtype=dtype))
+    got = ref.masked_weight(W, seed, p)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(ref.masked_weight(W.t().contiguous().t(), seed, p), want)
 
 
 def test_mask_is_prefix_of_wider_padded_rows():
