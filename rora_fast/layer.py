@@ -156,7 +156,7 @@ class RoraLinear(nn.Module):
         # The penalty gradient is added once per optimizer step (see OncePerStep). The
         # clock looks lora_A up through the module at backward time: FSDP2 and
         # load_state_dict(assign=True) replace the Parameter object.
-        self._penalty_clock = OncePerStep(module=self, name="lora_A")
+        self._penalty_clock = OncePerStep(module=self, name=("lora_A", "lora_B"))
         self._penalty_attached = False
 
     # ------------------------------------------------------------------ construction

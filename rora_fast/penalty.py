@@ -8,7 +8,28 @@ from typing import Optional
 
 import torch
 
-__all__ = ["OncePerStep"]
+__all__ = ["OncePerStep", "optimizer_steps"]
+
+# Every torch optimizer's step() (fused ones included, which update parameters without
+# bumping their version counters) increments this counter.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def optimizer_steps() -> int:
+    """Number of ``torch.optim.Optimizer.step()`` calls seen in this process."""
+    return _OPTIMIZER_STEPS[0]
+
+
+try:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(_count_step)
+except ImportError:  # pragma: no cover - very old torch: version counters only
+    pass
 
 
 def _fsdp2_param(module: torch.nn.Module, name: str):
@@ -45,12 +66,14 @@ class OncePerStep:
     Yes exactly once per optimizer step. A new step is recognised by the parameter's
     gradient having been reset to ``None`` (``zero_grad()``, the default
     ``set_to_none=True``) or by the parameter having been changed in place
-    (``optimizer.step()`` bumps its version counter) since the penalty was last
-    added. Further backward calls before the next step (gradient accumulation, a
+    (``optimizer.step()`` bumps its version counter) or by any torch optimizer having
+    stepped (a global step hook: fused optimizers do not bump version counters) since
+    the penalty was last added. Further backward calls before the next step (gradient accumulation, a
     layer called twice in one forward) add nothing.
 
-    Build it with ``OncePerStep(module=layer, name="lora_A")`` so that the parameter
-    is looked up through the module at backward time: wrappers that replace
+    Build it with ``OncePerStep(module=layer, name=("lora_A", "lora_B"))`` so that the
+    parameter is looked up through the module at backward time (the first named one
+    that requires grad, so a frozen ``lora_A`` does not blind the clock): wrappers that replace
     parameters (FSDP2 ``fully_shard``, ``load_state_dict(assign=True)``) would
     otherwise leave the clock watching a stale object whose gradient is always
     ``None`` (the penalty would then be added on every micro-batch). Under FSDP2
@@ -74,6 +97,7 @@ class OncePerStep:
         self._fsdp = None  # weakref to the FSDP2 FSDPParam, once found
         self.version = None
         self.task = None
+        self.steps = None
 
     # The module is held weakly (no reference cycle through the layer); copies and
     # pickles must follow the module to its copy.
@@ -106,7 +130,28 @@ class OncePerStep:
         if self._module is None:
             return self._param
         module = self._module()
-        return None if module is None else getattr(module, self._name, None)
+        if module is None:
+            return None
+        names = (self._name,) if isinstance(self._name, str) else tuple(self._name)
+        found = None
+        for n in names:
+            p = getattr(module, n, None)
+            if isinstance(p, torch.Tensor):
+                if p.requires_grad:
+                    return p
+                found = p if found is None else found
+        return found
+
+    @property
+    def _param_name(self):
+        if isinstance(self._name, str):
+            return self._name
+        p = self.param
+        module = self._module()
+        for n in self._name:
+            if getattr(module, n, None) is p:
+                return n
+        return self._name[0]
 
     def _state(self):
         """``(tensor whose version marks optimizer steps, has accumulated gradient)``."""
@@ -114,7 +159,7 @@ class OncePerStep:
         if self._module is not None:
             fp = self._fsdp() if self._fsdp is not None else None
             if fp is None:
-                fp = _fsdp2_param(self._module(), self._name)
+                fp = _fsdp2_param(self._module(), self._param_name)
                 self._fsdp = weakref.ref(fp) if fp is not None else None
             if fp is not None:
                 sharded = fp.sharded_param
@@ -132,8 +177,9 @@ class OncePerStep:
         if not has_grad:
             if task != -1 and task == self.task:  # already added earlier in this pass
                 return False
-        elif p._version == self.version:
+        elif p._version == self.version and optimizer_steps() == self.steps:
             return False
         self.version = p._version
         self.task = task
+        self.steps = optimizer_steps()
         return True

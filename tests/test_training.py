@@ -58,10 +58,6 @@ def test_gradient_accumulation_adds_penalty_once_per_step(set_to_none):
         opt.step()
 
 
-@pytest.mark.xfail(strict=True, reason="fused optimizers (AdamW(fused=True)) update "
-                   "parameters without bumping their version counter, so with "
-                   "zero_grad(set_to_none=False) OncePerStep never sees a new step and the "
-                   "penalty gradient is silently dropped after the first step")
 def test_penalty_once_per_step_with_fused_optimizer_and_zeroed_grads():
     lay = _layer()
     opt = torch.optim.AdamW(lay.parameters(), lr=0.01, fused=True)
@@ -77,10 +73,6 @@ def test_penalty_once_per_step_with_fused_optimizer_and_zeroed_grads():
         opt.step()
 
 
-@pytest.mark.xfail(strict=True, reason="the once-per-step clock watches lora_A only: with "
-                   "lora_A frozen (LoRA-FA style) lora_A.grad stays None, every backward "
-                   "pass claims the penalty and accumulation over N micro-batches adds "
-                   "lambda*grad(Omega) to lora_B N times")
 def test_penalty_once_per_step_with_frozen_lora_A():
     lay = _layer()
     lay.lora_A.requires_grad_(False)
