@@ -242,6 +242,28 @@ def block_index(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def select_top_blocks(model: nn.Module, candidates: List[str],
+                      layers: Union[int, Sequence[str]]) -> List[str]:
+    """The names among ``candidates`` chosen by ``layers``: an int ``n`` picks those in
+    the last ``n`` transformer blocks of ``model`` (block index read from module names);
+    a list of names is checked against ``candidates`` and returned as is."""
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if layers < 0:
+            raise ValueError(f"layers must be >= 0, got {layers}")
+        indices = [i for i in (block_index(n) for n, _ in model.named_modules())
+                   if i is not None]
+        if not indices:
+            raise ValueError("cannot find transformer block indices in the module names; "
+                             "pass an explicit list of layer names")
+        first = max(indices) - layers + 1
+        return [n for n in candidates if block_index(n) is not None and block_index(n) >= first]
+    names = list(layers)
+    missing = [n for n in names if n not in candidates]
+    if missing:
+        raise ValueError(f"not RoRA layers of this model: {missing}")
+    return names
+
+
 def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] = None
                       ) -> Dict[str, float]:
     """Post-training spectral rescaling: ``scaling = σ_max(W_pre) / σ_max(BA)``.
@@ -255,21 +277,7 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
         raise ValueError("the model has no RoRA layers")
     if layers is None:
         layers = getattr(getattr(model, "rora_config", None), "rescale_layers", 3)
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        if layers < 0:
-            raise ValueError(f"layers must be >= 0, got {layers}")
-        indices = [block_index(n) for n, _ in model.named_modules()]
-        indices = [i for i in indices if i is not None]
-        if not indices:
-            raise ValueError("cannot find transformer block indices in the module names; "
-                             "pass an explicit list of layer names")
-        first = max(indices) - layers + 1
-        names = [n for n in rl if (block_index(n) is not None and block_index(n) >= first)]
-    else:
-        names = list(layers)
-        missing = [n for n in names if n not in rl]
-        if missing:
-            raise ValueError(f"not RoRA layers of this model: {missing}")
+    names = select_top_blocks(model, list(rl), layers)
     out = {}
     for n in names:
         try:

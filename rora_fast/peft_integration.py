@@ -138,22 +138,12 @@ def spectral_rescale_peft_(model: nn.Module, layers: Union[int, Sequence[str]] =
                            adapter_name: str = "default") -> Dict[str, float]:
     """Spectral rescaling for a PEFT model built with :func:`register_rora`: sets
     ``scaling[adapter] = σ_max(W_pre) / σ_max(BA)`` for the chosen layers."""
-    from .model import block_index
+    from .model import select_top_blocks
 
     rl = dict(peft_rora_layers(model))
     if not rl:
         raise ValueError("the model has no PEFT RoRA layers (use register_rora)")
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        idx = [i for i in (block_index(n) for n, _ in model.named_modules()) if i is not None]
-        if not idx:
-            raise ValueError("cannot find transformer block indices in the module names")
-        first = max(idx) - layers + 1
-        names = [n for n in rl if block_index(n) is not None and block_index(n) >= first]
-    else:
-        names = list(layers)
-        missing = [n for n in names if n not in rl]
-        if missing:
-            raise ValueError(f"not PEFT RoRA layers of this model: {missing}")
+    names = select_top_blocks(model, list(rl), layers)
     out = {}
     for n in names:
         layer = rl[n]
