@@ -143,26 +143,47 @@ def main(argv=None) -> int:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with ranges(), profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            rora()
-            wall = time.perf_counter() - t0
-        ka = prof.key_averages()
-        tot = {e.key: e.cpu_time_total for e in ka}
-        mask = tot.get("rora::weight_keep_mask", 0) / 1e3
-        mw = tot.get("rora::masked_weight", 0) / 1e3
-        pen = tot.get("rora::ortho_penalty_grads", 0) / 1e3
-        n_mask = next((e.count for e in ka if e.key == "rora::weight_keep_mask"), 0)
-        lines += [f"One RoRA iteration under the profiler: {1e3 * wall:,.0f} ms wall.", "",
-                  "| part | ms | share of the iteration |", "|---|---|---|",
-                  f"| weight_keep_mask (Philox mask, {n_mask} calls: forward + backward "
-                  f"per adapted layer) | {mask:,.0f} | {100 * mask / (1e3 * wall):.0f} % |",
-                  f"| masked_weight minus the mask (the masked, scaled copy of W) | "
-                  f"{mw - mask:,.0f} | {100 * (mw - mask) / (1e3 * wall):.0f} % |",
-                  f"| ortho_penalty_grads | {pen:,.1f} | "
-                  f"{100 * pen / (1e3 * wall):.1f} % |", "",
-                  "Top aten ops by self CPU time:", "", "```",
-                  ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40),
+        self_ms, walls = {}, {}
+        for n, fn in (("LoRA", lora), ("RoRA", rora)):
+            with ranges(), profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                fn()
+                walls[n] = time.perf_counter() - t0
+            ka = prof.key_averages()
+            self_ms[n] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in ka}
+            if n == "RoRA":
+                tot = {e.key: e.cpu_time_total / 1e3 for e in ka}
+                table_r = ka.table(sort_by="self_cpu_time_total", row_limit=12,
+                                   max_name_column_width=40)
+        mask = tot.get("rora::weight_keep_mask", 0)
+        mw = tot.get("rora::masked_weight", 0)
+        pen = tot.get("rora::ortho_penalty_grads", 0)
+        n_mask = self_ms["RoRA"].get("rora::weight_keep_mask", (0, 0))[1]
+        n_mw = self_ms["RoRA"].get("rora::masked_weight", (0, 0))[1]
+        wall = 1e3 * walls["RoRA"]
+        lines += [f"Under the profiler: LoRA {1e3 * walls['LoRA']:,.0f} ms, RoRA {wall:,.0f} ms "
+                  "wall (one iteration each).", "",
+                  "| RoRA part | ms | share of the RoRA iteration |", "|---|---|---|"]
+        if n_mask:
+            lines += [f"| weight_keep_mask (Philox mask, {n_mask} calls) | {mask:,.0f} | "
+                      f"{100 * mask / wall:.0f} % |",
+                      f"| masked_weight minus the mask (masked, scaled copy of W) | "
+                      f"{mw - mask:,.0f} | {100 * (mw - mask) / wall:.0f} % |"]
+        else:
+            lines += [f"| masked_weight ({n_mw} calls; C path: Philox mask and the masked, "
+                      f"scaled copy of W in one pass) | {mw:,.0f} | {100 * mw / wall:.0f} % |"]
+        lines += [f"| ortho_penalty_grads | {pen:,.1f} | {100 * pen / wall:.1f} % |", "",
+                  "Self CPU time by op, RoRA − LoRA, largest differences first:", "",
+                  "| op | LoRA ms (calls) | RoRA ms (calls) | RoRA − LoRA ms |",
+                  "|---|---|---|---|"]
+        keys = set(self_ms["LoRA"]) | set(self_ms["RoRA"])
+        diffs = sorted(keys, key=lambda k: -abs(self_ms["RoRA"].get(k, (0, 0))[0]
+                                                - self_ms["LoRA"].get(k, (0, 0))[0]))
+        for k in diffs[:12]:
+            lt, lc = self_ms["LoRA"].get(k, (0.0, 0))
+            rt, rc = self_ms["RoRA"].get(k, (0.0, 0))
+            lines.append(f"| `{k}` | {lt:,.1f} ({lc}) | {rt:,.1f} ({rc}) | {rt - lt:+,.1f} |")
+        lines += ["", "Top ops of the RoRA iteration by self CPU time:", "", "```", table_r,
                   "```", ""]
     text = "\n".join(lines)
     print(text)

@@ -102,3 +102,56 @@ def masked_weight_fast(weight, seed, p):
 # Names with the reference's signatures, for ``python -m benchmarks.profile_rora --patch``.
 weight_keep_mask = weight_keep_mask_fast
 masked_weight = masked_weight_fast
+
+
+# ----------------------------------------------------------------------------- compiled
+# Optional second step: the same stream through torch.compile (Inductor turns the ~130
+# elementwise passes into one vectorised C++ loop). The key schedule and threshold are
+# tensors so that a new seed does not recompile; chunks have a fixed size (the last one
+# is padded) so that one graph serves every call.
+_COMPILED = None
+
+
+def _philox_lanes(g, keys, thr):
+    c0 = g
+    c1 = torch.zeros_like(g)
+    c2 = torch.zeros_like(g)
+    c3 = torch.zeros_like(g)
+    for r in range(10):
+        pb = c2 * RB
+        pa = c0 * RA
+        c0, c1, c2, c3 = (((pb >> 32) & M32) ^ c1 ^ keys[r, 0], pb & M32,
+                          ((pa >> 32) & M32) ^ c3 ^ keys[r, 1], pa & M32)
+    w = torch.stack([c0, c1, c2, c3], -1)
+    return torch.stack([(w & 0xFFFF) >= thr, w >= (thr << 16)], -1)
+
+
+def weight_keep_mask_compiled(seed: int, out_features: int, in_features: int, p: float,
+                              device=None, chunk: int = 1 << 20) -> torch.Tensor:
+    global _COMPILED
+    from rora_fast.reference import keep_threshold, MASK_LANES
+
+    thr = keep_threshold(p)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if thr == 0:
+        return torch.ones(out_features, in_features, dtype=torch.bool, device=device)
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_philox_lanes, dynamic=False)
+    groups = -(-in_features // MASK_LANES)
+    total = out_features * groups
+    k0, k1 = seed & M32, (seed >> 32) & M32
+    ks = []
+    for _ in range(10):
+        ks.append((k0, k1))
+        k0, k1 = (k0 + KA) & M32, (k1 + KB) & M32
+    keys = torch.tensor(ks, dtype=torch.int64, device=device)
+    t = torch.tensor(thr, dtype=torch.int64, device=device)
+    out = torch.empty(total, 4, 2, dtype=torch.bool, device=device)
+    for start in range(0, total, chunk):
+        stop = min(total, start + chunk)
+        g = torch.arange(start, start + chunk, dtype=torch.int64, device=device)
+        out[start:stop] = _COMPILED(g, keys, t)[: stop - start]
+    m = out.view(out_features, groups * MASK_LANES)
+    if groups * MASK_LANES != in_features:
+        m = m[:, :in_features].contiguous()
+    return m
