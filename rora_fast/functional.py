@@ -16,6 +16,7 @@ the reference everywhere else. The environment variable ``RORA_FAST_BACKEND``
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -46,6 +47,31 @@ class PenaltyHandle:
         return bool(self.lam) and self._claim()
 
 
+_SCRATCH = threading.local()
+
+
+def _weight_scratch(weight: torch.Tensor, p: float) -> Optional[torch.Tensor]:
+    """A reusable per-thread buffer for the transient masked weight on the CPU.
+
+    The masked weight lives only inside one forward or one backward call (it is never
+    returned nor saved), so one buffer per weight shape can serve every call; reusing
+    it saves the page faults of a fresh multi-MB allocation each time (~60 % of the
+    masked copy's cost at 4096 x 4096). Not used on other devices, whose caching
+    allocators already reuse memory.
+    """
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32
+            or not ref.native_mask_available() or ref.keep_threshold(p) == 0):
+        return None
+    cache = getattr(_SCRATCH, "buffers", None)
+    if cache is None:
+        cache = _SCRATCH.buffers = {}
+    key = (tuple(weight.shape), weight.dtype)
+    buf = cache.get(key)
+    if buf is None:
+        buf = cache[key] = torch.empty(weight.shape, dtype=weight.dtype)
+    return buf
+
+
 class RoraLinearFunction(torch.autograd.Function):
     """Reference autograd Function for the RoRA linear op.
 
@@ -71,7 +97,7 @@ class RoraLinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.p, ctx.seed, ctx.penalty = scaling, p, seed, penalty
         ctx.has_bias = bias is not None
         return ref.rora_linear_forward(x, x_lora, weight, bias, lora_A, lora_B,
-                                       scaling, p, seed)
+                                       scaling, p, seed, _weight_scratch(weight, p))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -83,7 +109,7 @@ class RoraLinearFunction(torch.autograd.Function):
             lam, U, V = penalty.lam, penalty.U, penalty.V
         dx, dx_lora, dA, dB = ref.rora_linear_backward(
             grad_out, x, x_lora, weight, lora_A, lora_B, ctx.scaling, ctx.p, ctx.seed,
-            lam, U, V)
+            lam, U, V, _weight_scratch(weight, ctx.p))
         db = dW = None
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)

@@ -176,8 +176,13 @@ def weight_keep_mask(seed: int, out_features: int, in_features: int, p: float,
     return halves >= thr
 
 
-def masked_weight(weight: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """``(M ⊙ W) / (1 - p_eff)`` in the weight's dtype (``W`` itself when ``p == 0``)."""
+def masked_weight(weight: torch.Tensor, seed: int, p: float,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(M ⊙ W) / (1 - p_eff)`` in the weight's dtype (``W`` itself when ``p == 0``).
+
+    ``out``: an optional buffer of the weight's shape and dtype to write into (the CPU
+    fast path reuses it, saving the page faults of a fresh allocation per call).
+    """
     if keep_threshold(p) == 0:
         return weight
     scale = 1.0 / (1.0 - effective_drop_prob(p))
@@ -185,7 +190,9 @@ def masked_weight(weight: torch.Tensor, seed: int, p: float) -> torch.Tensor:
             and weight.dim() == 2 and weight.numel()):
         # C fast path: one pass, bit-identical to the torch expression below.
         w = weight.contiguous()
-        out = torch.empty_like(w)
+        if (out is None or out.shape != w.shape or out.dtype != w.dtype
+                or out.device != w.device or not out.is_contiguous()):
+            out = torch.empty_like(w)
         rows, cols = w.shape
         groups = -(-cols // MASK_LANES)
         if rows * groups - 1 > _MAX_COUNTER:
@@ -202,9 +209,11 @@ def masked_weight(weight: torch.Tensor, seed: int, p: float) -> torch.Tensor:
 def rora_linear_forward(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
                         bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                         lora_B: torch.Tensor, scaling: float, p: float,
-                        seed: int) -> torch.Tensor:
-    """``x (M ⊙ W)ᵀ / (1-p) + b + s (x̃ Aᵀ) Bᵀ`` for inputs of shape ``[..., in]``."""
-    w = masked_weight(weight, seed, p)
+                        seed: int, weight_buffer: Optional[torch.Tensor] = None
+                        ) -> torch.Tensor:
+    """``x (M ⊙ W)ᵀ / (1-p) + b + s (x̃ Aᵀ) Bᵀ`` for inputs of shape ``[..., in]``.
+    ``weight_buffer``: optional scratch for the masked weight (see :func:`masked_weight`)."""
+    w = masked_weight(weight, seed, p, out=weight_buffer)
     y = torch.nn.functional.linear(x, w, bias)
     return y + scaling * ((x_lora @ lora_A.t()) @ lora_B.t())
 
@@ -214,7 +223,8 @@ def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, x_lora: torch.
                          lora_B: torch.Tensor, scaling: float, p: float, seed: int,
                          penalty_lambda: float = 0.0,
                          ortho_U: Optional[torch.Tensor] = None,
-                         ortho_V: Optional[torch.Tensor] = None):
+                         ortho_V: Optional[torch.Tensor] = None,
+                         weight_buffer: Optional[torch.Tensor] = None):
     """Gradients ``(dX, dX̃, dA, dB)`` of the forward above for upstream ``grad_out``.
 
     ``dX`` is the base-path gradient only and ``dX̃`` the LoRA-path gradient; when
@@ -224,7 +234,7 @@ def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, x_lora: torch.
     in_f = x.shape[-1]
     dy = grad_out.reshape(-1, grad_out.shape[-1])
     xl = x_lora.reshape(-1, in_f)
-    w = masked_weight(weight, seed, p)
+    w = masked_weight(weight, seed, p, out=weight_buffer)
     dx = (dy @ w).reshape(x.shape)
     dyb = dy @ lora_B  # (tokens, r)
     dx_lora = (scaling * (dyb @ lora_A)).reshape(x.shape)

@@ -58,24 +58,77 @@ static void keep_mask_rows(uint64_t seed, uint8_t *out, int64_t rows, int64_t co
     (void)threads;
 }
 
-/* out = keep ? w * scale : 0, for a contiguous float32 weight (one pass, no mask buffer). */
+/* Philox for a block of consecutive counters: a loop the compiler can vectorise. */
+#define BLK 64
+static inline void philox_block(uint64_t seed, uint32_t first, int nb, uint32_t *w0,
+                                uint32_t *w1, uint32_t *w2, uint32_t *w3) {
+    const uint32_t s0 = (uint32_t)(seed & 0xFFFFFFFFu), s1 = (uint32_t)(seed >> 32);
+    for (int i = 0; i < nb; ++i) {
+        uint32_t c0 = first + (uint32_t)i, c1 = 0, c2 = 0, c3 = 0, k0 = s0, k1 = s1;
+        for (int r = 0; r < 10; ++r) {
+            uint64_t pb = (uint64_t)0xCD9E8D57u * c2;
+            uint64_t pa = (uint64_t)0xD2511F53u * c0;
+            uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0;
+            uint32_t n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
+            c1 = (uint32_t)pb;
+            c3 = (uint32_t)pa;
+            c0 = n0;
+            c2 = n2;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        w0[i] = c0; w1[i] = c1; w2[i] = c2; w3[i] = c3;
+    }
+}
+
+/* bits(w * scale) where the lane is kept, +0.0f where it is dropped (no branch, no NaN
+   leaking through a dropped element: the same as torch.where(keep, w * scale, 0)). */
+static inline float keep_scale(float w, uint32_t lane, uint32_t thr, float scale) {
+    union { float f; uint32_t u; } v;
+    v.f = w * scale;
+    v.u &= (uint32_t)0 - (uint32_t)(lane >= thr);
+    return v.f;
+}
+
+/* out = keep ? w * scale : 0, for a contiguous float32 weight (one pass, no mask buffer).
+   On x86-64 gcc builds AVX-512 / AVX2 / baseline clones and picks one at run time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 static void masked_f32_rows(uint64_t seed, const float *w, float *out, int64_t rows,
                             int64_t cols, uint32_t thr, float scale, int threads) {
     const int64_t groups = (cols + 7) / 8;
+    const int64_t full = cols / 8;  /* groups with all 8 lanes inside the row */
 #ifdef _OPENMP
     #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
 #endif
     for (int64_t n = 0; n < rows; ++n) {
         const float *wr = w + n * cols;
         float *orow = out + n * cols;
-        for (int64_t q = 0; q < groups; ++q) {
-            uint32_t r[4];
-            philox4x32_10(seed, (uint32_t)(n * groups + q), r);
-            int64_t k0 = q * 8;
-            int64_t lanes = cols - k0 < 8 ? cols - k0 : 8;
-            for (int64_t j = 0; j < lanes; ++j) {
-                uint32_t half = (r[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
-                orow[k0 + j] = half >= thr ? wr[k0 + j] * scale : 0.0f;
+        uint32_t w0[BLK], w1[BLK], w2[BLK], w3[BLK];
+        for (int64_t q0 = 0; q0 < groups; q0 += BLK) {
+            int nb = (int)(groups - q0 < BLK ? groups - q0 : BLK);
+            philox_block(seed, (uint32_t)(n * groups + q0), nb, w0, w1, w2, w3);
+            int nfull = (int)(full - q0 < nb ? (full - q0 > 0 ? full - q0 : 0) : nb);
+            for (int i = 0; i < nfull; ++i) {
+                const float *src = wr + (q0 + i) * 8;
+                float *dst = orow + (q0 + i) * 8;
+                dst[0] = keep_scale(src[0], w0[i] & 0xFFFFu, thr, scale);
+                dst[1] = keep_scale(src[1], w0[i] >> 16, thr, scale);
+                dst[2] = keep_scale(src[2], w1[i] & 0xFFFFu, thr, scale);
+                dst[3] = keep_scale(src[3], w1[i] >> 16, thr, scale);
+                dst[4] = keep_scale(src[4], w2[i] & 0xFFFFu, thr, scale);
+                dst[5] = keep_scale(src[5], w2[i] >> 16, thr, scale);
+                dst[6] = keep_scale(src[6], w3[i] & 0xFFFFu, thr, scale);
+                dst[7] = keep_scale(src[7], w3[i] >> 16, thr, scale);
+            }
+            for (int i = nfull; i < nb; ++i) {  /* the ragged last group of the row */
+                uint32_t r[4] = {w0[i], w1[i], w2[i], w3[i]};
+                int64_t k0 = (q0 + i) * 8;
+                int64_t lanes = cols - k0 < 8 ? cols - k0 : 8;
+                for (int64_t j = 0; j < lanes; ++j)
+                    orow[k0 + j] = keep_scale(wr[k0 + j], (r[j >> 1] >> (16 * (j & 1))) & 0xFFFFu,
+                                              thr, scale);
             }
         }
     }
