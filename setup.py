@@ -43,6 +43,7 @@ setup(
         "matplotlib>=3.7",
         "numpy>=1.24",
         "psutil>=5.9",
+        "xxhash>=3.0",
     ],
     extras_require={
         "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.1"],

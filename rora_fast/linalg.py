@@ -169,14 +169,25 @@ def default_cache_dir() -> Optional[Path]:
 
 
 def weight_fingerprint(W: torch.Tensor) -> str:
-    """Content hash (BLAKE2b over the raw bytes, shape and dtype) of a tensor."""
-    h = hashlib.blake2b(digest_size=20)
-    h.update(f"{tuple(W.shape)}|{W.dtype}".encode())
+    """Content hash of a tensor (its raw bytes, shape and dtype): XXH3-128 when the
+    ``xxhash`` package is installed (~10x faster), else BLAKE2b. The algorithm is part
+    of the key, so caches written with one are never read as the other."""
     t = W.detach().contiguous()
     if t.device.type != "cpu":
         t = t.cpu()
-    h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
+    data = t.view(torch.uint8).numpy().data if t.numel() else b""
+    head = f"{tuple(W.shape)}|{W.dtype}".encode()
+    try:
+        import xxhash
+    except ImportError:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(head)
+        h.update(data)
+        return "b2-" + h.hexdigest()
+    h = xxhash.xxh3_128()
+    h.update(head)
+    h.update(data)
+    return "x3-" + h.hexdigest()
 
 
 def spectral_basis(W: torch.Tensor, k: int, method: str = "auto",

@@ -59,8 +59,12 @@ class RoraConfig:
     init: str = "default"
     use_dora: bool = False
     penalty_mode: str = "backward"
+    svd_method: str = "auto"
 
     def __post_init__(self):
+        if self.svd_method not in ("auto", "exact", "randomized"):
+            raise ValueError(f"svd_method must be auto, exact or randomized, got "
+                             f"{self.svd_method!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.penalty_mode not in PENALTY_MODES:
@@ -89,7 +93,7 @@ class RoraConfig:
         return dict(r=self.r, alpha=self.alpha, weight_dropout=self.weight_dropout,
                     lora_dropout=self.lora_dropout, ortho_rank=self.ortho_rank,
                     ortho_lambda=self.ortho_lambda, penalty_mode=self.penalty_mode,
-                    init=self.init, use_dora=self.use_dora)
+                    init=self.init, use_dora=self.use_dora, svd_method=self.svd_method)
 
 
 def default_target_modules(model: nn.Module) -> List[str]:
@@ -372,7 +376,7 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     else:
         for f in fields(RoraConfig):
             a, b = getattr(have, f.name), getattr(saved_cfg, f.name)
-            if f.name in ("penalty_mode",):
+            if f.name in ("penalty_mode", "svd_method"):
                 continue
             if a != b:
                 raise ValueError(f"config mismatch in {f.name}: model has {a!r}, file has {b!r}")
