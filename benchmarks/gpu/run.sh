@@ -126,9 +126,15 @@ elif [ "$(left)" -lt 45 ]; then
 else
     T_MODEL=$(( $(left) - 15 ))
     say "model-level suite (issue 5) (limit ${T_MODEL}s)"
-    (cd "$ROOT" && timeout -k 10 "$T_MODEL" "$PY" -m pytest benchmarks/ --benchmark-only -q \
+    (cd "$ROOT" && RORA_BENCH_REPS=${RORA_BENCH_REPS:-2} timeout -k 10 "$T_MODEL" "$PY" -m pytest \
+        benchmarks/bench_model.py benchmarks/bench_memory.py --benchmark-only -q \
         --benchmark-json="$MODEL_JSON") >"$RESULTS/$STAMP-model-benchmarks.log" 2>&1
     rc=$?
+    if [ -f "$MODEL_JSON" ]; then
+        (cd "$ROOT" && "$PY" benchmarks/report.py "$MODEL_JSON" \
+            --md "$RESULTS/$STAMP-model-benchmarks.md" --png "$RESULTS/$STAMP-model-benchmarks.png") \
+            >>"$RESULTS/$STAMP-model-benchmarks.log" 2>&1 || say "report step failed"
+    fi
     tail -n 15 "$RESULTS/$STAMP-model-benchmarks.log"
     say "model-level suite exit status $rc (log: $RESULTS/$STAMP-model-benchmarks.log)"
     [ "$rc" -ne 0 ] && fail "$rc"
@@ -139,6 +145,7 @@ TABLE=$(sed -n 2p "$MANIFEST" 2>/dev/null)
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     for f in $(cat "$MANIFEST" 2>/dev/null) "$TESTLOG" "$MODEL_JSON" \
              "$RESULTS/$STAMP-model-benchmarks.log" "$RESULTS/$STAMP-memory-check.log" \
+             "$RESULTS/$STAMP-model-benchmarks.md" "$RESULTS/$STAMP-model-benchmarks.png" \
              "$RESULTS/$STAMP-memory-check/memory_check.json"; do
         [ -f "$f" ] && cp "$f" "$OUT/"
     done
