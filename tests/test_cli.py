@@ -69,6 +69,8 @@ def test_defend_end_to_end_resume_and_cache(tiny_model, tmp_path, capsys):
     md = (out / "results.md").read_text()
     for method in ("| lora |", "| rora |", "| fft |", "poisoned, no fine-tuning"):
         assert method in md
+    png = out / "results.png"
+    assert "(results.png)" in md and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     caches = os.listdir(tmp_path / "cache")
     assert len([c for c in caches if c.startswith("imdb-badnet-")]) == 1
     cache = tmp_path / "cache" / [c for c in caches if c.startswith("imdb-badnet-")][0]

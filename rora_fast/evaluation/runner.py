@@ -274,8 +274,44 @@ def summary_markdown(runs: List[Dict], title: str = "Results") -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_results(runs: List[Dict], path: str, title: str = "Results") -> bool:
+    """Grouped bars of CA, ASR and the ASR floor per method (plus the poisoned model
+    before fine-tuning), the picture of ``results.md``. Returns False if nothing to plot."""
+    runs = [r for r in runs if r.get("kind") == "defence"]
+    if not runs:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = sorted(runs, key=lambda r: r.get("finished_at", 0))
+    b = runs[0]["poisoned_baseline"]
+    labels = ["poisoned\n(no FT)"] + [r["spec"]["method"] for r in runs]
+    rows = [b] + [r["metrics"] for r in runs]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels)), 4))
+    w = 0.27
+    for j, (key, name) in enumerate((("CA", "CA"), ("ASR", "ASR"), ("ASR_floor", "ASR floor"))):
+        xs = [i + (j - 1) * w for i in range(len(labels))]
+        ax.bar(xs, [row.get(key) if row.get(key) is not None else float("nan") for row in rows],
+               width=w, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    s0 = runs[0]["spec"]
+    ax.set_title(f"{title}: {s0['task']} ← {s0['attack']} · preset {s0['preset']} · "
+                 f"seed {s0['seed']}", fontsize=9)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_summary(out_dir: str, title: str = "Results") -> str:
-    md = summary_markdown(load_runs(out_dir), title)
+    runs = load_runs(out_dir)
+    md = summary_markdown(runs, title)
+    if plot_results(runs, os.path.join(out_dir, "results.png"), title):
+        md += "\n![CA, ASR and ASR floor per method](results.png)\n"
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md)
     return md
