@@ -87,7 +87,8 @@ class RoraLinearFunction(torch.autograd.Function):
         db  = Σ_tokens G                              (only if the bias is trainable)
         dW  = (Gᵀ x) ⊙ M / (1-p)                      (only if the weight is trainable)
 
-    When ``x̃`` is ``x`` itself (no LoRA input dropout) autograd adds ``dX + dX̃``.
+    When ``x̃`` is ``x`` itself (no LoRA input dropout) ``dX + dX̃`` is returned once, for
+    ``x``.
     The bracketed penalty terms are added when ``penalty.claim()`` says so.
     """
 
@@ -96,6 +97,7 @@ class RoraLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B)
         ctx.scaling, ctx.p, ctx.seed, ctx.penalty = scaling, p, seed, penalty
         ctx.has_bias = bias is not None
+        ctx.same_input = x_lora is x  # no LoRA input dropout: return dX + dX̃ once
         return ref.rora_linear_forward(x, x_lora, weight, bias, lora_A, lora_B,
                                        scaling, p, seed, _weight_scratch(weight, p))
 
@@ -109,7 +111,7 @@ class RoraLinearFunction(torch.autograd.Function):
             lam, U, V = penalty.lam, penalty.U, penalty.V
         dx, dx_lora, dA, dB = ref.rora_linear_backward(
             grad_out, x, x_lora, weight, lora_A, lora_B, ctx.scaling, ctx.p, ctx.seed,
-            lam, U, V, _weight_scratch(weight, ctx.p))
+            lam, U, V, _weight_scratch(weight, ctx.p), combine=ctx.same_input)
         db = dW = None
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)

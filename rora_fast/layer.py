@@ -347,8 +347,15 @@ class RoraLinear(nn.Module):
         """A plain ``nn.Linear`` computing this layer's eval output (base weight updated
         in place, the same storage as before)."""
         with torch.no_grad():
-            delta = self.delta_weight()
-            self.weight.add_(delta.to(self.weight.dtype))
+            # W + s·BA (DoRA: g ⊙ (W + s·BA)) in float64, rounded once to the weight dtype.
+            w64 = self.weight.to(torch.float64)
+            merged = w64 + self.scaling * (self.lora_B.to(torch.float64)
+                                           @ self.lora_A.to(torch.float64))
+            if self.use_dora:
+                g = self.lora_magnitude.to(torch.float64) / torch.linalg.norm(merged, dim=1)
+                merged = g.unsqueeze(1) * merged
+            self.weight.copy_(merged)
+            del w64, merged
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device="meta")
         lin.weight = self.weight

@@ -215,7 +215,10 @@ def rora_linear_forward(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Ten
     ``weight_buffer``: optional scratch for the masked weight (see :func:`masked_weight`)."""
     w = masked_weight(weight, seed, p, out=weight_buffer)
     y = torch.nn.functional.linear(x, w, bias)
-    return y + scaling * ((x_lora @ lora_A.t()) @ lora_B.t())
+    xa = x_lora.reshape(-1, x_lora.shape[-1]) @ lora_A.t()  # (tokens, r)
+    # y += s · (x̃Aᵀ)Bᵀ, accumulated in place (no extra tokens x out temporaries)
+    y.view(-1, y.shape[-1]).addmm_(xa, lora_B.t(), alpha=scaling)
+    return y
 
 
 def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, x_lora: torch.Tensor,
@@ -224,22 +227,29 @@ def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, x_lora: torch.
                          penalty_lambda: float = 0.0,
                          ortho_U: Optional[torch.Tensor] = None,
                          ortho_V: Optional[torch.Tensor] = None,
-                         weight_buffer: Optional[torch.Tensor] = None):
+                         weight_buffer: Optional[torch.Tensor] = None,
+                         combine: bool = False):
     """Gradients ``(dX, dX̃, dA, dB)`` of the forward above for upstream ``grad_out``.
 
-    ``dX`` is the base-path gradient only and ``dX̃`` the LoRA-path gradient; when
-    there is no LoRA input dropout ``x̃ = x`` and the caller adds the two. When
-    ``penalty_lambda > 0`` the gradient of ``λ Ω(A, B)`` is added to ``dA``/``dB``.
+    ``dX`` is the base-path gradient only and ``dX̃`` the LoRA-path gradient. With
+    ``combine=True`` (no LoRA input dropout: ``x̃`` is ``x``) ``dX`` is their sum and
+    ``dX̃`` is None. When ``penalty_lambda > 0`` the gradient of ``λ Ω(A, B)`` is added
+    to ``dA``/``dB``. The scale ``s`` multiplies the small (tokens x r) factors.
     """
     in_f = x.shape[-1]
     dy = grad_out.reshape(-1, grad_out.shape[-1])
     xl = x_lora.reshape(-1, in_f)
     w = masked_weight(weight, seed, p, out=weight_buffer)
-    dx = (dy @ w).reshape(x.shape)
-    dyb = dy @ lora_B  # (tokens, r)
-    dx_lora = (scaling * (dyb @ lora_A)).reshape(x.shape)
-    dA = scaling * (dyb.t() @ xl)
-    dB = scaling * (dy.t() @ (xl @ lora_A.t()))
+    dx = dy @ w
+    sdyb = (dy @ lora_B) * scaling  # s · dY B, (tokens, r)
+    if combine:
+        dx.addmm_(sdyb, lora_A)
+        dx_lora = None
+    else:
+        dx_lora = (sdyb @ lora_A).reshape(x.shape)
+    dx = dx.reshape(x.shape)
+    dA = sdyb.t() @ xl
+    dB = dy.t() @ ((xl @ lora_A.t()) * scaling)
     if penalty_lambda:
         gA, gB = ortho_penalty_grads(lora_A, lora_B, ortho_U, ortho_V)
         dA = dA + penalty_lambda * gA

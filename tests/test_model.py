@@ -144,7 +144,9 @@ def test_merge_outputs_identical_and_plain_linear(rescale):
             assert type(mod) is nn.Linear, n
             assert mod.weight.device.type == "cpu"
     after = logits(m)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    # fp32, 1e-5 relative to the outputs' scale (elementwise relative error is meaningless
+    # on logits that are ~0: two fp32 evaluation orders differ by a few ulps of the sums)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
     assert not hasattr(m, "rora_config")
 
 

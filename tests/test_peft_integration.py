@@ -1,13 +1,9 @@
 """RoRA used through PEFT's custom-module registration (rora_fast.register_rora)."""
 import copy
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("RORA_FAST_CACHE", "0")
-
-import rora_fast as rf  # noqa: E402
+import rora_fast as rf
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -237,7 +237,8 @@ def _check_rescale_merge(model, inputs, n_layers):
     rora_fast.merge_rora(model)
     assert not list(rora_fast.rora_layers(model))
     after = _eval_out(model, **inputs)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    # fp32, 1e-5 relative to the outputs' scale (see test_model's merge test)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
 
 
 def test_tiny_llama_trains_rescales_merges():
