@@ -155,7 +155,8 @@ def rora_linear(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     name = resolve_backend(backend)
     if name != "reference" and x.is_cuda:
         kernels = _kernels_module()
-        if kernels is not None and kernels.supports(x, weight, lora_A):
+        if kernels is not None and kernels.supports(x, weight, lora_A, lora_B=lora_B, bias=bias,
+                                                       x_lora=x_lora):
             return kernels.fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B,
                                              scaling, p, seed, penalty)
         if name == "triton":
