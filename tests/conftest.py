@@ -8,6 +8,13 @@ import tempfile
 import pytest
 import torch
 
+# Without CUDA the Triton kernels are tested in the interpreter, which must be switched on
+# before the kernels module is first imported -- and other test modules (the benchmark
+# smoke test, through benchmarks/report.py) import it during collection, before
+# tests/test_kernels.py could set it.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 _CACHE_DIR = None
 if "RORA_FAST_CACHE_DIR" not in os.environ:
     # Set at import time: layers may be built while test modules are collected.
