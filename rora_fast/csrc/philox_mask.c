@@ -18,46 +18,6 @@
 #include <omp.h>
 #endif
 
-static inline void philox4x32_10(uint64_t seed, uint32_t counter, uint32_t out[4]) {
-    uint32_t c0 = counter, c1 = 0, c2 = 0, c3 = 0;
-    uint32_t k0 = (uint32_t)(seed & 0xFFFFFFFFu), k1 = (uint32_t)(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
-        uint64_t pb = (uint64_t)0xCD9E8D57u * c2;
-        uint64_t pa = (uint64_t)0xD2511F53u * c0;
-        uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0;
-        uint32_t n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
-        c1 = (uint32_t)pb;
-        c3 = (uint32_t)pa;
-        c0 = n0;
-        c2 = n2;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-    }
-    out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
-}
-
-static void keep_mask_rows(uint64_t seed, uint8_t *out, int64_t rows, int64_t cols,
-                           uint32_t thr, int threads) {
-    const int64_t groups = (cols + 7) / 8;
-#ifdef _OPENMP
-    #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-#endif
-    for (int64_t n = 0; n < rows; ++n) {
-        uint8_t *row = out + n * cols;
-        for (int64_t q = 0; q < groups; ++q) {
-            uint32_t w[4];
-            philox4x32_10(seed, (uint32_t)(n * groups + q), w);
-            int64_t k0 = q * 8;
-            int64_t lanes = cols - k0 < 8 ? cols - k0 : 8;
-            for (int64_t j = 0; j < lanes; ++j) {
-                uint32_t half = (w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
-                row[k0 + j] = half >= thr;
-            }
-        }
-    }
-    (void)threads;
-}
-
 /* Philox for a block of consecutive counters: a loop the compiler can vectorise. */
 #define BLK 64
 static inline void philox_block(uint64_t seed, uint32_t first, int nb, uint32_t *w0,
@@ -79,6 +39,32 @@ static inline void philox_block(uint64_t seed, uint32_t first, int nb, uint32_t 
         }
         w0[i] = c0; w1[i] = c1; w2[i] = c2; w3[i] = c3;
     }
+}
+
+/* The keep-mask as bytes (1 = kept) for a rows x cols weight. */
+static void keep_mask_rows(uint64_t seed, uint8_t *out, int64_t rows, int64_t cols,
+                           uint32_t thr, int threads) {
+    const int64_t groups = (cols + 7) / 8;
+#ifdef _OPENMP
+    #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+#endif
+    for (int64_t n = 0; n < rows; ++n) {
+        uint8_t *row = out + n * cols;
+        uint32_t w[4][BLK];
+        for (int64_t q0 = 0; q0 < groups; q0 += BLK) {
+            int nb = (int)(groups - q0 < BLK ? groups - q0 : BLK);
+            philox_block(seed, (uint32_t)(n * groups + q0), nb, w[0], w[1], w[2], w[3]);
+            for (int i = 0; i < nb; ++i) {
+                int64_t k0 = (q0 + i) * 8;
+                int64_t lanes = cols - k0 < 8 ? cols - k0 : 8;
+                for (int64_t j = 0; j < lanes; ++j) {
+                    uint32_t half = (w[j >> 1][i] >> (16 * (j & 1))) & 0xFFFFu;
+                    row[k0 + j] = half >= thr;
+                }
+            }
+        }
+    }
+    (void)threads;
 }
 
 /* bits(w * scale) where the lane is kept, +0.0f where it is dropped (no branch, no NaN
