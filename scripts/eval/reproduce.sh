@@ -26,7 +26,9 @@ run() {  # task attack method
 }
 
 # 1. SST-2 <- IMDB, BadNet: baselines, RoRA, LoRA+rescaling, ablation (CI / Tr / Pt)
-for m in lora rora lora+rescale fft rora:ci+tr rora:ci rora:tr; do run sst2_sentence badnet "$m"; done
+for m in lora rora lora+rescale fft rora:ci+tr rora:ci rora:tr rora:ci+pt rora:tr+pt; do
+  run sst2_sentence badnet "$m"
+done
 # figures 1-3 on the same setting (LoRA through rora_fast with p=0, λ=0, vs RoRA)
 rora-fast spectra --task sst2_sentence --attack badnet --methods rora:none,rora $COMMON \
   --out "$OUT/spectra-sst2_sentence-badnet" && commit "spectra sst2 badnet"
