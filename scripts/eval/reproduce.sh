@@ -10,7 +10,7 @@ THREADS=${THREADS:-1}
 COMMON="--preset small --seed 0 --threads $THREADS"
 
 commit() {
-  if [ "${COMMIT:-0}" = "1" ]; then
+  if [ "${COMMIT:-0}" = "1" ] && [ -n "$(git status --porcelain -- "$OUT")" ]; then
     for i in 1 2 3 4 5; do
       git add "$OUT" && git commit -q -m "eval results: $1 (measured, small preset)" -- "$OUT" && break
       sleep 5
