@@ -8,7 +8,8 @@ transformers model), train with an unchanged loop, then :func:`spectral_rescale_
 from .functional import rora_linear
 from .layer import RoraLinear
 from .linalg import sigma_max, sigma_max_lowrank, spectral_basis
-from .model import (RoraConfig, apply_rora, attach_penalty, export_peft_adapter, load_rora,
+from .model import (RoraConfig, apply_rora, attach_penalty, block_index, export_peft_adapter,
+                    load_rora,
                     merge_rora, rora_layers, rora_penalty, save_rora, spectral_rescale_)
 from .peft_integration import register_rora, spectral_rescale_peft_
 from .reference import effective_drop_prob, weight_keep_mask
@@ -20,6 +21,7 @@ __all__ = [
     "RoraConfig",
     "apply_rora",
     "attach_penalty",
+    "block_index",
     "export_peft_adapter",
     "load_rora",
     "merge_rora",

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 __all__ = ["DefenceConfig", "Method", "parse_method", "build_defence", "finish_defence",
-           "METHODS", "adapter_layers", "block_index"]
+           "METHODS", "adapter_layers"]
 
 PEFT_METHODS = ("lora", "pissa", "dora", "olora")
 RORA_BASES = ("rora", "rora-pissa", "rora-dora", "rora-olora")
@@ -119,13 +119,6 @@ def finish_defence(model, method: Method, cfg: DefenceConfig) -> Dict[str, float
         import rora_fast
         return {k: float(v) for k, v in rora_fast.spectral_rescale_(model, layers=cfg.rescale_layers).items()}
     return {}
-
-
-def block_index(name: str) -> Optional[int]:
-    """Transformer block index read from a module name (``...layer.5.attention...``)."""
-    import re
-    m = re.search(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)", name)
-    return int(m.group(1)) if m else None
 
 
 def adapter_layers(model) -> List[Tuple[str, torch.Tensor, torch.Tensor, float, object]]:

@@ -18,9 +18,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .. import block_index
 from ..data import load_dataset
 from .attacks import get_attack, triggered_test_set
-from .defences import (DefenceConfig, adapter_layers, block_index, build_defence, finish_defence,
+from .defences import (DefenceConfig, adapter_layers, build_defence, finish_defence,
                        parse_method, set_scaling)
 from .metrics import backdoor_metrics
 from .poisoning import PROXY, PoisonConfig, poison_model

@@ -20,7 +20,7 @@ __all__ = ["delta_stats", "plot_layer_stats", "plot_scale_sweep"]
 
 def delta_stats(pairs: Sequence, k: int = 32) -> List[Dict]:
     """``pairs``: iterable of ``(name, W_pre, ΔW)``.  Returns one dict per layer."""
-    from .defences import block_index
+    from .. import block_index
     rows = []
     for name, W, D in pairs:
         W = W.double()
