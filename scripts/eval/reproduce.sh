@@ -32,17 +32,20 @@ done
 # figures 1-3 on the same setting (LoRA through rora_fast with p=0, λ=0, vs RoRA)
 rora-fast spectra --task sst2_sentence --attack badnet --methods rora:none,rora $COMMON \
   --out "$OUT/spectra-sst2_sentence-badnet" && commit "spectra sst2 badnet"
-# 2. CR <- MR, BadNet
-for m in lora rora fft lora+rescale; do run cr badnet "$m"; done
-# 3. InSent
-for m in lora rora fft; do run sst2_sentence insent "$m"; done
-for m in lora rora fft; do run cr insent "$m"; done
-# 4. CoLA <- SST-2
-for a in badnet insent; do for m in lora rora fft; do run cola "$a" "$m"; done; done
-# 5. variants with and without RoRA
-for t in sst2_sentence cr; do
-  for m in pissa rora-pissa dora rora-dora olora rora-olora; do run "$t" badnet "$m"; done
+# 2. every other task/attack with LoRA and RoRA first (breadth before depth: a session
+#    that ends early still leaves each setting covered), then FFT on each
+for ta in "cr badnet" "sst2_sentence insent" "cola badnet" "cr insent" "cola insent"; do
+  for m in lora rora; do run $ta "$m"; done
 done
+# 3. variants with and without RoRA on SST-2
+for m in pissa rora-pissa dora rora-dora olora rora-olora; do run sst2_sentence badnet "$m"; done
+# 4. FFT on the other settings, rescaling-only on CR
+for ta in "cr badnet" "sst2_sentence insent" "cola badnet" "cr insent" "cola insent"; do
+  run $ta fft
+done
+run cr badnet lora+rescale
+# 5. variants with and without RoRA on CR
+for m in pissa rora-pissa dora rora-dora olora rora-olora; do run cr badnet "$m"; done
 # 6. the paper's default targets (query, value) for comparison
 for m in lora rora; do
   rora-fast defend --task sst2_sentence --attack badnet --methods "$m" $COMMON \
