@@ -20,6 +20,15 @@ philox_ext = Extension(
     extra_link_args=["-fopenmp"] if _openmp else [],
     optional=True,
 )
+# Optional C fast path of sigma_max on the CPU (rora_fast/csrc/gram_matvec.c): Aᵀ(A v) in
+# one pass over A. Falls back to two torch mat-vecs when it cannot be built.
+linalg_ext = Extension(
+    "rora_fast._linalg_cpu",
+    sources=["rora_fast/csrc/gram_matvec.c"],
+    extra_compile_args=["-O3"] + (["-fopenmp"] if _openmp else []),
+    extra_link_args=["-fopenmp"] if _openmp else [],
+    optional=True,
+)
 
 setup(
     name="rora-fast",
@@ -48,6 +57,6 @@ setup(
     extras_require={
         "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.1"],
     },
-    ext_modules=[philox_ext],
+    ext_modules=[philox_ext, linalg_ext],
     entry_points={"console_scripts": ["rora-fast=rora_fast.cli:main"]},
 )

@@ -490,6 +490,11 @@ def main(argv=None) -> int:
     text, mchart, lchart = render(data, a.include_tiny, notes, png.name if png else None,
                                   "python benchmarks/report.py "
                                   + " ".join(shlex.quote(x) for x in args))
+    if png is not None and not (mchart or lchart):  # nothing to plot: no dangling link
+        png = None
+        text = render(data, a.include_tiny, notes, None,
+                      "python benchmarks/report.py "
+                      + " ".join(shlex.quote(x) for x in args))[0]
     if png is not None:
         meta = data["meta"]
         chart(png, mchart, lchart, f"rora-fast, {meta.get('device')} "

@@ -199,3 +199,40 @@ def test_fingerprint_depends_on_content_shape_dtype():
     assert weight_fingerprint(W) != weight_fingerprint(W2)
     # non-contiguous views hash their values
     assert weight_fingerprint(W.t()) == weight_fingerprint(W.t().contiguous())
+
+
+@pytest.mark.skipif(linalg._native_linalg is None, reason="C extension _linalg_cpu not built")
+@pytest.mark.parametrize("shape", [(1, 1), (37, 53), (300, 17), (65, 4099)])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_native_gram_matvec_matches_torch(shape, threads):
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    A = torch.randn(*shape, generator=g)
+    v = torch.randn(shape[1], generator=g)
+    w = torch.full((shape[1],), float("nan"))
+    linalg._native_linalg.gram_matvec_f32(A.data_ptr(), v.data_ptr(), w.data_ptr(),
+                                          shape[0], shape[1], threads)
+    want = A.double().t() @ (A.double() @ v.double())
+    assert torch.allclose(w.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_sigma_max_same_on_native_and_torch_paths(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(200, 150, generator=g)
+    fast = sigma_max(W, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(linalg, "_native_linalg", None)
+    slow = sigma_max(W, generator=torch.Generator().manual_seed(0))
+    # float64 input and a non-contiguous view take the torch path as well
+    wide = sigma_max(W.t(), generator=torch.Generator().manual_seed(0))
+    exact = _exact_sigma(W)
+    for est in (fast, slow, wide):
+        assert abs(est - exact) <= 1e-3 * exact
+    assert fast == pytest.approx(slow, rel=1e-5)
+
+
+def test_sigma_max_bad_arguments():
+    with pytest.raises(ValueError, match="2-D"):
+        sigma_max(torch.zeros(3, 4, 5))
+    with pytest.raises(ValueError, match="tol"):
+        sigma_max(torch.zeros(3, 4), tol=0)
+    with pytest.raises(ValueError, match="max_iter"):
+        sigma_max(torch.zeros(3, 4), max_iter=0)
