@@ -1,6 +1,7 @@
 """``rora-fast``: poison a model, defend it by fine-tuning, measure CA / ASR / Δ.
 
-Subcommands: ``demo``, ``poison``, ``defend``, ``evaluate``, ``spectra`` (``--help`` on each).
+Subcommands: ``demo``, ``poison``, ``defend``, ``evaluate``, ``spectra``, ``report``
+(``--help`` on each).
 Everything is reproducible from ``--seed``; results go to ``--out`` as JSON plus a
 Markdown table; the poisoned model is cached under ``--cache-dir`` keyed by its settings.
 """
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "rora:none,rora")
     p.add_argument("--scales", default="1,2,4,8,16,32,64,128")
     p.add_argument("--n-eval", type=int, default=400, help="test rows for the sweep")
+    p = sub.add_parser("report", help="one overview table + figure across every results "
+                                      "folder under ROOT (overview.md, overview.png)")
+    p.add_argument("root", help="folder holding `rora-fast defend --out` folders, any depth")
+    p.add_argument("--title", default="Backdoor removal: overview")
     sub.add_parser("plan-memory", add_help=False,
                    help="predict peak GPU memory of RoRA fine-tuning (LLaMA 7B/8B/13B; "
                         "`rora-fast plan-memory --help`)")
@@ -222,6 +227,13 @@ def cmd_spectra(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .evaluation.overview import write_overview
+    print(write_overview(args.root, args.title))
+    print(f"wrote {os.path.join(args.root, 'overview.md')}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plan-memory":  # its own parser: rora_fast.memory
@@ -230,6 +242,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return memory.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd == "report":  # reads result files only: no model, no dataset
+            return cmd_report(args)
         _setup(args)
         return {"demo": cmd_demo, "poison": cmd_poison, "defend": cmd_defend,
                 "evaluate": cmd_evaluate, "spectra": cmd_spectra}[args.cmd](args)
