@@ -1,6 +1,7 @@
 """``rora-fast``: poison a model, defend it by fine-tuning, measure CA / ASR / Δ.
 
-Subcommands: ``demo``, ``poison``, ``defend``, ``evaluate``, ``spectra``, ``report``
+Subcommands: ``demo``, ``poison``, ``defend``, ``evaluate``, ``spectra``, ``rescale-sweep``,
+``report``
 (``--help`` on each).
 Everything is reproducible from ``--seed``; results go to ``--out`` as JSON plus a
 Markdown table; the poisoned model is cached under ``--cache-dir`` keyed by its settings.
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "rora:none,rora")
     p.add_argument("--scales", default="1,2,4,8,16,32,64,128")
     p.add_argument("--n-eval", type=int, default=400, help="test rows for the sweep")
+    p = sub.add_parser("rescale-sweep", help="CA / ASR against the number of top blocks "
+                                             "rescaled, for trained RoRA runs (dev split)")
+    _common(p, "rora")
+    p.add_argument("--layers", default="0,1,2,3,4,5,6", help="comma list of block counts")
+    p.add_argument("--split", choices=("dev", "test"), default="dev",
+                   help="measure on the clean dev split (default) or the test split")
     p = sub.add_parser("report", help="one overview table + figure across every results "
                                       "folder under ROOT (overview.md, overview.png)")
     p.add_argument("root", help="folder holding `rora-fast defend --out` folders, any depth")
@@ -227,6 +234,20 @@ def cmd_spectra(args) -> int:
     return 0
 
 
+def cmd_rescale_sweep(args) -> int:
+    from .evaluation.runner import run_rescale_sweep
+    out = args.out or os.path.join("rora_fast_results",
+                                   f"rescale-{args.task}-{args.attack}-{args.preset}")
+    try:
+        layers = [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers must be a comma list of integers, got {args.layers!r}")
+    run_rescale_sweep([_spec(args, m) for m in args.methods.split(",")], out, _cache(args),
+                      layers=layers, split=args.split)
+    print(f"wrote {out}/rescale_layers_{args.split}.json and .png")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .evaluation.overview import write_overview
     print(write_overview(args.root, args.title))
@@ -246,7 +267,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_report(args)
         _setup(args)
         return {"demo": cmd_demo, "poison": cmd_poison, "defend": cmd_defend,
-                "evaluate": cmd_evaluate, "spectra": cmd_spectra}[args.cmd](args)
+                "evaluate": cmd_evaluate, "spectra": cmd_spectra,
+                "rescale-sweep": cmd_rescale_sweep}[args.cmd](args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         # includes TriggerError, PoisoningFailed and CorruptCacheError
         print(f"rora-fast {args.cmd}: error: {e}", file=sys.stderr)

@@ -33,7 +33,8 @@ def _args(tiny_model, tmp_path, *extra):
     return ["--model", tiny_model, "--cache-dir", str(tmp_path / "cache"), *TINY, *extra]
 
 
-@pytest.mark.parametrize("cmd", ["demo", "poison", "defend", "evaluate", "spectra"])
+@pytest.mark.parametrize("cmd", ["demo", "poison", "defend", "evaluate", "spectra",
+                                 "rescale-sweep"])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([cmd, "--help"])
@@ -96,6 +97,30 @@ def test_spectra_writes_figures(tiny_model, tmp_path):
     assert [r["s"] for r in data["scale_sweep"]["rora"]] == [1.0, 8.0]
     layer = data["layer_spectra"]["rora"][0]
     assert layer["ratio"] > 0 and 0 <= layer["max_cos_left"] <= 1 + 1e-9
+
+
+def test_rescale_sweep_on_dev(tiny_model, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = main(["rescale-sweep", *_args(tiny_model, tmp_path, "--methods", "rora",
+                                       "--layers", "0,1,2", "--out", str(out))])
+    assert rc == 0
+    data = json.load(open(out / "rescale_layers_dev.json"))
+    rows = data["rescale_layer_sweep"]["rora"]
+    assert [r["layers"] for r in rows] == [0, 1, 2]
+    assert data["split"] == "dev" and data["sizes"]["test"] == 16  # measured on the dev rows
+    assert rows[0]["median_scale"] is None and rows[1]["median_scale"] > 0
+    assert (out / "rescale_layers_dev.png").stat().st_size > 0
+    # the tiny BERT has 2 blocks: rescaling 2 and "all" (6) give the same model
+    again = tmp_path / "again"
+    assert main(["rescale-sweep", *_args(tiny_model, tmp_path, "--methods", "rora",
+                                         "--layers", "2,6,2", "--out", str(again))]) == 0
+    r2 = json.load(open(again / "rescale_layers_dev.json"))["rescale_layer_sweep"]["rora"]
+    assert r2[0]["CA"] == r2[1]["CA"] == r2[2]["CA"] == rows[2]["CA"]
+    capsys.readouterr()
+    assert main(["rescale-sweep", *_args(tiny_model, tmp_path, "--methods", "lora")]) == 2
+    assert "needs a rora_fast method" in capsys.readouterr().err
+    assert main(["rescale-sweep", *_args(tiny_model, tmp_path, "--layers", "1,x")]) == 2
+    assert "--layers must be" in capsys.readouterr().err
 
 
 def test_bad_input_clear_errors(tiny_model, tmp_path, capsys):

@@ -370,3 +370,86 @@ def run_spectra(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optional[str]
                      "max |cos(u1(ΔW), top-32 U(W_pre))|", f"Fig. 2 · {title}")
     plot_scale_sweep(sweeps, os.path.join(out_dir, "fig3_scale_sweep.png"), f"Fig. 3 · {title}")
     return {"layer_spectra": stats, "scale_sweep": sweeps}
+
+
+# ----------------------------------------------------------------------------- rescale layers
+def run_rescale_sweep(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optional[str],
+                      layers: Sequence[int] = (0, 1, 2, 3, 4, 5, 6), split: str = "dev",
+                      log=print) -> Dict:
+    """How many top blocks to rescale: CA and ASR against ``layers`` for trained RoRA runs.
+
+    Loads each run's trained adapters (trained first if no saved state exists), applies
+    ``rora_fast.spectral_rescale_(model, layers=L)`` to a fresh copy for every L (0 = no
+    rescaling) and measures on ``split`` (``dev`` by default: choosing L on the test set
+    would be tuning on it). ASR on the dev split uses triggered copies of its non-target
+    rows; a defender does not know the trigger, so only the CA curve is usable for a
+    choice, the ASR curve shows what that choice costs.
+    """
+    import rora_fast
+    from safetensors.torch import load_file
+    if split not in ("dev", "test"):
+        raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
+    if any(int(L) < 0 for L in layers):
+        raise ValueError(f"rescale layer counts must be >= 0, got {list(layers)}")
+    sweeps = {}
+    for spec in specs:
+        method = parse_method(spec.method)
+        if method.kind != "rora":
+            raise ValueError(f"the rescale-layer sweep needs a rora_fast method, got "
+                             f"{spec.method!r}")
+        rid = run_id(spec)
+        state_path = os.path.join(cache_dir, "defended", rid + ".safetensors")
+        if not os.path.exists(state_path):
+            run_defence(spec, out_dir, cache_dir, log=log, force=True)
+        res_spec = spec.resolved()
+        L = res_spec["max_length"]
+        pmodel, tok, _ = poison_model(poison_config_for(spec), cache_dir, log=log)
+        attack = get_attack(spec.attack, spec.trigger)
+        sets = prepare_sets(spec.task, attack, tok, L, 8, res_spec["n_dev"], res_spec["n_test"],
+                            spec.seed)
+        if split == "dev":
+            nt_clean, nt_trig = triggered_test_set(sets["dev"], attack, spec.seed + 54321, tok, L)
+            sets = {"test": sets["dev"], "nt_clean": nt_clean, "nt_trig": nt_trig}
+        dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
+                             ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
+                             rescale_layers=spec.rescale_layers,
+                             target_modules=res_spec["target_modules"], lr=spec.lr)
+        model = build_defence(pmodel, method, dcfg)
+        load_trainable_state(model, load_file(state_path))
+        model.eval()
+        trained = [(mod, float(mod.scaling)) for _, mod in rora_fast.rora_layers(model)]
+        rows = []
+        for n_layers in layers:
+            for mod, s in trained:  # undo the previous depth's rescaling
+                set_scaling(mod, s)
+            scales = rora_fast.spectral_rescale_(model, layers=int(n_layers)) if n_layers else {}
+            m = evaluate(model, tok, sets, L, attack.target_label)
+            rows.append({"layers": int(n_layers), **m,
+                         "median_scale": (sorted(scales.values())[len(scales) // 2]
+                                          if scales else None)})
+            log(f"{spec.method} rescale top {n_layers}: CA {m['CA']} ASR {m['ASR']}")
+        sweeps[spec.method] = rows
+    os.makedirs(out_dir, exist_ok=True)
+    s0 = specs[0]
+    write_json({"split": split, "rescale_layer_sweep": sweeps,
+                "sizes": {k: len(v) for k, v in sets.items()},
+                "specs": [dataclasses.asdict(s) for s in specs]},
+               os.path.join(out_dir, f"rescale_layers_{split}.json"))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, rows in sweeps.items():
+        xs = [r["layers"] for r in rows]
+        line, = ax.plot(xs, [r["CA"] for r in rows], "-o", label=f"{m} CA")
+        ax.plot(xs, [r["ASR"] for r in rows], "--s", color=line.get_color(), label=f"{m} ASR")
+    ax.set_xlabel("top transformer blocks rescaled (0 = none)")
+    ax.set_ylabel(f"% on the {split} split")
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"{s0.task} ← {PROXY[s0.task]}, {s0.attack}, preset {s0.preset}, "
+                 f"seed {s0.seed}: rescaling depth ({split})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"rescale_layers_{split}.png"), dpi=120)
+    plt.close(fig)
+    return sweeps
