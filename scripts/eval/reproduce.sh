@@ -11,6 +11,7 @@ COMMON="--preset small --seed 0 --threads $THREADS"
 
 commit() {
   if [ "${COMMIT:-0}" = "1" ] && [ -n "$(git status --porcelain -- "$OUT")" ]; then
+    rora-fast report "$OUT" > /dev/null  # the cross-setting overview.md / overview.png
     for i in 1 2 3 4 5; do
       git add "$OUT" && git commit -q -m "eval results: $1 (measured, small preset)" -- "$OUT" && break
       sleep 5
@@ -32,6 +33,11 @@ done
 # figures 1-3 on the same setting (LoRA through rora_fast with p=0, λ=0, vs RoRA)
 rora-fast spectra --task sst2_sentence --attack badnet --methods rora:none,rora $COMMON \
   --out "$OUT/spectra-sst2_sentence-badnet" && commit "spectra sst2 badnet"
+# how deep to rescale, on the dev split (reuses the trained adapters; evaluation only)
+[ -f "$OUT/rescale-sst2_sentence-badnet/rescale_layers_dev.json" ] || {
+  rora-fast rescale-sweep --task sst2_sentence --attack badnet \
+    --methods rora,rora:ci,rora:tr,rora:none $COMMON --out "$OUT/rescale-sst2_sentence-badnet" \
+    && commit "rescale depth sweep sst2 badnet (dev)"; }
 # 2. every other task/attack with LoRA and RoRA first (breadth before depth: a session
 #    that ends early still leaves each setting covered), then FFT on each
 for ta in "cr badnet" "sst2_sentence insent" "cola badnet" "cr insent" "cola insent"; do
@@ -51,3 +57,4 @@ for m in lora rora; do
   rora-fast defend --task sst2_sentence --attack badnet --methods "$m" $COMMON \
     --target-modules peft-default --out "$OUT/small-sst2_sentence-badnet-qv" && commit "qv $m"
 done
+rora-fast report "$OUT" > /dev/null && commit "overview"
