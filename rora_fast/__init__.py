@@ -5,14 +5,53 @@ transformers model), train with an unchanged loop, then :func:`spectral_rescale_
 :func:`merge_rora`, :func:`save_rora` or :func:`export_peft_adapter`.
 """
 
-from .functional import rora_linear
-from .layer import RoraLinear
-from .linalg import sigma_max, sigma_max_lowrank, spectral_basis
+import importlib.abc as _abc
+import importlib.util as _util
+import os as _os
+import sys as _sys
+
+
+class _SourceKernelsFinder(_abc.MetaPathFinder):
+    """``rora_fast.kernels`` in a source checkout that was not installed.
+
+    setup.py installs the top-level ``kernels/`` folder as ``rora_fast.kernels``
+    (``package_dir``). Run from the repository root without an install (``PYTHONPATH=.``,
+    or a machine where ``pip install -e`` is impossible), ``rora_fast`` is imported from
+    ``./rora_fast`` and the kernels sit beside it, not inside: this finder, consulted
+    after every other one, maps the name to ``./kernels``. Installed copies never reach it.
+    """
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != __name__ + ".kernels":
+            return None
+        init = _os.path.join(self.root, "kernels", "__init__.py")
+        return _util.spec_from_file_location(
+            fullname, init, submodule_search_locations=[_os.path.dirname(init)])
+
+
+def _register_source_kernels() -> None:
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    root = _os.path.dirname(here)
+    if (not _os.path.isdir(_os.path.join(here, "kernels"))
+            and _os.path.isfile(_os.path.join(root, "kernels", "__init__.py"))
+            and _os.path.isfile(_os.path.join(root, "setup.py"))
+            and not any(isinstance(f, _SourceKernelsFinder) for f in _sys.meta_path)):
+        _sys.meta_path.append(_SourceKernelsFinder(root))
+
+
+_register_source_kernels()
+
+from .functional import rora_linear  # noqa: E402
+from .layer import RoraLinear  # noqa: E402
+from .linalg import sigma_max, sigma_max_lowrank, spectral_basis  # noqa: E402
 from .model import (RoraConfig, apply_rora, attach_penalty, block_index, export_peft_adapter,
                     load_rora,
                     merge_rora, rora_layers, rora_penalty, save_rora, spectral_rescale_)
-from .peft_integration import register_rora, spectral_rescale_peft_
-from .reference import effective_drop_prob, weight_keep_mask
+from .peft_integration import register_rora, spectral_rescale_peft_  # noqa: E402
+from .reference import effective_drop_prob, weight_keep_mask  # noqa: E402
 
 __version__ = "0.1.0"
 

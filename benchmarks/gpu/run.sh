@@ -60,7 +60,8 @@ else
     ln -s "$ROOT/kernels" "$SITE/rora_fast/kernels"
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     if import_ok; then
-        say "pip -e failed (see /tmp/rora_run_pip.log); using PYTHONPATH=$SITE"
+        say "pip -e failed; using PYTHONPATH=$SITE (last lines of /tmp/rora_run_pip.log:)"
+        tail -n 5 /tmp/rora_run_pip.log
     else
         echo "run.sh: cannot make rora_fast.kernels importable from $ROOT (pip log: /tmp/rora_run_pip.log)"
         exit 2
@@ -74,6 +75,11 @@ else
 fi
 mkdir -p "$RESULTS"
 STAMP=$(date +%Y-%m-%d)
+# file names carry the device (e.g. 2026-11-28-nvidia-h200-...) like the layer benchmark's
+if [ "$SMOKE" -eq 1 ]; then DEV=cpu-smoke; else
+    DEV=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))" 2>/dev/null || echo cuda)
+fi
+STAMP="$STAMP-$DEV"
 TESTLOG="$RESULTS/$STAMP-kernel-tests.log"
 
 # ---- 2. correctness on this device -------------------------------------------------
