@@ -17,6 +17,7 @@
 # Exit status: 0 all good, 3 no CUDA, otherwise the first failing step's status.
 set -u
 START=$SECONDS
+RUN_STAMP=$(mktemp /tmp/rora_run_stamp.XXXXXX)  # files newer than this were written by this run
 cd "$(dirname "$0")/../.." || { echo "run.sh: cannot cd to the repository root"; exit 2; }
 ROOT=$PWD
 PY=${PYTHON:-python3}
@@ -146,16 +147,22 @@ else
     [ "$rc" -ne 0 ] && fail "$rc"
 fi
 
+# ---- 4b. where the model-level overhead goes (torch.profiler, BERT-large) -----------
+if [ "$SMOKE" -eq 0 ] && [ "$(left)" -ge 100 ]; then
+    say "profile (BERT-large, fused path) (limit 90s)"
+    (cd "$ROOT" && timeout -k 5 90 "$PY" -m benchmarks.profile_rora --model bert-large --reps 3 \
+        --out "$RESULTS/$STAMP-profile-bert-large.md") >"$RESULTS/$STAMP-profile-bert-large.log" 2>&1 \
+        || say "profile step failed or timed out (log: $RESULTS/$STAMP-profile-bert-large.log)"
+fi
+
 # ---- 5. results --------------------------------------------------------------------
 TABLE=$(sed -n 2p "$MANIFEST" 2>/dev/null)
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    for f in $(cat "$MANIFEST" 2>/dev/null) "$TESTLOG" "$MODEL_JSON" \
-             "$RESULTS/$STAMP-model-benchmarks.log" "$RESULTS/$STAMP-memory-check.log" \
-             "$RESULTS/$STAMP-model-benchmarks.md" "$RESULTS/$STAMP-model-benchmarks.png" \
-             "$RESULTS/$STAMP-memory-check/memory_check.json"; do
-        [ -f "$f" ] && cp "$f" "$OUT/"
-    done
-    say "copied results to \$OUT"
+    # one archive (the device tool returns at most 8 files): everything this run wrote
+    (cd "$ROOT" && find "${RESULTS#$ROOT/}" -type f -newer "$RUN_STAMP" -print0 \
+        | tar czf "$OUT/gpu-results.tgz" --null -T -)
+    [ -n "$TABLE" ] && [ -f "$TABLE" ] && cp "$TABLE" "$OUT/"
+    say "results archived to \$OUT/gpu-results.tgz (unpack in the repository root)"
 fi
 say "done in $((SECONDS - START))s; kernel tests: $(grep -E '(passed|failed|error)' "$TESTLOG" | tail -n 1); exit status $status"
 if [ -n "$TABLE" ] && [ -f "$TABLE" ]; then
