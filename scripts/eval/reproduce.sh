@@ -45,13 +45,12 @@ for ta in "cr badnet" "sst2_sentence insent" "cola badnet" "cr insent" "cola ins
 done
 # 3. variants with and without RoRA on SST-2
 for m in pissa rora-pissa dora rora-dora olora rora-olora; do run sst2_sentence badnet "$m"; done
-# 4. FFT on the other settings, rescaling-only on CR
-for ta in "cr badnet" "sst2_sentence insent" "cola badnet" "cr insent" "cola insent"; do
-  run $ta fft
-done
-run cr badnet lora+rescale
+# 4. FFT where the model learns the task (CoLA: see README), then the variants on CR
+for ta in "cr badnet" "sst2_sentence insent"; do run $ta fft; done
 # 5. variants with and without RoRA on CR
 for m in pissa rora-pissa dora rora-dora olora rora-olora; do run cr badnet "$m"; done
+for ta in "cola badnet" "cr insent" "cola insent"; do run $ta fft; done
+run cr badnet lora+rescale
 # 6. the paper's default targets (query, value) for comparison
 for m in lora rora; do
   rora-fast defend --task sst2_sentence --attack badnet --methods "$m" $COMMON \
