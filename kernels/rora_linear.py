@@ -147,7 +147,9 @@ class FusedRoraLinearFunction(torch.autograd.Function):
             dB = s * (g.t() @ s_mat)
         penalty = ctx.penalty
         if penalty is not None and (needs[4] or needs[5]) and penalty.claim():
-            gA, gB = ref.ortho_penalty_grads(lora_A, lora_B, penalty.U, penalty.V)
+            gA, gB = ref.ortho_penalty_grads(lora_A, lora_B, penalty.U, penalty.V,
+                                             getattr(penalty, "anchor_A", None),
+                                             getattr(penalty, "anchor_B", None))
             if dA is not None:
                 dA = dA + penalty.lam * gA
             if dB is not None:

@@ -37,10 +37,14 @@ class PenaltyHandle:
     backward calls (gradient accumulation, layers called twice).
     """
 
-    def __init__(self, lam: float, U: torch.Tensor, V: torch.Tensor, claim):
+    def __init__(self, lam: float, U: torch.Tensor, V: torch.Tensor, claim,
+                 anchor_A: Optional[torch.Tensor] = None,
+                 anchor_B: Optional[torch.Tensor] = None):
         self.lam = float(lam)
         self.U = U
         self.V = V
+        self.anchor_A = anchor_A  # A₀, B₀ of PiSSA/OLoRA (the penalty is on A − A₀, B − B₀)
+        self.anchor_B = anchor_B
         self._claim = claim
 
     def claim(self) -> bool:
@@ -105,13 +109,15 @@ class RoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, x_lora, weight, lora_A, lora_B = ctx.saved_tensors
         penalty = ctx.penalty
-        lam, U, V = 0.0, None, None
+        lam, U, V, A0, B0 = 0.0, None, None, None, None
         if penalty is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]) \
                 and penalty.claim():
             lam, U, V = penalty.lam, penalty.U, penalty.V
+            A0, B0 = getattr(penalty, "anchor_A", None), getattr(penalty, "anchor_B", None)
         dx, dx_lora, dA, dB = ref.rora_linear_backward(
             grad_out, x, x_lora, weight, lora_A, lora_B, ctx.scaling, ctx.p, ctx.seed,
-            lam, U, V, _weight_scratch(weight, ctx.p), combine=ctx.same_input)
+            lam, U, V, _weight_scratch(weight, ctx.p), combine=ctx.same_input,
+            anchor_A=A0, anchor_B=B0)
         db = dW = None
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)

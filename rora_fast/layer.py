@@ -229,6 +229,11 @@ class RoraLinear(nn.Module):
             return g * (w + delta) - w
 
     # ------------------------------------------------------------------ penalty
+    def _anchors(self):
+        """``(A₀, B₀)`` for PiSSA/OLoRA (the penalty and the rescaling act on the update
+        away from that start), ``(None, None)`` for LoRA's zero-product start."""
+        return getattr(self, "lora_A0", None), getattr(self, "lora_B0", None)
+
     def penalty(self) -> torch.Tensor:
         """``λ Ω(A, B)``; differentiable only with ``penalty_mode="loss"`` so that the
         penalty cannot be counted twice (the other modes apply its gradient themselves)."""
@@ -236,17 +241,20 @@ class RoraLinear(nn.Module):
             return torch.zeros((), device=self.lora_A.device)
         if self.penalty_mode == "loss":
             return self.ortho_lambda * ref.ortho_penalty(self.lora_A, self.lora_B,
-                                                         self.ortho_U, self.ortho_V)
+                                                         self.ortho_U, self.ortho_V,
+                                                         *self._anchors())
         with torch.no_grad():
             return self.ortho_lambda * ref.ortho_penalty(self.lora_A, self.lora_B,
-                                                         self.ortho_U, self.ortho_V)
+                                                         self.ortho_U, self.ortho_V,
+                                                         *self._anchors())
 
     def add_penalty_grad_(self) -> None:
         """Add ``λ∇Ω`` to ``lora_A.grad``/``lora_B.grad`` now (``penalty_mode="optimizer"``)."""
         if not self.ortho_lambda:
             return
         with torch.no_grad():
-            gA, gB = ref.ortho_penalty_grads(self.lora_A, self.lora_B, self.ortho_U, self.ortho_V)
+            gA, gB = ref.ortho_penalty_grads(self.lora_A, self.lora_B, self.ortho_U,
+                                             self.ortho_V, *self._anchors())
             for p_, g in ((self.lora_A, gA), (self.lora_B, gB)):
                 if not p_.requires_grad:
                     continue
@@ -259,7 +267,7 @@ class RoraLinear(nn.Module):
         if self.penalty_mode != "backward" or not self.ortho_lambda:
             return None
         return F_rora.PenaltyHandle(self.ortho_lambda, self.ortho_U, self.ortho_V,
-                                    self._penalty_clock.claim)
+                                    self._penalty_clock.claim, *self._anchors())
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -330,16 +338,37 @@ class RoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ rescaling / merging
     def sigma_delta(self) -> float:
-        """Exact σ_max(B A) (the adapter product, without ``scaling``)."""
-        return sigma_max_lowrank(self.lora_B, self.lora_A)
+        """Exact σ_max of the trained update without ``scaling``: ``B A`` (LoRA start), or
+        ``B A − B₀ A₀`` for PiSSA/OLoRA, whose adapter starts as W_pre's top components."""
+        A0, B0 = self._anchors()
+        if A0 is None:
+            return sigma_max_lowrank(self.lora_B, self.lora_A)
+        B = torch.cat([self.lora_B.detach(), B0.to(self.lora_B.dtype)], 1)
+        A = torch.cat([self.lora_A.detach(), -A0.to(self.lora_A.dtype)], 0)
+        return sigma_max_lowrank(B, A)
 
     def spectral_rescale_(self) -> float:
-        """Set ``scaling = σ_max(W_pre) / σ_max(BA)`` and return it."""
+        """Set the update's scale to ``σ_max(W_pre) / σ_max(update)`` and return it.
+
+        LoRA start: ``scaling = σ_max(W_pre)/σ_max(BA)``. PiSSA/OLoRA: the model is
+        ``W_pre + s·(BA − B₀A₀)``; only the update is rescaled, W_pre's own top components
+        (``B₀A₀``, carried by the adapter) keep their weight: the frozen base (the
+        residual ``W_pre − s₀B₀A₀``) absorbs ``(s₀ − s)·B₀A₀`` so that the layer is still
+        ``base + scaling·BA``.
+        """
         sd = self.sigma_delta()
         if not sd > 0 or not math.isfinite(sd):
-            raise ValueError("cannot rescale: the adapter product BA is zero (was the layer "
-                             "trained?); σ_max(BA) = 0 would give an infinite scale")
-        self.scaling = self.sigma_pre / sd
+            raise ValueError("cannot rescale: the adapter's update is zero (was the layer "
+                             "trained?); σ_max = 0 would give an infinite scale")
+        s_new = self.sigma_pre / sd
+        A0, B0 = self._anchors()
+        if A0 is not None:
+            with torch.no_grad():
+                fold = (self.init_scaling - s_new) * (B0.to(torch.float64)
+                                                      @ A0.to(torch.float64))
+                self.weight.copy_((self.weight.to(torch.float64) + fold).to(self.weight.dtype))
+            self.init_scaling = s_new  # the base is now W_pre − s_new·B₀A₀
+        self.scaling = s_new
         self.rescaled = True
         return self.scaling
 

@@ -344,6 +344,9 @@ def save_rora(model: nn.Module, path: Union[str, Path]) -> Path:
         meta[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
                       "scaling": layer.scaling, "sigma_pre": layer.sigma_pre,
                       "rescaled": layer.rescaled}
+        if getattr(layer, "lora_A0", None) is not None:
+            # PiSSA/OLoRA: the base is W_pre − init_scaling·B₀A₀ (moves when rescaled)
+            meta[name]["init_scaling"] = layer.init_scaling
     for name, p in _extra_trainable(model).items():
         tensors[f"extra.{name}"] = p.detach().contiguous().cpu()
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "rora-fast",
@@ -406,6 +409,14 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                 dst.copy_(src)
             layer.scaling = float(m["scaling"])
             layer.rescaled = bool(m["rescaled"])
+            if getattr(layer, "lora_A0", None) is not None and "init_scaling" in m:
+                # rebuild the saved base W_pre − s₀'·B₀A₀ from this one, W_pre − s₀·B₀A₀
+                s_saved = float(m["init_scaling"])
+                fold = (layer.init_scaling - s_saved) * (layer.lora_B0.to(torch.float64)
+                                                         @ layer.lora_A0.to(torch.float64))
+                layer.weight.copy_((layer.weight.to(torch.float64) + fold)
+                                   .to(layer.weight.dtype))
+                layer.init_scaling = s_saved
         extra = _extra_trainable(model)
         for key, src in tensors.items():
             if not key.startswith("extra."):

@@ -228,12 +228,15 @@ def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, x_lora: torch.
                          ortho_U: Optional[torch.Tensor] = None,
                          ortho_V: Optional[torch.Tensor] = None,
                          weight_buffer: Optional[torch.Tensor] = None,
-                         combine: bool = False):
+                         combine: bool = False,
+                         anchor_A: Optional[torch.Tensor] = None,
+                         anchor_B: Optional[torch.Tensor] = None):
     """Gradients ``(dX, dX̃, dA, dB)`` of the forward above for upstream ``grad_out``.
 
     ``dX`` is the base-path gradient only and ``dX̃`` the LoRA-path gradient. With
     ``combine=True`` (no LoRA input dropout: ``x̃`` is ``x``) ``dX`` is their sum and
-    ``dX̃`` is None. When ``penalty_lambda > 0`` the gradient of ``λ Ω(A, B)`` is added
+    ``dX̃`` is None. When ``penalty_lambda > 0`` the gradient of ``λ Ω(A, B)`` (anchored at
+    ``anchor_A``/``anchor_B`` when given, see :func:`ortho_penalty`) is added
     to ``dA``/``dB``. The scale ``s`` multiplies the small (tokens x r) factors.
     """
     in_f = x.shape[-1]
@@ -251,29 +254,47 @@ def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, x_lora: torch.
     dA = sdyb.t() @ xl
     dB = dy.t() @ ((xl @ lora_A.t()) * scaling)
     if penalty_lambda:
-        gA, gB = ortho_penalty_grads(lora_A, lora_B, ortho_U, ortho_V)
+        gA, gB = ortho_penalty_grads(lora_A, lora_B, ortho_U, ortho_V, anchor_A, anchor_B)
         dA = dA + penalty_lambda * gA
         dB = dB + penalty_lambda * gB
     return dx, dx_lora, dA, dB
 
 
 def ortho_penalty(lora_A: torch.Tensor, lora_B: torch.Tensor, ortho_U: torch.Tensor,
-                  ortho_V: torch.Tensor) -> torch.Tensor:
-    """``Ω(A, B) = ‖Uₖᵀ B‖²_F + ‖A Vₖ‖²_F`` (differentiable, computed in float32 or wider)."""
+                  ortho_V: torch.Tensor, anchor_A: Optional[torch.Tensor] = None,
+                  anchor_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Ω(A, B) = ‖Uₖᵀ (B − B₀)‖²_F + ‖(A − A₀) Vₖ‖²_F`` (differentiable, float32 or wider).
+
+    The anchors ``A₀, B₀`` are zero for LoRA's initialisation (the paper's Ω). PiSSA and
+    OLoRA start the adapter *on* W_pre's principal directions; there the penalty is on
+    the update away from that start, else it would remove W_pre's own top components.
+    """
     dt = torch.promote_types(lora_A.dtype, torch.float32)
-    ub = ortho_U.to(dt).t() @ lora_B.to(dt)
-    av = lora_A.to(dt) @ ortho_V.to(dt)
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    if anchor_A is not None:
+        A = A - anchor_A.to(dt)
+    if anchor_B is not None:
+        B = B - anchor_B.to(dt)
+    ub = ortho_U.to(dt).t() @ B
+    av = A @ ortho_V.to(dt)
     return ub.pow(2).sum() + av.pow(2).sum()
 
 
 def ortho_penalty_grads(lora_A: torch.Tensor, lora_B: torch.Tensor,
-                        ortho_U: torch.Tensor, ortho_V: torch.Tensor):
-    """``(∇_A Ω, ∇_B Ω) = (2 (A Vₖ) Vₖᵀ, 2 Uₖ (Uₖᵀ B))`` in the dtypes of A and B."""
+                        ortho_U: torch.Tensor, ortho_V: torch.Tensor,
+                        anchor_A: Optional[torch.Tensor] = None,
+                        anchor_B: Optional[torch.Tensor] = None):
+    """``(∇_A Ω, ∇_B Ω) = (2 ((A − A₀) Vₖ) Vₖᵀ, 2 Uₖ (Uₖᵀ (B − B₀)))`` in the dtypes of A, B."""
     dt = torch.promote_types(lora_A.dtype, torch.float32)
     U = ortho_U.to(dt)
     V = ortho_V.to(dt)
-    gA = 2.0 * ((lora_A.to(dt) @ V) @ V.t())
-    gB = 2.0 * (U @ (U.t() @ lora_B.to(dt)))
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    if anchor_A is not None:
+        A = A - anchor_A.to(dt)
+    if anchor_B is not None:
+        B = B - anchor_B.to(dt)
+    gA = 2.0 * ((A @ V) @ V.t())
+    gB = 2.0 * (U @ (U.t() @ B))
     return gA.to(lora_A.dtype), gB.to(lora_B.dtype)
 
 

@@ -152,3 +152,92 @@ def test_dora_pissa_combination_matches_peft():
 def test_variant_layers_are_rora():
     rora, _, _ = build(init="olora", use_dora=True)
     assert len(list(rora_layers(rora))) == 2
+
+
+# ---------------------------------------------------------------- RoRA on PiSSA / OLoRA
+# Their adapter starts as W_pre's top components (B₀A₀): the penalty and the rescaling act
+# on the update away from that start, else RoRA removes W_pre's own principal components
+# (measured before this rule: RoRA-PiSSA on SST-2 collapsed to chance accuracy).
+
+def _rora_variant(init, lam=10.0, p=0.0):
+    torch.manual_seed(0)
+    model = Tiny()
+    w_pre = {n: getattr(model, n).weight.detach().double().clone() for n in NAMES}
+    apply_rora(model, RoraConfig(r=4, alpha=6, weight_dropout=p, lora_dropout=0.0,
+                                 ortho_rank=3, ortho_lambda=lam, target_modules=list(NAMES),
+                                 init=init))
+    return model, w_pre
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_variant_penalty_is_on_the_update(init):
+    model, _ = _rora_variant(init)
+    for _, lay in rora_layers(model):
+        # zero at the start although B₀, A₀ lie on W_pre's principal directions
+        assert float(lay.penalty()) == 0.0
+        with torch.no_grad():
+            lay.lora_A.add_(0.1 * torch.randn_like(lay.lora_A))
+            lay.lora_B.add_(0.1 * torch.randn_like(lay.lora_B))
+        A = lay.lora_A.detach().double().requires_grad_()
+        B = lay.lora_B.detach().double().requires_grad_()
+        U, V = lay.ortho_U.double(), lay.ortho_V.double()
+        want = lay.ortho_lambda * ((U.t() @ (B - lay.lora_B0.double())).pow(2).sum()
+                                   + ((A - lay.lora_A0.double()) @ V).pow(2).sum())
+        assert float(lay.penalty()) == pytest.approx(want.item(), rel=1e-5)
+        want.backward()
+        lay.lora_A.grad = lay.lora_B.grad = None
+        lay.add_penalty_grad_()
+        assert torch.allclose(lay.lora_A.grad.double(), A.grad, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(lay.lora_B.grad.double(), B.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_variant_penalty_gradient_in_backward(init):
+    model, _ = _rora_variant(init)
+    lay = model.lin1
+    with torch.no_grad():
+        lay.lora_B.add_(0.1 * torch.randn_like(lay.lora_B))
+    x = torch.randn(5, 12)
+    model.train()
+    lay(x).sum().backward()
+    with_pen = lay.lora_B.grad.clone()
+    lay.lora_B.grad = None
+    lay.ortho_lambda, lam = 0.0, lay.ortho_lambda
+    lay._penalty_clock = type(lay._penalty_clock)(lay)  # a fresh step
+    lay(x).sum().backward()
+    _, gB = __import__("rora_fast").reference.ortho_penalty_grads(
+        lay.lora_A, lay.lora_B, lay.ortho_U, lay.ortho_V, lay.lora_A0, lay.lora_B0)
+    assert torch.allclose(with_pen, lay.lora_B.grad + lam * gB, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_variant_rescale_scales_only_the_update(init, tmp_path):
+    from rora_fast import load_rora, save_rora, spectral_rescale_
+
+    model, w_pre = _rora_variant(init)
+    with torch.no_grad():
+        for _, lay in rora_layers(model):
+            lay.lora_A.add_(0.05 * torch.randn_like(lay.lora_A))
+            lay.lora_B.add_(0.05 * torch.randn_like(lay.lora_B))
+    model.eval()
+    x = torch.randn(7, 12)
+    trained = {n: getattr(model, n).lora_A.detach().clone() for n in NAMES}
+    scales = spectral_rescale_(model, layers=[f"{n}" for n in NAMES])
+    for n in NAMES:
+        lay = getattr(model, n)
+        upd = (lay.lora_B.double() @ lay.lora_A.double()
+               - lay.lora_B0.double() @ lay.lora_A0.double())
+        eff = lay.weight.double() + lay.scaling * (lay.lora_B.double() @ lay.lora_A.double())
+        # the model is W_pre + s·(BA − B₀A₀), s = σ_max(W_pre)/σ_max(BA − B₀A₀)
+        assert torch.allclose(eff, w_pre[n] + scales[n] * upd, atol=1e-5)
+        assert scales[n] == pytest.approx(
+            torch.linalg.svdvals(w_pre[n])[0].item() / torch.linalg.svdvals(upd)[0].item(),
+            rel=1e-4)
+        assert torch.equal(lay.lora_A, trained[n])
+    y = model(x)
+    save_rora(model, tmp_path / "ad")
+    torch.manual_seed(0)
+    again = Tiny()  # the same pretrained weights as _rora_variant's
+    load_rora(again, tmp_path / "ad")
+    again.eval()
+    assert torch.allclose(again(x), y, atol=1e-5)
