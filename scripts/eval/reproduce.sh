@@ -31,8 +31,9 @@ for m in lora rora lora+rescale fft rora:ci+tr rora:ci rora:tr rora:ci+pt rora:t
   run sst2_sentence badnet "$m"
 done
 # figures 1-3 on the same setting (LoRA through rora_fast with p=0, λ=0, vs RoRA)
-rora-fast spectra --task sst2_sentence --attack badnet --methods rora:none,rora $COMMON \
-  --out "$OUT/spectra-sst2_sentence-badnet" && commit "spectra sst2 badnet"
+[ -f "$OUT/spectra-sst2_sentence-badnet/spectra.json" ] || {
+  rora-fast spectra --task sst2_sentence --attack badnet --methods rora:none,rora $COMMON \
+    --out "$OUT/spectra-sst2_sentence-badnet" && commit "spectra sst2 badnet"; }
 # how deep to rescale, on the dev split (reuses the trained adapters; evaluation only)
 [ -f "$OUT/rescale-sst2_sentence-badnet/rescale_layers_dev.json" ] || {
   rora-fast rescale-sweep --task sst2_sentence --attack badnet \
