@@ -26,7 +26,8 @@ from .defences import (DefenceConfig, adapter_layers, build_defence, finish_defe
 from .metrics import backdoor_metrics
 from .poisoning import PROXY, PoisonConfig, poison_model
 from .presets import PRESETS, paper_row
-from .spectra import delta_stats, plot_layer_stats, plot_scale_sweep, write_json
+from .spectra import (delta_stats, plot_ca_asr_curves, plot_layer_stats, plot_scale_sweep,
+                      write_json)
 from .training import TrainConfig, predict, set_seed, train, trainable_state, load_trainable_state
 
 __all__ = ["RunSpec", "poison_config_for", "prepare_sets", "evaluate", "run_defence",
@@ -318,30 +319,37 @@ def write_summary(out_dir: str, title: str = "Results") -> str:
     return md
 
 
+def _trained_adapter_model(spec: RunSpec, method, out_dir: str, cache_dir: Optional[str],
+                           log=print):
+    """The poisoned model wrapped with ``spec``'s adapters and their saved trained state
+    (the run is trained first if no state exists), in eval mode: ``(model, tok, res_spec)``."""
+    from safetensors.torch import load_file
+    state_path = os.path.join(cache_dir, "defended", run_id(spec) + ".safetensors")
+    if not os.path.exists(state_path):
+        run_defence(spec, out_dir, cache_dir, log=log, force=True)
+    res_spec = spec.resolved()
+    pmodel, tok, _ = poison_model(poison_config_for(spec), cache_dir, log=log)
+    dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
+                         ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
+                         rescale_layers=spec.rescale_layers,
+                         target_modules=res_spec["target_modules"], lr=spec.lr)
+    model = build_defence(pmodel, method, dcfg)
+    load_trainable_state(model, load_file(state_path))
+    model.eval()
+    return model, tok, res_spec
+
+
 # ----------------------------------------------------------------------------- spectra
 def run_spectra(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optional[str],
                 scales: Sequence[float] = (1, 2, 4, 8, 16, 32, 64, 128), n_eval: int = 400,
                 log=print) -> Dict:
     """Figures 1-3 for the given (adapter) runs: trains them if no saved state exists."""
-    from safetensors.torch import load_file
     stats, sweeps = {}, {}
     for spec in specs:
-        rid = run_id(spec)
-        state_path = os.path.join(cache_dir, "defended", rid + ".safetensors")
-        if not os.path.exists(state_path):
-            run_defence(spec, out_dir, cache_dir, log=log, force=True)
-        res_spec = spec.resolved()
-        pmeta_model, tok, _ = poison_model(poison_config_for(spec), cache_dir, log=log)
         method = parse_method(spec.method)
         if method.kind == "fft":
             raise ValueError("the scale sweep needs an adapter method, not fft")
-        dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
-                             ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
-                             rescale_layers=spec.rescale_layers,
-                             target_modules=res_spec["target_modules"], lr=spec.lr)
-        model = build_defence(pmeta_model, method, dcfg)
-        load_trainable_state(model, load_file(state_path))
-        model.eval()
+        model, tok, res_spec = _trained_adapter_model(spec, method, out_dir, cache_dir, log)
         layers = adapter_layers(model)
         stats[spec.method] = delta_stats([(n, W, s * BA) for n, W, BA, s, _ in layers])
         attack = get_attack(spec.attack, spec.trigger)
@@ -386,7 +394,6 @@ def run_rescale_sweep(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optiona
     choice, the ASR curve shows what that choice costs.
     """
     import rora_fast
-    from safetensors.torch import load_file
     if split not in ("dev", "test"):
         raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
     if any(int(L) < 0 for L in layers):
@@ -397,26 +404,14 @@ def run_rescale_sweep(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optiona
         if method.kind != "rora":
             raise ValueError(f"the rescale-layer sweep needs a rora_fast method, got "
                              f"{spec.method!r}")
-        rid = run_id(spec)
-        state_path = os.path.join(cache_dir, "defended", rid + ".safetensors")
-        if not os.path.exists(state_path):
-            run_defence(spec, out_dir, cache_dir, log=log, force=True)
-        res_spec = spec.resolved()
+        model, tok, res_spec = _trained_adapter_model(spec, method, out_dir, cache_dir, log)
         L = res_spec["max_length"]
-        pmodel, tok, _ = poison_model(poison_config_for(spec), cache_dir, log=log)
         attack = get_attack(spec.attack, spec.trigger)
         sets = prepare_sets(spec.task, attack, tok, L, 8, res_spec["n_dev"], res_spec["n_test"],
                             spec.seed)
         if split == "dev":
             nt_clean, nt_trig = triggered_test_set(sets["dev"], attack, spec.seed + 54321, tok, L)
             sets = {"test": sets["dev"], "nt_clean": nt_clean, "nt_trig": nt_trig}
-        dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
-                             ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
-                             rescale_layers=spec.rescale_layers,
-                             target_modules=res_spec["target_modules"], lr=spec.lr)
-        model = build_defence(pmodel, method, dcfg)
-        load_trainable_state(model, load_file(state_path))
-        model.eval()
         trained = [(mod, float(mod.scaling)) for _, mod in rora_fast.rora_layers(model)]
         rows = []
         for n_layers in layers:
@@ -435,21 +430,8 @@ def run_rescale_sweep(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optiona
                 "sizes": {k: len(v) for k, v in sets.items()},
                 "specs": [dataclasses.asdict(s) for s in specs]},
                os.path.join(out_dir, f"rescale_layers_{split}.json"))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, rows in sweeps.items():
-        xs = [r["layers"] for r in rows]
-        line, = ax.plot(xs, [r["CA"] for r in rows], "-o", label=f"{m} CA")
-        ax.plot(xs, [r["ASR"] for r in rows], "--s", color=line.get_color(), label=f"{m} ASR")
-    ax.set_xlabel("top transformer blocks rescaled (0 = none)")
-    ax.set_ylabel(f"% on the {split} split")
-    ax.set_ylim(-2, 102)
-    ax.set_title(f"{s0.task} ← {PROXY[s0.task]}, {s0.attack}, preset {s0.preset}, "
-                 f"seed {s0.seed}: rescaling depth ({split})", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, f"rescale_layers_{split}.png"), dpi=120)
-    plt.close(fig)
+    plot_ca_asr_curves(sweeps, os.path.join(out_dir, f"rescale_layers_{split}.png"),
+                       f"{s0.task} ← {PROXY[s0.task]}, {s0.attack}, preset {s0.preset}, "
+                       f"seed {s0.seed}: rescaling depth ({split})", "layers",
+                       "top transformer blocks rescaled (0 = none)", f"% on the {split} split")
     return sweeps

@@ -82,25 +82,33 @@ def plot_layer_stats(stats: Dict[str, List[Dict]], path: str, key: str, ylabel: 
     plt.close(fig)
 
 
-def plot_scale_sweep(sweeps: Dict[str, List[Dict]], path: str, title: str) -> None:
-    """``sweeps``: method -> [{"s":..., "CA":..., "ASR":...}]; CA solid, ASR dashed."""
+def plot_ca_asr_curves(sweeps: Dict[str, List[Dict]], path: str, title: str, x: str,
+                       xlabel: str, ylabel: str = "%", log2_x: bool = False) -> None:
+    """``sweeps``: method -> [{x: ..., "CA": ..., "ASR": ...}]; CA solid, ASR dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, rows in sweeps.items():
-        xs = [r["s"] for r in rows]
-        l, = ax.plot(xs, [r["CA"] for r in rows], "-o", label=f"{m} CA")
-        ax.plot(xs, [r["ASR"] for r in rows], "--s", color=l.get_color(), label=f"{m} ASR")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("post-training scale s (last rescaled blocks)")
-    ax.set_ylabel("%")
+        xs = [r[x] for r in rows]
+        line, = ax.plot(xs, [r["CA"] for r in rows], "-o", label=f"{m} CA")
+        ax.plot(xs, [r["ASR"] for r in rows], "--s", color=line.get_color(), label=f"{m} ASR")
+    if log2_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(-2, 102)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_scale_sweep(sweeps: Dict[str, List[Dict]], path: str, title: str) -> None:
+    """``sweeps``: method -> [{"s":..., "CA":..., "ASR":...}]; CA solid, ASR dashed."""
+    plot_ca_asr_curves(sweeps, path, title, "s",
+                       "post-training scale s (last rescaled blocks)", log2_x=True)
 
 
 def write_json(obj, path: str) -> None:
