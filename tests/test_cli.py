@@ -34,7 +34,7 @@ def _args(tiny_model, tmp_path, *extra):
 
 
 @pytest.mark.parametrize("cmd", ["demo", "poison", "defend", "evaluate", "spectra",
-                                 "rescale-sweep"])
+                                 "rescale-sweep", "sweep"])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([cmd, "--help"])
@@ -121,6 +121,46 @@ def test_rescale_sweep_on_dev(tiny_model, tmp_path, capsys):
     assert "needs a rora_fast method" in capsys.readouterr().err
     assert main(["rescale-sweep", *_args(tiny_model, tmp_path, "--layers", "1,x")]) == 2
     assert "--layers must be" in capsys.readouterr().err
+
+
+def test_param_sweep_reuses_runs_and_labels_them(tiny_model, tmp_path, capsys):
+    base = tmp_path / "base"  # the default run, trained once by `defend`
+    assert main(["defend", *_args(tiny_model, tmp_path, "--methods", "rora",
+                                  "--out", str(base))]) == 0
+    default = [json.load(open(p)) for p in glob.glob(str(base / "runs" / "*.json"))]
+    default = next(r for r in default if r["kind"] == "defence")
+    out = tmp_path / "sweep"
+    capsys.readouterr()
+    rc = main(["sweep", *_args(tiny_model, tmp_path, "--param", "weight_dropout",
+                               "--values", "0.1,0.3", "--reuse", str(base), "--out", str(out))])
+    assert rc == 0
+    assert "reusing" in capsys.readouterr().out  # p = 0.1 was copied, not retrained
+    data = json.load(open(out / "sweep_weight_dropout.json"))
+    rows = data["rows"]
+    assert [r["weight_dropout"] for r in rows] == [0.1, 0.3] and data["default"] == 0.1
+    assert rows[0]["CA"] == default["metrics"]["CA"] and rows[0]["ASR"] == default["metrics"]["ASR"]
+    trained = [json.load(open(out / r["run"])) for r in rows]
+    assert [t["spec"]["weight_dropout"] for t in trained] == [0.1, 0.3]
+    assert trained[1]["run_id"] != trained[0]["run_id"]
+    md = open(out / "sweep_weight_dropout.md").read()
+    assert "| 0.1 (default) |" in md and "| 0.3 |" in md
+    assert "rora (p=0.3)" in open(out / "results.md").read()  # labelled in the folder table
+    assert (out / "sweep_weight_dropout.png").stat().st_size > 0
+    # bad input
+    assert main(["sweep", *_args(tiny_model, tmp_path, "--param", "lr")]) == 2
+    assert "cannot sweep 'lr'" in capsys.readouterr().err
+    assert main(["sweep", *_args(tiny_model, tmp_path, "--param", "ortho_rank")]) == 2
+    assert "--values is required" in capsys.readouterr().err
+    assert main(["sweep", *_args(tiny_model, tmp_path, "--param", "ortho_lambda",
+                                 "--values", "1,x")]) == 2
+    assert "--values must be" in capsys.readouterr().err
+    assert main(["sweep", *_args(tiny_model, tmp_path, "--param", "weight_dropout",
+                                 "--values", "0.1,1.5", "--out", str(tmp_path / "bad"))]) == 2
+    assert "weight_dropout must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any run started
+    assert main(["sweep", *_args(tiny_model, tmp_path, "--param", "ortho_lambda",
+                                 "--methods", "lora")]) == 2
+    assert "needs a rora_fast method" in capsys.readouterr().err
 
 
 def test_bad_input_clear_errors(tiny_model, tmp_path, capsys):

@@ -51,6 +51,25 @@ def test_overview_groups_settings_and_keeps_latest_rerun(tmp_path):
     assert md.index("## sst2_sentence") < md.index("## cr")
 
 
+def test_overview_leaves_sensitivity_runs_out(tmp_path):
+    root = str(tmp_path)
+    _write(root, "a", "r.json", _run("sst2_sentence", "badnet", "rora", 80.0, 6.0))
+    other = _run("sst2_sentence", "badnet", "rora", 60.0, 1.0, finished=5)
+    other["spec"]["weight_dropout"] = 0.3  # a sweep run: newer, but not at the defaults
+    _write(root, "sweep", "r.json", other)
+    md = write_overview(root)
+    assert "| rora | 80.00 | 6.00 | 74.00 |" in md and "60.00" not in md
+    assert "1 run(s) with non-default hyperparameters" in md
+
+
+def test_method_label_names_nondefault_hyperparameters():
+    from rora_fast.evaluation.presets import DEFENCE_DEFAULTS, method_label, nondefault_hparams
+    spec = {"method": "rora", **DEFENCE_DEFAULTS}
+    assert method_label(spec) == "rora" and nondefault_hparams(spec) == {}
+    spec.update(weight_dropout=0.05, ortho_lambda=1.0)
+    assert method_label(spec) == "rora (p=0.05, λ=1)"
+
+
 def test_overview_empty_and_errors(tmp_path):
     assert "No defence runs found" in overview_markdown([])
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .presets import DEFENCE_DEFAULTS
+
 __all__ = ["DefenceConfig", "Method", "parse_method", "build_defence", "finish_defence",
            "METHODS", "adapter_layers"]
 
@@ -65,13 +67,13 @@ def parse_method(name: str) -> Method:
 class DefenceConfig:
     """Paper presets (A.1): LoRA r=8, alpha=16, dropout 0.1; RoRA p=0.1, λ=10, k=32,
     rescaling of the last 3 blocks; lr 2e-3 for adapters (PSIM), 2e-5 for FFT."""
-    r: int = 8
-    alpha: float = 16
+    r: int = DEFENCE_DEFAULTS["r"]
+    alpha: float = DEFENCE_DEFAULTS["alpha"]
     lora_dropout: float = 0.1
-    weight_dropout: float = 0.1
-    ortho_lambda: float = 10.0
-    ortho_rank: int = 32
-    rescale_layers: int = 3
+    weight_dropout: float = DEFENCE_DEFAULTS["weight_dropout"]
+    ortho_lambda: float = DEFENCE_DEFAULTS["ortho_lambda"]
+    ortho_rank: int = DEFENCE_DEFAULTS["ortho_rank"]
+    rescale_layers: int = DEFENCE_DEFAULTS["rescale_layers"]
     target_modules: Optional[Union[str, List[str]]] = None  # None: PEFT defaults (query, value)
     lr: Optional[float] = None                              # None: 2e-5 for FFT, 2e-3 otherwise
 

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
-from .presets import paper_row
+from .presets import nondefault_hparams, paper_row
 
 __all__ = ["collect_runs", "overview_markdown", "plot_overview", "write_overview"]
 
@@ -26,7 +26,8 @@ PROXY = {"sst2_sentence": "IMDB", "cr": "MR", "cola": "SST-2"}
 def collect_runs(root: str) -> List[Dict]:
     """Every defence run JSON under ``root`` (any ``runs/`` folder, any depth)."""
     runs = []
-    for dirpath, _, files in os.walk(root):
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()  # a deterministic order: ties between identical runs resolve the same way
         if os.path.basename(dirpath) != "runs":
             continue
         for fn in sorted(files):
@@ -66,13 +67,19 @@ def _method_sort(m: str):
     return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
 
 
+def _at_defaults(runs: List[Dict]) -> List[Dict]:
+    """The runs at the default hyperparameters: sensitivity runs (another p, λ, ...) are
+    reported by their own sweep, not as the method's result."""
+    return [r for r in runs if not nondefault_hparams(r["spec"])]
+
+
 def _group(runs: List[Dict]) -> Dict[Tuple, Dict[str, Dict]]:
     groups: Dict[Tuple, Dict[str, Dict]] = {}
-    for r in runs:
+    for r in _at_defaults(runs):
         g = groups.setdefault(_setting(r), {})
         m = r["spec"]["method"]
-        # a rerun of the same method and setting: keep the latest
-        if m not in g or r.get("finished_at", 0) >= g[m].get("finished_at", 0):
+        # a rerun of the same method and setting: keep the latest (the first seen on a tie)
+        if m not in g or r.get("finished_at", 0) > g[m].get("finished_at", 0):
             g[m] = r
     return dict(sorted(groups.items(), key=lambda kv: _setting_sort(kv[0])))
 
@@ -92,6 +99,10 @@ def overview_markdown(runs: List[Dict], title: str = "Backdoor removal: overview
               "model's target rate on those rows without the trigger. Paper = Table 2, "
               "BERT-large (a larger model on the full data: compare the pattern, not the "
               "digits).", ""]
+    n_other = len(runs) - len(_at_defaults(runs))
+    if n_other:
+        lines += [f"{n_other} run(s) with non-default hyperparameters (sensitivity sweeps: "
+                  f"`sweep_*.md` in their folders) are not in these tables.", ""]
     for key, by_method in groups.items():
         task, attack, targets, preset, seed, model = key
         r0 = next(iter(by_method.values()))

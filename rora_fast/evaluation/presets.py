@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-__all__ = ["Preset", "PRESETS", "PAPER_TABLE2_BERT", "PAPER_TABLE5", "paper_row"]
+__all__ = ["Preset", "PRESETS", "DEFENCE_DEFAULTS", "PAPER_FIG5_GRID", "PAPER_TABLE2_BERT",
+           "PAPER_TABLE5", "paper_row", "nondefault_hparams", "method_label"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,36 @@ PRESETS: Dict[str, Preset] = {
     "full": Preset("full", 4000, 0.375, 128, None, 2e-5, 3, None, None, None, 128, 20,
                    target_modules=None),
 }
+
+#: the defender's hyperparameters (paper, section 5 and A.1): adapter rank and alpha, RoRA's
+#: weight-dropout rate p, penalty weight λ and rank k, the number of top blocks rescaled;
+#: lr None = 2e-3 for adapters, 2e-5 for FFT. ``RunSpec`` takes its defaults from here.
+DEFENCE_DEFAULTS = {"r": 8, "alpha": 16, "weight_dropout": 0.1, "ortho_lambda": 10.0,
+                    "ortho_rank": 32, "rescale_layers": 3, "lr": None}
+
+#: the grids of the paper's Figure 5 (SST-2, BadNet) and its A.1 grid search
+PAPER_FIG5_GRID = {"ortho_lambda": (1.0, 5.0, 10.0, 15.0, 20.0),
+                   "weight_dropout": (0.05, 0.1, 0.15, 0.2, 0.3)}
+
+#: short names of those hyperparameters, for labels
+HPARAM_SYMBOL = {"weight_dropout": "p", "ortho_lambda": "λ", "ortho_rank": "k",
+                 "rescale_layers": "top", "r": "r", "alpha": "alpha", "lr": "lr"}
+
+
+def nondefault_hparams(spec: Dict) -> Dict:
+    """The defence hyperparameters of a run spec (a dict) that differ from
+    ``DEFENCE_DEFAULTS``: empty for a run at the defaults."""
+    return {k: spec[k] for k, v in DEFENCE_DEFAULTS.items() if k in spec and spec[k] != v}
+
+
+def method_label(spec: Dict) -> str:
+    """The method name, plus its non-default hyperparameters: ``rora (p=0.05)``."""
+    extra = nondefault_hparams(spec)
+    if not extra:
+        return spec["method"]
+    return spec["method"] + " (" + ", ".join(f"{HPARAM_SYMBOL[k]}={v:g}"
+                                             for k, v in extra.items()) + ")"
+
 
 #: Table 2 of the paper, BERT rows: (attack, task) -> method -> (CA, ASR, Δ)
 PAPER_TABLE2_BERT = {

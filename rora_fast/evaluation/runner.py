@@ -25,13 +25,13 @@ from .defences import (DefenceConfig, adapter_layers, build_defence, finish_defe
                        parse_method, set_scaling)
 from .metrics import backdoor_metrics
 from .poisoning import PROXY, PoisonConfig, poison_model
-from .presets import PRESETS, paper_row
+from .presets import DEFENCE_DEFAULTS, HPARAM_SYMBOL, PRESETS, method_label, paper_row
 from .spectra import (delta_stats, plot_ca_asr_curves, plot_layer_stats, plot_scale_sweep,
                       write_json)
 from .training import TrainConfig, predict, set_seed, train, trainable_state, load_trainable_state
 
 __all__ = ["RunSpec", "poison_config_for", "prepare_sets", "evaluate", "run_defence",
-           "write_summary", "run_spectra"]
+           "write_summary", "run_spectra", "run_rescale_sweep", "run_param_sweep"]
 
 
 @dataclass
@@ -50,12 +50,12 @@ class RunSpec:
     n_dev: Optional[int] = -1
     n_test: Optional[int] = -1
     max_length: Optional[int] = None
-    weight_dropout: float = 0.1
-    ortho_lambda: float = 10.0
-    ortho_rank: int = 32
-    rescale_layers: int = 3
-    r: int = 8
-    alpha: float = 16
+    weight_dropout: float = DEFENCE_DEFAULTS["weight_dropout"]
+    ortho_lambda: float = DEFENCE_DEFAULTS["ortho_lambda"]
+    ortho_rank: int = DEFENCE_DEFAULTS["ortho_rank"]
+    rescale_layers: int = DEFENCE_DEFAULTS["rescale_layers"]
+    r: int = DEFENCE_DEFAULTS["r"]
+    alpha: float = DEFENCE_DEFAULTS["alpha"]
     # attacker overrides (None: preset)
     poison_n_train: Optional[int] = -1
     poison_epochs: Optional[float] = None
@@ -83,6 +83,13 @@ class RunSpec:
         d["attack"] = get_attack(self.attack, self.trigger).name
         d["trigger"] = get_attack(self.attack, self.trigger).trigger
         parse_method(self.method)
+        for name, ok, rule in (("weight_dropout", 0.0 <= self.weight_dropout < 1.0, "in [0, 1)"),
+                               ("ortho_lambda", self.ortho_lambda >= 0, ">= 0"),
+                               ("ortho_rank", self.ortho_rank >= 1, ">= 1"),
+                               ("rescale_layers", self.rescale_layers >= 0, ">= 0"),
+                               ("r", self.r >= 1, ">= 1"), ("alpha", self.alpha > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if self.task not in PROXY:
             raise ValueError(f"no proxy dataset defined for task {self.task!r}; "
                              f"choose one of {', '.join(PROXY)}")
@@ -266,7 +273,7 @@ def summary_markdown(runs: List[Dict], title: str = "Results") -> str:
             brs = f"{_fmt(br['CA'])} / {_fmt(br['ASR'])}" if br else ""
             pp = r.get("paper_bert")
             pps = " / ".join(_fmt(float(x)) for x in pp) if pp else ""
-            lines.append(f"| {r['spec']['method']} | {r['lr']:g} | {r['train_log']['steps']} | "
+            lines.append(f"| {method_label(r['spec'])} | {r['lr']:g} | {r['train_log']['steps']} | "
                          f"{_fmt(m['CA'])} | {_fmt(m['ASR'])} | {_fmt(m['delta'])} | "
                          f"{_fmt(m['ASR_floor'])} | {brs} | {pps} | {r['train_seconds']:.0f} |")
         lines.append("")
@@ -287,7 +294,7 @@ def plot_results(runs: List[Dict], path: str, title: str = "Results") -> bool:
     import matplotlib.pyplot as plt
     runs = sorted(runs, key=lambda r: r.get("finished_at", 0))
     b = runs[0]["poisoned_baseline"]
-    labels = ["poisoned\n(no FT)"] + [r["spec"]["method"] for r in runs]
+    labels = ["poisoned\n(no FT)"] + [method_label(r["spec"]) for r in runs]
     rows = [b] + [r["metrics"] for r in runs]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels)), 4))
     w = 0.27
@@ -435,3 +442,81 @@ def run_rescale_sweep(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optiona
                        f"seed {s0.seed}: rescaling depth ({split})", "layers",
                        "top transformer blocks rescaled (0 = none)", f"% on the {split} split")
     return sweeps
+
+
+# ----------------------------------------------------------------------------- sensitivity
+#: hyperparameters ``run_param_sweep`` may vary, and the type their values take
+SWEEPABLE = {"weight_dropout": float, "ortho_lambda": float, "ortho_rank": int,
+             "rescale_layers": int, "r": int}
+
+
+def run_param_sweep(base: RunSpec, param: str, values: Sequence, out_dir: str,
+                    cache_dir: Optional[str], reuse: Sequence[str] = (), log=print) -> List[Dict]:
+    """Figure 5 of the paper: train ``base`` once per value of ``param`` (all else fixed) and
+    report CA / ASR / ASR floor on the test split, before and after rescaling.
+
+    A sensitivity study, not a model selection: the defaults stay the paper's, and the table
+    says so. Each value is one ``run_defence`` (resumable: finished runs are skipped); a run
+    already finished in a ``reuse`` folder (same run id, i.e. the same spec) is copied
+    instead of retrained. Writes ``sweep_<param>.json/.md/.png`` in ``out_dir``.
+    """
+    import shutil
+    if param not in SWEEPABLE:
+        raise ValueError(f"cannot sweep {param!r}; choose one of {', '.join(SWEEPABLE)}")
+    if parse_method(base.method).kind != "rora":
+        raise ValueError(f"a {param} sweep needs a rora_fast method, got {base.method!r}")
+    if not values:
+        raise ValueError("no values to sweep")
+    values = sorted({SWEEPABLE[param](v) for v in values})  # a curve: ascending, no repeats
+    specs = [dataclasses.replace(base, **{param: v}) for v in values]
+    for spec in specs:  # every value checked before the first (long) run starts
+        spec.resolved()
+    rows = []
+    for v, spec in zip(values, specs):
+        rid = run_id(spec)
+        dst = os.path.join(out_dir, "runs", rid + ".json")
+        for folder in reuse:
+            src = os.path.join(folder, "runs", rid + ".json")
+            if not os.path.exists(dst) and os.path.exists(src):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(src, dst)
+                log(f"{param}={v}: reusing {src}")
+        r = run_defence(spec, out_dir, cache_dir, log=log)
+        br = r.get("before_rescale") or {}
+        rows.append({param: v, **r["metrics"],
+                     "CA_before_rescale": br.get("CA"), "ASR_before_rescale": br.get("ASR"),
+                     "selected_dev_acc": r["train_log"].get("selected_dev_acc"),
+                     "run": os.path.relpath(dst, out_dir)})
+    os.makedirs(out_dir, exist_ok=True)
+    sym = HPARAM_SYMBOL[param]
+    default = DEFENCE_DEFAULTS.get(param)
+    setting = (f"{base.task} ← {PROXY[base.task]}, {base.attack}, {base.method}, "
+               f"preset {base.preset}, seed {base.seed}")
+    write_json({"param": param, "default": default, "split": "test", "rows": rows,
+                "base_spec": dataclasses.asdict(base)},
+               os.path.join(out_dir, f"sweep_{param}.json"))
+    md = [f"# Sensitivity to {sym} ({param}): {setting}", "",
+          f"Test split; each row a separate training run, everything else at its default "
+          f"(default {sym} = {default:g}). A sensitivity study as in the paper's Figure 5, "
+          f"not a selection: the defaults are not changed by it.", "",
+          f"| {sym} | CA | ASR | Δ | ASR floor | CA / ASR before rescale | dev acc | run |",
+          "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        mark = " (default)" if row[param] == default else ""
+        md.append(f"| {row[param]:g}{mark} | {_fmt(row['CA'])} | {_fmt(row['ASR'])} | "
+                  f"{_fmt(row['delta'])} | {_fmt(row['ASR_floor'])} | "
+                  f"{_fmt(row['CA_before_rescale'])} / {_fmt(row['ASR_before_rescale'])} | "
+                  f"{_fmt(row['selected_dev_acc'])} | `{row['run']}` |")
+    md += ["", f"![CA and ASR against {sym}](sweep_{param}.png)", ""]
+    with open(os.path.join(out_dir, f"sweep_{param}.md"), "w") as f:
+        f.write("\n".join(md))
+    curves = {base.method: rows,
+              f"{base.method} before rescale": [{param: r[param], "CA": r["CA_before_rescale"],
+                                                 "ASR": r["ASR_before_rescale"]} for r in rows
+                                                if r["CA_before_rescale"] is not None]}
+    plot_ca_asr_curves({k: v for k, v in curves.items() if v},
+                       os.path.join(out_dir, f"sweep_{param}.png"),
+                       f"{setting}: sensitivity to {sym} (test)", param,
+                       f"{sym} ({param}; default {default:g})", "% on the test split")
+    write_summary(out_dir, f"{base.task} ← {base.attack}: sensitivity to {sym}")
+    return rows
