@@ -98,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="0,1,2,3,4,5,6", help="comma list of block counts")
     p.add_argument("--split", choices=("dev", "test"), default="dev",
                    help="measure on the clean dev split (default) or the test split")
+    p = sub.add_parser("sweep", help="paper Figure 5: CA / ASR against one RoRA hyperparameter "
+                                     "(p, λ, ...), one training run per value (test split)")
+    _common(p, "rora")
+    p.add_argument("--param", required=True,
+                   help="weight_dropout (p), ortho_lambda (λ), ortho_rank (k), rescale_layers or r")
+    p.add_argument("--values", default=None,
+                   help="comma list (default: the paper's Figure 5 grid for p and λ)")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="a `defend --out` folder whose finished runs with the same spec are "
+                        "copied instead of retrained (repeatable)")
     p = sub.add_parser("report", help="one overview table + figure across every results "
                                       "folder under ROOT (overview.md, overview.png)")
     p.add_argument("root", help="folder holding `rora-fast defend --out` folders, any depth")
@@ -248,6 +258,33 @@ def cmd_rescale_sweep(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .evaluation.presets import PAPER_FIG5_GRID
+    from .evaluation.runner import SWEEPABLE, run_param_sweep
+    if args.param not in SWEEPABLE:
+        raise ValueError(f"--param: cannot sweep {args.param!r}; choose one of "
+                         f"{', '.join(SWEEPABLE)}")
+    if args.values is None:
+        if args.param not in PAPER_FIG5_GRID:
+            raise ValueError(f"--values is required for --param {args.param}")
+        values = list(PAPER_FIG5_GRID[args.param])
+    else:
+        try:
+            values = [SWEEPABLE[args.param](x) for x in args.values.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--values must be a comma list of numbers, got {args.values!r}")
+    methods = args.methods.split(",")
+    if len(methods) != 1:
+        raise ValueError(f"--methods: a sweep takes one method, got {args.methods!r}")
+    out = args.out or os.path.join("rora_fast_results",
+                                   f"sweep-{args.task}-{args.attack}-{args.preset}")
+    run_param_sweep(_spec(args, methods[0]), args.param, values, out, _cache(args),
+                    reuse=args.reuse)
+    print(open(os.path.join(out, f"sweep_{args.param}.md")).read())
+    print(f"wrote {out}/sweep_{args.param}.json, .md and .png")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .evaluation.overview import write_overview
     print(write_overview(args.root, args.title))
@@ -268,7 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _setup(args)
         return {"demo": cmd_demo, "poison": cmd_poison, "defend": cmd_defend,
                 "evaluate": cmd_evaluate, "spectra": cmd_spectra,
-                "rescale-sweep": cmd_rescale_sweep}[args.cmd](args)
+                "rescale-sweep": cmd_rescale_sweep, "sweep": cmd_sweep}[args.cmd](args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         # includes TriggerError, PoisoningFailed and CorruptCacheError
         print(f"rora-fast {args.cmd}: error: {e}", file=sys.stderr)
