@@ -103,7 +103,8 @@ def test_randomized_basis_matches_exact(shape, k):
     assert abs(float(u0 @ rb.U[:, 0])) > 0.99
     if shape[0] * shape[1] <= 1536 * 384:
         eb = spectral_basis(W, k, method="exact", cache_dir=None)
-        assert abs(_captured_energy(W, eb.V) - exact_energy) <= 1e-6 * exact_energy
+        # float32 LAPACK SVD: 1.3e-6 relative seen on an AMD EPYC (below 1e-6 on a Xeon)
+        assert abs(_captured_energy(W, eb.V) - exact_energy) <= 1e-5 * exact_energy
         assert eb.sigma_max == pytest.approx(S[0].item(), rel=1e-5)
         torch.testing.assert_close(eb.S, S[:k].float(), rtol=1e-5, atol=1e-5)
 

@@ -82,7 +82,10 @@ def run(model, x0, is_peft, train, seed=11):
     return y.detach(), grads
 
 
-def compare(rora, pm, train, atol=2e-6):
+def compare(rora, pm, train, atol=1e-5):
+    # float32, gradients of order 1-10: 1e-5 is a few ulps of the largest entries. 2e-6 held
+    # on an AVX-512 Xeon but not on an AMD EPYC, where PEFT's and our summation orders round
+    # one small entry 3e-6 apart.
     x0 = torch.randn(6, 12, generator=torch.Generator().manual_seed(2))
     ya, ga = run(rora, x0, False, train)
     yb, gb = run(pm, x0, True, train)
