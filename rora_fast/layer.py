@@ -283,6 +283,17 @@ class RoraLinear(nn.Module):
             raise ValueError(f"input is on {x.device} but the layer's weight is on "
                              f"{self.weight.device}")
 
+    # Hooks for bases that are not a dense nn.Linear weight (quantized bases override
+    # them): the dense W for one call, and the eval-mode base output.
+    def _base_weight(self, cdtype: torch.dtype) -> torch.Tensor:
+        """The dense base weight ``W`` (out x in) in ``cdtype`` for one call."""
+        return self.weight.to(cdtype)
+
+    def _base_eval_output(self, x: torch.Tensor, b: Optional[torch.Tensor],
+                          cdtype: torch.dtype) -> torch.Tensor:
+        """``x Wᵀ + b`` in eval mode (no weight dropout)."""
+        return nn.functional.linear(x, self._base_weight(cdtype), b)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         dev = x.device.type
@@ -297,16 +308,17 @@ class RoraLinear(nn.Module):
         if x.dtype != cdtype:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {cdtype} "
                             "(cast the input or use torch.autocast)")
-        W = self.weight.to(cdtype)
         b = self.bias.to(cdtype) if self.bias is not None else None
         A = self.lora_A.to(cdtype)
         B = self.lora_B.to(cdtype)
         if not self.training:
             lora = self.scaling * ((x @ A.t()) @ B.t())
             if self.use_dora:
+                W = self._base_weight(cdtype)
                 y = nn.functional.linear(x, W) + lora
                 return self._dora_output(y, b, x, x, W, A, B, cdtype, None)
-            return nn.functional.linear(x, W, b) + lora
+            return self._base_eval_output(x, b, cdtype) + lora
+        W = self._base_weight(cdtype)
         if self.penalty_mode == "optimizer" and self.ortho_lambda and not self._penalty_attached:
             raise RuntimeError("penalty_mode='optimizer' but no optimizer is attached: call "
                                "rora_fast.attach_penalty(optimizer, model) before training")
