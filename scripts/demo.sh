@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e .
+python -m pip install -q -e '.[eval]'
 rora-fast demo "$@"
