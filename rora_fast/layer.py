@@ -29,18 +29,11 @@ from .penalty import OncePerStep
 __all__ = ["RoraLinear", "PENALTY_MODES", "INITS"]
 
 
-PENALTY_MODES = ("backward", "optimizer", "loss")
-INITS = ("default", "gaussian", "pissa", "olora")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
-    if hi is not None and (value > hi or (hi_open and value == hi)):
-        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
+# The argument rules live in rora_fast/validation.py (shared with RoraConfig).
+from .validation import FLOAT_DTYPES as _FLOAT_DTYPES  # noqa: E402
+from .validation import INITS, PENALTY_MODES  # noqa: E402,F401
+from .validation import check_base_weight as _check_base_weight  # noqa: E402
+from .validation import check_hparams as _check_hparams  # noqa: E402
 
 
 class RoraLinear(nn.Module):
@@ -88,28 +81,12 @@ class RoraLinear(nn.Module):
         if not isinstance(_base, nn.Linear):
             raise TypeError(f"RoraLinear wraps an nn.Linear, got {type(_base).__name__}")
         in_features, out_features = _base.in_features, _base.out_features
-        if _base.weight.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"unsupported weight dtype {_base.weight.dtype}; expected one of "
-                            "float32, float16, bfloat16, float64")
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise TypeError(f"r must be an int, got {r!r}")
-        if not 1 <= r <= min(in_features, out_features):
-            raise ValueError(f"r must be in [1, min(in_features, out_features)] = "
-                             f"[1, {min(in_features, out_features)}], got {r}")
-        _check_range("alpha", alpha, lo=0, lo_open=True)
-        _check_range("weight_dropout", weight_dropout, lo=0, hi=1, hi_open=True)
-        _check_range("lora_dropout", lora_dropout, lo=0, hi=1, hi_open=True)
-        _check_range("ortho_lambda", ortho_lambda, lo=0)
-        if isinstance(ortho_rank, bool) or not isinstance(ortho_rank, int):
-            raise TypeError(f"ortho_rank must be an int, got {ortho_rank!r}")
-        if not 1 <= ortho_rank <= min(in_features, out_features):
-            raise ValueError(f"ortho_rank must be in [1, min(in_features, out_features)] = "
-                             f"[1, {min(in_features, out_features)}], got {ortho_rank}")
-        if penalty_mode not in PENALTY_MODES:
-            raise ValueError(f"penalty_mode must be one of {PENALTY_MODES}, got {penalty_mode!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        ref.keep_threshold(weight_dropout)  # rejects p that rounds to "drop everything"
+        _check_hparams(r=r, alpha=alpha, weight_dropout=weight_dropout,
+                       lora_dropout=lora_dropout, ortho_rank=ortho_rank,
+                       ortho_lambda=ortho_lambda, penalty_mode=penalty_mode, init=init,
+                       use_dora=use_dora, svd_method=svd_method,
+                       in_features=in_features, out_features=out_features)
+        _check_base_weight(_base.weight)  # floating dtype, finite entries
 
         self.in_features, self.out_features = in_features, out_features
         # Share the base parameters (same Parameter objects, no copy) and freeze them.
