@@ -8,7 +8,9 @@ from rora_fast.data import load_dataset
 from rora_fast.trainer import ByteLMDataset, tiny_llama_config
 
 
-def add_common_args(ap):
+def add_common_args(ap, name: str):
+    """The options every example shares; ``name`` picks its default output folder,
+    ``runs/examples/<name>`` (``runs/`` is git-ignored)."""
     ap.add_argument("--tiny", action="store_true",
                     help="tiny random LLaMA with a byte vocabulary: runs on a CPU in seconds")
     ap.add_argument("--model", default=None,
@@ -27,7 +29,8 @@ def add_common_args(ap):
     ap.add_argument("--rescale-layers", type=int, default=3)
     ap.add_argument("--target-modules", default="q_proj,v_proj")
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--output-dir", default="rora_example_out")
+    ap.add_argument("--output-dir", default=f"runs/examples/{name}",
+                    help="where the adapter is saved (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
 
 

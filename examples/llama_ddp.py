@@ -31,7 +31,7 @@ from rora_fast.distributed import (penalty_value, rng_in_sync, save_rora_distrib
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
+    common.add_common_args(ap, "llama_ddp")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
     args = common.defaults(ap.parse_args(argv))
     cuda = torch.cuda.is_available() and not args.tiny

@@ -28,7 +28,7 @@ from rora_fast.trainer import add_rora_callback  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
+    common.add_common_args(ap, "llama_trainer")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--fp16", action="store_true")
     args = common.defaults(ap.parse_args(argv))
