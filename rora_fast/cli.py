@@ -108,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="append", default=[], metavar="DIR",
                    help="a `defend --out` folder whose finished runs with the same spec are "
                         "copied instead of retrained (repeatable)")
+    p = sub.add_parser("seeds", help="one setting over several seeds: mean, sd and 95 %% "
+                                     "t-interval of CA / ASR / Δ / ASR floor per method, paired "
+                                     "RoRA − LoRA (resumable; keeps each trained adapter)")
+    _common(p, "lora,lora+rescale,rora")
+    p.add_argument("--seeds", default="0-4", help="seeds: comma list or ranges, e.g. 0-4 or 2,5")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="a `defend --out` folder whose finished runs with the same spec (run "
+                        "id) are copied instead of retrained (repeatable)")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="only recompute seeds.json / seeds.md / seeds.png from --out")
     p = sub.add_parser("report", help="one overview table + figure across every results "
                                       "folder under ROOT (overview.md, overview.png)")
     p.add_argument("root", help="folder holding `rora-fast defend --out` folders, any depth")
@@ -152,8 +162,10 @@ def _setup(args) -> None:
     get_attack(args.attack, args.trigger)
     if getattr(args, "methods", None):
         from .evaluation.defences import parse_method
+        from .evaluation.seeds import POSTHOC
         for m in args.methods.split(","):
-            parse_method(m)
+            if not (args.cmd == "seeds" and m in POSTHOC):
+                parse_method(m)
 
 
 def _cache(args) -> str:
@@ -285,6 +297,24 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_seeds(args) -> int:
+    from .evaluation.seeds import aggregate_markdown, parse_seeds, run_seeds, write_aggregate
+    out = args.out or os.path.join("rora_fast_results",
+                                   f"seeds-{args.task}-{args.attack}-{args.preset}")
+    if args.aggregate_only:
+        agg = write_aggregate(out)
+    else:
+        seeds = parse_seeds(args.seeds)
+        for folder in args.reuse:
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"--reuse: no such folder {folder!r}")
+        agg = run_seeds(_spec(args, "lora"), args.methods.split(","), seeds, out, _cache(args),
+                        reuse=args.reuse)
+    print(aggregate_markdown(agg, f"{args.task} ← {args.attack}: seeds"))
+    print(f"wrote {out}/seeds.json, seeds.md, seeds.png")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .evaluation.overview import write_overview
     print(write_overview(args.root, args.title))
@@ -305,7 +335,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _setup(args)
         return {"demo": cmd_demo, "poison": cmd_poison, "defend": cmd_defend,
                 "evaluate": cmd_evaluate, "spectra": cmd_spectra,
-                "rescale-sweep": cmd_rescale_sweep, "sweep": cmd_sweep}[args.cmd](args)
+                "rescale-sweep": cmd_rescale_sweep, "sweep": cmd_sweep,
+                "seeds": cmd_seeds}[args.cmd](args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         # includes TriggerError, PoisoningFailed and CorruptCacheError
         print(f"rora-fast {args.cmd}: error: {e}", file=sys.stderr)

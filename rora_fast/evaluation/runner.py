@@ -142,8 +142,12 @@ def _fft_linear_weights(model) -> Dict[str, torch.Tensor]:
 
 def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
                 rebuild_poison: bool = False, log=print, force: bool = False,
-                save_state: bool = True) -> Dict:
-    """One (task, attack, method, seed) run.  Writes ``<out_dir>/runs/<run_id>.json``."""
+                save_state: bool = True, adapter_dir: Optional[str] = None) -> Dict:
+    """One (task, attack, method, seed) run.  Writes ``<out_dir>/runs/<run_id>.json``.
+
+    The trained adapter (trainable parameters before any rescaling, safetensors) is saved
+    to ``<cache_dir>/defended/<run_id>.safetensors`` or, with ``adapter_dir``, to
+    ``<adapter_dir>/<run_id>.safetensors`` (written atomically, before the result JSON)."""
     res_spec = spec.resolved()
     rid = run_id(spec)
     path = os.path.join(out_dir, "runs", rid + ".json")
@@ -203,11 +207,16 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
         pairs = [(n, W, s * BA) for n, W, BA, s, _ in adapter_layers(model)]
     if pairs:
         result["layer_spectra"] = delta_stats(pairs)
-    if save_state and cache_dir is not None and method.kind != "fft":
+    state_dir = adapter_dir or (os.path.join(cache_dir, "defended") if cache_dir else None)
+    if save_state and state_dir is not None and method.kind != "fft":
         from safetensors.torch import save_file
-        os.makedirs(os.path.join(cache_dir, "defended"), exist_ok=True)
+        os.makedirs(state_dir, exist_ok=True)
+        state_path = os.path.join(state_dir, rid + ".safetensors")
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()},
-                  os.path.join(cache_dir, "defended", rid + ".safetensors"))
+                  state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+        if adapter_dir is not None:
+            result["adapter"] = os.path.relpath(state_path, out_dir)
     if method.kind == "rora" and method.pt:
         result["before_rescale"] = evaluate(model, tok, sets, L, attack.target_label)
         result["rescale"] = finish_defence(model, method, dcfg)
