@@ -1,17 +1,29 @@
-"""Model-level API: apply RoRA to a model, rescale, merge, save, load, export."""
+"""Model-level API: apply RoRA to a model, rescale, merge (this module), save, load,
+export (:mod:`rora_fast.persistence`, re-exported here).
+
+Every function here that changes a model is all-or-nothing: it checks what it can
+before changing anything (targets, shapes, ranks, finite base weights, saved
+adapters), and if something still fails midway it puts the model back exactly as it
+was -- module tree, parameters and buffers, ``requires_grad`` flags, the weights it
+wrote and the layers' scales (:class:`ModelState`).
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import copy
+import math
 import re
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .layer import INITS, PENALTY_MODES, RoraLinear
+from . import validation as V
+from .config import RoraConfig
+from .layer import RoraLinear
+# rora_penalty / attach_penalty live in penalty.py (re-exported here for compatibility).
+from .penalty import attach_penalty, rora_penalty  # noqa: E402,F401
 
 __all__ = [
     "RoraConfig",
@@ -24,78 +36,96 @@ __all__ = [
     "save_rora",
     "load_rora",
     "export_peft_adapter",
+    "verify_adapter",
     "block_index",
     "default_target_modules",
+    "ModelState",
 ]
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "rora_config.json"
-WEIGHTS_NAME = "rora_adapter.safetensors"
 _HEAD_NAMES = ("classifier", "score")
 _OUTPUT_NAMES = ("lm_head", "classifier", "score", "cls", "qa_outputs", "output_layer")
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)(?:\.|$)")
+_MISSING = object()
 
 
-@dataclass
-class RoraConfig:
-    """Hyper-parameters of RoRA for a whole model (paper defaults).
+# ---------------------------------------------------------------------- all-or-nothing
+class ModelState:
+    """What a model change may touch, recorded so that :meth:`restore` puts it back
+    exactly: every module's child modules, parameters and buffers (the objects), every
+    parameter's ``requires_grad``, copies of the given ``tensors`` (those the change
+    writes in place) and the given ``(object, attribute)`` values (``_MISSING``-aware:
+    an attribute that did not exist is deleted again).
 
-    ``target_modules``: ``None`` (PEFT's per-architecture default, e.g. ``query``/``value``
-    for BERT and RoBERTa, ``q_proj``/``v_proj`` for LLaMA), a list of module-name
-    suffixes, a regular expression (full match on the module name) or ``"all-linear"``.
-    ``modules_to_save``: modules trained fully (``None``: the classification head,
-    ``classifier`` or ``score``, if the model has one).
-    """
+    Cost: references for the tree, plus one copy of each tensor in ``tensors`` -- pass
+    only what the change writes (adapters, or the base weights a merge or a
+    PiSSA/OLoRA fold rewrites)."""
 
-    r: int = 8
-    alpha: float = 16
-    weight_dropout: float = 0.1
-    lora_dropout: float = 0.0
-    ortho_rank: int = 32
-    ortho_lambda: float = 10.0
-    target_modules: Optional[Union[str, List[str]]] = None
-    modules_to_save: Optional[List[str]] = None
-    rescale_layers: int = 3
-    init: str = "default"
-    use_dora: bool = False
-    penalty_mode: str = "backward"
-    svd_method: str = "auto"
+    def __init__(self, model: nn.Module, tensors: Iterable[torch.Tensor] = (),
+                 attrs: Iterable[Tuple[object, str]] = ()):
+        self.modules = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers))
+                        for m in model.modules()]
+        seen = set()
+        self.flags = []
+        for _, _, params, _ in self.modules:
+            for p in params.values():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    self.flags.append((p, p.requires_grad))
+        self.data = []
+        seen = set()
+        for t in tensors:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                self.data.append((t, t.detach().clone()))
+        self.attrs = [(obj, name, copy.copy(getattr(obj, name, _MISSING)))
+                      for obj, name in attrs]
 
-    def __post_init__(self):
-        if self.svd_method not in ("auto", "exact", "randomized"):
-            raise ValueError(f"svd_method must be auto, exact or randomized, got "
-                             f"{self.svd_method!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.penalty_mode not in PENALTY_MODES:
-            raise ValueError(f"penalty_mode must be one of {PENALTY_MODES}, got "
-                             f"{self.penalty_mode!r}")
-        if isinstance(self.rescale_layers, bool) or not isinstance(self.rescale_layers, int) \
-                or self.rescale_layers < 0:
-            raise ValueError(f"rescale_layers must be an int >= 0, got {self.rescale_layers!r}")
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.modules_to_save, tuple):
-            self.modules_to_save = list(self.modules_to_save)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RoraConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown RoraConfig fields {sorted(unknown)}")
-        return cls(**d)
-
-    def layer_kwargs(self) -> dict:
-        return dict(r=self.r, alpha=self.alpha, weight_dropout=self.weight_dropout,
-                    lora_dropout=self.lora_dropout, ortho_rank=self.ortho_rank,
-                    ortho_lambda=self.ortho_lambda, penalty_mode=self.penalty_mode,
-                    init=self.init, use_dora=self.use_dora, svd_method=self.svd_method)
+    def restore(self) -> None:
+        for m, children, params, buffers in self.modules:
+            for d, saved in ((m._modules, children), (m._parameters, params),
+                             (m._buffers, buffers)):
+                d.clear()
+                d.update(saved)
+        with torch.no_grad():
+            for t, saved in self.data:
+                t.copy_(saved)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        for obj, name, value in self.attrs:
+            if value is _MISSING:
+                if name in getattr(obj, "__dict__", {}):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, value)
 
 
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module, tensors: Iterable[torch.Tensor] = (),
+                   attrs: Iterable[Tuple[object, str]] = ()):
+    """Run the block as one change of ``model``: on any exception (``KeyboardInterrupt``
+    included) the model is restored (:class:`ModelState`) and the exception re-raised."""
+    state = ModelState(model, tensors, attrs)
+    try:
+        yield state
+    except BaseException:
+        state.restore()
+        raise
+
+
+def _layer_attrs(layer) -> List[Tuple[object, str]]:
+    return [(layer, n) for n in ("scaling", "rescaled", "init_scaling")]
+
+
+def _reraise_named(e: Exception, name: str):
+    """The same exception type with the module name in front of the message."""
+    try:
+        new = type(e)(f"{name}: {e}")
+    except Exception:  # an exception type that does not take one message
+        raise e
+    raise new from e
+
+
+# ---------------------------------------------------------------------- targets
 def default_target_modules(model: nn.Module) -> List[str]:
     """PEFT's default LoRA targets for the model's architecture."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M
@@ -141,15 +171,14 @@ def _resolve_modules_to_save(model: nn.Module, config: RoraConfig) -> List[str]:
     return [n for n in _HEAD_NAMES if n in names]
 
 
-def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
-               progress: bool = False) -> nn.Module:
-    """Replace the target ``nn.Linear`` modules of ``model`` with :class:`RoraLinear`,
-    in place, and freeze everything else except ``config.modules_to_save``.
-
-    Returns the model. Raises if the targets match nothing or match a module that is
-    not an ``nn.Linear``.
-    """
-    config = config or RoraConfig()
+def plan_rora(model: nn.Module, config: RoraConfig) -> Tuple[List[str], List[str]]:
+    """What :func:`apply_rora` would do, checked without changing anything: returns
+    ``(target layer names, modules_to_save)``. Raises (naming the module) for a model
+    that already has RoRA layers, targets that match nothing or a non-``nn.Linear``,
+    a rank or ``ortho_rank`` too large for a target's shape, a base weight that is not
+    floating point or not finite, and ``modules_to_save`` entries that match nothing."""
+    if not isinstance(config, RoraConfig):
+        raise TypeError(f"config must be a RoraConfig, got {type(config).__name__}")
     if any(True for _ in rora_layers(model)):
         raise ValueError("the model already has RoRA layers; apply_rora twice would wrap "
                          "them again")
@@ -175,67 +204,54 @@ def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
     if not chosen:
         raise ValueError(f"target_modules {target!r} match no nn.Linear in "
                          f"{type(model).__name__}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    iterator: Iterable[str] = chosen
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(chosen, desc="RoRA: SVD bases", unit="layer")
-    for name in iterator:
-        linear = model.get_submodule(name)
-        _set_submodule(model, name, RoraLinear.from_linear(linear, **config.layer_kwargs()))
+    for name in chosen:
+        lin = model.get_submodule(name)
+        V.check_layer_shape(config.r, config.ortho_rank, lin.in_features, lin.out_features,
+                            name=name)
+        V.check_base_weight(lin.weight, name=name)
+    names = [n for n, _ in model.named_modules()]
     for s in save:
-        found = False
-        for name, module in model.named_modules():
-            if name == s or name.endswith("." + s):
-                found = True
-                for p in module.parameters():
-                    p.requires_grad_(True)
-        if not found:
+        if not any(n == s or n.endswith("." + s) for n in names):
             raise ValueError(f"modules_to_save entry {s!r} matches no module")
-    model.rora_config = config
-    return model
+    return chosen, save
 
 
-def rora_penalty(model: nn.Module) -> torch.Tensor:
-    """The current ``λ Σ_layers Ω(A, B)`` of the model.
+def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
+               progress: bool = False) -> nn.Module:
+    """Replace the target ``nn.Linear`` modules of ``model`` with :class:`RoraLinear`,
+    in place, and freeze everything else except ``config.modules_to_save``.
 
-    With ``penalty_mode="loss"`` it is differentiable: add it to the loss. In the
-    other modes the layers apply the penalty's gradient themselves and this value is
-    detached (for logging only), so adding it to a loss cannot count it twice.
+    Returns the model. Everything is checked first (:func:`plan_rora`); if wrapping
+    still fails on some layer, the model is restored exactly (nothing wrapped, nothing
+    frozen) and the error names the layer.
     """
-    values = [layer.penalty() for _, layer in rora_layers(model)]
-    from .peft_integration import peft_rora_layers
+    config = RoraConfig() if config is None else config
+    chosen, save = plan_rora(model, config)
+    # PiSSA/OLoRA rewrite the base weight in place: keep copies to undo that
+    rewritten = [model.get_submodule(n).weight for n in chosen] \
+        if config.init in ("pissa", "olora") else []
+    with all_or_nothing(model, rewritten, [(model, "rora_config")]):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        iterator: Iterable[str] = chosen
+        if progress:
+            from tqdm.auto import tqdm
 
-    values += [layer.rora_penalty() for _, layer in peft_rora_layers(model)]
-    if not values:
-        raise ValueError("the model has no RoRA layers")
-    total = values[0]
-    for v in values[1:]:
-        total = total + v.to(total.device)
-    return total
-
-
-def attach_penalty(optimizer: torch.optim.Optimizer, model: nn.Module):
-    """For ``penalty_mode="optimizer"``: add ``λ∇Ω`` to the adapter gradients in a
-    pre-step hook of ``optimizer``, exactly once per ``optimizer.step()`` (after AMP's
-    gradient unscaling, before the update). Returns the hook handle."""
-    layers = [layer for _, layer in rora_layers(model) if layer.penalty_mode == "optimizer"]
-    if not layers:
-        raise ValueError("the model has no RoRA layer with penalty_mode='optimizer'")
-    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    for layer in layers:
-        if id(layer.lora_A) not in owned and id(layer.lora_B) not in owned:
-            raise ValueError("the optimizer does not hold the adapters of the model's RoRA "
-                             "layers")
-        layer._penalty_attached = True
-
-    def hook(opt, args, kwargs):
-        for layer in layers:
-            layer.add_penalty_grad_()
-
-    return optimizer.register_step_pre_hook(hook)
+            iterator = tqdm(chosen, desc="RoRA: SVD bases", unit="layer")
+        for name in iterator:
+            linear = model.get_submodule(name)
+            try:
+                layer = RoraLinear.from_linear(linear, **config.layer_kwargs())
+            except Exception as e:
+                _reraise_named(e, name)
+            _set_submodule(model, name, layer)
+        for s in save:
+            for name, module in model.named_modules():
+                if name == s or name.endswith("." + s):
+                    for p in module.parameters():
+                        p.requires_grad_(True)
+        model.rora_config = config
+    return model
 
 
 def block_index(name: str) -> Optional[int]:
@@ -261,6 +277,8 @@ def select_top_blocks(model: nn.Module, candidates: List[str],
                              "pass an explicit list of layer names")
         first = max(indices) - layers + 1
         return [n for n in candidates if block_index(n) is not None and block_index(n) >= first]
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be an int or a list of names, got the string {layers!r}")
     names = list(layers)
     missing = [n for n in names if n not in candidates]
     if missing:
@@ -275,6 +293,10 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
     ``layers``: an int ``n`` rescales the RoRA layers of the last ``n`` transformer
     blocks (block index read from module names; default ``config.rescale_layers`` or
     3); a list of module names rescales exactly those. Returns ``{name: s}``.
+
+    All or nothing: every chosen layer's new scale is computed and checked (finite,
+    > 0: a zero update is an error naming the layer) before any layer changes; a
+    failure while applying them restores every scale and weight.
     """
     rl = dict(rora_layers(model))
     if not rl:
@@ -282,206 +304,50 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
     if layers is None:
         layers = getattr(getattr(model, "rora_config", None), "rescale_layers", 3)
     names = select_top_blocks(model, list(rl), layers)
+    for n in names:  # check every layer before changing any
+        lay = rl[n]
+        sd = lay.sigma_delta()
+        if not sd > 0 or not math.isfinite(sd):
+            raise ValueError(f"{n}: cannot rescale: the adapter's update is zero or not "
+                             f"finite (σ_max = {sd}; was the layer trained?)")
+        s = lay.sigma_pre / sd
+        if not s > 0 or not math.isfinite(s):
+            raise ValueError(f"{n}: cannot rescale: σ_max(W_pre) / σ_max(update) = "
+                             f"{lay.sigma_pre} / {sd} is not a finite positive scale")
+    rewritten = [rl[n].weight for n in names if getattr(rl[n], "lora_A0", None) is not None]
+    attrs = [a for n in names for a in _layer_attrs(rl[n])]
     out = {}
-    for n in names:
-        try:
-            out[n] = rl[n].spectral_rescale_()
-        except ValueError as e:
-            raise ValueError(f"{n}: {e}") from None
+    with all_or_nothing(model, rewritten, attrs):
+        for n in names:
+            try:
+                out[n] = rl[n].spectral_rescale_()
+            except ValueError as e:
+                raise ValueError(f"{n}: {e}") from None
     return out
 
 
 def merge_rora(model: nn.Module) -> nn.Module:
     """Fold every RoRA layer's adapter into its base weight, leaving plain ``nn.Linear``s.
 
-    The eval output is unchanged. The base weights are updated in place.
+    The eval output is unchanged. The base weights are updated in place. All or
+    nothing: the base weights are copied first (one copy of the adapted layers'
+    weights) and restored, with the RoRA layers, if any merge fails or gives a
+    non-finite weight.
     """
-    for name, layer in list(rora_layers(model)):
-        _set_submodule(model, name, layer.merged_linear())
-    if hasattr(model, "rora_config"):
-        del model.rora_config
+    layers = list(rora_layers(model))
+    with all_or_nothing(model, [lay.weight for _, lay in layers], [(model, "rora_config")]):
+        for name, layer in layers:
+            lin = layer.merged_linear()
+            if not bool(torch.isfinite(lin.weight).all()):
+                raise ValueError(f"{name}: merging gives a non-finite weight (adapter or "
+                                 "DoRA magnitude not finite?); the model was left unmerged")
+            _set_submodule(model, name, lin)
+        if hasattr(model, "rora_config"):
+            del model.rora_config
     return model
 
 
 # ---------------------------------------------------------------------- save / load
-def _extra_trainable(model: nn.Module) -> Dict[str, torch.Tensor]:
-    rl = {n for n, _ in rora_layers(model)}
-    out = {}
-    for name, p in model.named_parameters():
-        owner = name.rpartition(".")[0]
-        if owner in rl:
-            continue
-        if p.requires_grad:
-            out[name] = p
-    return out
-
-
-def _layer_tensors(layer: RoraLinear) -> Dict[str, torch.Tensor]:
-    t = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
-    if layer.lora_magnitude is not None:
-        t["lora_magnitude"] = layer.lora_magnitude
-    if getattr(layer, "lora_A0", None) is not None:
-        t["lora_A0"] = layer.lora_A0
-        t["lora_B0"] = layer.lora_B0
-    return t
-
-
-def save_rora(model: nn.Module, path: Union[str, Path]) -> Path:
-    """Save the adapters (and the trainable head) to ``path/`` as safetensors + JSON."""
-    from safetensors.torch import save_file
-
-    config = getattr(model, "rora_config", None)
-    layers = dict(rora_layers(model))
-    if config is None or not layers:
-        raise ValueError("the model has no RoRA layers (call apply_rora first)")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    meta = {}
-    for name, layer in layers.items():
-        for k, v in _layer_tensors(layer).items():
-            tensors[f"rora.{name}.{k}"] = v.detach().contiguous().cpu()
-        meta[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
-                      "scaling": layer.scaling, "sigma_pre": layer.sigma_pre,
-                      "rescaled": layer.rescaled}
-        if getattr(layer, "lora_A0", None) is not None:
-            # PiSSA/OLoRA: the base is W_pre − init_scaling·B₀A₀ (moves when rescaled)
-            meta[name]["init_scaling"] = layer.init_scaling
-    for name, p in _extra_trainable(model).items():
-        tensors[f"extra.{name}"] = p.detach().contiguous().cpu()
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "rora-fast",
-                                                            "version": str(FORMAT_VERSION)})
-    doc = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": meta}
-    (path / CONFIG_NAME).write_text(json.dumps(doc, indent=2))
-    return path
-
-
-def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
-    """Load adapters saved by :func:`save_rora` into ``model``.
-
-    ``model`` is either the same architecture without RoRA (RoRA is applied with the
-    saved config first) or a model already wrapped with an equal config. Shapes, layer
-    names and config are checked; a mismatch raises a ``ValueError`` naming it.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not cfg_file.exists() or not w_file.exists():
-        raise FileNotFoundError(f"{path} has no {CONFIG_NAME} and {WEIGHTS_NAME}")
-    doc = json.loads(cfg_file.read_text())
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported rora-fast format version {doc.get('format_version')}")
-    saved_cfg = RoraConfig.from_dict(doc["config"])
-    have = getattr(model, "rora_config", None)
-    if have is None:
-        apply_rora(model, saved_cfg)
-    else:
-        for f in fields(RoraConfig):
-            a, b = getattr(have, f.name), getattr(saved_cfg, f.name)
-            if f.name in ("penalty_mode", "svd_method"):
-                continue
-            if a != b:
-                raise ValueError(f"config mismatch in {f.name}: model has {a!r}, file has {b!r}")
-    layers = dict(rora_layers(model))
-    meta = doc["layers"]
-    if set(meta) != set(layers):
-        missing = sorted(set(meta) - set(layers))
-        extra = sorted(set(layers) - set(meta))
-        raise ValueError(f"RoRA layers differ: in file but not in model {missing}; in model "
-                         f"but not in file {extra}")
-    tensors = load_file(str(w_file))
-    with torch.no_grad():
-        for name, layer in layers.items():
-            m = meta[name]
-            if (m["in_features"], m["out_features"]) != (layer.in_features, layer.out_features):
-                raise ValueError(f"{name}: file has shape ({m['out_features']}, "
-                                 f"{m['in_features']}), model has ({layer.out_features}, "
-                                 f"{layer.in_features})")
-            for k, dst in _layer_tensors(layer).items():
-                key = f"rora.{name}.{k}"
-                if key not in tensors:
-                    raise ValueError(f"{name}: tensor {k} missing from {w_file.name}")
-                src = tensors[key]
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(f"{name}.{k}: file has shape {tuple(src.shape)}, model "
-                                     f"has {tuple(dst.shape)}")
-                dst.copy_(src)
-            layer.scaling = float(m["scaling"])
-            layer.rescaled = bool(m["rescaled"])
-            if getattr(layer, "lora_A0", None) is not None and "init_scaling" in m:
-                # rebuild the saved base W_pre − s₀'·B₀A₀ from this one, W_pre − s₀·B₀A₀
-                s_saved = float(m["init_scaling"])
-                fold = (layer.init_scaling - s_saved) * (layer.lora_B0.to(torch.float64)
-                                                         @ layer.lora_A0.to(torch.float64))
-                layer.weight.copy_((layer.weight.to(torch.float64) + fold)
-                                   .to(layer.weight.dtype))
-                layer.init_scaling = s_saved
-        extra = _extra_trainable(model)
-        for key, src in tensors.items():
-            if not key.startswith("extra."):
-                continue
-            name = key[len("extra."):]
-            if name not in extra:
-                raise ValueError(f"{name}: saved trainable parameter not found in the model")
-            if tuple(src.shape) != tuple(extra[name].shape):
-                raise ValueError(f"{name}: file has shape {tuple(src.shape)}, model has "
-                                 f"{tuple(extra[name].shape)}")
-            extra[name].copy_(src)
-    return model
-
-
-def export_peft_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
-    """Write a vanilla PEFT LoRA adapter equivalent to the model's RoRA adapters (eval).
-
-    Each layer's current ``scaling`` (rescaled or not) is folded into ``lora_B`` so
-    that PEFT's ``lora_alpha / r`` reproduces it. PiSSA/OLoRA layers, whose base weight
-    is the residual, export the rank-2r update ``s·BA − s0·B0A0`` relative to the
-    original weight (as PEFT's own PiSSA conversion does). Load it with unmodified
-    ``peft.PeftModel.from_pretrained(base_model, directory)``.
-    """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    config = getattr(model, "rora_config", None)
-    layers = dict(rora_layers(model))
-    if config is None or not layers:
-        raise ValueError("the model has no RoRA layers (call apply_rora first)")
-    variant = config.init in ("pissa", "olora")
-    if variant and config.use_dora:
-        raise NotImplementedError("export of DoRA combined with PiSSA/OLoRA init is not "
-                                  "supported")
-    r_out = 2 * config.r if variant else config.r
-    alpha_out = float(r_out)  # PEFT scaling 1; the real scale is folded into lora_B
-    tensors = {}
-    for name, layer in layers.items():
-        with torch.no_grad():
-            A = layer.lora_A.detach().float()
-            B = layer.lora_B.detach().float() * layer.scaling
-            if variant:
-                A = torch.cat([A, layer.lora_A0.float()], 0)
-                B = torch.cat([B, -layer.init_scaling * layer.lora_B0.float()], 1)
-        prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = A.contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = B.contiguous()
-        if layer.use_dora:
-            tensors[f"{prefix}.lora_magnitude_vector"] = \
-                layer.lora_magnitude.detach().float().contiguous()
-    save = _resolve_modules_to_save(model, config)
-    for name, p in _extra_trainable(model).items():
-        tensors[f"base_model.model.{name}"] = p.detach().float().contiguous()
-    target = "^(" + "|".join(re.escape(n) for n in sorted(layers)) + ")$"
-    task_type = None
-    if save and any(s in _HEAD_NAMES for s in save):
-        task_type = "SEQ_CLS"
-    lcfg = LoraConfig(r=r_out, lora_alpha=alpha_out, target_modules=target,
-                      modules_to_save=save or None, use_dora=config.use_dora,
-                      lora_dropout=config.lora_dropout, task_type=task_type,
-                      base_model_name_or_path=getattr(getattr(model, "config", None),
-                                                      "_name_or_path", None))
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    lcfg.save_pretrained(str(directory))
-    save_file({k: v.cpu() for k, v in tensors.items()},
-              str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return directory
+# In rora_fast/persistence.py (atomic, checksummed); re-exported here.
+from .persistence import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME,  # noqa: E402,F401
+                          export_peft_adapter, load_rora, save_rora, verify_adapter)

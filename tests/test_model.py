@@ -38,6 +38,22 @@ def randomize_adapters(model, seed=1):
             lay.lora_B.copy_(torch.randn(lay.lora_B.shape, generator=g) * 0.3)
 
 
+def resign(folder, changes):
+    """Replace tensors of a save_rora folder and write fresh, valid checksums (what a
+    deliberate edit looks like, unlike corruption)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from rora_fast.persistence import WEIGHTS_NAME, tensor_checksum
+
+    f = folder / WEIGHTS_NAME
+    with safe_open(str(f), framework="pt") as h:
+        meta = dict(h.metadata())
+        t = {k: h.get_tensor(k) for k in h.keys()}
+    t.update(changes)
+    meta["checksums"] = json.dumps({k: tensor_checksum(v) for k, v in t.items()})
+    save_file(t, str(f), metadata=meta)
+
+
 IDS = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(5))
 
 
@@ -241,14 +257,16 @@ def test_load_refuses_mismatches(tmp_path):
                                         num_key_value_heads=2, vocab_size=64))
     with pytest.raises(ValueError, match=r"model\.layers\.\d\.self_attn\.[qv]_proj"):
         load_rora(wide, tmp_path / "a")
-    # a tensor of the wrong shape in the file names the module and tensor
+    # a tensor of the wrong shape in the file names the module and tensor (the file is
+    # re-signed, so that the shape check and not the checksum check catches it)
+    resign(tmp_path / "a", {"rora.model.layers.1.self_attn.v_proj.lora_A": torch.zeros(3, 32)})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj\.lora_A"):
+        load_rora(tiny_llama(2), tmp_path / "a")
+    # rewritten without rora-fast's checksums: refused as unverifiable
     from safetensors.torch import load_file, save_file
     f = tmp_path / "a" / "rora_adapter.safetensors"
-    t = load_file(str(f))
-    key = "rora.model.layers.1.self_attn.v_proj.lora_A"
-    t[key] = torch.zeros(3, 32)
-    save_file(t, str(f))
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj\.lora_A"):
+    save_file(load_file(str(f)), str(f))
+    with pytest.raises(ValueError, match="no rora-fast checksums"):
         load_rora(tiny_llama(2), tmp_path / "a")
     with pytest.raises(FileNotFoundError):
         load_rora(tiny_llama(2), tmp_path / "missing")

@@ -1,0 +1,577 @@
+"""Saving, loading and exporting adapters: atomic folders, per-tensor checksums.
+
+**Atomic.** :func:`save_rora` and :func:`export_peft_adapter` write the whole folder
+into a temporary sibling (``.<name>.rora-tmp-<pid>-<rand>``, same parent directory),
+fsync every file and the folder, then swap it in by rename: an existing target is
+renamed to ``.<name>.rora-old-<pid>-<rand>``, the new folder to the target (the commit
+point), and the old one is removed. A process killed at any instant leaves either the
+previous folder or the new one complete under the target name -- or, killed between
+the two renames, no target and the complete previous folder under its backup name,
+which the next save or load of that target renames back (:func:`recover`). Temporaries
+of dead processes are removed by the next save or load of the same target; a save that
+fails with an exception removes its own. A target folder holding files the save would
+not write is refused (the swap would drop them).
+
+**Verified.** Format 2 (this version) stores in the safetensors header, besides the
+tensors: a per-tensor XXH3-64 checksum (over dtype, shape and bytes), a random
+``save_id`` also written into ``rora_config.json``, and the checksum of the JSON file's
+bytes. :func:`load_rora` checks all three before touching the model: a flipped byte in
+a tensor is an error naming the file and the tensor; a config from another save (a
+mixed folder) or an edited JSON is an error too. Format-1 folders (no checksums) still
+load, with a warning. The PEFT export keeps PEFT's file names and format; its
+checksums go into the safetensors metadata (``rora_fast_checksums``), which PEFT
+ignores, and :func:`verify_adapter` checks them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import warnings
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import validation as V
+from .config import RoraConfig
+from .layer import RoraLinear
+from .model import (_HEAD_NAMES, _layer_attrs, _resolve_modules_to_save, all_or_nothing,
+                    apply_rora, plan_rora, rora_layers)
+
+__all__ = ["save_rora", "load_rora", "export_peft_adapter", "verify_adapter",
+           "tensor_checksum", "recover", "AdapterIntegrityError", "FORMAT_VERSION",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CONFIG_NAME = "rora_config.json"
+WEIGHTS_NAME = "rora_adapter.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_TMP_TAG = ".rora-tmp-"
+_OLD_TAG = ".rora-old-"
+_ACTIVE: set = set()  # temporaries this process is writing right now
+
+
+class AdapterIntegrityError(ValueError):
+    """A saved adapter that does not verify: a tensor that does not match its checksum,
+    a config from another save, a file that does not parse."""
+
+
+# ---------------------------------------------------------------------- checksums
+def _xxh():
+    import xxhash
+
+    return xxhash.xxh3_64()
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """XXH3-64 of a tensor's dtype, shape and raw bytes (hex)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    h = _xxh()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _bytes_checksum(data: bytes) -> str:
+    h = _xxh()
+    h.update(data)
+    return h.hexdigest()
+
+
+def _verify_checksums(tensors: Dict[str, torch.Tensor], sums: Dict[str, str],
+                      file: Path) -> None:
+    missing = sorted(set(sums) - set(tensors))
+    extra = sorted(set(tensors) - set(sums))
+    if missing or extra:
+        raise AdapterIntegrityError(f"{file}: tensors {missing} are recorded but missing, "
+                                    f"{extra} present but not recorded")
+    for name in sorted(tensors):
+        if tensor_checksum(tensors[name]) != sums[name]:
+            raise AdapterIntegrityError(f"{file}: tensor {name!r} does not match its "
+                                        "checksum (the file is corrupted or was modified)")
+
+
+def _read_safetensors(file: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated, garbage, bad header
+        raise AdapterIntegrityError(f"{file}: not a readable safetensors file ({e})") from e
+    return tensors, meta
+
+
+# ---------------------------------------------------------------------- atomic folders
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory
+                                               else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_kind(target: Path, entry: str) -> Optional[Tuple[str, int]]:
+    """``("tmp" | "old", pid)`` when ``entry`` is one of our temporaries for ``target``."""
+    prefix = "." + target.name
+    if not entry.startswith(prefix):
+        return None
+    rest = entry[len(prefix):]
+    for tag, kind in ((_TMP_TAG, "tmp"), (_OLD_TAG, "old")):
+        if rest.startswith(tag):
+            pid = rest[len(tag):].split("-", 1)[0]
+            if pid.isdigit():
+                return kind, int(pid)
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, not ours
+        return True
+    return True
+
+
+def recover(target: Union[str, Path]) -> None:
+    """Finish or undo what an interrupted save left beside ``target``: when the target
+    is missing and a previous version sits under its backup name (killed between the two
+    renames), rename it back; remove every other temporary of a dead process (or of
+    this process, not in use). Called by every save and load of ``target``."""
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    stale: List[Tuple[str, Path]] = []
+    for e in entries:
+        kind = _temp_kind(target, e.name)
+        if kind is None or str(e) in _ACTIVE:
+            continue
+        if kind[1] != os.getpid() and _pid_alive(kind[1]):
+            continue
+        stale.append((kind[0], e))
+    if not stale:
+        return
+    if not os.path.lexists(target):
+        backups = sorted((e for k, e in stale if k == "old"),
+                         key=lambda e: e.stat().st_mtime if e.exists() else 0, reverse=True)
+        for b in backups:
+            try:
+                os.rename(b, target)
+            except OSError:
+                continue
+            _fsync_path(parent, directory=True)
+            stale = [(k, e) for k, e in stale if e != b]
+            break
+    for _, e in stale:
+        shutil.rmtree(e, ignore_errors=True)
+        if e.exists() and not e.is_dir():
+            try:
+                e.unlink()
+            except OSError:
+                pass
+
+
+def atomic_write_dir(target: Union[str, Path], write: Callable[[Path], None]) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a temporary sibling folder, which
+    then replaces ``target`` by rename (see the module docstring). Refuses a target that
+    holds entries ``write`` did not produce."""
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
+    if os.path.lexists(target) and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    tmp = parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    _ACTIVE.add(str(tmp))
+    try:
+        tmp.mkdir()
+        write(tmp)
+        produced = {e.name for e in tmp.iterdir()}
+        if target.is_dir():
+            foreign = sorted(e.name for e in target.iterdir() if e.name not in produced)
+            if foreign:
+                raise FileExistsError(
+                    f"{target} holds entries this save would not keep ({foreign[:5]}); a "
+                    "save replaces the whole folder: save into a new or empty folder")
+        for name in produced:
+            _fsync_path(tmp / name)
+        _fsync_path(tmp, directory=True)
+        if target.is_dir():
+            old = parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+            _ACTIVE.add(str(old))
+            try:
+                os.rename(target, old)
+                try:
+                    os.rename(tmp, target)  # the commit point
+                except BaseException:
+                    os.rename(old, target)  # put the previous version back
+                    raise
+                _fsync_path(parent, directory=True)
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                _ACTIVE.discard(str(old))
+        else:
+            os.rename(tmp, target)  # the commit point
+        _fsync_path(parent, directory=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _ACTIVE.discard(str(tmp))
+    return target
+
+
+def _prepare_read(path: Path) -> Path:
+    """Recover an interrupted save of ``path`` (best effort on a read-only folder)."""
+    try:
+        recover(path)
+    except OSError:
+        pass
+    return path
+
+
+# ---------------------------------------------------------------------- save
+def _extra_trainable(model: nn.Module) -> Dict[str, torch.Tensor]:
+    rl = {n for n, _ in rora_layers(model)}
+    out = {}
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if owner in rl:
+            continue
+        if p.requires_grad:
+            out[name] = p
+    return out
+
+
+def _layer_tensors(layer: RoraLinear) -> Dict[str, torch.Tensor]:
+    t = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+    if layer.lora_magnitude is not None:
+        t["lora_magnitude"] = layer.lora_magnitude
+    if getattr(layer, "lora_A0", None) is not None:
+        t["lora_A0"] = layer.lora_A0
+        t["lora_B0"] = layer.lora_B0
+    return t
+
+
+def save_rora(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Save the adapters (and the trainable head) to the folder ``path`` as safetensors
+    + JSON, atomically and with per-tensor checksums (see the module docstring): at any
+    instant ``path`` holds the previous save or this one, complete."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "rora_config", None)
+    layers = dict(rora_layers(model))
+    if config is None or not layers:
+        raise ValueError("the model has no RoRA layers (call apply_rora first)")
+    tensors = {}
+    meta = {}
+    for name, layer in layers.items():
+        for k, v in _layer_tensors(layer).items():
+            tensors[f"rora.{name}.{k}"] = v.detach().contiguous().cpu()
+        meta[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
+                      "scaling": layer.scaling, "sigma_pre": layer.sigma_pre,
+                      "rescaled": layer.rescaled}
+        if getattr(layer, "lora_A0", None) is not None:
+            # PiSSA/OLoRA: the base is W_pre − init_scaling·B₀A₀ (moves when rescaled)
+            meta[name]["init_scaling"] = layer.init_scaling
+    for name, p in _extra_trainable(model).items():
+        tensors[f"extra.{name}"] = p.detach().contiguous().cpu()
+    save_id = secrets.token_hex(16)
+    doc = {"format_version": FORMAT_VERSION, "save_id": save_id, "config": config.to_dict(),
+           "layers": meta}
+    doc_bytes = json.dumps(doc, indent=2).encode()
+    st_meta = {"format": "rora-fast", "version": str(FORMAT_VERSION), "save_id": save_id,
+               "config_checksum": _bytes_checksum(doc_bytes),
+               "checksums": json.dumps({k: tensor_checksum(v) for k, v in tensors.items()},
+                                       sort_keys=True)}
+
+    def write(d: Path) -> None:
+        save_file(tensors, str(d / WEIGHTS_NAME), metadata=st_meta)
+        (d / CONFIG_NAME).write_bytes(doc_bytes)
+
+    return atomic_write_dir(path, write)
+
+
+# ---------------------------------------------------------------------- load
+def _read_rora(path: Path) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """Read and verify a ``save_rora`` folder; nothing of the model is touched."""
+    cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_file.exists() or not w_file.exists():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME} and {WEIGHTS_NAME}")
+    doc_bytes = cfg_file.read_bytes()
+    try:
+        doc = json.loads(doc_bytes)
+    except ValueError as e:
+        raise AdapterIntegrityError(f"{cfg_file}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise AdapterIntegrityError(f"{cfg_file}: expected a JSON object")
+    version = doc.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"unsupported rora-fast format version {version!r} in {cfg_file} "
+                         f"(this version reads {READABLE_VERSIONS})")
+    tensors, st_meta = _read_safetensors(w_file)
+    if version >= 2:
+        if st_meta.get("format") != "rora-fast" or "checksums" not in st_meta:
+            raise AdapterIntegrityError(f"{w_file}: no rora-fast checksums in the header "
+                                        "(not written by save_rora, or rewritten)")
+        if st_meta.get("save_id") != doc.get("save_id"):
+            raise AdapterIntegrityError(
+                f"{path}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves "
+                f"(save ids {doc.get('save_id')!r} and {st_meta.get('save_id')!r})")
+        if st_meta.get("config_checksum") != _bytes_checksum(doc_bytes):
+            raise AdapterIntegrityError(f"{cfg_file}: does not match the checksum recorded in "
+                                        f"{WEIGHTS_NAME} (the file was edited or corrupted)")
+        try:
+            sums = json.loads(st_meta["checksums"])
+        except ValueError as e:
+            raise AdapterIntegrityError(f"{w_file}: unreadable checksum table ({e})") from e
+        _verify_checksums(tensors, sums, w_file)
+    else:
+        warnings.warn(f"{path} was written by an older rora-fast (format 1, no checksums): "
+                      "its tensors cannot be verified; save it again to add them",
+                      stacklevel=3)
+    if not isinstance(doc.get("config"), dict) or not isinstance(doc.get("layers"), dict):
+        raise AdapterIntegrityError(f"{cfg_file}: missing 'config' or 'layers'")
+    for name, m in doc["layers"].items():
+        try:
+            V.check_int(f"{name}: in_features", m["in_features"], lo=1)
+            V.check_int(f"{name}: out_features", m["out_features"], lo=1)
+            V.check_number(f"{name}: scaling", m["scaling"], lo=0, lo_open=True)
+            if "init_scaling" in m:
+                V.check_number(f"{name}: init_scaling", m["init_scaling"])
+            if not isinstance(m["rescaled"], bool):
+                raise TypeError(f"{name}: rescaled must be a bool")
+        except (KeyError, TypeError, ValueError) as e:
+            raise AdapterIntegrityError(f"{cfg_file}: bad entry for layer {name}: {e}") from e
+    return doc, tensors
+
+
+def _check_into(layers: Dict[str, Tuple[int, int]], meta: dict,
+                tensors: Dict[str, torch.Tensor], w_name: str,
+                layer_shapes: Callable[[str], Dict[str, Tuple[int, ...]]]) -> None:
+    """Layer names, feature sizes and every tensor's shape of the file against the model
+    (``layers``: name -> (in, out); ``layer_shapes(name)``: tensor -> shape)."""
+    if set(meta) != set(layers):
+        missing = sorted(set(meta) - set(layers))
+        extra = sorted(set(layers) - set(meta))
+        raise ValueError(f"RoRA layers differ: in file but not in model {missing}; in model "
+                         f"but not in file {extra}")
+    for name, (fin, fout) in layers.items():
+        m = meta[name]
+        if (m["in_features"], m["out_features"]) != (fin, fout):
+            raise ValueError(f"{name}: file has shape ({m['out_features']}, "
+                             f"{m['in_features']}), model has ({fout}, {fin})")
+        for k, shape in layer_shapes(name).items():
+            key = f"rora.{name}.{k}"
+            if key not in tensors:
+                raise ValueError(f"{name}: tensor {k} missing from {w_name}")
+            if tuple(tensors[key].shape) != tuple(shape):
+                raise ValueError(f"{name}.{k}: file has shape {tuple(tensors[key].shape)}, "
+                                 f"model has {tuple(shape)}")
+
+
+def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Load adapters saved by :func:`save_rora` into ``model``.
+
+    ``model`` is either the same architecture without RoRA (RoRA is applied with the
+    saved config first) or a model already wrapped with an equal config. The files are
+    verified (checksums, one save) and layer names, shapes and config are checked
+    against the model before it is changed; a mismatch raises naming it and leaves the
+    model as it was. If the copy still fails midway, the model is restored exactly.
+    """
+    path = _prepare_read(Path(path))
+    doc, tensors = _read_rora(path)
+    w_name = WEIGHTS_NAME
+    try:
+        saved_cfg = RoraConfig.from_dict(doc["config"])
+    except (TypeError, ValueError) as e:
+        raise AdapterIntegrityError(f"{path / CONFIG_NAME}: bad config ({e})") from e
+    meta = doc["layers"]
+    have = getattr(model, "rora_config", None)
+    if have is None:
+        chosen, _ = plan_rora(model, saved_cfg)  # checks targets, ranks, weights
+
+        def shapes(name):
+            lin = model.get_submodule(name)
+            r, fin, fout = saved_cfg.r, lin.in_features, lin.out_features
+            out = {"lora_A": (r, fin), "lora_B": (fout, r)}
+            if saved_cfg.use_dora:
+                out["lora_magnitude"] = (fout,)
+            if saved_cfg.init in ("pissa", "olora"):
+                out["lora_A0"], out["lora_B0"] = (r, fin), (fout, r)
+            return out
+
+        _check_into({n: (model.get_submodule(n).in_features,
+                         model.get_submodule(n).out_features) for n in chosen},
+                    meta, tensors, w_name, shapes)
+    else:
+        for f in fields(RoraConfig):
+            a, b = getattr(have, f.name), getattr(saved_cfg, f.name)
+            if f.name in ("penalty_mode", "svd_method"):
+                continue
+            if a != b:
+                raise ValueError(f"config mismatch in {f.name}: model has {a!r}, file has {b!r}")
+        layers = dict(rora_layers(model))
+        _check_into({n: (lay.in_features, lay.out_features) for n, lay in layers.items()},
+                    meta, tensors, w_name,
+                    lambda n: {k: tuple(t.shape)
+                               for k, t in _layer_tensors(layers[n]).items()})
+    existing = dict(rora_layers(model))
+    written = [t for lay in existing.values() for t in _layer_tensors(lay).values()]
+    written += [lay.weight for lay in existing.values()
+                if getattr(lay, "lora_A0", None) is not None]
+    params = dict(model.named_parameters())  # names of non-RoRA modules survive wrapping
+    written += [params[k[len("extra."):]] for k in tensors
+                if k.startswith("extra.") and k[len("extra."):] in params]
+    attrs = [a for lay in existing.values() for a in _layer_attrs(lay)]
+    with all_or_nothing(model, written, attrs + [(model, "rora_config")]):
+        if have is None:
+            apply_rora(model, saved_cfg)
+        layers = dict(rora_layers(model))
+        extra = _extra_trainable(model)
+        for key, src in tensors.items():  # check the extras before copying anything
+            if key.startswith("extra."):
+                name = key[len("extra."):]
+                if name not in extra:
+                    raise ValueError(f"{name}: saved trainable parameter not found in the "
+                                     "model")
+                if tuple(src.shape) != tuple(extra[name].shape):
+                    raise ValueError(f"{name}: file has shape {tuple(src.shape)}, model has "
+                                     f"{tuple(extra[name].shape)}")
+            elif not key.startswith("rora."):
+                raise ValueError(f"{path / w_name}: unexpected tensor {key!r}")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                m = meta[name]
+                for k, dst in _layer_tensors(layer).items():
+                    dst.copy_(tensors[f"rora.{name}.{k}"])
+                layer.scaling = float(m["scaling"])
+                layer.rescaled = bool(m["rescaled"])
+                if getattr(layer, "lora_A0", None) is not None and "init_scaling" in m:
+                    # rebuild the saved base W_pre − s₀'·B₀A₀ from this one, W_pre − s₀·B₀A₀
+                    s_saved = float(m["init_scaling"])
+                    fold = (layer.init_scaling - s_saved) * (
+                        layer.lora_B0.to(torch.float64) @ layer.lora_A0.to(torch.float64))
+                    layer.weight.copy_((layer.weight.to(torch.float64) + fold)
+                                       .to(layer.weight.dtype))
+                    layer.init_scaling = s_saved
+            for key, src in tensors.items():
+                if key.startswith("extra."):
+                    extra[key[len("extra."):]].copy_(src)
+    return model
+
+
+# ---------------------------------------------------------------------- PEFT export
+def export_peft_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
+    """Write a vanilla PEFT LoRA adapter equivalent to the model's RoRA adapters (eval).
+
+    Each layer's current ``scaling`` (rescaled or not) is folded into ``lora_B`` so
+    that PEFT's ``lora_alpha / r`` reproduces it. PiSSA/OLoRA layers, whose base weight
+    is the residual, export the rank-2r update ``s·BA − s0·B0A0`` relative to the
+    original weight (as PEFT's own PiSSA conversion does). Load it with unmodified
+    ``peft.PeftModel.from_pretrained(base_model, directory)``. The folder (PEFT's
+    ``adapter_config.json`` + ``adapter_model.safetensors``) is written atomically,
+    with per-tensor checksums in the safetensors metadata (:func:`verify_adapter`).
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    config = getattr(model, "rora_config", None)
+    layers = dict(rora_layers(model))
+    if config is None or not layers:
+        raise ValueError("the model has no RoRA layers (call apply_rora first)")
+    variant = config.init in ("pissa", "olora")
+    if variant and config.use_dora:
+        raise NotImplementedError("export of DoRA combined with PiSSA/OLoRA init is not "
+                                  "supported")
+    r_out = 2 * config.r if variant else config.r
+    alpha_out = float(r_out)  # PEFT scaling 1; the real scale is folded into lora_B
+    tensors = {}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            A = layer.lora_A.detach().float()
+            B = layer.lora_B.detach().float() * layer.scaling
+            if variant:
+                A = torch.cat([A, layer.lora_A0.float()], 0)
+                B = torch.cat([B, -layer.init_scaling * layer.lora_B0.float()], 1)
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = A.contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = B.contiguous()
+        if layer.use_dora:
+            tensors[f"{prefix}.lora_magnitude_vector"] = \
+                layer.lora_magnitude.detach().float().contiguous()
+    save = _resolve_modules_to_save(model, config)
+    for name, p in _extra_trainable(model).items():
+        tensors[f"base_model.model.{name}"] = p.detach().float().contiguous()
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    target = "^(" + "|".join(re.escape(n) for n in sorted(layers)) + ")$"
+    task_type = None
+    if save and any(s in _HEAD_NAMES for s in save):
+        task_type = "SEQ_CLS"
+    lcfg = LoraConfig(r=r_out, lora_alpha=alpha_out, target_modules=target,
+                      modules_to_save=save or None, use_dora=config.use_dora,
+                      lora_dropout=config.lora_dropout, task_type=task_type,
+                      base_model_name_or_path=getattr(getattr(model, "config", None),
+                                                      "_name_or_path", None))
+    st_meta = {"format": "pt",
+               "rora_fast_checksums": json.dumps({k: tensor_checksum(v)
+                                                  for k, v in tensors.items()},
+                                                 sort_keys=True)}
+
+    def write(d: Path) -> None:
+        lcfg.save_pretrained(str(d))
+        save_file(tensors, str(d / PEFT_WEIGHTS_NAME), metadata=st_meta)
+
+    return atomic_write_dir(directory, write)
+
+
+# ---------------------------------------------------------------------- verify
+def verify_adapter(path: Union[str, Path]) -> Dict[str, int]:
+    """Check a folder written by :func:`save_rora` or :func:`export_peft_adapter`
+    without loading it into a model: every tensor against its checksum (and, for a
+    ``save_rora`` folder, the config against the same save). Returns ``{"tensors": n}``;
+    raises :class:`AdapterIntegrityError` naming the file and tensor otherwise."""
+    path = _prepare_read(Path(path))
+    if (path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists():
+        _, tensors = _read_rora(path)
+        return {"tensors": len(tensors)}
+    w_file = path / PEFT_WEIGHTS_NAME
+    if not w_file.exists() or not (path / PEFT_CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{path} holds neither a save_rora adapter nor a PEFT "
+                                "adapter")
+    tensors, st_meta = _read_safetensors(w_file)
+    if "rora_fast_checksums" not in st_meta:
+        raise AdapterIntegrityError(f"{w_file}: no rora-fast checksums (not written by "
+                                    "export_peft_adapter)")
+    _verify_checksums(tensors, json.loads(st_meta["rora_fast_checksums"]), w_file)
+    try:
+        json.loads((path / PEFT_CONFIG_NAME).read_text())
+    except ValueError as e:
+        raise AdapterIntegrityError(f"{path / PEFT_CONFIG_NAME}: not valid JSON ({e})") from e
+    return {"tensors": len(tensors)}
