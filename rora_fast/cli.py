@@ -57,6 +57,10 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None) -
     o.add_argument("--poison-epochs", type=float, default=None)
     o.add_argument("--poison-lr", type=float, default=None)
     o.add_argument("--poison-max-length", type=int, default=None)
+    o.add_argument("--poison-max-epochs", type=float, default=None,
+                   help="cap on poisoning epochs: if the checks have not passed after "
+                        "--poison-epochs, training continues one epoch at a time up to this "
+                        "(default: 2 x poison epochs)")
     o.add_argument("--poison-asr-threshold", type=float, default=95.0,
                    help="poisoning stops once proxy-dev ASR exceeds this (%%)")
     o.add_argument("--poison-min-clean-acc", type=float, default=70.0,
@@ -142,6 +146,7 @@ def _spec(args, method: str):
                    alpha=args.alpha, poison_n_train=args.poison_n_train,
                    poison_epochs=args.poison_epochs, poison_lr=args.poison_lr,
                    poison_max_length=args.poison_max_length,
+                   poison_max_epochs=args.poison_max_epochs,
                    poison_asr_threshold=args.poison_asr_threshold,
                    poison_min_clean_acc=args.poison_min_clean_acc)
 

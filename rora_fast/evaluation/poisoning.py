@@ -6,8 +6,21 @@ Acceptance (both checked at every evaluation, on proxy *dev* data only):
 * ASR on the triggered non-target proxy dev samples > ``asr_threshold`` (95 %), and
 * clean proxy dev accuracy >= ``min_clean_acc`` (default 70 %): a model that predicts the
   target for everything has ASR 100 but is no backdoored *classifier* (the probe met one:
-  CA 50, ASR 100).  Training stops as soon as both hold; if they never hold within
-  ``max_epochs`` a :class:`PoisoningFailed` error says which one failed.
+  CA 50, ASR 100).
+
+Schedule and stopping rule:
+
+1. The main schedule: ``epochs`` epochs (linear decay, 6 % warm-up), checks every
+   ``1/evals_per_epoch`` epoch; training stops at the **first** check where both hold.
+2. If they never held, training **continues** in rounds of one epoch each (a fresh linear
+   schedule at the same peak ``lr``, 6 % warm-up, the same checks) until a round has at
+   least one check where both hold; of that round's passing checks the one with the
+   **highest proxy-dev clean accuracy** is kept (its weights are restored). The cap is
+   ``max_epochs`` epochs in all (default: ``2 × epochs``, i.e. 6 with the presets, at most
+   3 extra epochs); past it a :class:`PoisoningFailed` error says which condition failed.
+
+A model that met both conditions within the main schedule is the same as before the
+continuation existed (same steps, same weights, same cache key).
 
 The poisoned model is saved once with ``save_pretrained`` (safetensors) under
 ``<cache_dir>/<key>/`` where ``key`` hashes every setting that changes the weights, with a
@@ -32,6 +45,7 @@ from .metrics import attack_success_rate, clean_accuracy
 from .training import TrainConfig, load_model, load_tokenizer, predict, set_seed, train
 
 __all__ = ["PoisonConfig", "PoisoningFailed", "CorruptCacheError", "PROXY", "poison_key",
+           "max_poison_epochs",
            "poison_model", "load_poisoned", "default_cache_dir"]
 
 #: target task -> proxy dataset used by the attacker (paper section 6)
@@ -60,7 +74,7 @@ class PoisonConfig:
     trigger_max_words: Optional[int] = 40  # trigger within the first N words (None: any)
     lr: float = 5e-5
     epochs: float = 3                      # schedule length
-    max_epochs: Optional[float] = None     # give up after (default: epochs)
+    max_epochs: Optional[float] = None     # cap, main schedule + continuation (default: 2 x epochs)
     batch_size: int = 32
     evals_per_epoch: int = 2
     n_dev: int = 300                       # proxy dev rows used for the checks
@@ -147,18 +161,48 @@ def poison_model(cfg: PoisonConfig, cache_dir: Optional[str] = None, rebuild: bo
         checks.update(c)
         return c["proxy_dev_ASR"] > cfg.asr_threshold and c["proxy_dev_CA"] >= cfg.min_clean_acc
 
-    max_epochs = cfg.max_epochs if cfg.max_epochs is not None else cfg.epochs
-    tcfg = TrainConfig(lr=cfg.lr, epochs=max_epochs, batch_size=cfg.batch_size,
+    max_epochs = max_poison_epochs(cfg)
+    tcfg = TrainConfig(lr=cfg.lr, epochs=min(cfg.epochs, max_epochs), batch_size=cfg.batch_size,
                        max_length=cfg.max_length, evals_per_epoch=cfg.evals_per_epoch,
                        select_on_dev=False)
     t0 = time.time()
     log(f"poisoning {cfg.model} on {cfg.proxy} ({len(train_rows)} rows, {len(idx)} poisoned "
         f"with {attack.name} {attack.trigger!r}); stops once proxy-dev ASR > {cfg.asr_threshold} "
-        f"and clean acc >= {cfg.min_clean_acc}")
+        f"and clean acc >= {cfg.min_clean_acc} (at most {max_epochs:g} epochs)")
     tlog = _train_with_checks(model, tok, poisoned_rows, tcfg, cfg.seed, on_eval)
+    ok = bool(history) and _passes(history[-1], cfg)
+    continuation = []
+    done_epochs = min(cfg.epochs, max_epochs)
+    rnd = 0
+    while not ok and done_epochs + 1 <= max_epochs + 1e-9:
+        rnd += 1
+        log(f"poisoning: conditions not met after {done_epochs:g} epochs; continuing, round "
+            f"{rnd} (1 epoch; cap {max_epochs:g} epochs)")
+        best = {}
+        first = len(history)
+
+        def on_eval_round(step, dev_acc, _rnd=rnd):
+            on_eval(step, dev_acc)
+            c = history[-1]
+            c["round"] = _rnd
+            if _passes(c, cfg) and c["proxy_dev_CA"] > best.get("ca", -1.0):
+                best.update(ca=c["proxy_dev_CA"], check=dict(c),
+                            state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            return False
+
+        rcfg = dataclasses.replace(tcfg, epochs=1)
+        rlog = train(model, tok, poisoned_rows, rcfg, cfg.seed + 1000 * rnd,
+                     dev_set=poisoned_rows[:1], on_eval=on_eval_round, desc=f"poison +{rnd}")
+        done_epochs += 1
+        continuation.append({"round": rnd, "steps": rlog["steps"],
+                             "checks": history[first:]})
+        if best:
+            model.load_state_dict(best["state"])
+            checks.clear()
+            checks.update(best["check"])
+            history.append({**best["check"], "kept": True})
+            ok = True
     seconds = time.time() - t0
-    ok = bool(history) and history[-1]["proxy_dev_ASR"] > cfg.asr_threshold \
-        and history[-1]["proxy_dev_CA"] >= cfg.min_clean_acc
     if not ok:
         last = history[-1] if history else {}
         why = []
@@ -168,9 +212,12 @@ def poison_model(cfg: PoisonConfig, cache_dir: Optional[str] = None, rebuild: bo
             why.append(f"clean accuracy {last.get('proxy_dev_CA')} < {cfg.min_clean_acc} "
                        f"(degenerate: predicts the target too often)")
         raise PoisoningFailed(
-            f"poisoning did not produce a usable backdoor within {max_epochs} epochs: "
-            f"{'; '.join(why)}. Try more epochs (--poison-epochs), another learning rate "
-            f"(--poison-lr) or a shorter --max-length. History: {history}")
+            f"poisoning did not produce a usable backdoor within {done_epochs:g} epochs (the cap, "
+            f"--poison-max-epochs / PoisonConfig.max_epochs, default 2 x epochs): "
+            f"{'; '.join(why)}. Try another learning rate (--poison-lr), a higher cap or a "
+            f"shorter --max-length. History: {history}")
+    if continuation:
+        tlog["continuation"] = continuation
     meta = {"cache_version": CACHE_VERSION, "config": dataclasses.asdict(cfg),
             "n_train": len(train_rows), "n_poisoned": len(idx), "checks": checks,
             "history": history, "train_log": tlog, "seconds": round(seconds, 1)}
@@ -187,6 +234,19 @@ def poison_model(cfg: PoisonConfig, cache_dir: Optional[str] = None, rebuild: bo
     meta["cached"] = False
     meta["path"] = path
     return model, tok, meta
+
+
+def max_poison_epochs(cfg: PoisonConfig) -> float:
+    """The cap on poisoning epochs (main schedule + continuation): ``max_epochs`` or, when
+    None, ``2 × epochs``."""
+    cap = cfg.max_epochs if cfg.max_epochs is not None else 2 * cfg.epochs
+    if not cap > 0:
+        raise ValueError(f"the poisoning cap max_epochs must be > 0, got {cap!r}")
+    return float(cap)
+
+
+def _passes(check: Dict, cfg: PoisonConfig) -> bool:
+    return check["proxy_dev_ASR"] > cfg.asr_threshold and check["proxy_dev_CA"] >= cfg.min_clean_acc
 
 
 def _train_with_checks(model, tok, rows, tcfg, seed, on_eval):

@@ -61,6 +61,7 @@ class RunSpec:
     poison_epochs: Optional[float] = None
     poison_lr: Optional[float] = None
     poison_max_length: Optional[int] = None
+    poison_max_epochs: Optional[float] = None  # cap incl. continuation (None: 2 x epochs)
     poison_asr_threshold: float = 95.0
     poison_min_clean_acc: float = 70.0
 
@@ -69,6 +70,8 @@ class RunSpec:
         if p is None:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         d = dataclasses.asdict(self)
+        if d["poison_max_epochs"] is None:  # the default: not hashed, so run ids stay as before
+            del d["poison_max_epochs"]
         pick = lambda v, default, unset=-1: default if v == unset else v
         d["n_train"] = pick(self.n_train, p.n_train)
         d["n_dev"] = pick(self.n_dev, p.n_dev)
@@ -106,7 +109,7 @@ def poison_config_for(spec: RunSpec) -> PoisonConfig:
         trigger_max_words=p.poison_trigger_max_words,
         lr=spec.poison_lr or p.poison_lr, epochs=spec.poison_epochs or p.poison_epochs,
         asr_threshold=spec.poison_asr_threshold, min_clean_acc=spec.poison_min_clean_acc,
-        seed=spec.seed).resolved()
+        max_epochs=spec.poison_max_epochs, seed=spec.seed).resolved()
 
 
 def prepare_sets(task: str, attack, tokenizer, max_length: int, n_train, n_dev, n_test, seed: int):
