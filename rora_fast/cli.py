@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("defend", help="fine-tune the poisoned model with defences, measure")
     _common(p, "lora,rora")
     p.add_argument("--force", action="store_true", help="rerun runs whose result exists")
+    p.add_argument("--repair", action="store_true",
+                   help="opt-in, after the rescaling: re-fit only the classification head's "
+                        "bias on the clean dev rows (trigger-agnostic; not the paper's method)")
     p = sub.add_parser("evaluate", help="CA / ASR / ASR floor of a saved model folder")
     _common(p)
     p.add_argument("path", nargs="?", default=None,
@@ -120,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="append", default=[], metavar="DIR",
                    help="a `defend --out` folder whose finished runs with the same spec (run "
                         "id) are copied instead of retrained (repeatable)")
+    p.add_argument("--repair", action="store_true",
+                   help="also evaluate rora+repair (post-hoc from the saved rora adapters: "
+                        "head-bias refit on clean dev rows)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="only recompute seeds.json / seeds.md / seeds.png from --out")
     p = sub.add_parser("report", help="one overview table + figure across every results "
@@ -148,7 +154,8 @@ def _spec(args, method: str):
                    poison_max_length=args.poison_max_length,
                    poison_max_epochs=args.poison_max_epochs,
                    poison_asr_threshold=args.poison_asr_threshold,
-                   poison_min_clean_acc=args.poison_min_clean_acc)
+                   poison_min_clean_acc=args.poison_min_clean_acc,
+                   repair=bool(getattr(args, "repair", False)))
 
 
 def _setup(args) -> None:
@@ -313,7 +320,11 @@ def cmd_seeds(args) -> int:
         for folder in args.reuse:
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"--reuse: no such folder {folder!r}")
-        agg = run_seeds(_spec(args, "lora"), args.methods.split(","), seeds, out, _cache(args),
+        methods = args.methods.split(",")
+        if args.repair and "rora+repair" not in methods:
+            methods.append("rora+repair")
+        args.repair = False  # the trained runs themselves stay without repair
+        agg = run_seeds(_spec(args, "lora"), methods, seeds, out, _cache(args),
                         reuse=args.reuse)
     print(aggregate_markdown(agg, f"{args.task} ← {args.attack}: seeds"))
     print(f"wrote {out}/seeds.json, seeds.md, seeds.png")

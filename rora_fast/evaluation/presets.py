@@ -70,9 +70,10 @@ def nondefault_hparams(spec: Dict) -> Dict:
 def method_label(spec: Dict) -> str:
     """The method name, plus its non-default hyperparameters: ``rora (p=0.05)``."""
     extra = nondefault_hparams(spec)
+    name = spec["method"] + (" + repair" if spec.get("repair") else "")
     if not extra:
-        return spec["method"]
-    return spec["method"] + " (" + ", ".join(f"{HPARAM_SYMBOL[k]}={v:g}"
+        return name
+    return name + " (" + ", ".join(f"{HPARAM_SYMBOL[k]}={v:g}"
                                              for k, v in extra.items()) + ")"
 
 

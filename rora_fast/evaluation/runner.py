@@ -64,14 +64,16 @@ class RunSpec:
     poison_max_epochs: Optional[float] = None  # cap incl. continuation (None: 2 x epochs)
     poison_asr_threshold: float = 95.0
     poison_min_clean_acc: float = 70.0
+    repair: bool = False  # after rescaling: re-fit the head bias on clean dev (repair.py)
 
     def resolved(self) -> Dict:
         p = PRESETS[self.preset] if self.preset in PRESETS else None
         if p is None:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         d = dataclasses.asdict(self)
-        if d["poison_max_epochs"] is None:  # the default: not hashed, so run ids stay as before
-            del d["poison_max_epochs"]
+        for k, default in (("poison_max_epochs", None), ("repair", False)):
+            if d[k] == default:  # defaults added later are not hashed: run ids stay as before
+                del d[k]
         pick = lambda v, default, unset=-1: default if v == unset else v
         d["n_train"] = pick(self.n_train, p.n_train)
         d["n_dev"] = pick(self.n_dev, p.n_dev)
@@ -85,7 +87,11 @@ class RunSpec:
         d["target_modules"] = tm
         d["attack"] = get_attack(self.attack, self.trigger).name
         d["trigger"] = get_attack(self.attack, self.trigger).trigger
-        parse_method(self.method)
+        m = parse_method(self.method)
+        if self.repair and not (m.kind == "rora" and m.pt):
+            raise ValueError(f"--repair undoes a bias of the rescaling: it needs a method with "
+                             f"rescaling (rora, lora+rescale, rora:ci+pt, ...), got "
+                             f"{self.method!r}")
         for name, ok, rule in (("weight_dropout", 0.0 <= self.weight_dropout < 1.0, "in [0, 1)"),
                                ("ortho_lambda", self.ortho_lambda >= 0, ">= 0"),
                                ("ortho_rank", self.ortho_rank >= 1, ">= 1"),
@@ -223,6 +229,10 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
     if method.kind == "rora" and method.pt:
         result["before_rescale"] = evaluate(model, tok, sets, L, attack.target_label)
         result["rescale"] = finish_defence(model, method, dcfg)
+    if spec.repair:
+        from .repair import recalibrate_head_bias_
+        result["before_repair"] = evaluate(model, tok, sets, L, attack.target_label)
+        result["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
     result["metrics"] = evaluate(model, tok, sets, L, attack.target_label)
     result["seconds"] = round(time.time() - t_start, 1)
     result["finished_at"] = round(time.time(), 1)

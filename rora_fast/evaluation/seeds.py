@@ -206,7 +206,8 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
         from .repair import recalibrate_head_bias_
         out["rescale"] = {k: float(v) for k, v in
                           rora_fast.spectral_rescale_(model, layers=spec.rescale_layers).items()}
-        out["before_repair"] = evaluate(model, tok, sets, L, attack.target_label)
+        with open(os.path.join(out_dir, "runs", rid + ".json")) as f:
+            out["before_repair"] = json.load(f)["metrics"]  # the same rescaled model
         out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
     else:  # pragma: no cover - POSTHOC is closed
         raise ValueError(variant)

@@ -1,0 +1,123 @@
+"""The trigger-agnostic repair (issue 14, item 3) and the clean-data-only rule of the
+defence (item 5): nothing in the defence or the repair sees a triggered or poisoned row."""
+import dataclasses
+
+import pytest
+import torch
+
+from rora_fast.data import Example, load_dataset
+from rora_fast.evaluation import repair as repair_mod
+from rora_fast.evaluation import runner
+from rora_fast.evaluation.repair import (classification_head, collect_logits, fit_bias_shift,
+                                         recalibrate_head_bias_)
+from rora_fast.evaluation.runner import RunSpec, run_defence, run_id
+
+
+def test_bias_shift_matches_mean_probabilities_to_label_frequencies():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 3, generator=g, dtype=torch.float64) + torch.tensor([2.0, 0.0, -1.0])
+    y = torch.randint(0, 3, (400,), generator=g)
+    d = fit_bias_shift(z, y.tolist())
+    assert abs(float(d.sum())) < 1e-9  # mean zero
+    p = torch.softmax(z + d, 1).mean(0)
+    assert torch.allclose(p, torch.bincount(y, minlength=3).double() / 400, atol=1e-8)
+    # a bias shift of the whole logit vector changes nothing
+    assert torch.allclose(fit_bias_shift(z + 5.0, y.tolist()), d, atol=1e-8)
+
+
+def test_bias_shift_needs_every_class():
+    with pytest.raises(ValueError, match="every one of the 2 classes"):
+        fit_bias_shift(torch.zeros(4, 2), [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="N x K"):
+        fit_bias_shift(torch.zeros(4, 2), [0, 1])
+
+
+def _minilm(path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    return (AutoModelForSequenceClassification.from_pretrained(path, num_labels=2),
+            AutoTokenizer.from_pretrained(path))
+
+
+def test_head_found_in_plain_rora_and_peft_models(minilm_path):
+    import rora_fast
+    from peft import LoraConfig, get_peft_model
+    model, _ = _minilm(minilm_path)
+    assert classification_head(model) is model.classifier
+    peft = get_peft_model(_minilm(minilm_path)[0],
+                          LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    head = classification_head(peft)
+    assert head is peft.base_model.model.classifier.modules_to_save["default"]
+    rm = rora_fast.apply_rora(_minilm(minilm_path)[0],
+                              rora_fast.RoraConfig(r=2, target_modules=["query"]))
+    assert classification_head(rm) is rm.classifier
+    with pytest.raises(ValueError, match="classification head"):
+        classification_head(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_recalibration_undoes_a_global_lean(minilm_path):
+    model, tok = _minilm(minilm_path)
+    rows = load_dataset("sst2_sentence", "dev", limit=48, seed=0)
+    with torch.no_grad():  # a model that leans hard to label 0
+        model.classifier.bias.copy_(torch.tensor([4.0, -4.0]))
+    info = recalibrate_head_bias_(model, tok, rows, 32)
+    assert info["dev_pred_share_before"][0] > 90
+    z = collect_logits(model, tok, [e.text for e in rows], 32)
+    p = torch.softmax(z, 1).mean(0)
+    label_share = sum(e.label == 1 for e in rows) / len(rows)
+    assert float(p[1]) == pytest.approx(label_share, abs=1e-6)
+    assert info["bias_shift"][1] > 0 and info["n_dev"] == 48
+
+
+# ------------------------------------------------------------------ item 5: clean data only
+def test_defence_and_repair_never_receive_a_poisoned_row(minilm_path, tmp_path, monkeypatch):
+    """Spy on everything the defence consumes (the training rows, the model-selection dev
+    rows, the repair's rows): each must be a row of the target task's clean train or dev
+    split, and none a triggered row or a row of the attacker's (poisoned) proxy set."""
+    received = {"train": [], "dev": [], "repair": []}
+    triggered = []
+    real_train, real_prepare = runner.train, runner.prepare_sets
+    real_repair = repair_mod.recalibrate_head_bias_
+
+    def spy_train(model, tok, train_set, cfg, seed, dev_set=None, **kw):
+        received["train"] += list(train_set)
+        received["dev"] += list(dev_set or [])
+        return real_train(model, tok, train_set, cfg, seed, dev_set=dev_set, **kw)
+
+    def spy_prepare(*a, **kw):
+        sets = real_prepare(*a, **kw)
+        triggered.extend(sets["nt_trig"])
+        return sets
+
+    def spy_repair(model, tok, rows, L):
+        received["repair"] += list(rows)
+        return real_repair(model, tok, rows, L)
+
+    monkeypatch.setattr(runner, "train", spy_train)
+    monkeypatch.setattr(runner, "prepare_sets", spy_prepare)
+    monkeypatch.setattr(repair_mod, "recalibrate_head_bias_", spy_repair)
+    spec = RunSpec(task="cr", attack="badnet", method="rora", preset="small", seed=0,
+                   model=minilm_path, n_train=16, n_dev=16, n_test=24, epochs=1, max_length=32,
+                   poison_n_train=16, poison_epochs=1, poison_asr_threshold=-1.0,
+                   poison_min_clean_acc=0.0, repair=True)
+    res = run_defence(spec, str(tmp_path / "out"), str(tmp_path / "cache"), log=lambda *a: None)
+    assert res["repair"]["n_dev"] == 16 and "before_repair" in res
+    clean = {(e.text, e.label) for split in ("train", "dev")
+             for e in load_dataset("cr", split, limit=16, seed=0)}
+    proxy = {e.text for e in load_dataset("mr", "train", limit=16, seed=0)}
+    trig = {e.text for e in triggered}
+    assert len(trig) > 0
+    for what, rows in received.items():
+        assert rows, f"the spy saw no {what} rows"
+        for e in rows:
+            assert (e.text, e.label) in clean, f"{what}: a row that is not clean target data"
+            assert e.text not in trig and e.text not in proxy, f"{what}: a triggered/proxy row"
+    assert received["repair"] == received["dev"][:16]  # the repair uses the selection dev rows
+    # the run id of a run without --repair did not change when the option was added
+    assert run_id(dataclasses.replace(spec, repair=False)) != run_id(spec)
+    assert "repair" not in dataclasses.replace(spec, repair=False).resolved()
+
+
+def test_repair_needs_a_rescaled_method():
+    with pytest.raises(ValueError, match="--repair"):
+        RunSpec(method="lora", repair=True).resolved()
+    RunSpec(method="lora+rescale", repair=True).resolved()
