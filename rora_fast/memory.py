@@ -6,9 +6,13 @@
 Terms (bytes; ``T = batch·seq`` tokens; ``h`` hidden, ``f`` intermediate, ``kv`` the
 key/value width ``n_kv_heads·head_dim``, ``a`` heads, ``V`` vocabulary, ``L`` blocks):
 
-* base weights: every parameter of the model in the base dtype (bf16: 2 B; 8-bit:
-  1 B for the block linears; 4-bit NF4 with double quantisation: 0.5 B + 1/64 B for
-  the block linears; embeddings, norms and ``lm_head`` stay bf16 as bitsandbytes does).
+* base weights: every parameter of the model in the base dtype (bf16: 2 B); with a
+  bitsandbytes base (:func:`quantized_linear_bytes`, exact), per block linear of
+  ``n = out·in`` elements: 8-bit ``n`` int8 + ``4·out`` B of fp32 row scales (SCB);
+  4-bit NF4 with double quantisation (QLoRA) ``n/2`` packed codes + ``n/64`` uint8 absmax
+  blocks + ``4·⌈n/64/256⌉`` fp32 second-level absmax + the fp32 code books (16 and 256
+  entries) and offset, 1 092 B per layer; embeddings, norms and ``lm_head`` stay bf16 as
+  bitsandbytes does.
 * adapters: ``r·(in+out)`` fp32 parameters per adapted linear, each with an fp32
   gradient and two fp32 AdamW moments: 16 B per adapter parameter.
 * SVD bases: ``ortho_U`` (out x k) and ``ortho_V`` (in x k), fp32, per adapted linear.
@@ -38,7 +42,9 @@ key/value width ``n_kv_heads·head_dim``, ``a`` heads, ``V`` vocabulary, ``L`` b
 
 Validated on the CPU by ``tests/test_memory.py`` (parameter, buffer and optimizer bytes
 exactly; the per-block activation formula against the tensors autograd really saves
-for a bf16 LLaMA block); the totals on a GPU by ``benchmarks/gpu/memory_check.py``.
+for a bf16 LLaMA block) and, for the NF4 and int8 rows, by ``tests/test_quantized.py``
+(the bytes of a tiny LLaMA quantized by bitsandbytes with RoRA on, to the byte); the
+totals on a GPU by ``benchmarks/gpu/memory_check.py``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 __all__ = ["PRESETS", "ModelShape", "MemoryPlan", "model_shape", "plan_memory",
+           "quantized_linear_bytes",
            "activation_bytes_per_token_block", "max_batch", "fits_table", "parse_size",
            "main"]
 
@@ -67,6 +74,26 @@ PRESETS: Dict[str, tuple] = {
 
 _BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64}
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantized_linear_bytes(out_features: int, in_features: int, base_dtype: str,
+                           blocksize: int = 64, nested_blocksize: int = 256) -> int:
+    """Bytes bitsandbytes holds for one quantized ``(out, in)`` linear weight.
+
+    ``int8`` (``Linear8bitLt``): the int8 weight and one fp32 scale per row (SCB).
+    ``nf4`` (``Linear4bit``, NF4 with double quantisation, as QLoRA): two 4-bit codes per
+    byte, one uint8 absmax per ``blocksize`` block, those absmax quantised again with one
+    fp32 absmax per ``nested_blocksize`` blocks, an fp32 offset and the two fp32 code
+    books (16 NF4 values, 256 of the dynamic map) -- each layer has its own copies.
+    """
+    n = out_features * in_features
+    if base_dtype == "int8":
+        return n + 4 * out_features
+    if base_dtype == "nf4":
+        blocks = -(-n // blocksize)
+        return (-(-n // 2) + blocks + 4 * -(-blocks // nested_blocksize) + 4
+                + 4 * 16 + 4 * 256)
+    raise ValueError(f"not a bitsandbytes base dtype: {base_dtype!r} (int8 or nf4)")
 
 
 @dataclass
@@ -230,7 +257,11 @@ def plan_memory(model: Union[str, ModelShape, object] = "llama-7b", *, batch: in
 
     wb = _BASE_BYTES[base_dtype]
     other_b = 4.0 if base_dtype == "fp32" else 2.0  # embeddings/norms/lm_head
-    base = shape.layers * shape.block_linear_params() * wb + shape.other_params() * other_b
+    if base_dtype in ("int8", "nf4"):
+        block = sum(quantized_linear_bytes(o, i, base_dtype) for o, i in lin.values())
+    else:
+        block = shape.block_linear_params() * wb
+    base = shape.layers * block + shape.other_params() * other_b
 
     adapter_params = shape.layers * sum(r * (lin[t][0] + lin[t][1]) for t in target_modules)
     adapters = adapter_params * (2 * adapter_bytes + optimizer_bytes_per_param)

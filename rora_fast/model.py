@@ -22,6 +22,7 @@ from torch import nn
 from . import validation as V
 from .config import RoraConfig
 from .layer import RoraLinear
+from .quantized import check_rora_target, is_rora_target, make_rora_layer  # bnb, Conv1D
 # rora_penalty / attach_penalty live in penalty.py (re-exported here for compatibility).
 from .penalty import attach_penalty, rora_penalty  # noqa: E402,F401
 
@@ -194,21 +195,19 @@ def plan_rora(model: nn.Module, config: RoraConfig) -> Tuple[List[str], List[str
                (".%s." % s) in ("." + name + ".") for s in save):
             continue
         if target == "all-linear":
-            if isinstance(module, nn.Linear) and not _is_output_layer(model, name, module):
+            if is_rora_target(module) and not _is_output_layer(model, name, module):
                 chosen.append(name)
         elif _matches(name, target):
-            if not isinstance(module, nn.Linear):
+            if not is_rora_target(module):
                 raise TypeError(f"target module {name!r} is a {type(module).__name__}, "
-                                "not an nn.Linear; RoRA adapts linear layers only")
+                                "not an nn.Linear, bitsandbytes Linear4bit/Linear8bitLt or "
+                                "Conv1D; RoRA adapts linear layers only")
             chosen.append(name)
     if not chosen:
         raise ValueError(f"target_modules {target!r} match no nn.Linear in "
                          f"{type(model).__name__}")
     for name in chosen:
-        lin = model.get_submodule(name)
-        V.check_layer_shape(config.r, config.ortho_rank, lin.in_features, lin.out_features,
-                            name=name)
-        V.check_base_weight(lin.weight, name=name)
+        check_rora_target(model.get_submodule(name), config, name)
     names = [n for n, _ in model.named_modules()]
     for s in save:
         if not any(n == s or n.endswith("." + s) for n in names):
@@ -241,7 +240,7 @@ def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
         for name in iterator:
             linear = model.get_submodule(name)
             try:
-                layer = RoraLinear.from_linear(linear, **config.layer_kwargs())
+                layer = make_rora_layer(linear, name, config)
             except Exception as e:
                 _reraise_named(e, name)
             _set_submodule(model, name, layer)

@@ -41,6 +41,7 @@ from torch import nn
 from . import validation as V
 from .config import RoraConfig
 from .layer import RoraLinear
+from .quantized import check_saved_quantization, quant_descriptor, target_dims
 from .model import (_HEAD_NAMES, _layer_attrs, _resolve_modules_to_save, all_or_nothing,
                     apply_rora, plan_rora, rora_layers)
 
@@ -297,6 +298,8 @@ def save_rora(model: nn.Module, path: Union[str, Path]) -> Path:
         meta[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
                       "scaling": layer.scaling, "sigma_pre": layer.sigma_pre,
                       "rescaled": layer.rescaled}
+        if quant_descriptor(layer) is not None:  # bitsandbytes base: checked on load
+            meta[name]["quantization"] = quant_descriptor(layer)
         if getattr(layer, "lora_A0", None) is not None:
             # PiSSA/OLoRA: the base is W_pre − init_scaling·B₀A₀ (moves when rescaled)
             meta[name]["init_scaling"] = layer.init_scaling
@@ -419,7 +422,7 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
 
         def shapes(name):
             lin = model.get_submodule(name)
-            r, fin, fout = saved_cfg.r, lin.in_features, lin.out_features
+            (fin, fout), r = target_dims(lin), saved_cfg.r
             out = {"lora_A": (r, fin), "lora_B": (fout, r)}
             if saved_cfg.use_dora:
                 out["lora_magnitude"] = (fout,)
@@ -427,9 +430,9 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                 out["lora_A0"], out["lora_B0"] = (r, fin), (fout, r)
             return out
 
-        _check_into({n: (model.get_submodule(n).in_features,
-                         model.get_submodule(n).out_features) for n in chosen},
+        _check_into({n: target_dims(model.get_submodule(n)) for n in chosen},
                     meta, tensors, w_name, shapes)
+        check_saved_quantization(model, chosen, meta)
     else:
         for f in fields(RoraConfig):
             a, b = getattr(have, f.name), getattr(saved_cfg, f.name)
@@ -442,6 +445,7 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                     meta, tensors, w_name,
                     lambda n: {k: tuple(t.shape)
                                for k, t in _layer_tensors(layers[n]).items()})
+        check_saved_quantization(model, layers, meta)
     existing = dict(rora_layers(model))
     written = [t for lay in existing.values() for t in _layer_tensors(lay).values()]
     written += [lay.weight for lay in existing.values()

@@ -1,0 +1,668 @@
+"""RoRA over quantized bases (bitsandbytes ``Linear4bit``/``Linear8bitLt``) and GPT-2's
+``Conv1D`` (transformers' ``fan_in_fan_out`` linear, weight stored in x out).
+
+Quantized bases (QLoRA-style)
+-----------------------------
+:class:`QuantRoraLinear` keeps the bitsandbytes layer as its ``base_layer`` child, so the
+weight stays quantized in memory (its state-dict entries are bitsandbytes' own, under
+``base_layer.``, as in PEFT). No dense copy of ``W`` is kept between calls:
+
+* training: each call dequantizes ``W`` (bitsandbytes' ``dequantize_4bit`` /
+  ``int8_vectorwise_dequant``) in the compute dtype and hands it to the same RoRA op as a
+  dense base (:func:`rora_fast.functional.rora_linear`), which applies the weight mask and
+  ``1/(1-p)`` with :func:`rora_fast.reference.masked_weight` (or the fused kernels on
+  CUDA). The dense ``W`` that op saves for backward is replaced, through
+  ``torch.autograd.graph.saved_tensors_hooks``, by a token; backward dequantizes again
+  and regenerates the mask from the seed. So what lives between forward and backward is
+  the quantized weight only (plus the token), like bitsandbytes' own ``MatMul4Bit``.
+* eval: the base output is bitsandbytes' own matmul (``base_layer(x)``), the adapter
+  added on top, exactly what PEFT's QLoRA layer computes.
+* SVD bases and ``σ_max(W_pre)`` come from the dequantized ``W_pre`` and are cached on
+  disk like dense ones: the cache key is the fingerprint of the dequantized matrix, which
+  is a deterministic function of the quantized bytes and the quant state (absmax blocks,
+  code book, nested absmax), so it is exact — equal quantized layers share an entry, and
+  two quantizations giving different dequantized values never do.
+* merging (:func:`rora_fast.merge_rora`): dequantize, add ``s·BA`` (float32), requantize
+  with the same settings — what PEFT's ``merge_and_unload`` does — with PEFT's warning
+  that rounding changes the outputs slightly.
+* not supported on quantized bases (clear errors): ``init="pissa"``/``"olora"`` (they
+  rewrite the base weight into a residual) and ``use_dora=True``.
+
+Without bitsandbytes, a quantized layer raises ``ImportError`` telling to
+``pip install 'rora-fast[quant]'``.
+
+GPT-2 ``Conv1D``
+----------------
+:class:`RoraConv1D` wraps a ``Conv1D`` whose weight is ``(in, out)``; the layer's ``weight``
+is the ``(out, in)`` transposed *view* of the same storage (no copy), so everything of
+:class:`~rora_fast.layer.RoraLinear` — weight mask, penalty, PiSSA/OLoRA, DoRA, merging —
+runs on the ``(out, in)`` view, and the mask equals that of an ``nn.Linear`` holding
+``conv.weight.t()``. Its state dict stores the weight in ``Conv1D``'s ``(in, out)`` layout
+(as the checkpoint it came from), and merging gives back a ``Conv1D``.
+
+Through PEFT, :func:`peft_custom_modules` gives the layer classes that
+:func:`rora_fast.register_rora` maps bitsandbytes and ``Conv1D`` bases to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import functional as F_rora
+from . import reference as ref
+from .layer import RoraLinear
+from . import penalty as _penalty
+from .linalg import spectral_basis
+
+# The penalty machinery: layers registered with the optimizer-step hook of
+# rora_fast.penalty (``register_penalty_layer``), or, in the earlier design, a
+# PenaltyHandle passed to the op and claimed once per step in backward (OncePerStep).
+_STEP_HOOK_PENALTY = hasattr(_penalty, "register_penalty_layer")
+
+__all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "is_rora_target",
+           "target_dims", "check_rora_target", "check_saved_quantization", "make_rora_layer", "QuantRoraLinear", "RoraConv1D", "dequantize_base",
+           "quant_descriptor", "check_quant_descriptor", "peft_custom_modules"]
+
+QUANT_INSTALL_HINT = "pip install 'rora-fast[quant]'"
+
+
+def require_bitsandbytes():
+    """Import bitsandbytes or raise an ImportError that says how to install it."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ImportError("RoRA on a quantized (bitsandbytes 4-bit/8-bit) layer needs the "
+                          f"bitsandbytes package: {QUANT_INSTALL_HINT}") from e
+    return bnb
+
+
+def _mro_names(module) -> list:
+    return [(c.__module__ or "", c.__name__) for c in type(module).__mro__]
+
+
+def base_kind(module: nn.Module) -> Optional[str]:
+    """``"4bit"``, ``"8bit"``, ``"conv1d"``, ``"linear"`` or ``None`` (not a RoRA target).
+
+    Decided from the class hierarchy by name, without importing bitsandbytes (so that a
+    quantized layer is recognised, and a clear install error given, even when bitsandbytes
+    itself cannot be imported)."""
+    names = _mro_names(module)
+    for mod, name in names:
+        if mod.startswith("bitsandbytes"):
+            if name in ("Linear4bit", "LinearNF4", "LinearFP4"):
+                return "4bit"
+            if name == "Linear8bitLt":
+                return "8bit"
+    for mod, name in names:
+        if name == "Conv1D" and mod.startswith("transformers"):
+            return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return None
+
+
+def is_rora_target(module: nn.Module) -> bool:
+    """Whether :func:`make_rora_layer` can wrap ``module``: an ``nn.Linear``, a bitsandbytes
+    4-bit/8-bit linear, or a transformers ``Conv1D``."""
+    return base_kind(module) is not None
+
+
+def target_dims(module: nn.Module) -> tuple:
+    """``(in_features, out_features)`` of a RoRA target (a ``Conv1D`` stores ``nx``/``nf``)."""
+    if base_kind(module) == "conv1d":
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    return int(module.in_features), int(module.out_features)
+
+
+def check_rora_target(module: nn.Module, config, name: str) -> None:
+    """What :func:`rora_fast.model.plan_rora` checks for each target before changing the
+    model: the ranks fit the shape; a dense weight is floating point, 2-D and finite (a
+    ``Conv1D``'s on its ``(out, in)`` view); a quantized layer needs bitsandbytes
+    importable (the install hint otherwise), is quantized already, and uses neither
+    PiSSA/OLoRA nor DoRA."""
+    from . import validation as V
+
+    kind = base_kind(module)
+    n_in, n_out = target_dims(module)
+    V.check_layer_shape(config.r, config.ortho_rank, n_in, n_out, name=name)
+    if kind in ("4bit", "8bit"):
+        require_bitsandbytes()
+        if config.init in ("pissa", "olora") or config.use_dora:
+            what = "use_dora=True" if config.use_dora else f"init={config.init!r}"
+            raise NotImplementedError(f"{name!r}: {what} is not supported on a quantized "
+                                      "(bitsandbytes) base")
+        w = module.weight
+        if (kind == "4bit" and getattr(w, "quant_state", None) is None) or \
+                (kind == "8bit" and w.dtype != torch.int8):
+            raise ValueError(f"{name!r}: the bitsandbytes weight is not quantized yet "
+                             "(load the model with BitsAndBytesConfig or move it to its device)")
+        return
+    w = module.weight.detach().t() if kind == "conv1d" else module.weight
+    if w.dtype in (torch.uint8, torch.int8):
+        raise TypeError(f"{name!r}: the weight is {w.dtype}, a quantized layer that is not a "
+                        "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports bitsandbytes "
+                        f"bases: {QUANT_INSTALL_HINT})")
+    V.check_base_weight(w, name=name)
+
+
+def check_saved_quantization(model: nn.Module, names, meta: dict) -> None:
+    """Before loading adapters: every layer's base must be quantized as when they were
+    saved (``meta[name]["quantization"]``, absent for a dense base)."""
+    for n in names:
+        if n in meta:
+            check_quant_descriptor(n, model.get_submodule(n), meta[n].get("quantization"))
+
+
+def make_rora_layer(module: nn.Module, name: str = "", config=None, **kwargs) -> RoraLinear:
+    """The RoRA layer for ``module``: :class:`QuantRoraLinear` for a bitsandbytes layer,
+    :class:`RoraConv1D` for a ``Conv1D``, :class:`RoraLinear` for an ``nn.Linear``.
+
+    ``config``: a :class:`rora_fast.RoraConfig` (its ``layer_kwargs()``) and/or keyword
+    arguments of :class:`RoraLinear`. ``name`` only labels the error for an unsupported
+    module type.
+    """
+    kw = dict(config.layer_kwargs()) if config is not None else {}
+    kw.update(kwargs)
+    kind = base_kind(module)
+    if kind in ("4bit", "8bit"):
+        return QuantRoraLinear.from_quantized(module, **kw)
+    if kind == "conv1d":
+        return RoraConv1D.from_conv1d(module, **kw)
+    if kind == "linear":
+        w = getattr(module, "weight", None)
+        if w is not None and w.dtype in (torch.uint8, torch.int8):
+            raise TypeError(f"the weight is {w.dtype}: a quantized layer that is not a "
+                            "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports "
+                            f"bitsandbytes bases: {QUANT_INSTALL_HINT})")
+        return RoraLinear.from_linear(module, **kw)
+    label = f"{name!r}: " if name else ""
+    raise TypeError(f"{label}RoRA adapts nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and "
+                    f"transformers Conv1D layers, got {type(module).__name__}")
+
+
+# ---------------------------------------------------------------------- bitsandbytes
+def dequantize_base(base: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The dense ``(out, in)`` weight of a bitsandbytes 4-bit or 8-bit linear."""
+    bnb = require_bitsandbytes()
+    kind = base_kind(base)
+    w = base.weight
+    if kind == "4bit":
+        qs = getattr(w, "quant_state", None)
+        if qs is None:
+            raise ValueError("the Linear4bit weight is not quantized yet (no quant_state): "
+                             "move the layer to its device (bitsandbytes quantizes on .to())")
+        W = bnb.functional.dequantize_4bit(w.data, qs)
+    elif kind == "8bit":
+        if w.dtype != torch.int8:
+            raise ValueError("the Linear8bitLt weight is not quantized (has_fp16_weights=True "
+                             "or not yet moved to its device)")
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(base, "state", None), "SCB", None)
+        if scb is None:
+            raise ValueError("the Linear8bitLt weight has no SCB scales")
+        W = bnb.functional.int8_vectorwise_dequant(w.data, scb)
+    else:
+        raise TypeError(f"not a bitsandbytes 4-bit/8-bit linear: {type(base).__name__}")
+    return W if dtype is None else W.to(dtype)
+
+
+def quant_descriptor(layer: nn.Module) -> Optional[dict]:
+    """How a layer's base is quantized (``None`` for a dense base): saved with an adapter
+    so that loading it onto a base quantized differently is an error."""
+    base = getattr(layer, "base_layer", layer)
+    kind = base_kind(base)
+    if kind == "4bit":
+        qs = base.weight.quant_state
+        return {"kind": "bnb-4bit", "quant_type": str(qs.quant_type),
+                "blocksize": int(qs.blocksize), "double_quant": bool(qs.nested),
+                "quant_dtype": str(qs.dtype).replace("torch.", "")}
+    if kind == "8bit":
+        return {"kind": "bnb-8bit"}
+    return None
+
+
+def check_quant_descriptor(name: str, layer: nn.Module, saved: Optional[dict]) -> None:
+    """Raise a ValueError when an adapter saved on one base quantization is loaded onto a
+    layer quantized differently (or dense vs quantized)."""
+    have = quant_descriptor(layer)
+    if have != saved:
+        def show(d):
+            return "a dense (unquantized) base" if d is None else \
+                ", ".join(f"{k}={v}" for k, v in d.items())
+        raise ValueError(f"{name}: the adapter was trained on {show(saved)}, but the model's "
+                         f"layer has {show(have)}; load the model quantized the same way "
+                         "(same BitsAndBytesConfig)")
+
+
+class _RecomputeSaved:
+    """Token saved by autograd instead of a dense weight; unpacked by recomputing it."""
+
+    __slots__ = ("fn", "size", "stride", "offset")
+
+    def __init__(self, fn, t: torch.Tensor):
+        self.fn = fn
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+
+
+@contextlib.contextmanager
+def _saved_as_recompute(owner, recompute: Callable[[], torch.Tensor]):
+    """While active, any tensor autograd saves that shares storage with the dense weight
+    produced by ``owner._rora_dense`` (set by the owner's weight hook) is saved as a token,
+    and rebuilt by ``recompute()`` when backward needs it."""
+    def pack(t):
+        W = owner.__dict__.get("_rora_dense")
+        if (W is not None and t.device == W.device and t.dtype == W.dtype
+                and t.untyped_storage().data_ptr() == W.untyped_storage().data_ptr()):
+            return _RecomputeSaved(recompute, t)
+        return t
+
+    def unpack(obj):
+        if isinstance(obj, _RecomputeSaved):
+            W = obj.fn()
+            return W.as_strided(obj.size, obj.stride, obj.offset)
+        return obj
+
+    owner.__dict__["_rora_dense"] = None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        owner.__dict__["_rora_dense"] = None
+
+
+def _compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a bitsandbytes layer computes in for input ``x`` (as bitsandbytes:
+    ``compute_dtype`` of a Linear4bit when set, else the input's dtype)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    cd = getattr(base, "compute_dtype", None)
+    return cd if cd is not None else x.dtype
+
+
+class QuantRoraLinear(RoraLinear):
+    """RoRA over a bitsandbytes ``Linear4bit`` (NF4/FP4, double quantization on or off)
+    or ``Linear8bitLt`` base, kept quantized (see the module docstring).
+
+    Build it with :meth:`from_quantized` (or :func:`rora_fast.apply_rora` on a model
+    loaded with ``BitsAndBytesConfig``). ``weight``/``bias`` are the base layer's.
+    """
+
+    def __init__(self, base: nn.Module, **kwargs):
+        require_bitsandbytes()
+        kind = base_kind(base)
+        if kind not in ("4bit", "8bit"):
+            raise TypeError(f"QuantRoraLinear wraps a bitsandbytes Linear4bit or Linear8bitLt, "
+                            f"got {type(base).__name__}")
+        init = kwargs.get("init", "default")
+        if init in ("pissa", "olora"):
+            raise NotImplementedError(
+                f"init={init!r} is not supported on a quantized base: it rewrites the base "
+                "weight into a residual, which would have to be requantized (use "
+                "init='default' or 'gaussian', or a bf16 base)")
+        if kwargs.get("use_dora"):
+            raise NotImplementedError("use_dora=True is not supported on a quantized base "
+                                      "(use a bf16 base for RoRA-DoRA)")
+        for k in ("in_features", "out_features", "bias", "_base", "device", "dtype"):
+            if k in kwargs:
+                raise TypeError(f"QuantRoraLinear takes its shape from the base layer; "
+                                f"unexpected argument {k!r}")
+        # RoraLinear's construction (checks, SVD bases and σ_max of the dequantized W_pre,
+        # adapter init) runs on a transient dense copy, freed on return; afterwards the
+        # layer reads its weight only through the quantized base.
+        W = dequantize_base(base, torch.float32)
+        dense = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
+        dense.weight = nn.Parameter(W, requires_grad=False)
+        super().__init__(W.shape[1], W.shape[0], False, _base=dense, **kwargs)
+        del dense, W
+        del self.weight   # the transient dense parameter
+        del self.bias     # None; both now resolve to the base layer's (see __getattr__)
+        self.base_layer = base
+        self.quant_kind = kind
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_quantized(cls, layer: nn.Module, r: int = 8, alpha: float = 16,
+                       weight_dropout: float = 0.1, lora_dropout: float = 0.0,
+                       ortho_rank: int = 32, ortho_lambda: float = 10.0,
+                       **kwargs) -> "QuantRoraLinear":
+        """Wrap a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (kept, not copied)."""
+        require_bitsandbytes()
+        return cls(layer, r=r, alpha=alpha, weight_dropout=weight_dropout,
+                   lora_dropout=lora_dropout, ortho_rank=ortho_rank,
+                   ortho_lambda=ortho_lambda, **kwargs)
+
+    def __getattr__(self, name):
+        if name in ("weight", "bias"):
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is not None:
+                return getattr(base, name)
+        return super().__getattr__(name)
+
+    def extra_repr(self) -> str:
+        return f"quant={self.quant_kind}, " + super().extra_repr()
+
+    # ------------------------------------------------------------------ the two hooks
+    def _base_weight(self, cdtype: torch.dtype) -> torch.Tensor:
+        W = dequantize_base(self.base_layer, cdtype)
+        self.__dict__["_rora_dense"] = W  # recognised by the saved-tensor hook
+        return W
+
+    def _base_eval_output(self, x: torch.Tensor, b: Optional[torch.Tensor],
+                          cdtype: torch.dtype) -> torch.Tensor:
+        # bitsandbytes' own matmul (and the base layer's own bias, which is ``b``)
+        return self.base_layer(x).to(cdtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        dev = x.device.type
+        cdtype = _compute_dtype(self.base_layer, x)
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return self._quant_forward(x.to(cdtype), cdtype)
+        return self._quant_forward(x.to(cdtype), cdtype).to(x.dtype)
+
+    def _quant_forward(self, x: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+        if not self.training:
+            return self._forward(x, cdtype)
+        with _saved_as_recompute(self, lambda: dequantize_base(self.base_layer, cdtype)):
+            return self._forward(x, cdtype)
+
+    # ------------------------------------------------------------------ merging
+    def merged_linear(self) -> nn.Module:
+        """The base layer with ``s·BA`` merged in and requantized with the same settings
+        (PEFT's ``merge_and_unload`` for bitsandbytes layers): rounding changes the
+        outputs slightly, and a warning says so."""
+        bnb = require_bitsandbytes()
+        base = self.base_layer
+        warnings.warn(f"merging RoRA into a {self.quant_kind} bitsandbytes layer requantizes "
+                      "the weight: outputs may differ slightly due to rounding errors",
+                      UserWarning, stacklevel=2)
+        with torch.no_grad():
+            W = dequantize_base(base, torch.float32)
+            merged = (W.to(torch.float64) + self.scaling * (
+                self.lora_B.detach().to(torch.float64, copy=False)
+                @ self.lora_A.detach().to(torch.float64, copy=False))).to(torch.float32)
+            w = base.weight
+            dev = w.device
+            if self.quant_kind == "4bit":
+                kw = {k: v for k, v in w.__dict__.items()
+                      if not k.startswith("_") and k not in ("data", "quant_state", "module")}
+                kw["bnb_quantized"] = False
+                kw["requires_grad"] = False
+                dtype = w.quant_state.dtype
+                new = bnb.nn.Params4bit(merged.to(dtype).cpu(), **kw).to(dev)
+                new.module = base
+                base.weight = new
+            else:
+                new = bnb.nn.Int8Params(merged.to(torch.float16).cpu(), requires_grad=False,
+                                        has_fp16_weights=False).to(dev)
+                base.weight = new
+                state = getattr(base, "state", None)
+                if state is not None:
+                    state.CB = None
+                    state.SCB = None
+        return base
+
+
+# ---------------------------------------------------------------------- Conv1D
+class RoraConv1D(RoraLinear):
+    """RoRA over a transformers ``Conv1D`` (GPT-2's linear, ``y = x W + b`` with ``W``
+    stored ``(in, out)``). ``weight`` is the ``(out, in)`` view of the Conv1D's storage."""
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, r: int = 8, alpha: float = 16,
+                    weight_dropout: float = 0.1, lora_dropout: float = 0.0,
+                    ortho_rank: int = 32, ortho_lambda: float = 10.0,
+                    **kwargs) -> "RoraConv1D":
+        if base_kind(conv) != "conv1d":
+            raise TypeError(f"from_conv1d expects a transformers Conv1D, got "
+                            f"{type(conv).__name__}")
+        n_in, n_out = conv.weight.shape
+        view = nn.Linear(n_in, n_out, bias=False, device="meta")
+        # the (out, in) transposed view of the same storage: no copy
+        view.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
+        view.bias = conv.bias
+        layer = cls(n_in, n_out, conv.bias is not None, r=r, alpha=alpha,
+                    weight_dropout=weight_dropout, lora_dropout=lora_dropout,
+                    ortho_rank=ortho_rank, ortho_lambda=ortho_lambda, _base=view, **kwargs)
+        layer._conv_cls = type(conv)
+        return layer
+
+    # The state dict keeps Conv1D's (in, out) layout, so checkpoints stay interchangeable.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if key in destination:
+            destination[key] = destination[key].t()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[key] = state_dict[key].t()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def merged_linear(self) -> nn.Module:
+        """A ``Conv1D`` computing this layer's eval output (weight merged in place)."""
+        lin = super().merged_linear()
+        conv = self._conv_cls.__new__(self._conv_cls)
+        nn.Module.__init__(conv)
+        conv.nf = self.out_features
+        conv.nx = self.in_features
+        conv.weight = nn.Parameter(lin.weight.detach().t(), requires_grad=False)
+        conv.bias = lin.bias
+        return conv
+
+
+# ---------------------------------------------------------------------- PEFT layers
+def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
+                        ortho_lambda: float = 10.0) -> Dict[type, type]:
+    """``{base type: PEFT LoRA layer class trained with RoRA}`` for bitsandbytes
+    ``Linear4bit``/``Linear8bitLt`` (when bitsandbytes is importable) and transformers
+    ``Conv1D``, for ``LoraConfig._register_custom_module`` (see
+    :func:`rora_fast.register_rora`). Specific types come first: PEFT takes the first
+    ``isinstance`` match and bitsandbytes layers are ``nn.Linear`` subclasses."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+    from transformers.pytorch_utils import Conv1D
+
+    ref.keep_threshold(weight_dropout)
+    params = dict(rora_weight_dropout=float(weight_dropout), rora_ortho_rank=ortho_rank,
+                  rora_ortho_lambda=float(ortho_lambda))
+    out: Dict[type, type] = {}
+    try:
+        import bitsandbytes as bnb
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        bnb = None
+    if bnb is not None:
+        class PeftRoraLinear4bit(_PeftRoraMixin, peft_bnb.Linear4bit):
+            """PEFT's QLoRA 4-bit layer trained with RoRA."""
+
+            def __init__(self, base_layer, adapter_name, **kwargs):
+                base = _peft_base(base_layer)
+                kwargs.setdefault("compute_dtype", base.compute_dtype)
+                kwargs.setdefault("compress_statistics", base.weight.compress_statistics)
+                kwargs.setdefault("quant_type", base.weight.quant_type)
+                basis = self._rora_basis(dequantize_base(base, torch.float32))
+                super().__init__(base_layer, adapter_name, **kwargs)
+                self._rora_setup(basis)
+
+            def _rora_dense_weight(self, dtype):
+                return dequantize_base(self.get_base_layer(), dtype)
+
+        class PeftRoraLinear8bitLt(_PeftRoraMixin, peft_bnb.Linear8bitLt):
+            """PEFT's 8-bit LoRA layer trained with RoRA."""
+
+            def __init__(self, base_layer, adapter_name, **kwargs):
+                base = _peft_base(base_layer)
+                kwargs.setdefault("has_fp16_weights", base.state.has_fp16_weights)
+                kwargs.setdefault("threshold", base.state.threshold)
+                kwargs.setdefault("index", getattr(base, "index", None))
+                basis = self._rora_basis(dequantize_base(base, torch.float32))
+                super().__init__(base_layer, adapter_name, **kwargs)
+                self._rora_setup(basis)
+
+            def _rora_dense_weight(self, dtype):
+                return dequantize_base(self.get_base_layer(), dtype)
+
+        for cls in (PeftRoraLinear4bit, PeftRoraLinear8bitLt):
+            for k, v in params.items():
+                setattr(cls, k, v)
+        out[bnb.nn.Linear4bit] = PeftRoraLinear4bit
+        out[bnb.nn.Linear8bitLt] = PeftRoraLinear8bitLt
+
+    class PeftRoraConv1D(_PeftRoraMixin, PeftLinear):
+        """PEFT's LoRA over a GPT-2 ``Conv1D`` (``fan_in_fan_out``) trained with RoRA; the
+        mask is on the ``(out, in)`` view of the weight."""
+
+        _rora_recompute = False
+
+        def __init__(self, base_layer, adapter_name, **kwargs):
+            base = _peft_base(base_layer)
+            if not kwargs.get("fan_in_fan_out", False):
+                warnings.warn("fan_in_fan_out is set to False but the target module is "
+                              "`Conv1D`. Setting fan_in_fan_out to True.", UserWarning)
+            kwargs["fan_in_fan_out"] = True
+            kwargs["is_target_conv_1d_layer"] = True
+            cfg = kwargs.get("config")
+            if cfg is not None:
+                cfg.fan_in_fan_out = True
+            basis = self._rora_basis(base.weight.detach().t())
+            super().__init__(base_layer, adapter_name, **kwargs)
+            self._rora_setup(basis)
+
+        def _rora_dense_weight(self, dtype):
+            return self.get_base_layer().weight.t().to(dtype)
+
+    for k, v in params.items():
+        setattr(PeftRoraConv1D, k, v)
+    out[Conv1D] = PeftRoraConv1D
+    return out
+
+
+def _peft_base(base_layer):
+    return base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+
+
+def _draw_seed(p: float) -> int:
+    """The weight mask's seed, drawn as RoraLinear draws it (0 when nothing is dropped)."""
+    if not ref.keep_threshold(p):
+        return 0
+    draw = getattr(RoraLinear, "_draw_seed", None)
+    return draw() if draw is not None else int(torch.randint(0, 2**62, (1,)).item())
+
+
+class _PeftRoraMixin:
+    """The RoRA training forward for PEFT LoRA layers whose base is not a plain
+    ``nn.Linear`` (the subclass gives ``_rora_dense_weight(dtype)``, ``(out, in)``),
+    following :func:`rora_fast.peft_integration.make_peft_rora_linear`."""
+
+    rora_weight_dropout = 0.1
+    rora_ortho_rank = 32
+    rora_ortho_lambda = 10.0
+    _rora_recompute = True  # quantized: the dense weight is rebuilt in backward
+
+    def _rora_basis(self, W: torch.Tensor):
+        k = self.rora_ortho_rank
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"ortho_rank must be an int >= 1, got {k!r}")
+        if k > min(W.shape):
+            raise ValueError(f"ortho_rank {k} exceeds min(in, out) = {min(W.shape)}")
+        return spectral_basis(W, k)
+
+    def _rora_setup(self, basis) -> None:
+        self.register_buffer("rora_U", basis.U, persistent=False)
+        self.register_buffer("rora_V", basis.V, persistent=False)
+        self.rora_sigma_pre = basis.sigma_max
+        if _STEP_HOOK_PENALTY:
+            _penalty.register_penalty_layer(self)
+        else:
+            self._rora_clocks = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if _STEP_HOOK_PENALTY:
+            _penalty.register_penalty_layer(self)
+
+    def _penalty_terms(self):
+        """The active adapters' terms for the optimizer step hook (rora_fast.penalty)."""
+        lam = self.rora_ortho_lambda
+        if not lam:
+            return []
+        out = []
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                out.append((self.lora_A[name].weight, "A", self.rora_V, None, lam))
+                out.append((self.lora_B[name].weight, "B", self.rora_U, None, lam))
+        return out
+
+    def _rora_handle(self, adapter: str, A: torch.Tensor):
+        """The earlier design's per-call PenaltyHandle (claimed once per step)."""
+        if not self.rora_ortho_lambda:
+            return None
+        clock = self._rora_clocks.get(adapter)
+        if clock is None:
+            clock = self._rora_clocks[adapter] = _penalty.OncePerStep(
+                module=self.lora_A[adapter], name="weight")
+        return F_rora.PenaltyHandle(self.rora_ortho_lambda, self.rora_U.to(A.dtype),
+                                    self.rora_V.to(A.dtype), clock.claim)
+
+    def rora_penalty(self) -> torch.Tensor:
+        """λ Ω summed over this layer's adapters (detached, for logging)."""
+        total = torch.zeros((), device=self.rora_U.device)
+        with torch.no_grad():
+            for name in self.active_adapters:
+                if name in self.lora_A:
+                    total = total + self.rora_ortho_lambda * ref.ortho_penalty(
+                        self.lora_A[name].weight, self.lora_B[name].weight,
+                        self.rora_U, self.rora_V)
+        return total
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if (not self.training or self.disable_adapters or self.merged or args or kwargs
+                or len(active) != 1 or active[0] in self.lora_variant):
+            return super().forward(x, *args, **kwargs)
+        name = active[0]
+        base = self.get_base_layer()
+        dev = x.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        in_dtype = x.dtype
+        if autocast:
+            dtype = torch.get_autocast_dtype(dev)
+        else:
+            dtype = _compute_dtype(base, x) if self._rora_recompute else base.weight.dtype
+        x = x.to(dtype)
+        b = base.bias.to(dtype) if base.bias is not None else None
+        A = self.lora_A[name].weight.to(dtype)
+        B = self.lora_B[name].weight.to(dtype)
+        p = self.rora_weight_dropout
+        seed = _draw_seed(p)
+        drop = self.lora_dropout[name]
+        if _STEP_HOOK_PENALTY:
+            if not torch.compiler.is_compiling():
+                n = self._penalty_forwards = getattr(self, "_penalty_forwards", 0) + 1
+                if n == _penalty.WARN_AFTER_FORWARDS:
+                    _penalty._warn_no_step(self)
+            x_lora = None if isinstance(drop, nn.Identity) else drop(x)
+            extra = ()
+        else:
+            x_lora = drop(x)
+            extra = (self._rora_handle(name, A),)
+        ctx = (_saved_as_recompute(self, lambda: self._rora_dense_weight(dtype))
+               if self._rora_recompute else contextlib.nullcontext())
+        with torch.autocast(dev, enabled=False), ctx:
+            W = self._rora_dense_weight(dtype)
+            self.__dict__["_rora_dense"] = W
+            y = F_rora.rora_linear(x, x_lora, W, b, A, B, self.scaling[name], p, seed,
+                                   *extra)
+        return y if autocast else y.to(in_dtype)
