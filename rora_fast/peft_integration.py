@@ -118,12 +118,42 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
     return PeftRoraLinear
 
 
+def _check_supported_base(layer: nn.Module) -> None:
+    """Raise for a PEFT target that :func:`register_rora` cannot make a RoRA layer.
+
+    PEFT builds its own plain LoRA layer for any target type no registered class claims
+    (no weight dropout, no penalty, no warning); :func:`register_rora` maps every type
+    it does not support here, so that a target is RoRA or an error, never plain LoRA."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    try:
+        from .quantized import is_rora_target
+    except ImportError:  # pragma: no cover
+        def is_rora_target(m):
+            return isinstance(m, nn.Linear)
+    if is_rora_target(base):
+        return
+    raise TypeError(
+        f"register_rora cannot make a RoRA layer for a target of type "
+        f"{type(base).__module__}.{type(base).__name__}: PEFT would silently build a plain "
+        "LoRA layer for it (no weight dropout, no penalty). RoRA supports nn.Linear, "
+        "bitsandbytes Linear4bit/Linear8bitLt and transformers Conv1D; remove this module "
+        "from target_modules")
+
+
+def _refuse_unsupported(target, adapter_name, **kwargs):
+    """PEFT custom-module entry for every type not mapped to a RoRA class."""
+    _check_supported_base(target)
+    raise TypeError(f"register_rora: no RoRA layer class for {type(target).__name__}")
+
+
 def register_rora(lora_config, weight_dropout: float = 0.1, ortho_rank: int = 32,
                   ortho_lambda: float = 10.0):
     """Make ``get_peft_model(model, lora_config)`` create RoRA layers for ``nn.Linear``.
     Returns the layer class."""
     cls = make_peft_rora_linear(weight_dropout, ortho_rank, ortho_lambda)
-    lora_config._register_custom_module({nn.Linear: cls})
+    # nn.Module last: every other target type is refused, never plain LoRA
+    lora_config._register_custom_module({nn.Linear: cls,
+                                         nn.Module: _refuse_unsupported})
     return cls
 
 
@@ -137,19 +167,41 @@ def peft_rora_layers(model: nn.Module):
 def spectral_rescale_peft_(model: nn.Module, layers: Union[int, Sequence[str]] = 3,
                            adapter_name: str = "default") -> Dict[str, float]:
     """Spectral rescaling for a PEFT model built with :func:`register_rora`: sets
-    ``scaling[adapter] = σ_max(W_pre) / σ_max(BA)`` for the chosen layers."""
+    ``scaling[adapter] = σ_max(W_pre) / σ_max(BA)`` for the chosen layers.
+
+    All or nothing: every chosen layer's scale is computed and checked (the adapter
+    exists, the product is non-zero and finite) before any layer changes; a failure
+    while setting them puts every scale back."""
+    import math
+
     from .model import select_top_blocks
 
     rl = dict(peft_rora_layers(model))
     if not rl:
         raise ValueError("the model has no PEFT RoRA layers (use register_rora)")
     names = select_top_blocks(model, list(rl), layers)
-    out = {}
+    new = {}
     for n in names:
         layer = rl[n]
-        sd = sigma_max_lowrank(layer.lora_B[adapter_name].weight, layer.lora_A[adapter_name].weight)
-        if not sd > 0:
-            raise ValueError(f"{n}: cannot rescale, the adapter product BA is zero")
-        layer.scaling[adapter_name] = layer.rora_sigma_pre / sd
-        out[n] = layer.scaling[adapter_name]
-    return out
+        if adapter_name not in layer.lora_A:
+            raise ValueError(f"{n}: no adapter named {adapter_name!r} (has "
+                             f"{sorted(layer.lora_A.keys())})")
+        sd = sigma_max_lowrank(layer.lora_B[adapter_name].weight,
+                               layer.lora_A[adapter_name].weight)
+        if not sd > 0 or not math.isfinite(sd):
+            raise ValueError(f"{n}: cannot rescale, the adapter product BA is zero or not "
+                             f"finite (σ_max = {sd})")
+        s = layer.rora_sigma_pre / sd
+        if not s > 0 or not math.isfinite(s):
+            raise ValueError(f"{n}: cannot rescale: σ_max(W_pre) / σ_max(BA) = "
+                             f"{layer.rora_sigma_pre} / {sd} is not a finite positive scale")
+        new[n] = s
+    old = {n: rl[n].scaling[adapter_name] for n in names}
+    try:
+        for n, s in new.items():
+            rl[n].scaling[adapter_name] = s
+    except BaseException:
+        for n, s in old.items():
+            rl[n].scaling[adapter_name] = s
+        raise
+    return dict(new)
