@@ -25,7 +25,7 @@ import torch
 from rora_fast import reference as ref
 
 from . import _common, gemm
-from .mask import check_counter_range, masked_copy
+from .mask import masked_copy
 
 __all__ = ["FusedRoraLinearFunction", "fused_rora_linear", "supports", "SUPPORTED_DTYPES"]
 
@@ -51,10 +51,8 @@ class FusedRoraLinearFunction(torch.autograd.Function):
       ``dX̃ = dS A = s · (G B) A`` and ``dA = dSᵀ X̃ = s · (G B)ᵀ X̃``.
     * ``Y = s · S Bᵀ`` with ``S`` fixed: ``dB = s · Gᵀ S = s · Gᵀ (X̃ Aᵀ)``.
     * ``db = Σ_t G_t``.
-    * Penalty ``λ Ω``, ``Ω = ‖Uᵀ B‖² + ‖A V‖²``: ``∇_A = 2 (A V) Vᵀ``,
-      ``∇_B = 2 U (Uᵀ B)``; added to ``dA``, ``dB`` once per optimizer step, when
-      ``penalty.claim()`` (asked here, in backward, at most once) says so. These cost
-      O((in+out)·k·r): they are done in torch by ``reference.ortho_penalty_grads``.
+    * The penalty ``λ Ω`` is not part of this op: its gradient is added once per
+      optimizer step for all layers (``rora_fast.penalty``).
     * ``dW`` (only if a caller made W trainable, not the RoRA setting):
       ``dW_ij = Σ_t G_ti c M_ij X_tj = c · M ⊙ (Gᵀ X)``: ``masked_copy(Gᵀ X)``.
 
@@ -68,28 +66,29 @@ class FusedRoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
-                lora_input_is_x, strategy, config):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
+                strategy, config):
         # The op computes in its inputs' dtype (the kernels see those dtypes): an
         # enclosing autocast must not recast the torch GEMMs around them.
         with torch.autocast(x.device.type, enabled=False):
             return FusedRoraLinearFunction._forward(
-                ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
-                lora_input_is_x, strategy, config)
+                ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
+                strategy, config)
 
     @staticmethod
-    def _forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
-                 lora_input_is_x, strategy, config):
+    def _forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
+                 strategy, config):
         in_f = x.shape[-1]
         out_f = weight.shape[0]
+        lora_input_is_x = x_lora is None
         x2 = x.reshape(-1, in_f)
         xl2 = x2 if lora_input_is_x else x_lora.reshape(-1, in_f)
         s_mat = xl2 @ lora_A.t()  # (T, r) in the input dtype, as the reference rounds it
         if strategy == "inloop":
-            y2 = gemm.gemm_forward(x2, weight, s_mat, lora_B, bias, scaling, p, seed,
+            y2 = gemm.gemm_forward(x2, weight, s_mat, lora_B, bias, scaling, p, int(seed),
                                    config=config)
         else:
-            wm = masked_copy(weight, seed, p)
+            wm = _mask(weight, seed, p)
             y2 = torch.addmm(bias, x2, wm.t()) if bias is not None else x2 @ wm.t()
             del wm
             y2.addmm_(s_mat, lora_B.t(), alpha=scaling)
@@ -97,14 +96,16 @@ class FusedRoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         need_xl = needs[4]  # dA needs x̃
         need_s = needs[5]   # dB needs S
+        seed_t = seed if isinstance(seed, torch.Tensor) else None
         ctx.save_for_backward(x2 if needs[2] else None,
                               xl2 if need_xl else None,
                               weight, lora_A, lora_B,
-                              s_mat if need_s else None)
-        ctx.scaling, ctx.p, ctx.seed, ctx.penalty = scaling, p, seed, penalty
+                              s_mat if need_s else None, seed_t)
+        ctx.scaling, ctx.p = scaling, p
+        ctx.seed = None if seed_t is not None else seed
         ctx.lora_input_is_x, ctx.strategy, ctx.config = lora_input_is_x, strategy, config
         ctx.has_bias = bias is not None
-        ctx.x_shape, ctx.xl_shape = x.shape, x_lora.shape
+        ctx.x_shape = x.shape
         return y2.reshape(*x.shape[:-1], out_f)
 
     @staticmethod
@@ -114,9 +115,10 @@ class FusedRoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        x2, xl2, weight, lora_A, lora_B, s_mat = ctx.saved_tensors
+        x2, xl2, weight, lora_A, lora_B, s_mat, seed_t = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        s, p = ctx.scaling, ctx.p
+        seed = seed_t if seed_t is not None else ctx.seed
         out_f = weight.shape[0]
         g = grad_out.reshape(-1, out_f)
         if g.stride(-1) != 1:
@@ -131,44 +133,47 @@ class FusedRoraLinearFunction(torch.autograd.Function):
         if need_dx:
             lora_part = dyb if fused else None
             if ctx.strategy == "inloop":
-                dx = gemm.gemm_dx(g, weight, lora_part, lora_A, s, p, seed, config=ctx.config)
+                dx = gemm.gemm_dx(g, weight, lora_part, lora_A, s, p, int(seed),
+                                  config=ctx.config)
             else:
-                wm = masked_copy(weight, seed, p)
+                wm = _mask(weight, seed, p)
                 dx = g @ wm
                 del wm
                 if lora_part is not None:
                     dx.addmm_(lora_part, lora_A, alpha=s)
             dx = dx.reshape(ctx.x_shape)
         if need_dxl:
-            dx_lora = (s * (dyb @ lora_A)).reshape(ctx.xl_shape)
+            dx_lora = torch.mm(dyb, lora_A).mul_(s).reshape(ctx.x_shape)
         if needs[4]:
-            dA = s * (dyb.t() @ xl2)
+            dA = torch.mm(dyb.t(), xl2).mul_(s)
         if needs[5]:
-            dB = s * (g.t() @ s_mat)
-        penalty = ctx.penalty
-        if penalty is not None and (needs[4] or needs[5]) and penalty.claim():
-            gA, gB = ref.ortho_penalty_grads(lora_A, lora_B, penalty.U, penalty.V,
-                                             getattr(penalty, "anchor_A", None),
-                                             getattr(penalty, "anchor_B", None))
-            if dA is not None:
-                dA = dA + penalty.lam * gA
-            if dB is not None:
-                dB = dB + penalty.lam * gB
+            dB = torch.mm(g.t(), s_mat).mul_(s)
         if ctx.has_bias and needs[3]:
             db = g.sum(0)
         if needs[2]:
-            dW = masked_copy(g.t() @ x2, seed, p)
-        return (dx, dx_lora, dW, db, dA, dB) + (None,) * 7
+            dW = _mask(g.t() @ x2, seed, p)
+        return (dx, dx_lora, dW, db, dA, dB) + (None,) * 5
 
 
 # ---------------------------------------------------------------------------------
 # Validation, supports, entry point
 # ---------------------------------------------------------------------------------
 
-def _validate(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
-              allow_cpu: bool):
+def _mask(weight, seed, p):
+    """The masked copy; ``seed`` an int, or a one-element tensor (graph capture: through
+    the registered custom op, so that the compiler sees no host read of the seed)."""
+    if isinstance(seed, torch.Tensor):
+        from rora_fast.functional import masked_weight_op
+
+        return masked_weight_op(weight, seed, p)
+    return masked_copy(weight, seed, p)
+
+
+def _validate(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, allow_cpu: bool):
     """Raise a clear TypeError/ValueError for inputs the fused op cannot take."""
-    named = dict(x=x, x_lora=x_lora, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    named = dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    if x_lora is not None:
+        named["x_lora"] = x_lora
     if bias is not None:
         named["bias"] = bias
     for name, t in named.items():
@@ -182,7 +187,7 @@ def _validate(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty
     if x.shape[-1] != in_f:
         raise ValueError(f"x has {x.shape[-1]} features but weight expects {in_f} "
                          f"(x {tuple(x.shape)}, weight {tuple(weight.shape)})")
-    if x_lora.shape != x.shape:
+    if x_lora is not None and x_lora.shape != x.shape:
         raise ValueError(f"x_lora must have x's shape {tuple(x.shape)}, got {tuple(x_lora.shape)}")
     if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
         raise ValueError(f"lora_A must be r x {in_f}, got {tuple(lora_A.shape)}")
@@ -214,14 +219,8 @@ def _validate(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty
     if isinstance(p, bool) or not isinstance(p, Real):
         raise ValueError(f"weight_dropout p must be a real number in [0, 1), got {p!r}")
     ref.keep_threshold(float(p))  # clear ValueError outside [0, 1)
-    if isinstance(seed, bool) or not isinstance(seed, int) and not (
-            isinstance(seed, torch.Tensor) and seed.numel() == 1):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= int(seed) < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}")
-    if penalty is not None and not all(hasattr(penalty, a) for a in ("claim", "lam", "U", "V")):
-        raise TypeError("penalty must be None or a PenaltyHandle (claim, lam, U, V)")
-    check_counter_range(out_f, in_f)
+    ref.check_seed(seed)
+    ref.check_counter_range(out_f, in_f)
 
 
 def supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool:
@@ -229,15 +228,16 @@ def supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool:
     in fp32/fp16/bf16 (bf16 on compute capability >= 8.0), consistent 2-D shapes,
     non-empty, r >= 1, and a weight small enough for int32 mask counters. Anything else
     makes the caller use the reference path. ``lora_B``, ``bias`` and ``x_lora`` are
-    optional: pass them to have their dtype/device/shape checked too."""
+    optional: pass them to have their dtype/device/shape checked too. This is the
+    one check of a call: ``rora_fast.functional.rora_linear`` then calls
+    :func:`fused_rora_linear` with ``validate=False``."""
     try:
         if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in (x, weight, lora_A)):
             return False
         if lora_B is None:
             lora_B = lora_A.new_empty((weight.shape[0], lora_A.shape[0])) \
                 if weight.dim() == 2 and lora_A.dim() == 2 else lora_A
-        _validate(x, x if x_lora is None else x_lora, weight, bias, lora_A, lora_B,
-                  1.0, 0.0, 0, None, allow_cpu=False)
+        _validate(x, x_lora, weight, bias, lora_A, lora_B, 1.0, 0.0, 0, allow_cpu=False)
         if x.numel() == 0 or weight.numel() == 0 or lora_A.shape[0] == 0:
             return False
         if x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] < 8:
@@ -247,26 +247,34 @@ def supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool:
     return True
 
 
-def fused_rora_linear(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
+def fused_rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor,
                       bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                      lora_B: torch.Tensor, scaling: float, p: float, seed: int,
-                      penalty=None, *, strategy: Optional[str] = None,
-                      config: Optional[dict] = None) -> torch.Tensor:
+                      lora_B: torch.Tensor, scaling: float, p: float, seed, *,
+                      strategy: Optional[str] = None, config: Optional[dict] = None,
+                      validate: bool = True) -> torch.Tensor:
     """Training forward of a RoRA linear layer through the fused kernels.
 
     Same arguments and semantics as ``rora_fast.functional.rora_linear`` (minus
-    ``backend``); see :class:`FusedRoraLinearFunction` for the math.
+    ``backend``): ``x_lora`` None (or ``x`` itself) when the LoRA input is ``x``;
+    ``seed`` an int or a one-element int64 tensor. See
+    :class:`FusedRoraLinearFunction` for the math.
 
     ``strategy``: ``"copy"`` or ``"inloop"`` (default: ``RORA_FAST_MASK_STRATEGY``, else
     ``_common.DEFAULT_MASK_STRATEGY``). ``config``: pin the ``"inloop"`` GEMM tiles
     (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``: powers of two >= 16; ``GROUP_M``; optional
     ``num_warps``/``num_stages``) instead of autotuning; tests use it.
+    ``validate=False`` skips the argument checks (for callers that ran :func:`supports`).
 
     Inputs must be CUDA tensors (``supports`` says which); under ``TRITON_INTERPRET=1``
     CPU tensors are accepted too so that the kernels can be tested on a CPU.
     """
-    _validate(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty,
-              allow_cpu=True)
+    if x_lora is x:
+        x_lora = None
+    if validate:
+        _validate(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, allow_cpu=True)
+        scaling, p = float(scaling), float(p)
+        if not isinstance(seed, torch.Tensor):
+            seed = int(seed)
     strategy = _common.resolve_mask_strategy(strategy)
     if config is not None:
         config = dict(config)
@@ -275,5 +283,4 @@ def fused_rora_linear(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tenso
                 raise ValueError(f"config needs {key}; got {config}")
         gemm._check_config(config)
     return FusedRoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B,
-                                         float(scaling), float(p), int(seed), penalty,
-                                         x_lora is x, strategy, config)
+                                         scaling, p, seed, strategy, config)

@@ -51,6 +51,7 @@ from .model import (RoraConfig, apply_rora, attach_penalty, block_index, export_
                     load_rora,
                     merge_rora, rora_layers, rora_penalty, save_rora, spectral_rescale_)
 from .peft_integration import register_rora, spectral_rescale_peft_  # noqa: E402
+from .penalty import add_penalty_grads  # noqa: E402
 from .reference import effective_drop_prob, weight_keep_mask  # noqa: E402
 
 __version__ = "0.1.0"
@@ -59,6 +60,7 @@ __all__ = [
     "RoraLinear",
     "RoraConfig",
     "apply_rora",
+    "add_penalty_grads",
     "attach_penalty",
     "block_index",
     "export_peft_adapter",

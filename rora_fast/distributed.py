@@ -1,20 +1,18 @@
 """RoRA under DDP and FSDP2: what needs care, and helpers for it.
 
 DDP (``torch.nn.parallel.DistributedDataParallel``)
-    Nothing special. Each rank adds ``λ∇Ω`` to its local adapter gradients once per
-    optimizer step (the same rule as on one process; DDP's ``no_sync`` accumulation
-    keeps the gradients on the same Parameter objects), and DDP's all-reduce averages
-    them: ``mean_r(g_r + λ∇Ω) = mean_r(g_r) + λ∇Ω``, the gradient of one process on
-    the combined batch. The SVD bases are non-persistent buffers, identical on every
+    Nothing special. The optimizer step hook (:mod:`rora_fast.penalty`) adds ``λ∇Ω``
+    to the all-reduced adapter gradients on every rank, once per step:
+    ``mean_r(g_r) + λ∇Ω``, the gradient of one process on the combined batch. The SVD bases are non-persistent buffers, identical on every
     rank (deterministic SVD of identical weights); pass ``broadcast_buffers=False``
     (Trainer: ``ddp_broadcast_buffers=False``) to skip re-broadcasting them each step.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``)
     Frozen base weights and trainable adapters may share one FSDP unit (FSDP2 shards
-    each parameter separately). The penalty clock looks the adapter up through the
-    module and watches the sharded parameter the optimizer holds
-    (:class:`rora_fast.penalty.OncePerStep`); the penalty gradient is added to the
-    unsharded gradient on every rank and the reduce-scatter averages it, as for DDP.
+    each parameter separately). At the optimizer step the adapters are sharded
+    DTensors (the parameters the optimizer holds); the step hook gathers each full
+    factor (an all-gather: every rank steps), computes ``λ∇Ω`` and adds this rank's
+    shard of it to the sharded, reduce-scattered gradient.
     Adapters at rest are sharded DTensors: use :func:`penalty_value` for logging and
     :func:`full_adapters` / :func:`save_rora_distributed` to rescale or save
     (collectives: call them on every rank).

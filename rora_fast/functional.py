@@ -1,8 +1,9 @@
 """Functional entry point of the RoRA linear op and its backend dispatch.
 
 ``rora_linear(...)`` computes the training forward of one RoRA layer and, in
-backward, the gradients of the layer plus (once per optimizer step) the gradient of
-the trigger-insensitive penalty. Two backends implement the same math:
+backward, its gradients (the penalty's gradient is not part of the op: it is added
+once per optimizer step for all layers, see :mod:`rora_fast.penalty`). Two backends
+implement the same math:
 
 * ``reference``: :class:`RoraLinearFunction` below, built on
   :mod:`rora_fast.reference`; any device, any floating dtype.
@@ -11,45 +12,29 @@ the trigger-insensitive penalty. Two backends implement the same math:
 ``backend="auto"`` (the default) takes the kernels for CUDA tensors they support and
 the reference everywhere else. The environment variable ``RORA_FAST_BACKEND``
 (``auto`` | ``reference`` | ``triton``) overrides the default for every call.
+
+Graph capture. The mask seed is either a Python int (eager: drawn with one
+``torch.randint`` and read on the host) or a one-element int64 tensor (under
+``torch.compile``: drawn in the graph, no host sync). With a tensor seed the
+masked weight comes from the custom op ``rora_fast::masked_weight`` (registered with
+:mod:`torch.library`, a fake implementation for tracing), so ``torch.compile(...,
+fullgraph=True)`` traces the whole layer without a graph break.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from . import reference as ref
 
-__all__ = ["PenaltyHandle", "RoraLinearFunction", "rora_linear", "resolve_backend"]
+__all__ = ["RoraLinearFunction", "rora_linear", "resolve_backend", "masked_weight_op"]
 
 _BACKENDS = ("auto", "reference", "triton")
-
-
-class PenaltyHandle:
-    """What the backward pass needs to add ``λ ∇Ω`` to ``dA``/``dB``.
-
-    ``claim()`` is asked in backward and returns True when the penalty gradient
-    must be added now. The owner (a :class:`rora_fast.RoraLinear`) decides that so
-    that the penalty is applied once per optimizer step, whatever the number of
-    backward calls (gradient accumulation, layers called twice).
-    """
-
-    def __init__(self, lam: float, U: torch.Tensor, V: torch.Tensor, claim,
-                 anchor_A: Optional[torch.Tensor] = None,
-                 anchor_B: Optional[torch.Tensor] = None):
-        self.lam = float(lam)
-        self.U = U
-        self.V = V
-        self.anchor_A = anchor_A  # A₀, B₀ of PiSSA/OLoRA (the penalty is on A − A₀, B − B₀)
-        self.anchor_B = anchor_B
-        self._claim = claim
-
-    def claim(self) -> bool:
-        return bool(self.lam) and self._claim()
-
+_ENV = "RORA_FAST_BACKEND"
 
 _SCRATCH = threading.local()
 
@@ -61,7 +46,7 @@ def _weight_scratch(weight: torch.Tensor, p: float) -> Optional[torch.Tensor]:
     returned nor saved), so one buffer per weight shape can serve every call; reusing
     it saves the page faults of a fresh multi-MB allocation each time (~60 % of the
     masked copy's cost at 4096 x 4096). Not used on other devices, whose caching
-    allocators already reuse memory.
+    allocators already reuse memory, nor under graph capture.
     """
     if (weight.device.type != "cpu" or weight.dtype != torch.float32
             or not ref.native_mask_available() or ref.keep_threshold(p) == 0):
@@ -69,11 +54,39 @@ def _weight_scratch(weight: torch.Tensor, p: float) -> Optional[torch.Tensor]:
     cache = getattr(_SCRATCH, "buffers", None)
     if cache is None:
         cache = _SCRATCH.buffers = {}
-    key = (tuple(weight.shape), weight.dtype)
+    key = tuple(weight.shape)
     buf = cache.get(key)
     if buf is None:
         buf = cache[key] = torch.empty(weight.shape, dtype=weight.dtype)
     return buf
+
+
+# ---------------------------------------------------------------------- custom op
+@torch.library.custom_op("rora_fast::masked_weight", mutates_args=())
+def masked_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``(M ⊙ W)/(1 − p_eff)`` with the seed read from a one-element int64 tensor: the
+    graph-capture form of :func:`rora_fast.reference.masked_weight` (the fused Triton
+    copy for CUDA weights). A new tensor (never ``weight`` itself)."""
+    s = int(seed.reshape(()).item())
+    if weight.is_cuda:
+        kernels = _kernels_module()
+        if kernels is not None:
+            out = kernels.masked_copy(weight, s, p)
+            return out.clone() if out is weight else out
+    out = ref.masked_weight(weight, s, p)
+    return out.clone() if out is weight else out
+
+
+@masked_weight_op.register_fake
+def _(weight, seed, p):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _masked(weight, seed, p, scratch: bool):
+    if isinstance(seed, torch.Tensor):
+        return masked_weight_op(weight, seed, p)
+    return ref.masked_weight(weight, seed, p, out=_weight_scratch(weight, p) if scratch
+                             else None)
 
 
 class RoraLinearFunction(torch.autograd.Function):
@@ -86,55 +99,50 @@ class RoraLinearFunction(torch.autograd.Function):
 
         dX  = G (M ⊙ W) / (1-p)                       (∂y/∂x through the base path)
         dX̃  = s (G B) A                               (∂y/∂x̃ through the LoRA path)
-        dA  = s (G B)ᵀ x̃        [+ λ · 2 (A Vₖ) Vₖᵀ]
-        dB  = s Gᵀ (x̃ Aᵀ)       [+ λ · 2 Uₖ (Uₖᵀ B)]
+        dA  = s (G B)ᵀ x̃
+        dB  = s Gᵀ (x̃ Aᵀ)                             (x̃ Aᵀ saved by the forward)
         db  = Σ_tokens G                              (only if the bias is trainable)
         dW  = (Gᵀ x) ⊙ M / (1-p)                      (only if the weight is trainable)
 
-    When ``x̃`` is ``x`` itself (no LoRA input dropout) ``dX + dX̃`` is returned once, for
-    ``x``.
-    The bracketed penalty terms are added when ``penalty.claim()`` says so.
+    ``x_lora`` None: ``x̃`` is ``x`` itself (no LoRA input dropout); ``dX + dX̃`` is then
+    returned once, for ``x``.
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty):
-        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B)
-        ctx.scaling, ctx.p, ctx.seed, ctx.penalty = scaling, p, seed, penalty
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
+        compiling = torch.compiler.is_compiling()
+        w = _masked(weight, seed, p, not compiling)
+        y, s_mat = ref._forward(x, x if x_lora is None else x_lora, weight, bias,
+                                lora_A, lora_B, scaling, w)
+        seed_t = seed if isinstance(seed, torch.Tensor) else None
+        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, s_mat, seed_t)
+        ctx.scaling, ctx.p = scaling, p
+        ctx.seed = None if seed_t is not None else seed
         ctx.has_bias = bias is not None
-        ctx.same_input = x_lora is x  # no LoRA input dropout: return dX + dX̃ once
-        return ref.rora_linear_forward(x, x_lora, weight, bias, lora_A, lora_B,
-                                       scaling, p, seed, _weight_scratch(weight, p))
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, x_lora, weight, lora_A, lora_B = ctx.saved_tensors
-        penalty = ctx.penalty
-        lam, U, V, A0, B0 = 0.0, None, None, None, None
-        if penalty is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]) \
-                and penalty.claim():
-            lam, U, V = penalty.lam, penalty.U, penalty.V
-            A0, B0 = getattr(penalty, "anchor_A", None), getattr(penalty, "anchor_B", None)
-        dx, dx_lora, dA, dB = ref.rora_linear_backward(
-            grad_out, x, x_lora, weight, lora_A, lora_B, ctx.scaling, ctx.p, ctx.seed,
-            lam, U, V, _weight_scratch(weight, ctx.p), combine=ctx.same_input,
-            anchor_A=A0, anchor_B=B0)
+        x, x_lora, weight, lora_A, lora_B, s_mat, seed_t = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        seed = seed_t if seed_t is not None else ctx.seed
+        w = _masked(weight, seed, ctx.p, not torch.compiler.is_compiling()) \
+            if needs[0] else None
+        dx, dx_lora, dA, dB = ref._backward(grad_out, x, x_lora, w, lora_A, lora_B,
+                                            ctx.scaling, s_mat,
+                                            (needs[0], needs[1], needs[4], needs[5]))
         db = dW = None
-        if ctx.has_bias and ctx.needs_input_grad[3]:
+        if ctx.has_bias and needs[3]:
             db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        if ctx.needs_input_grad[2]:
+        if needs[2]:
             g = grad_out.reshape(-1, grad_out.shape[-1])
-            dW = ref.masked_weight(g.t() @ x.reshape(-1, x.shape[-1]), ctx.seed, ctx.p)
-        return (dx if ctx.needs_input_grad[0] else None,
-                dx_lora if ctx.needs_input_grad[1] else None,
-                dW, db,
-                dA if ctx.needs_input_grad[4] else None,
-                dB if ctx.needs_input_grad[5] else None,
-                None, None, None, None)
+            dW = _masked(g.t() @ x.reshape(-1, x.shape[-1]), seed, ctx.p, False)
+        return dx, dx_lora, dW, db, dA, dB, None, None, None
 
 
 def resolve_backend(backend: Optional[str] = None) -> str:
     """The backend name in force: the argument, else ``RORA_FAST_BACKEND``, else auto."""
-    name = backend if backend is not None else os.environ.get("RORA_FAST_BACKEND", "auto")
+    name = backend if backend is not None else os.environ.get(_ENV, "auto")
     name = name.strip().lower()
     if name not in _BACKENDS:
         raise ValueError(f"unknown RoRA backend {name!r}; expected one of {_BACKENDS}")
@@ -149,29 +157,40 @@ def _kernels_module():
     return kernels
 
 
-def rora_linear(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
+def rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor,
                 bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
-                scaling: float, p: float, seed: int,
-                penalty: Optional[PenaltyHandle] = None,
+                scaling: float, p: float, seed: Union[int, torch.Tensor],
                 backend: Optional[str] = None) -> torch.Tensor:
     """Training forward of a RoRA linear layer; see :class:`RoraLinearFunction`.
 
-    ``x_lora`` is the input of the LoRA path (``x`` itself, or ``lora_dropout(x)``).
+    ``x_lora`` is the input of the LoRA path: ``lora_dropout(x)``, or None (or ``x``
+    itself) when it is ``x``. ``seed``: an int in ``[0, 2**63)`` or a one-element int64
+    tensor holding one (graph capture). ``scaling``, ``p``: Python floats. Arguments
+    are not validated here (:class:`rora_fast.RoraLinear` checks them once, at
+    construction); the fused kernels' :func:`~rora_fast.kernels.supports` decides
+    which CUDA inputs they take.
     """
-    name = resolve_backend(backend)
-    if name != "reference" and x.is_cuda:
+    if x_lora is x:
+        x_lora = None
+    name = backend if backend is not None else os.environ.get(_ENV)
+    if name is not None:
+        name = resolve_backend(name)
+        if name == "reference":
+            return RoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B,
+                                            scaling, p, seed)
+        if name == "triton" and not x.is_cuda:
+            raise RuntimeError("RORA_FAST_BACKEND=triton needs CUDA tensors; got "
+                               f"x on {x.device}")
+    if x.is_cuda:
         kernels = _kernels_module()
-        if kernels is not None and kernels.supports(x, weight, lora_A, lora_B=lora_B, bias=bias,
-                                                       x_lora=x_lora):
+        if kernels is not None and kernels.supports(x, weight, lora_A, lora_B=lora_B,
+                                                       bias=bias, x_lora=x_lora):
             return kernels.fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B,
-                                             scaling, p, seed, penalty)
+                                             scaling, p, seed, validate=False)
         if name == "triton":
             raise RuntimeError(
                 "RORA_FAST_BACKEND=triton but the fused kernels cannot take these "
                 f"inputs (x {tuple(x.shape)} {x.dtype} on {x.device}, weight "
                 f"{tuple(weight.shape)}); use backend 'auto' to fall back to the reference")
-    elif name == "triton":
-        raise RuntimeError("RORA_FAST_BACKEND=triton needs CUDA tensors; got "
-                           f"x on {x.device}")
     return RoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B,
-                                    float(scaling), float(p), int(seed), penalty)
+                                    scaling, p, seed)

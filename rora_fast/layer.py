@@ -24,7 +24,7 @@ from torch import nn
 from . import functional as F_rora
 from . import reference as ref
 from .linalg import sigma_max_lowrank, spectral_basis
-from .penalty import OncePerStep
+from . import penalty as _penalty
 
 __all__ = ["RoraLinear", "PENALTY_MODES", "INITS"]
 
@@ -42,8 +42,8 @@ class RoraLinear(nn.Module):
     In training, ``W`` is replaced by ``(M ⊙ W) / (1 - p)`` with a fresh Bernoulli
     keep-mask ``M`` per call (seeded from torch's default generator, regenerated in
     backward, replayed by activation checkpointing), and the gradient of
-    ``λ Ω(A, B)`` is added to the adapter gradients once per optimizer step
-    (``penalty_mode="backward"``, the default; see :func:`rora_fast.rora_penalty`).
+    ``λ Ω(A, B)`` is added to the adapter gradients once per optimizer step, by every
+    torch optimizer's ``step()`` (see :mod:`rora_fast.penalty`).
 
     Args:
         in_features, out_features, bias: as for ``nn.Linear`` (ignored by
@@ -54,10 +54,11 @@ class RoraLinear(nn.Module):
         lora_dropout: PEFT-style dropout on the adapter's input, in ``[0, 1)``.
         ortho_rank: ``k``, number of singular vectors of ``W_pre`` penalised.
         ortho_lambda: ``λ`` (paper: 10); 0 turns the penalty off.
-        penalty_mode: ``"backward"`` (the layer adds ``λ∇Ω`` in its backward, once per
-            optimizer step), ``"optimizer"`` (added by an optimizer pre-step hook, see
-            :func:`rora_fast.attach_penalty`; exact with AMP grad scaling) or
-            ``"loss"`` (nothing automatic: add :func:`rora_fast.rora_penalty` to the loss).
+        penalty_mode: ``"optimizer"`` (``λ∇Ω`` added to the adapter gradients at each
+            ``step()`` of a torch optimizer holding them; :func:`rora_fast.add_penalty_grads`
+            for hand-written updates), ``"backward"`` (legacy name of the same: the
+            default) or ``"loss"`` (nothing automatic: add :func:`rora_fast.rora_penalty`
+            to the loss).
         init: ``"default"`` (A Kaiming-uniform, B zero, like PEFT), ``"gaussian"``,
             ``"pissa"`` or ``"olora"`` (base weight replaced by the residual, as PEFT).
         use_dora: DoRA magnitude/direction decomposition on top (as PEFT's DoRA).
@@ -100,7 +101,6 @@ class RoraLinear(nn.Module):
         self.lora_alpha = float(alpha)
         self.scaling = self.lora_alpha / r
         self.weight_dropout = float(weight_dropout)
-        self.lora_dropout_p = float(lora_dropout)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.ortho_rank = ortho_rank
         self.ortho_lambda = float(ortho_lambda)
@@ -130,11 +130,15 @@ class RoraLinear(nn.Module):
         else:
             self.lora_magnitude = None
 
-        # The penalty gradient is added once per optimizer step (see OncePerStep). The
-        # clock looks lora_A up through the module at backward time: FSDP2 and
-        # load_state_dict(assign=True) replace the Parameter object.
-        self._penalty_clock = OncePerStep(module=self, name=("lora_A", "lora_B"))
-        self._penalty_attached = False
+        # The optimizer step hook adds λ∇Ω (rora_fast.penalty); it looks the adapters up
+        # through the module at each step (FSDP2 and load_state_dict(assign=True)
+        # replace the Parameter objects).
+        _penalty.register_penalty_layer(self)
+
+    def __setstate__(self, state):
+        # Copies (copy.deepcopy, pickle) are layers of their own for the step hook too.
+        super().__setstate__(state)
+        _penalty.register_penalty_layer(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -206,9 +210,9 @@ class RoraLinear(nn.Module):
             return g * (w + delta) - w
 
     # ------------------------------------------------------------------ penalty
-    def _anchors(self):
-        """``(A₀, B₀)`` for PiSSA/OLoRA (the penalty and the rescaling act on the update
-        away from that start), ``(None, None)`` for LoRA's zero-product start."""
+    def _start_factors(self):
+        """``(lora_A0, lora_B0)`` for PiSSA/OLoRA (the penalty and the rescaling act on the
+        update away from that start), ``(None, None)`` for LoRA's zero-product start."""
         return getattr(self, "lora_A0", None), getattr(self, "lora_B0", None)
 
     def penalty(self) -> torch.Tensor:
@@ -219,19 +223,29 @@ class RoraLinear(nn.Module):
         if self.penalty_mode == "loss":
             return self.ortho_lambda * ref.ortho_penalty(self.lora_A, self.lora_B,
                                                          self.ortho_U, self.ortho_V,
-                                                         *self._anchors())
+                                                         *self._start_factors())
         with torch.no_grad():
             return self.ortho_lambda * ref.ortho_penalty(self.lora_A, self.lora_B,
                                                          self.ortho_U, self.ortho_V,
-                                                         *self._anchors())
+                                                         *self._start_factors())
+
+    def _penalty_terms(self):
+        """What the optimizer step hook adds (see :mod:`rora_fast.penalty`)."""
+        if self.penalty_mode == "loss" or not self.ortho_lambda:
+            return []
+        A0, B0 = self._start_factors()
+        return [(self.lora_A, "A", self.ortho_V, A0, self.ortho_lambda),
+                (self.lora_B, "B", self.ortho_U, B0, self.ortho_lambda)]
 
     def add_penalty_grad_(self) -> None:
-        """Add ``λ∇Ω`` to ``lora_A.grad``/``lora_B.grad`` now (``penalty_mode="optimizer"``)."""
+        """Add ``λ∇Ω`` to ``lora_A.grad``/``lora_B.grad`` now, whatever ``penalty_mode``
+        (a gradient that is None becomes ``λ∇Ω``). :func:`rora_fast.add_penalty_grads` is
+        the model-level call for hand-written updates."""
         if not self.ortho_lambda:
             return
         with torch.no_grad():
             gA, gB = ref.ortho_penalty_grads(self.lora_A, self.lora_B, self.ortho_U,
-                                             self.ortho_V, *self._anchors())
+                                             self.ortho_V, *self._start_factors())
             for p_, g in ((self.lora_A, gA), (self.lora_B, gB)):
                 if not p_.requires_grad:
                     continue
@@ -239,12 +253,6 @@ class RoraLinear(nn.Module):
                     p_.grad = self.ortho_lambda * g
                 else:
                     p_.grad.add_(g, alpha=self.ortho_lambda)
-
-    def _penalty_handle(self) -> Optional[F_rora.PenaltyHandle]:
-        if self.penalty_mode != "backward" or not self.ortho_lambda:
-            return None
-        return F_rora.PenaltyHandle(self.ortho_lambda, self.ortho_U, self.ortho_V,
-                                    self._penalty_clock.claim, *self._anchors())
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -264,7 +272,8 @@ class RoraLinear(nn.Module):
     # them): the dense W for one call, and the eval-mode base output.
     def _base_weight(self, cdtype: torch.dtype) -> torch.Tensor:
         """The dense base weight ``W`` (out x in) in ``cdtype`` for one call."""
-        return self.weight.to(cdtype)
+        w = self.weight
+        return w if w.dtype == cdtype else w.to(cdtype)
 
     def _base_eval_output(self, x: torch.Tensor, b: Optional[torch.Tensor],
                           cdtype: torch.dtype) -> torch.Tensor:
@@ -272,22 +281,37 @@ class RoraLinear(nn.Module):
         return nn.functional.linear(x, self._base_weight(cdtype), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        # The per-call path is kept lean (small models are launch-bound): the layer's
+        # arguments were checked at construction, and the input is checked in full
+        # only when the cheap test below fails.
+        try:
+            ok = x.shape[-1] == self.in_features and x.device == self.weight.device
+        except (AttributeError, IndexError, TypeError):
+            ok = False
+        if not ok:
+            self._check_input(x)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             cdtype = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                return self._forward(x.to(cdtype), cdtype)
+                return self._forward(x if x.dtype == cdtype else x.to(cdtype), cdtype)
         # Without autocast the layer computes in its base weight's dtype, like nn.Linear.
         return self._forward(x, self.weight.dtype)
 
     def _forward(self, x: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
         if x.dtype != cdtype:
+            self._check_input(x)  # a non-floating input gets its own message
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {cdtype} "
                             "(cast the input or use torch.autocast)")
-        b = self.bias.to(cdtype) if self.bias is not None else None
-        A = self.lora_A.to(cdtype)
-        B = self.lora_B.to(cdtype)
+        # Casts only where the stored dtype differs (autocast, half-precision bases).
+        b = self.bias
+        if b is not None and b.dtype != cdtype:
+            b = b.to(cdtype)
+        A, B = self.lora_A, self.lora_B
+        if A.dtype != cdtype:
+            A = A.to(cdtype)
+        if B.dtype != cdtype:
+            B = B.to(cdtype)
         if not self.training:
             lora = self.scaling * ((x @ A.t()) @ B.t())
             if self.use_dora:
@@ -296,18 +320,28 @@ class RoraLinear(nn.Module):
                 return self._dora_output(y, b, x, x, W, A, B, cdtype, None)
             return self._base_eval_output(x, b, cdtype) + lora
         W = self._base_weight(cdtype)
-        if self.penalty_mode == "optimizer" and self.ortho_lambda and not self._penalty_attached:
-            raise RuntimeError("penalty_mode='optimizer' but no optimizer is attached: call "
-                               "rora_fast.attach_penalty(optimizer, model) before training")
-        x_lora = self.lora_dropout(x)
+        x_lora = None if type(self.lora_dropout) is nn.Identity else self.lora_dropout(x)
         p = self.weight_dropout
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if ref.keep_threshold(p) else 0
-        bias_arg = None if self.use_dora else b
-        y = F_rora.rora_linear(x, x_lora, W, bias_arg, A, B, self.scaling, p, seed,
-                               self._penalty_handle(), backend=self.backend)
+        seed = self._draw_seed() if p else 0
+        if not torch.compiler.is_compiling():
+            # Counts training forwards since the last optimizer step (see penalty.py).
+            n = self._penalty_forwards = self._penalty_forwards + 1
+            if n == _penalty.WARN_AFTER_FORWARDS:
+                _penalty._warn_no_step(self)
+        y = F_rora.rora_linear(x, x_lora, W, None if self.use_dora else b, A, B,
+                               self.scaling, p, seed, backend=self.backend)
         if self.use_dora:
-            y = self._dora_output(y, b, x, x_lora, W, A, B, cdtype, seed)
+            y = self._dora_output(y, b, x, x if x_lora is None else x_lora, W, A, B,
+                                  cdtype, seed)
         return y
+
+    @staticmethod
+    def _draw_seed():
+        """The weight mask's seed, from torch's default CPU generator: an int in eager
+        mode; under ``torch.compile`` a one-element int64 tensor (drawn in the graph, no
+        host sync, no graph break; see :mod:`rora_fast.functional`)."""
+        t = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        return t if torch.compiler.is_compiling() else int(t.item())
 
     def _dora_output(self, y, b, x, x_lora, W, A, B, cdtype, seed):
         """DoRA on top of ``y = x Ŵᵀ + s x̃ AᵀBᵀ`` (no bias), as PEFT's DoRA layer:
@@ -320,8 +354,8 @@ class RoraLinear(nn.Module):
         if x_lora is x:
             out = g * y
         else:
-            inner = F_rora.rora_linear(x_lora, x_lora, W, None, A, B, self.scaling,
-                                       self.weight_dropout, seed, None, backend=self.backend)
+            inner = F_rora.rora_linear(x_lora, None, W, None, A, B, self.scaling,
+                                       self.weight_dropout, seed, backend=self.backend)
             out = y + (g - 1) * inner
         return out + b if b is not None else out
 
@@ -329,7 +363,7 @@ class RoraLinear(nn.Module):
     def sigma_delta(self) -> float:
         """Exact σ_max of the trained update without ``scaling``: ``B A`` (LoRA start), or
         ``B A − B₀ A₀`` for PiSSA/OLoRA, whose adapter starts as W_pre's top components."""
-        A0, B0 = self._anchors()
+        A0, B0 = self._start_factors()
         if A0 is None:
             return sigma_max_lowrank(self.lora_B, self.lora_A)
         B = torch.cat([self.lora_B.detach(), B0.to(self.lora_B.dtype)], 1)
@@ -350,7 +384,7 @@ class RoraLinear(nn.Module):
             raise ValueError("cannot rescale: the adapter's update is zero (was the layer "
                              "trained?); σ_max = 0 would give an infinite scale")
         s_new = self.sigma_pre / sd
-        A0, B0 = self._anchors()
+        A0, B0 = self._start_factors()
         if A0 is not None:
             with torch.no_grad():
                 fold = (self.init_scaling - s_new) * (B0.to(torch.float64)

@@ -3,10 +3,11 @@
 PEFT lets a ``LoraConfig`` map a layer type to a custom LoRA layer class
 (``LoraConfig._register_custom_module``). :func:`register_rora` registers a subclass
 of PEFT's own ``lora.Linear`` whose training forward is the RoRA op (weight dropout,
-penalty gradient in backward), so everything else stays PEFT's: adapter names,
+penalty gradient at the optimizer step), so everything else stays PEFT's: adapter names,
 ``merge_and_unload``, ``disable_adapter``, saving (only ``lora_``-prefixed tensors are
 saved; the SVD bases are non-persistent buffers). Eval, merged and disabled paths
-are PEFT's unchanged.
+are PEFT's unchanged. The penalty gradient ``λ∇Ω`` of the active adapter is added at
+each optimizer step, as for :class:`rora_fast.RoraLinear` (:mod:`rora_fast.penalty`).
 
     from peft import LoraConfig, get_peft_model
     import rora_fast
@@ -22,7 +23,7 @@ as a plain LoRA adapter (RoRA changes training, not the adapter format).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Sequence, Union
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from torch import nn
 from . import functional as F_rora
 from . import reference as ref
 from .linalg import sigma_max_lowrank, spectral_basis
-from .penalty import OncePerStep
+from . import penalty as _penalty
 
 __all__ = ["register_rora", "make_peft_rora_linear", "peft_rora_layers",
            "spectral_rescale_peft_"]
@@ -42,6 +43,7 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
     from peft.tuners.lora.layer import Linear as PeftLinear
 
     ref.keep_threshold(weight_dropout)
+    from .layer import RoraLinear
     if ortho_lambda < 0:
         raise ValueError(f"ortho_lambda must be >= 0, got {ortho_lambda}")
     if isinstance(ortho_rank, bool) or not isinstance(ortho_rank, int) or ortho_rank < 1:
@@ -69,18 +71,24 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
             self.register_buffer("rora_U", basis.U, persistent=False)
             self.register_buffer("rora_V", basis.V, persistent=False)
             self.rora_sigma_pre = basis.sigma_max
-            self._rora_clocks: Dict[str, OncePerStep] = {}
+            _penalty.register_penalty_layer(self)
 
-        def _rora_handle(self, adapter: str, A: torch.Tensor) -> Optional[F_rora.PenaltyHandle]:
-            if not self.rora_ortho_lambda:
-                return None
-            clock = self._rora_clocks.get(adapter)
-            if clock is None:
-                # Looked up through the module at backward time (FSDP2 swaps parameters).
-                clock = self._rora_clocks[adapter] = OncePerStep(module=self.lora_A[adapter],
-                                                                 name="weight")
-            return F_rora.PenaltyHandle(self.rora_ortho_lambda, self.rora_U.to(A.dtype),
-                                        self.rora_V.to(A.dtype), clock.claim)
+        def __setstate__(self, state):
+            super().__setstate__(state)
+            _penalty.register_penalty_layer(self)
+
+        def _penalty_terms(self):
+            """The active adapters' terms for the optimizer step hook (rora_fast.penalty);
+            looked up through the module at each step (FSDP2 swaps parameters)."""
+            lam = self.rora_ortho_lambda
+            if not lam:
+                return []
+            out = []
+            for name in self.active_adapters:
+                if name in self.lora_A:
+                    out.append((self.lora_A[name].weight, "A", self.rora_V, None, lam))
+                    out.append((self.lora_B[name].weight, "B", self.rora_U, None, lam))
+            return out
 
         def rora_penalty(self) -> torch.Tensor:
             """λ Ω summed over this layer's adapters (detached, for logging)."""
@@ -100,22 +108,39 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
                 return super().forward(x, *args, **kwargs)
             name = active[0]
             base = self.get_base_layer()
-            dtype = base.weight.dtype
-            if torch.is_autocast_enabled(x.device.type):
-                dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dtype)
-            W = base.weight.to(dtype)
-            b = base.bias.to(dtype) if base.bias is not None else None
-            A = self.lora_A[name].weight.to(dtype)
-            B = self.lora_B[name].weight.to(dtype)
+            dev = x.device.type
+            autocast = torch.is_autocast_enabled(dev)
+            dtype = torch.get_autocast_dtype(dev) if autocast else base.weight.dtype
+
+            def cast(t):
+                return t if t is None or t.dtype == dtype else t.to(dtype)
+
+            x = cast(x)
+            W, b = cast(base.weight), cast(base.bias)
+            A, B = cast(self.lora_A[name].weight), cast(self.lora_B[name].weight)
             p = self.rora_weight_dropout
-            seed = int(torch.randint(0, 2**62, (1,)).item()) if ref.keep_threshold(p) else 0
-            with torch.autocast(x.device.type, enabled=False):
-                return F_rora.rora_linear(x, self.lora_dropout[name](x), W, b, A, B,
-                                          self.scaling[name], p, seed,
-                                          self._rora_handle(name, A))
+            seed = RoraLinear._draw_seed() if p else 0
+            if not torch.compiler.is_compiling():
+                n = self._penalty_forwards = self._penalty_forwards + 1
+                if n == _penalty.WARN_AFTER_FORWARDS:
+                    _penalty._warn_no_step(self)
+            drop = self.lora_dropout[name]
+            x_lora = None if isinstance(drop, nn.Identity) else drop(x)
+            if not autocast:
+                return F_rora.rora_linear(x, x_lora, W, b, A, B, self.scaling[name], p, seed)
+            with torch.autocast(dev, enabled=False):
+                return F_rora.rora_linear(x, x_lora, W, b, A, B, self.scaling[name], p, seed)
 
     return PeftRoraLinear
+
+
+def _rora_custom_modules(weight_dropout, ortho_rank, ortho_lambda) -> dict:
+    """RoRA layer classes for bitsandbytes 4/8-bit and transformers Conv1D bases
+    (:func:`rora_fast.quantized.peft_custom_modules`); listed before ``nn.Linear``, which
+    bitsandbytes layers subclass (PEFT takes the first match)."""
+    from .quantized import peft_custom_modules
+
+    return peft_custom_modules(weight_dropout, ortho_rank, ortho_lambda)
 
 
 def _check_supported_base(layer: nn.Module) -> None:
@@ -148,11 +173,14 @@ def _refuse_unsupported(target, adapter_name, **kwargs):
 
 def register_rora(lora_config, weight_dropout: float = 0.1, ortho_rank: int = 32,
                   ortho_lambda: float = 10.0):
-    """Make ``get_peft_model(model, lora_config)`` create RoRA layers for ``nn.Linear``.
+    """Make ``get_peft_model(model, lora_config)`` create RoRA layers for ``nn.Linear``
+    (and bitsandbytes ``Linear4bit``/``Linear8bitLt``, transformers ``Conv1D``).
     Returns the layer class."""
     cls = make_peft_rora_linear(weight_dropout, ortho_rank, ortho_lambda)
-    # nn.Module last: every other target type is refused, never plain LoRA
-    lora_config._register_custom_module({nn.Linear: cls,
+    lora_config._register_custom_module({**_rora_custom_modules(weight_dropout, ortho_rank,
+                                                                ortho_lambda),
+                                         nn.Linear: cls,
+                                         # last: every other target type is refused
                                          nn.Module: _refuse_unsupported})
     return cls
 

@@ -1,185 +1,273 @@
-"""When to add the penalty gradient: exactly once per optimizer step."""
+"""The orthogonality penalty ``λ Ω(A, B)`` and its gradient, once per optimizer step.
+
+``Ω = ‖Uₖᵀ (B − B₀)‖²_F + ‖(A − A₀) Vₖ‖²_F`` (``A₀ = B₀ = 0`` for LoRA's start; PiSSA/OLoRA's
+start factors otherwise), so ``∇_A λΩ = 2λ ((A − A₀) Vₖ) Vₖᵀ`` and
+``∇_B λΩ = 2λ Uₖ (Uₖᵀ (B − B₀))``.
+
+How the gradient reaches the optimizer (``penalty_mode="optimizer"``, the default; the
+legacy name ``"backward"`` means the same): one global torch optimizer step pre-hook
+(:func:`torch.optim.optimizer.register_optimizer_step_pre_hook`, installed on import).
+Before every ``step()`` of every ``torch.optim.Optimizer`` it adds ``λ∇Ω`` to the
+adapter gradients of the RoRA layers whose adapters that optimizer holds, for all
+layers at once: layers of equal shapes are stacked into two batched matmuls per
+factor and the results added with one ``torch._foreach_add_``. Consequences:
+
+* exactly once per step, whatever the loop does between steps (gradient
+  accumulation, several backwards, ``zero_grad(set_to_none=False)``, a layer called
+  twice): the hook runs once per ``step()`` by construction;
+* AMP's ``GradScaler``: ``scaler.step(opt)`` unscales the gradients before it calls
+  ``opt.step()`` and does not call it at all when it skips a step (inf/nan), so the
+  penalty is added to unscaled gradients and a skipped step adds nothing. Fused
+  optimizers that unscale inside their kernel (``fused=True`` Adam/AdamW/SGD, given
+  ``optimizer.grad_scale``) get the penalty multiplied by that scale;
+* gradient clipping done before ``step()`` (the Trainer's ``max_grad_norm``) does
+  not include the penalty gradient;
+* a parameter whose ``.grad`` is ``None`` at the step (no backward reached it) gets
+  nothing: torch optimizers skip such parameters, and giving it a gradient would make
+  the optimizer move a parameter the loss never touched;
+* DDP: the hook runs after the all-reduce on every rank, adding the same ``λ∇Ω``
+  (the gradient of one process on the combined batch). FSDP2: the adapters are
+  sharded DTensors at the step; their full values are gathered (a collective: every
+  rank steps) and each rank adds its shard of ``λ∇Ω``.
+
+Where no torch optimizer steps (a hand-written ``p.data.sub_(lr * p.grad)``), call
+:func:`add_penalty_grads` before the update. A layer that has run
+:data:`WARN_AFTER_FORWARDS` training forwards (with autograd on and a trainable
+adapter) without any optimizer step holding it, or a call of
+:func:`add_penalty_grads`, warns once (``RuntimeWarning``): its penalty is not being
+applied.
+
+``penalty_mode="loss"``: nothing automatic; :func:`rora_penalty` is then differentiable
+and the user adds it to the loss. In the automatic modes :func:`rora_penalty` is
+detached (for logging), so adding it to a loss by mistake changes nothing.
+"""
 
 from __future__ import annotations
 
-import sys
+import warnings
 import weakref
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-__all__ = ["OncePerStep", "optimizer_steps"]
+__all__ = ["rora_penalty", "add_penalty_grads", "attach_penalty", "WARN_AFTER_FORWARDS",
+           "register_penalty_layer"]
 
-# Every torch optimizer's step() (fused ones included, which update parameters without
-# bumping their version counters) increments this counter.
-_OPTIMIZER_STEPS = [0]
+#: Training forwards of one RoRA layer without an optimizer step (or
+#: :func:`add_penalty_grads`) after which a warning says its penalty is not applied.
+#: Larger than any common gradient-accumulation count, small enough to be seen at once.
+WARN_AFTER_FORWARDS = 64
 
-
-def _count_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-def optimizer_steps() -> int:
-    """Number of ``torch.optim.Optimizer.step()`` calls seen in this process."""
-    return _OPTIMIZER_STEPS[0]
-
-
-try:
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    register_optimizer_step_post_hook(_count_step)
-except ImportError:  # pragma: no cover - very old torch: version counters only
-    pass
+# Layers whose penalty the step hook may add: RoraLinear and PEFT RoRA layers register
+# themselves at construction. A layer provides ``_penalty_terms()``, a list of
+# ``(param, kind, basis, anchor, lam)``: kind "A" (gradient (P − P₀) Q Qᵀ, Q = Vₖ) or
+# "B" (gradient Q Qᵀ (P − P₀), Q = Uₖ), and ``_penalty_forwards`` (an int counter).
+# A WeakKeyDictionary (not a WeakSet): it iterates in registration order, the same on
+# every rank, so that the FSDP2 all-gathers of the hook run in the same order everywhere.
+_LAYERS: "weakref.WeakKeyDictionary[nn.Module, None]" = weakref.WeakKeyDictionary()
+_WARNED = [False]
 
 
-def _fsdp2_param(module: torch.nn.Module, name: str):
-    """The FSDP2 (``fully_shard``) ``FSDPParam`` managing ``module.<name>``, or None.
+def register_penalty_layer(layer: nn.Module) -> None:
+    """Let the optimizer step hook add this layer's penalty gradient (see module doc)."""
+    layer._penalty_forwards = 0
+    _LAYERS[layer] = None
 
-    FSDP2 replaces a module's parameter by a sharded DTensor parameter (the one the
-    optimizer holds and ``zero_grad`` resets) and, around forward and backward, swaps
-    in a separate unsharded parameter whose gradient is handed to the sharded one
-    after each reduce-scatter. Neither is the Parameter the layer was built with.
+
+# ---------------------------------------------------------------------- the grouped math
+def _scaled_basis(layer, kind: str, Q: torch.Tensor, lam: float, dtype) -> torch.Tensor:
+    """``sqrt(2λ)·Q`` in ``dtype``, cached on the layer (so that ``(P Q')Q'ᵀ = 2λ(P Q)Qᵀ``:
+    λ and the 2 cost nothing per step). Rebuilt when the buffer, λ or dtype change."""
+    cache = layer.__dict__.setdefault("_penalty_qcache", {})
+    hit = cache.get(kind)
+    if hit is not None and hit[0] is Q and hit[1] == lam and hit[2].dtype == dtype:
+        return hit[2]
+    q = Q.detach().to(dtype) * (2.0 * lam) ** 0.5
+    cache[kind] = (Q, lam, q)
+    return q
+
+
+_STACKS: Dict[tuple, Tuple[list, torch.Tensor]] = {}
+
+
+def _stacked(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``, cached while the same (constant) tensors are asked for."""
+    key = tuple(id(t) for t in tensors)
+    hit = _STACKS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[1]
+    if len(_STACKS) > 64:
+        _STACKS.clear()
+    out = torch.stack(tensors)
+    _STACKS[key] = (list(tensors), out)
+    return out
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _penalty_grad_one(kind: str, P: torch.Tensor, q: torch.Tensor,
+                      anchor: Optional[torch.Tensor]) -> torch.Tensor:
+    X = P.to(q.dtype)
+    if anchor is not None:
+        X = X - anchor.to(q.dtype)
+    return (X @ q) @ q.t() if kind == "A" else q @ (q.t() @ X)
+
+
+def _add_dtensor(p, kind, q, anchor, scale) -> None:
+    """FSDP2: gather the full factor (collective), add this rank's shard of the gradient."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    full = p.detach().full_tensor()
+    g = _penalty_grad_one(kind, full, q, anchor).to(p.dtype)
+    if scale is not None:
+        g = g * scale.to(g.device)
+    grad = p.grad
+    mesh = grad.device_mesh
+    g_d = DTensor.from_local(g, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    grad.add_(g_d.redistribute(mesh, grad.placements))
+
+
+def _apply(terms, scale: Optional[torch.Tensor] = None) -> None:
+    """Add the penalty gradient of every ``(param, kind, basis, anchor, lam)`` term to
+    ``param.grad``, equal shapes batched."""
+    groups: Dict[tuple, list] = {}
+    for layer, (p, kind, Q, anchor, lam) in terms:
+        cdtype = torch.promote_types(p.dtype, torch.float32)
+        q = _scaled_basis(layer, kind, Q, lam, cdtype)
+        if _is_dtensor(p):
+            _add_dtensor(p, kind, q, anchor, scale)
+            continue
+        key = (kind, tuple(p.shape), tuple(q.shape), p.dtype, p.device, anchor is not None)
+        groups.setdefault(key, []).append((p, q, anchor))
+    for (kind, _, _, dtype, _, anchored), items in groups.items():
+        ps = [p for p, _, _ in items]
+        qs = _stacked([q for _, q, _ in items])
+        cdtype = qs.dtype
+        X = torch.stack(ps)  # (under no_grad)
+        if X.dtype != cdtype:
+            X = X.to(cdtype)
+        if anchored:
+            X = X.sub_(_stacked([a.to(cdtype) if a.dtype != cdtype else a
+                                 for _, _, a in items]))
+        if kind == "A":   # (P − P₀) Q' Q'ᵀ
+            G = torch.bmm(torch.bmm(X, qs), qs.transpose(1, 2))
+        else:             # Q' Q'ᵀ (P − P₀)
+            G = torch.bmm(qs, torch.bmm(qs.transpose(1, 2), X))
+        if G.dtype != dtype:
+            G = G.to(dtype)
+        if scale is not None:
+            G = G.mul_(scale.to(device=G.device, dtype=G.dtype))
+        torch._foreach_add_([p.grad for p in ps], list(G.unbind(0)))
+
+
+def _due_terms(layers, held: Optional[set]):
+    """The terms of these layers whose parameter is held (``held`` None: any), needs a
+    gradient and has one. Resets the layers' forward counters."""
+    out = []
+    for layer in layers:
+        terms = layer._penalty_terms()
+        if held is not None and not any(id(t[0]) in held for t in terms):
+            continue
+        layer._penalty_forwards = 0
+        for t in terms:
+            p = t[0]
+            if (held is None or id(p) in held) and p.requires_grad and p.grad is not None:
+                out.append((layer, t))
+    return out
+
+
+# ---------------------------------------------------------------------- the step hook
+def _step_pre_hook(optimizer, args, kwargs) -> None:
+    if not _LAYERS:
+        return
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    terms = _due_terms(list(_LAYERS), held)
+    if terms:
+        with torch.no_grad():
+            _apply(terms, getattr(optimizer, "grad_scale", None))
+
+
+_HOOK = register_optimizer_step_pre_hook(_step_pre_hook)
+
+
+def _model_layers(model: nn.Module):
+    return [m for m in model.modules() if m in _LAYERS]
+
+
+def add_penalty_grads(model: nn.Module) -> int:
+    """Add ``λ∇Ω`` to the adapter gradients of every RoRA layer of ``model`` now.
+
+    For updates written by hand (no ``torch.optim`` optimizer, whose step would add it):
+    call it once per update, after the backward passes and before changing the
+    weights. Only parameters that require grad and have a ``.grad`` get it; layers
+    with ``penalty_mode="loss"`` or ``λ = 0`` are skipped. Returns the number of
+    gradients changed. Under FSDP2 it is a collective (call it on every rank).
     """
-    if "torch.distributed.fsdp._fully_shard" not in sys.modules:
-        return None  # FSDP2 never imported: it cannot be in use
-    try:
-        from torch.distributed._composable_state import _module_state_mapping
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
-    for state_ref in list(_module_state_mapping.values()):
-        state = state_ref()
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None:  # torch < 2.8: a single optional group
-            group = getattr(state, "_fsdp_param_group", None)
-            groups = [group] if group is not None else []
-        for group in groups:
-            for fp in getattr(group, "fsdp_params", ()):
-                info = getattr(fp, "_module_info", None)
-                if info is not None and info.module is module and info.param_name == name:
-                    return fp
-    return None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"add_penalty_grads expects an nn.Module, got {type(model).__name__}")
+    terms = _due_terms(_model_layers(model), None)
+    if terms:
+        with torch.no_grad():
+            _apply(terms)
+    return len(terms)
 
 
-class OncePerStep:
-    """Decides, in backward, whether the penalty gradient for a parameter is due.
+def _warn_no_step(layer) -> None:
+    """Called by a layer at its WARN_AFTER_FORWARDS-th training forward without a step."""
+    if _WARNED[0] or not torch.is_grad_enabled():
+        return
+    if not any(t[0].requires_grad for t in layer._penalty_terms()):
+        return
+    _WARNED[0] = True
+    warnings.warn(
+        f"a RoRA layer ran {WARN_AFTER_FORWARDS} training forwards without an optimizer "
+        "step holding its adapters: the orthogonality penalty's gradient is added by "
+        "torch.optim optimizers' step(). For a hand-written update call "
+        "rora_fast.add_penalty_grads(model) before it, or use penalty_mode='loss' and add "
+        "rora_fast.rora_penalty(model) to the loss (this warning is shown once).",
+        RuntimeWarning, stacklevel=3)
 
-    Yes exactly once per optimizer step. A new step is recognised by the parameter's
-    gradient having been reset to ``None`` (``zero_grad()``, the default
-    ``set_to_none=True``) or by the parameter having been changed in place
-    (``optimizer.step()`` bumps its version counter) or by any torch optimizer having
-    stepped (a global step hook: fused optimizers do not bump version counters) since
-    the penalty was last added. Further backward calls before the next step (gradient accumulation, a
-    layer called twice in one forward) add nothing.
 
-    Build it with ``OncePerStep(module=layer, name=("lora_A", "lora_B"))`` so that the
-    parameter is looked up through the module at backward time (the first named one
-    that requires grad, so a frozen ``lora_A`` does not blind the clock): wrappers that replace
-    parameters (FSDP2 ``fully_shard``, ``load_state_dict(assign=True)``) would
-    otherwise leave the clock watching a stale object whose gradient is always
-    ``None`` (the penalty would then be added on every micro-batch). Under FSDP2
-    the clock watches the sharded parameter the optimizer holds, and counts the
-    unsharded gradient kept between micro-batches under
-    ``set_requires_gradient_sync(False)`` as accumulated gradient, so every rank
-    takes the same decision. ``OncePerStep(param)`` watches a fixed Parameter.
+# ---------------------------------------------------------------------- values
+def rora_penalty(model: nn.Module) -> torch.Tensor:
+    """The current ``λ Σ_layers Ω(A, B)`` of the model.
 
-    Known limit: with ``zero_grad(set_to_none=False)`` *and* a skipped step (AMP's
-    GradScaler skips steps on overflow) the next step misses the penalty once; use
-    ``penalty_mode="optimizer"`` with AMP grad scaling.
+    With ``penalty_mode="loss"`` it is differentiable: add it to the loss. In the
+    automatic mode the optimizer step adds the penalty's gradient and this value is
+    detached (for logging only), so adding it to a loss cannot count it twice.
     """
+    from .model import rora_layers
+    from .peft_integration import peft_rora_layers
 
-    def __init__(self, param: Optional[torch.nn.Parameter] = None, *,
-                 module: Optional[torch.nn.Module] = None, name: Optional[str] = None):
-        if (param is None) == (module is None):
-            raise ValueError("pass either a parameter or module= and name=")
-        self._param = param
-        self._module = weakref.ref(module) if module is not None else None
-        self._name = name
-        self._fsdp = None  # weakref to the FSDP2 FSDPParam, once found
-        self.version = None
-        self.task = None
-        self.steps = None
+    values = [layer.penalty() for _, layer in rora_layers(model)]
+    values += [layer.rora_penalty() for _, layer in peft_rora_layers(model)]
+    if not values:
+        raise ValueError("the model has no RoRA layers")
+    total = values[0]
+    for v in values[1:]:
+        total = total + v.to(total.device)
+    return total
 
-    # The module is held weakly (no reference cycle through the layer); copies and
-    # pickles must follow the module to its copy.
-    def __deepcopy__(self, memo):
-        import copy
 
-        new = copy.copy(self)
-        module = self._module() if self._module is not None else None
-        if module is not None:
-            new._module = weakref.ref(memo.get(id(module), module))
-        else:
-            new._param = copy.deepcopy(self._param, memo)
-        new._fsdp = None
-        return new
+class _NoHandle:
+    def remove(self) -> None:
+        pass
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_module"] = self._module() if self._module is not None else None
-        state["_fsdp"] = None
-        return state
 
-    def __setstate__(self, state):
-        module = state.pop("_module")
-        self.__dict__.update(state)
-        self._module = weakref.ref(module) if module is not None else None
-
-    @property
-    def param(self):
-        """The parameter as the module holds it now (or the fixed one)."""
-        if self._module is None:
-            return self._param
-        module = self._module()
-        if module is None:
-            return None
-        names = (self._name,) if isinstance(self._name, str) else tuple(self._name)
-        found = None
-        for n in names:
-            p = getattr(module, n, None)
-            if isinstance(p, torch.Tensor):
-                if p.requires_grad:
-                    return p
-                found = p if found is None else found
-        return found
-
-    @property
-    def _param_name(self):
-        if isinstance(self._name, str):
-            return self._name
-        p = self.param
-        module = self._module()
-        for n in self._name:
-            if getattr(module, n, None) is p:
-                return n
-        return self._name[0]
-
-    def _state(self):
-        """``(tensor whose version marks optimizer steps, has accumulated gradient)``."""
-        p = self.param
-        if self._module is not None:
-            fp = self._fsdp() if self._fsdp is not None else None
-            if fp is None:
-                fp = _fsdp2_param(self._module(), self._param_name)
-                self._fsdp = weakref.ref(fp) if fp is not None else None
-            if fp is not None:
-                sharded = fp.sharded_param
-                grads = (sharded.grad, getattr(fp, "unsharded_accumulated_grad", None),
-                         p.grad if p is not sharded and isinstance(p, torch.Tensor)
-                         and p.is_leaf else None)
-                return sharded, any(g is not None for g in grads)
-        has_grad = isinstance(p, torch.Tensor) and p.is_leaf and p.grad is not None
-        return p, has_grad
-
-    def claim(self) -> bool:
-        p, has_grad = self._state()
-        # Identifies the running backward pass (the same id for every node of one pass).
-        task = torch._C._current_graph_task_id()
-        if not has_grad:
-            if task != -1 and task == self.task:  # already added earlier in this pass
-                return False
-        elif p._version == self.version and optimizer_steps() == self.steps:
-            return False
-        self.version = p._version
-        self.task = task
-        self.steps = optimizer_steps()
-        return True
+def attach_penalty(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """Deprecated: every torch optimizer now adds the penalty gradient at its step (a
+    global step pre-hook), so there is nothing to attach. Checks that ``optimizer``
+    holds the model's RoRA adapters and returns a handle whose ``remove()`` does nothing."""
+    warnings.warn("rora_fast.attach_penalty is no longer needed: every torch optimizer adds "
+                  "the penalty gradient at its step", DeprecationWarning, stacklevel=2)
+    layers = _model_layers(model)
+    if not layers:
+        raise ValueError("the model has no RoRA layers")
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(id(t[0]) in held for layer in layers for t in layer._penalty_terms()):
+        raise ValueError("the optimizer does not hold the adapters of the model's RoRA layers")
+    return _NoHandle()

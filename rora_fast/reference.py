@@ -34,7 +34,6 @@ kept weights are scaled by ``1 / (1 - p_eff)`` so the expectation is exactly ``W
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -47,6 +46,8 @@ __all__ = [
     "effective_drop_prob",
     "weight_keep_mask",
     "native_mask_available",
+    "check_seed",
+    "check_counter_range",
     "masked_weight",
     "rora_linear_forward",
     "rora_linear_backward",
@@ -85,9 +86,7 @@ def philox4x32(seed: int, counter: torch.Tensor, rounds: int = PHILOX_ROUNDS):
     Bit-identical to Triton's ``tl.randint4x(seed, counter)`` for int32 counters.
     Returns four int64 tensors holding uint32 values.
     """
-    seed = int(seed)
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    seed = check_seed(seed)
     k0 = seed & _MASK32
     k1 = (seed >> 32) & _MASK32
     c0 = counter.to(torch.int64) & _MASK32
@@ -101,6 +100,29 @@ def philox4x32(seed: int, counter: torch.Tensor, rounds: int = PHILOX_ROUNDS):
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
     return c0, c1, c2, c3
+
+
+def check_seed(seed) -> int:
+    """The seed as an int; ValueError outside ``[0, 2**63)``, TypeError if not an integer."""
+    if isinstance(seed, bool) or not isinstance(seed, int) and not (
+            isinstance(seed, torch.Tensor) and seed.numel() == 1
+            and not seed.dtype.is_floating_point):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def check_counter_range(out_features: int, in_features: int) -> int:
+    """Philox counter groups per weight row; ValueError if the int32 counters of an
+    ``out x in`` weight would overflow."""
+    groups = -(-in_features // MASK_LANES)
+    if out_features * groups - 1 > _MAX_COUNTER:
+        raise ValueError(
+            f"weight of shape ({out_features}, {in_features}) is too large for the "
+            f"int32 mask counter ({out_features * groups} > 2**31)")
+    return groups
 
 
 def keep_threshold(p: float) -> int:
@@ -143,14 +165,8 @@ def weight_keep_mask(seed: int, out_features: int, in_features: int, p: float,
     device = torch.device(device) if device is not None else torch.device("cpu")
     if thr == 0:
         return torch.ones(out_features, in_features, dtype=torch.bool, device=device)
-    groups = -(-in_features // MASK_LANES)
-    if out_features * groups - 1 > _MAX_COUNTER:
-        raise ValueError(
-            f"weight of shape ({out_features}, {in_features}) is too large for the "
-            f"int32 mask counter ({out_features * groups} > 2**31)")
-    seed = int(seed)
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    groups = check_counter_range(out_features, in_features)
+    seed = check_seed(seed)
     use_native = impl == "native" or (impl == "auto" and device.type == "cpu"
                                       and _native is not None)
     if use_native:
@@ -194,10 +210,7 @@ def masked_weight(weight: torch.Tensor, seed: int, p: float,
                 or out.device != w.device or not out.is_contiguous()):
             out = torch.empty_like(w)
         rows, cols = w.shape
-        groups = -(-cols // MASK_LANES)
-        if rows * groups - 1 > _MAX_COUNTER:
-            raise ValueError(f"weight of shape ({rows}, {cols}) is too large for the int32 "
-                             "mask counter")
+        check_counter_range(rows, cols)
         _native.masked_f32(int(seed), w.data_ptr(), out.data_ptr(), rows, cols,
                            keep_threshold(p), scale, torch.get_num_threads())
         return out
@@ -206,75 +219,90 @@ def masked_weight(weight: torch.Tensor, seed: int, p: float,
                                                          device=weight.device))
 
 
-def rora_linear_forward(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
+def rora_linear_forward(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor,
                         bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                         lora_B: torch.Tensor, scaling: float, p: float,
                         seed: int, weight_buffer: Optional[torch.Tensor] = None
                         ) -> torch.Tensor:
     """``x (M ⊙ W)ᵀ / (1-p) + b + s (x̃ Aᵀ) Bᵀ`` for inputs of shape ``[..., in]``.
+    ``x_lora``: ``x̃``, or None when it is ``x`` (no LoRA input dropout).
     ``weight_buffer``: optional scratch for the masked weight (see :func:`masked_weight`)."""
-    w = masked_weight(weight, seed, p, out=weight_buffer)
+    return _forward(x, x if x_lora is None else x_lora, weight, bias, lora_A, lora_B,
+                    scaling, masked_weight(weight, seed, p, out=weight_buffer))[0]
+
+
+def _forward(x, x_lora, weight, bias, lora_A, lora_B, scaling, w):
+    """The forward with the masked weight ``w`` given; returns ``(y, S = x̃ Aᵀ)``."""
     y = torch.nn.functional.linear(x, w, bias)
-    xa = x_lora.reshape(-1, x_lora.shape[-1]) @ lora_A.t()  # (tokens, r)
+    s_mat = x_lora.reshape(-1, x_lora.shape[-1]) @ lora_A.t()  # (tokens, r)
     # y += s · (x̃Aᵀ)Bᵀ, accumulated in place (no extra tokens x out temporaries)
-    y.view(-1, y.shape[-1]).addmm_(xa, lora_B.t(), alpha=scaling)
-    return y
+    y.view(-1, y.shape[-1]).addmm_(s_mat, lora_B.t(), alpha=scaling)
+    return y, s_mat
 
 
-def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, x_lora: torch.Tensor,
-                         weight: torch.Tensor, lora_A: torch.Tensor,
-                         lora_B: torch.Tensor, scaling: float, p: float, seed: int,
-                         penalty_lambda: float = 0.0,
-                         ortho_U: Optional[torch.Tensor] = None,
-                         ortho_V: Optional[torch.Tensor] = None,
+def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor,
+                         x_lora: Optional[torch.Tensor], weight: torch.Tensor,
+                         lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                         p: float, seed: int,
                          weight_buffer: Optional[torch.Tensor] = None,
-                         combine: bool = False,
-                         anchor_A: Optional[torch.Tensor] = None,
-                         anchor_B: Optional[torch.Tensor] = None):
+                         s_mat: Optional[torch.Tensor] = None):
     """Gradients ``(dX, dX̃, dA, dB)`` of the forward above for upstream ``grad_out``.
 
-    ``dX`` is the base-path gradient only and ``dX̃`` the LoRA-path gradient. With
-    ``combine=True`` (no LoRA input dropout: ``x̃`` is ``x``) ``dX`` is their sum and
-    ``dX̃`` is None. When ``penalty_lambda > 0`` the gradient of ``λ Ω(A, B)`` (anchored at
-    ``anchor_A``/``anchor_B`` when given, see :func:`ortho_penalty`) is added
-    to ``dA``/``dB``. The scale ``s`` multiplies the small (tokens x r) factors.
+    ``x_lora`` None means ``x̃`` is ``x`` (no LoRA input dropout): ``dX`` is then the sum of
+    the base-path and LoRA-path gradients and ``dX̃`` is None; otherwise ``dX`` is the
+    base-path gradient only and ``dX̃`` the LoRA-path one. ``s_mat``: ``x̃ Aᵀ`` as the
+    forward computed it (recomputed when not given). The scale ``s`` multiplies the
+    small (tokens x r) factor once. The penalty's gradient is not part of this (it is
+    added at the optimizer step, see :mod:`rora_fast.penalty`).
     """
+    w = masked_weight(weight, seed, p, out=weight_buffer)
+    return _backward(grad_out, x, x_lora, w, lora_A, lora_B, scaling, s_mat,
+                     (True, x_lora is not None, True, True))
+
+
+def _backward(grad_out, x, x_lora, w, lora_A, lora_B, scaling, s_mat, needs):
+    """``needs``: which of ``(dX, dX̃, dA, dB)`` to compute (the others are None)."""
     in_f = x.shape[-1]
     dy = grad_out.reshape(-1, grad_out.shape[-1])
-    xl = x_lora.reshape(-1, in_f)
-    w = masked_weight(weight, seed, p, out=weight_buffer)
-    dx = dy @ w
-    sdyb = (dy @ lora_B) * scaling  # s · dY B, (tokens, r)
-    if combine:
-        dx.addmm_(sdyb, lora_A)
-        dx_lora = None
-    else:
-        dx_lora = (sdyb @ lora_A).reshape(x.shape)
-    dx = dx.reshape(x.shape)
-    dA = sdyb.t() @ xl
-    dB = dy.t() @ ((xl @ lora_A.t()) * scaling)
-    if penalty_lambda:
-        gA, gB = ortho_penalty_grads(lora_A, lora_B, ortho_U, ortho_V, anchor_A, anchor_B)
-        dA = dA + penalty_lambda * gA
-        dB = dB + penalty_lambda * gB
+    xl = (x if x_lora is None else x_lora).reshape(-1, in_f)
+    need_dx, need_dxl, need_dA, need_dB = needs
+    lora_in_dx = x_lora is None and need_dx
+    dx = dx_lora = dA = dB = None
+    sdyb = None
+    if lora_in_dx or need_dxl or need_dA:
+        sdyb = torch.mm(dy, lora_B).mul_(scaling)  # s · dY B, (tokens, r)
+    if need_dx:
+        dx = dy @ w
+        if lora_in_dx:
+            dx.addmm_(sdyb, lora_A)
+        dx = dx.view(x.shape)
+    if need_dxl:
+        dx_lora = (sdyb @ lora_A).view(x_lora.shape)
+    if need_dA:
+        dA = sdyb.t() @ xl
+    if need_dB:
+        if s_mat is None:
+            s_mat = xl @ lora_A.t()
+        dB = torch.mm(dy.t(), s_mat).mul_(scaling)
     return dx, dx_lora, dA, dB
 
 
 def ortho_penalty(lora_A: torch.Tensor, lora_B: torch.Tensor, ortho_U: torch.Tensor,
-                  ortho_V: torch.Tensor, anchor_A: Optional[torch.Tensor] = None,
-                  anchor_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  ortho_V: torch.Tensor, lora_A0: Optional[torch.Tensor] = None,
+                  lora_B0: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``Ω(A, B) = ‖Uₖᵀ (B − B₀)‖²_F + ‖(A − A₀) Vₖ‖²_F`` (differentiable, float32 or wider).
 
-    The anchors ``A₀, B₀`` are zero for LoRA's initialisation (the paper's Ω). PiSSA and
-    OLoRA start the adapter *on* W_pre's principal directions; there the penalty is on
-    the update away from that start, else it would remove W_pre's own top components.
+    The start factors ``A₀ = lora_A0, B₀ = lora_B0`` are zero for LoRA's initialisation
+    (the paper's Ω). PiSSA and OLoRA start the adapter *on* W_pre's principal
+    directions; there the penalty is on the update away from that start, else it would
+    remove W_pre's own top components.
     """
     dt = torch.promote_types(lora_A.dtype, torch.float32)
     A, B = lora_A.to(dt), lora_B.to(dt)
-    if anchor_A is not None:
-        A = A - anchor_A.to(dt)
-    if anchor_B is not None:
-        B = B - anchor_B.to(dt)
+    if lora_A0 is not None:
+        A = A - lora_A0.to(dt)
+    if lora_B0 is not None:
+        B = B - lora_B0.to(dt)
     ub = ortho_U.to(dt).t() @ B
     av = A @ ortho_V.to(dt)
     return ub.pow(2).sum() + av.pow(2).sum()
@@ -282,22 +310,17 @@ def ortho_penalty(lora_A: torch.Tensor, lora_B: torch.Tensor, ortho_U: torch.Ten
 
 def ortho_penalty_grads(lora_A: torch.Tensor, lora_B: torch.Tensor,
                         ortho_U: torch.Tensor, ortho_V: torch.Tensor,
-                        anchor_A: Optional[torch.Tensor] = None,
-                        anchor_B: Optional[torch.Tensor] = None):
+                        lora_A0: Optional[torch.Tensor] = None,
+                        lora_B0: Optional[torch.Tensor] = None):
     """``(∇_A Ω, ∇_B Ω) = (2 ((A − A₀) Vₖ) Vₖᵀ, 2 Uₖ (Uₖᵀ (B − B₀)))`` in the dtypes of A, B."""
     dt = torch.promote_types(lora_A.dtype, torch.float32)
     U = ortho_U.to(dt)
     V = ortho_V.to(dt)
     A, B = lora_A.to(dt), lora_B.to(dt)
-    if anchor_A is not None:
-        A = A - anchor_A.to(dt)
-    if anchor_B is not None:
-        B = B - anchor_B.to(dt)
+    if lora_A0 is not None:
+        A = A - lora_A0.to(dt)
+    if lora_B0 is not None:
+        B = B - lora_B0.to(dt)
     gA = 2.0 * ((A @ V) @ V.t())
     gB = 2.0 * (U @ (U.t() @ B))
     return gA.to(lora_A.dtype), gB.to(lora_B.dtype)
-
-
-def _self_check() -> None:  # pragma: no cover - a debugging aid
-    m = weight_keep_mask(1234, 37, 33, 0.1)
-    print(m.shape, 1 - m.float().mean().item(), math.sqrt(0.09 / m.numel()))

@@ -16,17 +16,15 @@ Recipe::
 
 What the pieces do:
 
-* The full objective trains with no change to the Trainer: each RoRA layer adds
-  ``λ∇Ω`` to its adapter gradients in its own backward, once per optimizer step
-  (the Trainer's micro-batches of one step add it once: its ``model.zero_grad()``
-  after each step is what the layers' clock recognises). The Trainer scales the
-  supervised loss by ``1 / gradient_accumulation_steps``; the penalty is not scaled,
-  so the step's gradient is that of ``mean(L_sup) + λΩ``.
-* ``fp16=True`` (AMP GradScaler): a gradient added in backward would be divided by
-  the loss scale at unscaling, so the callback switches the layers to
-  ``penalty_mode="optimizer"`` and attaches the penalty to the Trainer's optimizer
-  (a pre-step hook: after unscaling and gradient clipping, skipped with the step on
-  overflow). ``bf16=True`` needs no scaler and keeps the default.
+* The full objective trains with no change to the Trainer: ``λ∇Ω`` is added to the
+  adapter gradients by the optimizer's ``step()`` (a global torch optimizer step
+  pre-hook, :mod:`rora_fast.penalty`), once per optimizer step whatever the number of
+  micro-batches. The Trainer scales the supervised loss by
+  ``1 / gradient_accumulation_steps``; the penalty is not scaled, so the step's
+  gradient is that of ``mean(L_sup) + λΩ``. It is added after the Trainer's gradient
+  clipping (``max_grad_norm`` clips the supervised gradient only).
+* ``fp16=True`` (AMP GradScaler): the scaler unscales before it calls ``step()`` and
+  skips the call on overflow, so the penalty is exact there too.
 * ``on_log`` adds ``rora_penalty`` (``λΣΩ``) to the logs (and to ``state.log_history``).
   :func:`add_rora_callback` puts the callback first so that the printer and the
   reporting integrations see the value.
@@ -50,7 +48,7 @@ from transformers import TrainerCallback
 
 from .distributed import (full_adapters, is_main_process, penalty_value, rng_in_sync,
                           save_rora_distributed, spectral_rescale_distributed_)
-from .model import attach_penalty, export_peft_adapter, rora_layers
+from .model import export_peft_adapter, rora_layers
 
 __all__ = ["RoraTrainerCallback", "add_rora_callback", "tiny_llama_config", "ByteLMDataset"]
 
@@ -63,20 +61,13 @@ def _unwrap(model):
     return model
 
 
-def _torch_optimizer(optimizer):
-    """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer``."""
-    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer,
-                                                         torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 class RoraTrainerCallback(TrainerCallback):
     """Makes ``Trainer.train()`` a complete RoRA run (see the module docstring).
 
     Args:
-        penalty_mode: ``"auto"`` (``"optimizer"`` when ``args.fp16``, else the layers'
-            own mode), ``"backward"``, ``"optimizer"`` or ``"keep"`` (touch nothing).
+        penalty_mode: ``"auto"`` or ``"keep"`` (leave the layers' mode as it is),
+            ``"optimizer"`` (or its legacy name ``"backward"``) or ``"loss"``: set it on
+            every layer.
         rescale: apply spectral rescaling at the end of training.
         rescale_layers: blocks to rescale (default: the model's ``rora_config``).
         save_dir: if set, ``save_rora`` there at the end.
@@ -92,9 +83,9 @@ class RoraTrainerCallback(TrainerCallback):
                  save_dir: Optional[Union[str, Path]] = None,
                  export_peft_dir: Optional[Union[str, Path]] = None,
                  log_penalty: bool = True, check_rng_sync: bool = True):
-        if penalty_mode not in ("auto", "backward", "optimizer", "keep"):
-            raise ValueError(f"penalty_mode must be auto, backward, optimizer or keep, got "
-                             f"{penalty_mode!r}")
+        if penalty_mode not in ("auto", "keep", "backward", "optimizer", "loss"):
+            raise ValueError(f"penalty_mode must be auto, keep, optimizer, backward or loss, "
+                             f"got {penalty_mode!r}")
         self.penalty_mode = penalty_mode
         self.rescale = rescale
         self.rescale_layers = rescale_layers
@@ -103,7 +94,6 @@ class RoraTrainerCallback(TrainerCallback):
         self.log_penalty = log_penalty
         self.check_rng_sync = check_rng_sync
         self.scales = None
-        self._hook = None
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -112,18 +102,9 @@ class RoraTrainerCallback(TrainerCallback):
         if not layers:
             raise ValueError("RoraTrainerCallback: the model has no RoRA layers "
                              "(call rora_fast.apply_rora before building the Trainer)")
-        mode = self.penalty_mode
-        if mode == "auto":
-            mode = "optimizer" if getattr(args, "fp16", False) else "keep"
-        if mode != "keep":
+        if self.penalty_mode not in ("auto", "keep"):
             for layer in layers:
-                layer.penalty_mode = mode
-        if any(layer.penalty_mode == "optimizer" and layer.ortho_lambda for layer in layers):
-            if optimizer is None:
-                raise RuntimeError("penalty_mode='optimizer' needs the Trainer's optimizer")
-            if self._hook is not None:
-                self._hook.remove()
-            self._hook = attach_penalty(_torch_optimizer(optimizer), inner)
+                layer.penalty_mode = self.penalty_mode
         if any(layer.penalty_mode == "loss" for layer in layers):
             logger.warning("RoRA layers use penalty_mode='loss': the Trainer's loss does not "
                            "include the penalty; override compute_loss to add "
@@ -143,9 +124,6 @@ class RoraTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         inner = _unwrap(model)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
         if self.rescale:
             layers = self.rescale_layers
             if layers is None:

@@ -21,7 +21,7 @@ import importlib  # noqa: E402
 import pytest  # noqa: E402
 
 from rora_fast import reference as ref  # noqa: E402
-from rora_fast.functional import PenaltyHandle, RoraLinearFunction  # noqa: E402
+from rora_fast.functional import RoraLinearFunction  # noqa: E402
 
 import rora_fast.kernels as K  # noqa: E402
 from rora_fast.kernels import _common, gemm, mask  # noqa: E402
@@ -89,20 +89,7 @@ def cast(case, dtype, device=DEVICE):
             for k, v in case.items()}
 
 
-class FakePenalty(PenaltyHandle):
-    """A PenaltyHandle whose claim answers ``answer`` and counts the calls."""
-
-    def __init__(self, lam, U, V, answer=True):
-        self.calls = 0
-
-        def claim():
-            self.calls += 1
-            return answer
-
-        super().__init__(lam, U, V, claim)
-
-
-def run_fused(t, scaling, p, seed, *, strategy, penalty=None, lora_is_x=False,
+def run_fused(t, scaling, p, seed, *, strategy, lora_is_x=False,
               weight_grad=False, config=None):
     """Forward+backward through the fused op; returns y and the gradients by name."""
     x = t["x"].clone().requires_grad_(True)
@@ -115,7 +102,7 @@ def run_fused(t, scaling, p, seed, *, strategy, penalty=None, lora_is_x=False,
         config = PINNED
     elif config == AUTOTUNE:
         config = None
-    y = K.fused_rora_linear(x, x_lora, w, b, A, B, scaling, p, seed, penalty,
+    y = K.fused_rora_linear(x, x_lora, w, b, A, B, scaling, p, seed,
                             strategy=strategy, config=config)
     y.backward(t["grad"])
     out = dict(y=y.detach(), dx=x.grad, dA=A.grad, dB=B.grad)
@@ -128,15 +115,15 @@ def run_fused(t, scaling, p, seed, *, strategy, penalty=None, lora_is_x=False,
     return out
 
 
-def run_reference(t, scaling, p, seed, *, lam=0.0, lora_is_x=False, weight_grad=False):
+def run_reference(t, scaling, p, seed, *, lora_is_x=False, weight_grad=False):
     """The same quantities from rora_fast.reference (in t's dtype and device)."""
-    x_lora = t["x"] if lora_is_x else t["x_lora"]
+    x_lora = None if lora_is_x else t["x_lora"]
     y = ref.rora_linear_forward(t["x"], x_lora, t["weight"], t["bias"], t["lora_A"],
                                 t["lora_B"], scaling, p, seed)
     dx, dxl, dA, dB = ref.rora_linear_backward(
         t["grad"], t["x"], x_lora, t["weight"], t["lora_A"], t["lora_B"], scaling, p,
-        seed, lam, t["U"] if lam else None, t["V"] if lam else None)
-    out = dict(y=y, dx=dx + dxl if lora_is_x else dx, dA=dA, dB=dB)
+        seed)
+    out = dict(y=y, dx=dx, dA=dA, dB=dB)
     if not lora_is_x:
         out["dxl"] = dxl
     g2 = t["grad"].reshape(-1, t["grad"].shape[-1])
@@ -159,23 +146,18 @@ def assert_2x_rule(got, ref_lo, ref_hi, dtype, what):
         f"{what}: kernel error {err_k:.3e} > 2 x torch {dtype} error {err_t:.3e} + {atol:.1e}")
 
 
-def check_against_reference(case, dtype, scaling, p, seed, *, strategy, lam=0.0, claim=True,
+def check_against_reference(case, dtype, scaling, p, seed, *, strategy,
                             lora_is_x=False, weight_grad=False, config=None):
     t = cast(case, dtype)
-    penalty = FakePenalty(lam, t["U"], t["V"], claim) if lam else None
-    got = run_fused(t, scaling, p, seed, strategy=strategy, penalty=penalty,
+    got = run_fused(t, scaling, p, seed, strategy=strategy,
                     lora_is_x=lora_is_x, weight_grad=weight_grad, config=config)
-    lam_eff = lam if claim else 0.0
-    lo = run_reference(t, scaling, p, seed, lam=lam_eff, lora_is_x=lora_is_x,
-                       weight_grad=weight_grad)
-    hi = run_reference(cast(case, torch.float64), scaling, p, seed, lam=lam_eff,
+    lo = run_reference(t, scaling, p, seed, lora_is_x=lora_is_x, weight_grad=weight_grad)
+    hi = run_reference(cast(case, torch.float64), scaling, p, seed,
                        lora_is_x=lora_is_x, weight_grad=weight_grad)
     assert set(got) == set(hi), (sorted(got), sorted(hi))
     for name in hi:
         assert got[name] is not None, f"{name} missing"
         assert_2x_rule(got[name], lo[name], hi[name], dtype, name)
-    if penalty is not None:
-        assert penalty.calls == 1, f"claim() called {penalty.calls} times, expected once"
     return got
 
 
@@ -311,22 +293,28 @@ def test_one_dimensional_input():
         check_against_reference(case, torch.float32, 1.0, 0.1, 5, strategy=strategy)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("claim", [True, False])
-def test_penalty_gradients(strategy, claim):
-    case = make_case((37,), 33, 19, 4, seed=8)
-    check_against_reference(case, torch.float32, 0.5, 0.1, 17, strategy=strategy,
-                            lam=0.3, claim=claim)
+def test_no_penalty_work_in_the_fused_backward():
+    """The op's gradients are the layer's alone: λ∇Ω is added at the optimizer step."""
+    import inspect
+
+    src = inspect.getsource(K.FusedRoraLinearFunction)
+    assert "ortho" not in src and "penalty." not in src
 
 
-def test_penalty_not_claimed_without_adapter_grads():
-    t = cast(make_case((5,), 33, 19, 4, seed=1), torch.float32)
-    penalty = FakePenalty(0.3, t["U"], t["V"], True)
-    x = t["x"].clone().requires_grad_(True)
-    y = K.fused_rora_linear(x, x, t["weight"], None, t["lora_A"], t["lora_B"], 1.0, 0.1, 3,
-                            penalty)
-    y.sum().backward()
-    assert penalty.calls == 0 and x.grad is not None
+def test_seed_tensor_equals_int_seed():
+    """The graph-capture form (seed in a one-element int64 tensor, through the custom
+    op) draws the same mask as the int seed."""
+    t = cast(make_case((9,), 33, 19, 4, seed=2), torch.float32)
+    outs = []
+    for seed in (4321, torch.tensor([4321])):
+        x = t["x"].clone().requires_grad_(True)
+        A = t["lora_A"].clone().requires_grad_(True)
+        y = K.fused_rora_linear(x, None, t["weight"], t["bias"], A, t["lora_B"], 0.5, 0.2,
+                                seed, strategy="copy")
+        y.backward(t["grad"])
+        outs.append((y.detach(), x.grad, A.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -349,8 +337,8 @@ def test_matches_reference_autograd_function(strategy):
     ins = [t["x"], t["x_lora"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]]
     a = [v.clone().requires_grad_(i != 2) for i, v in enumerate(ins)]
     b = [v.clone().requires_grad_(i != 2) for i, v in enumerate(ins)]
-    y1 = K.fused_rora_linear(*a, 0.5, 0.1, 11, None, strategy=strategy, config=PINNED)
-    y2 = RoraLinearFunction.apply(*b, 0.5, 0.1, 11, None)
+    y1 = K.fused_rora_linear(*a, 0.5, 0.1, 11, strategy=strategy, config=PINNED)
+    y2 = RoraLinearFunction.apply(*b, 0.5, 0.1, 11)
     g1 = torch.autograd.grad(y1, [a[i] for i in (0, 1, 3, 4, 5)], t["grad"])
     g2 = torch.autograd.grad(y2, [b[i] for i in (0, 1, 3, 4, 5)], t["grad"])
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
@@ -363,9 +351,9 @@ def test_enclosing_autocast_does_not_change_the_op(strategy):
     """Under torch.autocast the op still computes in its inputs' dtype."""
     t = cast(make_case((37,), 33, 19, 4, seed=12), torch.float32)
     ins = [t[k] for k in ("x", "x_lora", "weight", "bias", "lora_A", "lora_B")]
-    y0 = K.fused_rora_linear(*ins, 0.5, 0.1, 3, None, strategy=strategy, config=PINNED)
+    y0 = K.fused_rora_linear(*ins, 0.5, 0.1, 3, strategy=strategy, config=PINNED)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        y1 = K.fused_rora_linear(*ins, 0.5, 0.1, 3, None, strategy=strategy, config=PINNED)
+        y1 = K.fused_rora_linear(*ins, 0.5, 0.1, 3, strategy=strategy, config=PINNED)
     assert y1.dtype == torch.float32
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
 
@@ -385,7 +373,7 @@ def test_nothing_weight_sized_saved(strategy):
     A = t["lora_A"].clone().requires_grad_(True)
     B = t["lora_B"].clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
-        y = K.fused_rora_linear(x, x, t["weight"], t["bias"], A, B, 1.0, 0.5, 1, None,
+        y = K.fused_rora_linear(x, x, t["weight"], t["bias"], A, B, 1.0, 0.5, 1,
                                 strategy=strategy, config=PINNED)
     y.sum().backward()
     assert saved
@@ -475,7 +463,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_dtypes_2x_rule(strategy, dtype, shape):
     tokens, in_f, out_f, r = shape
     case = make_case((tokens,), in_f, out_f, r, seed=tokens)
-    check_against_reference(case, dtype, 0.5, 0.1, 4242, strategy=strategy, lam=0.1)
+    check_against_reference(case, dtype, 0.5, 0.1, 4242, strategy=strategy)
     check_against_reference(case, dtype, 2.0, 0.0, 7, strategy=strategy, lora_is_x=True)
 
 
@@ -484,7 +472,7 @@ def test_cuda_dtypes_2x_rule(strategy, dtype, shape):
 def test_cuda_autotuned(dtype):
     """The production path: autotuned tiles (no pinned config)."""
     case = make_case((1000,), 1024, 768, 16, seed=1)
-    check_against_reference(case, dtype, 0.5, 0.1, 4243, strategy="inloop", lam=0.1,
+    check_against_reference(case, dtype, 0.5, 0.1, 4243, strategy="inloop",
                             config=AUTOTUNE)
 
 
@@ -502,7 +490,7 @@ def test_functional_dispatch_to_kernels(backend, monkeypatch):
     monkeypatch.setattr(K, "fused_rora_linear", spy)
     t = cast(make_case((37,), 33, 19, 4, seed=1), torch.float16)
     y = rora_linear(t["x"], t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"],
-                    0.5, 0.1, 3, None, backend=backend)
+                    0.5, 0.1, 3, backend=backend)
     assert calls, "rora_linear did not use the fused kernels for CUDA tensors"
     y_ref = ref.rora_linear_forward(t["x"], t["x"], t["weight"], t["bias"], t["lora_A"],
                                     t["lora_B"], 0.5, 0.1, 3)
@@ -522,11 +510,10 @@ def _route_layer_to_kernels(monkeypatch, strategy):
     from rora_fast import functional as F_rora
     calls = []
 
-    def fused(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, penalty=None,
-              backend=None):
+    def fused(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, backend=None):
         calls.append(1)
         return K.fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B, scaling, p,
-                                   seed, penalty, strategy=strategy, config=PINNED)
+                                   seed, strategy=strategy, config=PINNED)
 
     monkeypatch.setattr(F_rora, "rora_linear", fused)
     return calls

@@ -64,17 +64,20 @@ def test_peft_rora_trains_applies_penalty_and_rescales(tmp_path):
     model = peft.get_peft_model(copy.deepcopy(base), cfg)
     model.train()
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
-    # The penalty gradient arrives through a plain backward: with the LoRA path's
-    # gradient subtracted (B = 0 => dA from the loss is zero), dA is λ·2(AV)Vᵀ.
+    # The penalty gradient arrives at the optimizer step: B = 0 makes dA from the loss
+    # zero, so the gradient the optimizer sees for A is λ·2(AV)Vᵀ.
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
     A = layer.lora_A["default"].weight
+    assert not A.grad.abs().max() > 0
     expected = 10.0 * 2 * (A @ layer.rora_V) @ layer.rora_V.t()
-    torch.testing.assert_close(A.grad, expected.detach(), rtol=1e-4, atol=1e-6)
     penalty = rf.rora_penalty(model)
     assert not penalty.requires_grad and penalty.item() > 0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    seen = {}
+    opt.register_step_pre_hook(lambda o, a, k: seen.update(A=A.grad.clone()))
     opt.step()
+    torch.testing.assert_close(seen["A"], expected.detach(), rtol=1e-4, atol=1e-6)
     opt.zero_grad()
     for _ in range(3):
         model(input_ids=ids, labels=labels).loss.backward()

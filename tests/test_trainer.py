@@ -102,14 +102,15 @@ def test_trainer_trains_full_objective_once_per_step(tmp_path):
         assert diff > 1e-4
 
 
-def test_optimizer_mode_matches_backward_mode(tmp_path):
-    """What the callback uses under fp16: the penalty in an optimizer pre-step hook."""
+def test_optimizer_mode_matches_legacy_backward_name(tmp_path):
+    """"optimizer" and its legacy name "backward" are one mechanism (the step hook)."""
     a, _ = _train(_model(), tmp_path / "a")
     b, cb = _train(_model(), tmp_path / "b",
                    cb_kwargs=dict(rescale=False, penalty_mode="optimizer"))
     assert all(layer.penalty_mode == "optimizer" for _, layer in rora_fast.rora_layers(b.model))
-    assert cb._hook is None  # removed at the end of training
     _assert_same(_adapters(a.model), _adapters(b.model))
+    with pytest.raises(ValueError, match="penalty_mode"):
+        RoraTrainerCallback(penalty_mode="sometimes")
 
 
 def test_callback_logs_rescales_saves_and_exports(tmp_path):

@@ -1,5 +1,6 @@
-"""The penalty is applied once per optimizer step in every mode, and end-to-end
-training of a tiny random LLaMA and of the real MiniLM classifier."""
+"""The penalty is applied once per optimizer step (single-layer loops; the full set of
+loops is in test_penalty_hook.py), loss mode, and end-to-end training of a tiny
+random LLaMA and of the real MiniLM classifier."""
 
 import copy
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import rora_fast
-from rora_fast import RoraConfig, RoraLinear, apply_rora, attach_penalty, rora_penalty
+from rora_fast import RoraConfig, RoraLinear, apply_rora, rora_penalty
 
 
 def _layer(mode="backward", lam=2.0, in_f=16, out_f=16, p=0.0):
@@ -39,10 +40,24 @@ def _y(lay, x, A, B):
     return x @ lay.weight.t() + lay.bias + lay.scaling * x @ A.t() @ B.t()
 
 
+class _SeenSGD(torch.optim.SGD):
+    """SGD that records the gradients its step() sees (after the penalty hook)."""
+
+    def step(self, closure=None):
+        self.seen = [p.grad.clone() if p.grad is not None else None
+                     for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
+def _step_grads(lay, opt):
+    opt.step()
+    return dict(zip(("A", "B"), opt.seen[:2]))
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_gradient_accumulation_adds_penalty_once_per_step(set_to_none):
     lay = _layer()
-    opt = torch.optim.SGD(lay.parameters(), lr=0.05)
+    opt = _SeenSGD([lay.lora_A, lay.lora_B], lr=0.05)
     n = 4
     for step in range(3):  # the penalty is due again at every step
         xs = [torch.randn(5, 16, dtype=torch.float64) for _ in range(n)]
@@ -53,57 +68,49 @@ def test_gradient_accumulation_adds_penalty_once_per_step(set_to_none):
         gA, gB = _manual_grads(lay, lambda A, B: sum(
             (_y(lay, x, A, B) - t).pow(2).mean() for x, t in zip(xs, ts)) / n
             + lay.ortho_lambda * _omega(lay, A, B))
-        torch.testing.assert_close(lay.lora_A.grad, gA, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(lay.lora_B.grad, gB, rtol=1e-10, atol=1e-12)
-        opt.step()
-
-
-def test_penalty_once_per_step_with_fused_optimizer_and_zeroed_grads():
-    lay = _layer()
-    opt = torch.optim.AdamW(lay.parameters(), lr=0.01, fused=True)
-    for step in range(2):
-        xs = [torch.randn(5, 16, dtype=torch.float64) for _ in range(2)]
-        opt.zero_grad(set_to_none=False)
-        for x in xs:
-            (lay(x).pow(2).mean() / 2).backward()
-        gA, gB = _manual_grads(lay, lambda A, B: sum(
-            _y(lay, x, A, B).pow(2).mean() for x in xs) / 2 + lay.ortho_lambda * _omega(lay, A, B))
-        torch.testing.assert_close(lay.lora_A.grad, gA, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(lay.lora_B.grad, gB, rtol=1e-10, atol=1e-12)
-        opt.step()
+        seen = _step_grads(lay, opt)
+        torch.testing.assert_close(seen["A"], gA, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(seen["B"], gB, rtol=1e-10, atol=1e-12)
 
 
 def test_penalty_once_per_step_with_frozen_lora_A():
     lay = _layer()
     lay.lora_A.requires_grad_(False)
+    opt = _SeenSGD([lay.lora_B, lay.lora_A], lr=0.05)
     xs = [torch.randn(5, 16, dtype=torch.float64) for _ in range(3)]
     for x in xs:
         (lay(x).pow(2).mean() / 3).backward()
     _, gB = _manual_grads(lay, lambda A, B: sum(
         _y(lay, x, A, B).pow(2).mean() for x in xs) / 3 + lay.ortho_lambda * _omega(lay, A, B))
-    torch.testing.assert_close(lay.lora_B.grad, gB, rtol=1e-10, atol=1e-12)
+    opt.step()
+    torch.testing.assert_close(opt.seen[0], gB, rtol=1e-10, atol=1e-12)
+    assert lay.lora_A.grad is None
 
 
 def test_layer_called_twice_in_one_forward_adds_penalty_once():
     lay = _layer()
+    opt = _SeenSGD([lay.lora_A, lay.lora_B], lr=0.05)
     x = torch.randn(6, 16, dtype=torch.float64)
     (lay(torch.tanh(lay(x)))).sum().backward()
     gA, gB = _manual_grads(lay, lambda A, B: _y(lay, torch.tanh(_y(lay, x, A, B)), A, B).sum()
                            + lay.ortho_lambda * _omega(lay, A, B))
-    torch.testing.assert_close(lay.lora_A.grad, gA, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(lay.lora_B.grad, gB, rtol=1e-10, atol=1e-12)
+    seen = _step_grads(lay, opt)
+    torch.testing.assert_close(seen["A"], gA, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(seen["B"], gB, rtol=1e-10, atol=1e-12)
 
 
 def test_two_losses_two_backwards_add_penalty_once():
     # e.g. a separate auxiliary loss with its own backward before the step
     lay = _layer()
+    opt = _SeenSGD([lay.lora_A, lay.lora_B], lr=0.05)
     x1, x2 = torch.randn(3, 16, dtype=torch.float64), torch.randn(4, 16, dtype=torch.float64)
     lay(x1).sum().backward()
     lay(x2).pow(2).sum().backward()
     gA, gB = _manual_grads(lay, lambda A, B: _y(lay, x1, A, B).sum()
                            + _y(lay, x2, A, B).pow(2).sum() + lay.ortho_lambda * _omega(lay, A, B))
-    torch.testing.assert_close(lay.lora_A.grad, gA, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(lay.lora_B.grad, gB, rtol=1e-10, atol=1e-12)
+    seen = _step_grads(lay, opt)
+    torch.testing.assert_close(seen["A"], gA, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(seen["B"], gB, rtol=1e-10, atol=1e-12)
 
 
 def test_loss_mode_adds_nothing_in_backward_and_penalty_is_differentiable():
@@ -133,14 +140,14 @@ def test_loss_mode_adds_nothing_in_backward_and_penalty_is_differentiable():
     torch.testing.assert_close(lay.lora_B.grad, gB)
 
 
-def test_backward_mode_penalty_value_is_detached():
+def test_automatic_mode_penalty_value_is_detached():
     model = nn.Sequential(_layer(), nn.Tanh(), _layer())
     pen = rora_penalty(model)
     assert not pen.requires_grad and pen.grad_fn is None
     want = sum(l.ortho_lambda * _omega(l, l.lora_A.double(), l.lora_B.double())
                for l in (model[0], model[2]))
     torch.testing.assert_close(pen, want.detach())
-    # adding it to the loss cannot count it twice: the gradient is the backward one only
+    # adding it to the loss cannot count it twice: the gradient is the data one only
     x = torch.randn(4, 16, dtype=torch.float64)
     (model(x).sum() + rora_penalty(model)).backward()
     g_with = model[0].lora_A.grad.clone()
@@ -169,14 +176,15 @@ def _pair_of_models(mode_a, mode_b):
     return models
 
 
+@pytest.mark.parametrize("mode", ["optimizer", "backward"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
-def test_optimizer_mode_equals_loss_mode(opt_name):
-    m_loss, m_opt = _pair_of_models("loss", "optimizer")
+def test_automatic_modes_equal_loss_mode(opt_name, mode):
+    """"optimizer" and its legacy name "backward" are the same mechanism."""
+    m_loss, m_opt = _pair_of_models("loss", mode)
     make = (lambda ps: torch.optim.SGD(ps, lr=0.1)) if opt_name == "sgd" else \
         (lambda ps: torch.optim.AdamW(ps, lr=1e-2))
     o_loss = make([p for p in m_loss.parameters() if p.requires_grad])
     o_opt = make([p for p in m_opt.parameters() if p.requires_grad])
-    handle = attach_penalty(o_opt, m_opt)
     data = [(torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64))
             for _ in range(4)]
     for step in range(3):
@@ -192,20 +200,6 @@ def test_optimizer_mode_equals_loss_mode(opt_name):
     for (na, a), (nb, b) in zip(m_loss.named_parameters(), m_opt.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=na)
     assert not torch.equal(m_opt[0].lora_B, torch.zeros_like(m_opt[0].lora_B))
-    handle.remove()
-
-
-def test_optimizer_mode_without_attach_raises():
-    _, m_opt = _pair_of_models("loss", "optimizer")
-    with pytest.raises(RuntimeError, match="attach_penalty"):
-        m_opt(torch.randn(2, 16, dtype=torch.float64))
-    m_opt.eval()
-    m_opt(torch.randn(2, 16, dtype=torch.float64))  # eval needs no optimizer
-    with pytest.raises(ValueError, match="optimizer does not hold"):
-        attach_penalty(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1), m_opt)
-    with pytest.raises(ValueError, match="penalty_mode='optimizer'"):
-        m_b, _ = _pair_of_models("backward", "backward")
-        attach_penalty(torch.optim.SGD(m_b.parameters(), lr=1), m_b)
 
 
 # ----------------------------------------------------------------------- end to end
