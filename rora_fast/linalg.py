@@ -4,10 +4,13 @@ with an on-disk cache keyed by the weight's content."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -227,11 +230,15 @@ def spectral_basis(W: torch.Tensor, k: int, method: str = "auto",
         Path(cache_dir) if cache_dir is not None else None)
     path = None
     if cdir is not None:
-        path = cdir / f"{weight_fingerprint(W)}-k{k}-{method}.safetensors"
+        fp = weight_fingerprint(W)
+        expect = _entry_key(fp, k, method, W)
+        path = cdir / f"{fp}-k{k}-{method}.safetensors"
         if path.exists():
-            basis = _load_basis(path, W.device, method)
+            basis, reason = _load_basis(path, W, k, method, expect)
             if basis is not None:
                 return basis
+            warnings.warn(f"SVD-basis cache entry {path} rejected ({reason}); recomputing it "
+                          "and rewriting the entry", RuntimeWarning, stacklevel=2)
     if method == "exact":
         U, S, Vh = torch.linalg.svd(W.detach().to(_work_dtype(W)), full_matrices=False)
         U, S, V = U[:, :k], S[:k], Vh[:k].t()
@@ -241,27 +248,103 @@ def spectral_basis(W: torch.Tensor, k: int, method: str = "auto",
     basis = SpectralBasis(U.float().contiguous(), S.float().contiguous(),
                           V.float().contiguous(), method)
     if path is not None:
-        _save_basis(path, basis)
+        _save_basis(path, basis, expect)
     return basis
 
 
-def _save_basis(path: Path, basis: SpectralBasis) -> None:
+# ---------------------------------------------------------------------- the cache
+# An entry is a safetensors file (U, S, V in float32) whose metadata records what it was
+# computed from and for -- the weight's content hash, dtype and shape, k, the method --
+# and a checksum of each tensor. On read every record is compared with the request and
+# the tensors are checked (shapes, finite, S sorted and >= 0, checksums, and σ₁ against
+# ‖W v₁‖); any failure means: warn, recompute, rewrite. Never use.
+_CACHE_FORMAT = "2"
+
+
+def _entry_key(fp: str, k: int, method: str, W: torch.Tensor) -> dict:
+    m, n = W.shape
+    return {"rora_fast_svd_cache": _CACHE_FORMAT, "fingerprint": fp, "k": str(k),
+            "method": method, "weight_dtype": str(W.dtype), "weight_shape": f"{m}x{n}"}
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+    head = f"{t.dtype}|{tuple(t.shape)}|".encode()
+    try:
+        import xxhash
+    except ImportError:  # pragma: no cover - xxhash is a dependency
+        return "b2-" + hashlib.blake2b(head + bytes(data), digest_size=16).hexdigest()
+    h = xxhash.xxh3_64()
+    h.update(head)
+    h.update(data)
+    return "x3-" + h.hexdigest()
+
+
+def _save_basis(path: Path, basis: SpectralBasis, key: dict) -> None:
+    """Write an entry atomically (a temporary file beside it, then ``os.replace``)."""
     from safetensors.torch import save_file
 
+    tensors = {"U": basis.U.detach().cpu().contiguous(), "S": basis.S.detach().cpu().contiguous(),
+               "V": basis.V.detach().cpu().contiguous()}
+    meta = dict(key)
+    meta["checksums"] = json.dumps({n: _tensor_digest(t) for n, t in tensors.items()},
+                                   sort_keys=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"U": basis.U.cpu(), "S": basis.S.cpu(), "V": basis.V.cpu()}, str(tmp))
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
     except OSError:  # a read-only or full cache must never break training
         pass
+    finally:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
-def _load_basis(path: Path, device, method: str) -> Optional[SpectralBasis]:
-    from safetensors.torch import load_file
+def _load_basis(path: Path, W: torch.Tensor, k: int, method: str,
+                key: dict) -> Tuple[Optional[SpectralBasis], str]:
+    """``(basis, "")`` for an entry that proves it is the requested one, else
+    ``(None, reason)``."""
+    from safetensors import safe_open
 
     try:
-        t = load_file(str(path))
-        return SpectralBasis(t["U"].to(device), t["S"].to(device), t["V"].to(device), method)
-    except Exception:  # corrupt entry: recompute (and overwrite) instead of failing
-        return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            t = {n: f.get_tensor(n) for n in f.keys()}
+    except Exception as e:  # truncated, garbage
+        return None, f"unreadable: {type(e).__name__}"
+    if meta.get("rora_fast_svd_cache") != _CACHE_FORMAT:
+        return None, "no record of what it was computed from (older or foreign entry)"
+    for field, want in key.items():
+        if meta.get(field) != want:
+            return None, f"key mismatch: {field} is {meta.get(field)!r}, expected {want!r}"
+    if set(t) != {"U", "S", "V"}:
+        return None, f"tensors {sorted(t)}, expected U, S, V"
+    m, n = W.shape
+    for name, shape in (("U", (m, k)), ("S", (k,)), ("V", (n, k))):
+        if tuple(t[name].shape) != shape:
+            return None, f"wrong shape: {name} is {tuple(t[name].shape)}, expected {shape}"
+        if t[name].dtype != torch.float32:
+            return None, f"wrong dtype: {name} is {t[name].dtype}"
+        if not bool(torch.isfinite(t[name]).all()):
+            return None, f"non-finite values in {name}"
+    try:
+        sums = json.loads(meta.get("checksums", ""))
+    except ValueError:
+        return None, "unreadable checksums"
+    for name in ("U", "S", "V"):
+        if sums.get(name) != _tensor_digest(t[name]):
+            return None, f"checksum mismatch in {name}"
+    S = t["S"]
+    if bool((S < 0).any()) or (k > 1 and bool((S[1:] > S[:-1] * (1 + 1e-5) + 1e-30).any())):
+        return None, "singular values not non-negative and decreasing"
+    # σ₁ against the weight itself: ‖W v₁‖ (one mat-vec, as cheap as the content hash)
+    v1 = t["V"][:, 0].to(device=W.device, dtype=_work_dtype(W))
+    s1 = float(torch.linalg.vector_norm(W.detach().to(_work_dtype(W)) @ v1))
+    if abs(s1 - float(S[0])) > 1e-2 * max(s1, float(S[0])) + 1e-6:
+        return None, f"S[0] = {float(S[0]):.6g} but ‖W v₁‖ = {s1:.6g}"
+    dev = W.device
+    return SpectralBasis(t["U"].to(dev), S.to(dev), t["V"].to(dev), method), ""

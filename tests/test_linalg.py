@@ -1,5 +1,6 @@
 """sigma_max, sigma_max_lowrank, randomized SVD bases and the on-disk basis cache."""
 
+import json
 import os
 from pathlib import Path
 
@@ -161,14 +162,16 @@ def test_corrupt_cache_file_is_recomputed(tmp_path):
     good = spectral_basis(W, 5, method="exact", cache_dir=tmp_path)
     (path,) = tmp_path.glob("*.safetensors")
     path.write_bytes(b"\x00garbage, not a safetensors file" * 3)
-    again = spectral_basis(W, 5, method="exact", cache_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        again = spectral_basis(W, 5, method="exact", cache_dir=tmp_path)
     assert torch.equal(good.S, again.S) and torch.equal(good.V, again.V)
     # the entry was rewritten and is valid again
     from safetensors.torch import load_file
     assert torch.equal(load_file(str(path))["S"], good.S)
     # truncated file too
     path.write_bytes(path.read_bytes()[:40])
-    assert torch.equal(spectral_basis(W, 5, method="exact", cache_dir=tmp_path).S, good.S)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert torch.equal(spectral_basis(W, 5, method="exact", cache_dir=tmp_path).S, good.S)
 
 
 def test_cache_can_be_disabled_and_defaults_outside_home(tmp_path, monkeypatch):
@@ -237,3 +240,124 @@ def test_sigma_max_bad_arguments():
         sigma_max(torch.zeros(3, 4), tol=0)
     with pytest.raises(ValueError, match="max_iter"):
         sigma_max(torch.zeros(3, 4), max_iter=0)
+
+
+# ----------------------------------------------------------------------------- a cache that proves its entries
+def _resign(path, **changes):
+    """Rewrite a cache entry with some tensors or metadata changed and fresh, valid
+    checksums -- what survives a checksum check and must be caught by the others."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        t = {n: f.get_tensor(n) for n in f.keys()}
+    for k, v in changes.items():
+        if isinstance(v, torch.Tensor):
+            t[k] = v
+        else:
+            meta[k] = v
+    meta["checksums"] = json.dumps({n: linalg._tensor_digest(x) for n, x in t.items()})
+    save_file(t, str(path), metadata=meta)
+
+
+def _entry(tmp_path, W, k):
+    good = spectral_basis(W, k, method="exact", cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    return good, path
+
+
+def _rejected_then_valid(tmp_path, W, k, good, path, reason):
+    with pytest.warns(RuntimeWarning, match=reason):
+        again = spectral_basis(W, k, method="exact", cache_dir=tmp_path)
+    assert torch.equal(again.U, good.U) and torch.equal(again.S, good.S)
+    assert again.U.shape == (W.shape[0], k) and torch.isfinite(again.U).all()
+    # rewritten: the next read takes it without a warning
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")
+        assert torch.equal(spectral_basis(W, k, method="exact", cache_dir=tmp_path).S, good.S)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporaries
+
+
+def test_cache_entry_records_its_key(tmp_path):
+    W = torch.randn(40, 30)
+    _, path = _entry(tmp_path, W, 8)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["fingerprint"] == weight_fingerprint(W) and meta["k"] == "8"
+    assert meta["method"] == "exact" and meta["weight_dtype"] == "torch.float32"
+    assert meta["weight_shape"] == "40x30" and set(json.loads(meta["checksums"])) == {"U", "S", "V"}
+
+
+def test_cache_wrong_shape_entry_recomputed(tmp_path):
+    """Issue 12: an entry with k = 3 stored for ortho_rank = 8 gave ortho_U (40, 3)."""
+    W = torch.randn(40, 30)
+    good, path = _entry(tmp_path, W, 8)
+    small = spectral_basis(W, 3, method="exact", cache_dir=None)
+    _resign(path, U=small.U, S=small.S, V=small.V)
+    _rejected_then_valid(tmp_path, W, 8, good, path, r"wrong shape: U is \(40, 3\)")
+
+
+def test_cache_changed_sigma_recomputed(tmp_path):
+    """Issue 12: a changed S[0] gave sigma_pre 1234.5."""
+    W = torch.randn(40, 30)
+    good, path = _entry(tmp_path, W, 8)
+    S = good.S.clone()
+    S[0] = 1234.5
+    # bytes changed in place (checksums not updated): the checksum catches it
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        meta, t = dict(f.metadata()), {n: f.get_tensor(n) for n in f.keys()}
+    t["S"] = S
+    save_file(t, str(path), metadata=meta)
+    _rejected_then_valid(tmp_path, W, 8, good, path, "checksum mismatch in S")
+    # re-signed: S[0] no longer agrees with the weight
+    _resign(path, S=S)
+    _rejected_then_valid(tmp_path, W, 8, good, path, r"S\[0\] = 1234.5")
+
+
+def test_cache_nan_entry_recomputed_and_layer_grads_finite(tmp_path, monkeypatch):
+    """Issue 12: NaN in U gave NaN gradients."""
+    from torch import nn
+    from rora_fast import RoraLinear
+
+    monkeypatch.setenv("RORA_FAST_CACHE_DIR", str(tmp_path))
+    lin = nn.Linear(30, 40)
+    RoraLinear.from_linear(lin, r=4, ortho_rank=8, svd_method="exact")
+    (path,) = tmp_path.glob("*.safetensors")
+    from safetensors.torch import load_file
+    U = load_file(str(path))["U"]
+    U[3, 2] = float("nan")
+    _resign(path, U=U)
+    with pytest.warns(RuntimeWarning, match="non-finite values in U"):
+        lay = RoraLinear.from_linear(lin, r=4, ortho_rank=8, svd_method="exact",
+                                     ortho_lambda=10.0, penalty_mode="loss")
+    assert torch.isfinite(lay.ortho_U).all()
+    with torch.no_grad():
+        lay.lora_B.normal_()
+    lay.penalty().backward()
+    assert torch.isfinite(lay.lora_A.grad).all() and torch.isfinite(lay.lora_B.grad).all()
+
+
+def test_cache_key_mismatch_and_old_entries_recomputed(tmp_path):
+    W = torch.randn(40, 30)
+    other = tmp_path / "other"
+    tmp_path = tmp_path / "cache"
+    tmp_path.mkdir()
+    good, path = _entry(tmp_path, W, 6)
+    # an entry of another weight (same shape) under this weight's name
+    other.mkdir()
+    spectral_basis(torch.randn(40, 30), 6, method="exact", cache_dir=other)
+    (o,) = other.glob("*.safetensors")
+    path.write_bytes(o.read_bytes())
+    _rejected_then_valid(tmp_path, W, 6, good, path, "key mismatch: fingerprint")
+    # the method recorded differs
+    _resign(path, method="randomized")
+    _rejected_then_valid(tmp_path, W, 6, good, path, "key mismatch: method")
+    # an entry without a record (written by an older rora-fast)
+    from safetensors.torch import save_file
+    save_file({"U": good.U, "S": good.S, "V": good.V}, str(path))
+    _rejected_then_valid(tmp_path, W, 6, good, path, "no record")
