@@ -394,3 +394,24 @@ def test_memory_model_rows_match_quantized_tiny_llama(tiny_llama, quant, base_dt
                            ortho_rank=8, target_modules=targets)
         adapters = plan.adapter_params * 4  # fp32 A and B (no gradients/moments yet)
         assert actual == plan.base_weights + adapters + plan.svd_bases, targets
+
+
+def test_example_llama_qlora_tiny_writes_under_its_output_dir(tmp_path):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(root / "examples" / "llama_qlora.py"), "--tiny",
+                           "--max-steps", "3", "--n-train", "16"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs" / "examples" / "llama_qlora"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["rora_layers"] == 8 and summary["rescaled"]
+    assert summary["reload_max_abs_diff"]["load_rora"] <= 1e-5
+    assert summary["reload_max_abs_diff"]["peft_from_pretrained"] <= 1e-5
+    assert (out / "rora_adapter").is_dir() and (out / "peft_adapter").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
