@@ -415,3 +415,38 @@ def test_example_llama_qlora_tiny_writes_under_its_output_dir(tmp_path):
     assert summary["reload_max_abs_diff"]["peft_from_pretrained"] <= 1e-5
     assert (out / "rora_adapter").is_dir() and (out / "peft_adapter").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+# ---------------------------------------------------------------------- the NF4 kernel
+def _kernel_args(p4):
+    qs = p4.quant_state
+    kw = dict(packed=p4.data, code=qs.code, absmax=qs.absmax, blocksize=qs.blocksize,
+              shape=tuple(qs.shape))
+    if qs.nested:
+        kw.update(nested_code=qs.state2.code, nested_absmax=qs.state2.absmax,
+                  nested_blocksize=qs.state2.blocksize, offset=qs.offset)
+    return kw
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "nf4", "fp4-dq"])
+@pytest.mark.parametrize("shape", [(48, 64), (37, 72)])
+def test_dequant_mask_kernel_matches_bnb_dequantize_and_reference_mask(kind, shape):
+    """kernels/nf4.py in the Triton interpreter (CPU, float32) on tiny shapes: bit-equal
+    to bitsandbytes' dequantize_4bit, and with p > 0 to reference.masked_weight of it."""
+    pytest.importorskip("triton")
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from rora_fast import reference as ref
+    from rora_fast.kernels.nf4 import dequantize_4bit_masked
+
+    layer = _quant_layer(kind, out_f=shape[0], in_f=shape[1])
+    W = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    kw = _kernel_args(layer.weight)
+    out0 = dequantize_4bit_masked(**kw, out_dtype=torch.float32)
+    assert torch.equal(out0, W)
+    for seed, p in ((5, 0.1), (2**63 - 1, 0.3)):
+        out = dequantize_4bit_masked(**kw, seed=seed, p=p, out_dtype=torch.float32,
+                                     block_n=16, block_k=32)
+        assert torch.equal(out, ref.masked_weight(W, seed, p))
