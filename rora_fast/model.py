@@ -11,7 +11,6 @@ wrote and the layers' scales (:class:`ModelState`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import re
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -78,8 +77,8 @@ class ModelState:
             if t is not None and id(t) not in seen:
                 seen.add(id(t))
                 self.data.append((t, t.detach().clone()))
-        self.attrs = [(obj, name, copy.copy(getattr(obj, name, _MISSING)))
-                      for obj, name in attrs]
+        # values, not copies: restored by identity (scales are floats, configs objects)
+        self.attrs = [(obj, name, getattr(obj, name, _MISSING)) for obj, name in attrs]
 
     def restore(self) -> None:
         for m, children, params, buffers in self.modules:
