@@ -117,6 +117,8 @@ else
     [ "$rc" -ne 0 ] && fail "$rc"
 fi
 
+[ "$SMOKE" -eq 0 ] && [ "$(left)" -ge 130 ] && { say "qlora check (issue 13: RoRA-NF4 vs PEFT QLoRA, dequant+mask kernel, NF4 memory) (limit 110s)"; timeout -k 10 110 "$PY" "$ROOT/benchmarks/gpu/qlora_check.py" --out-dir "$RESULTS" >"$RESULTS/$STAMP-qlora-check.log" 2>&1 || { say "qlora check failed (log: $RESULTS/$STAMP-qlora-check.log)"; fail 1; }; }
+
 # ---- 4. HOOK (issue 5): model-level benchmark suite --------------------------------
 # The suite lives in benchmarks/ (bench_*.py collected by benchmarks/pytest.ini) and is
 # written separately; run it only if it is there, pytest-benchmark is installed and
