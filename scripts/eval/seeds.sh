@@ -39,7 +39,7 @@ commit() {  # folder message
     (cd "$RUN_TREE/$dir" && find . -type f ! -name '*.tmp' ! -name '*.tmp.png' -print0 \
       | xargs -0 -I{} cp --parents {} "$RESULT_TREE/$dir/")
   fi
-  if [ "${COMMIT:-0}" = "1" ]; then
+  if [ "${COMMIT:-0}" = "1" ] && [ -n "$(cd "$RESULT_TREE" && git status --porcelain -- "$dir")" ]; then
     for i in $(seq 1 20); do
       if [ -e "$RESULT_TREE/.git/index.lock" ]; then sleep 3; continue; fi
       (cd "$RESULT_TREE" && git add -- "$dir" && git commit -q -m "$msg" -- "$dir") && break
