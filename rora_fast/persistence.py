@@ -162,8 +162,8 @@ def recover(target: Union[str, Path]) -> None:
     is missing and a previous version sits under its backup name (killed between the two
     renames), rename it back; remove every other temporary of a dead process (or of
     this process, not in use). Called by every save and load of ``target``."""
-    target = Path(target)
-    parent = target.parent if str(target.parent) else Path(".")
+    target = Path(os.path.abspath(target))
+    parent = target.parent
     try:
         entries = list(parent.iterdir())
     except OSError:
@@ -202,8 +202,16 @@ def atomic_write_dir(target: Union[str, Path], write: Callable[[Path], None]) ->
     """Write a folder atomically: ``write(tmp)`` fills a temporary sibling folder, which
     then replaces ``target`` by rename (see the module docstring). Refuses a target that
     holds entries ``write`` did not produce."""
-    target = Path(target)
-    parent = target.parent if str(target.parent) else Path(".")
+    given = target
+    target = Path(os.path.abspath(target))  # "." or "out/" name the folder itself
+    if target.parent == target:
+        raise ValueError(f"cannot save into the file-system root {given!r}")
+    cwd = Path(os.path.abspath(os.getcwd()))
+    if cwd == target or target in cwd.parents:
+        raise ValueError(f"cannot save into {given!r}: it is (or contains) the current "
+                         "working directory, which the atomic folder swap would move; "
+                         "save into a subfolder")
+    parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     recover(target)
     if os.path.lexists(target) and not target.is_dir():
@@ -245,7 +253,7 @@ def atomic_write_dir(target: Union[str, Path], write: Callable[[Path], None]) ->
         raise
     finally:
         _ACTIVE.discard(str(tmp))
-    return target
+    return Path(given)
 
 
 def _prepare_read(path: Path) -> Path:

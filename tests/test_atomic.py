@@ -421,3 +421,15 @@ def test_trainer_callback_saves_are_atomic_and_verified(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert same(fresh_loaded(tmp_path / "rora"), state(net))
+
+
+def test_relative_paths_and_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    net = make(1)
+    save_rora(net, "ad")  # relative to the working directory
+    assert same(fresh_loaded("ad"), state(net))
+    save_rora(net, "ad/")  # a trailing slash names the same folder
+    assert leftovers(tmp_path, ["ad"]) == []
+    with pytest.raises(ValueError, match="current working directory"):
+        save_rora(net, ".")
+    assert leftovers(tmp_path, ["ad"]) == []
