@@ -63,7 +63,12 @@ MODELS = {
     "roberta-large": ("roberta", 8),
     "llama-7b": ("llama", 16),
     "tiny": ("bert", 4),  # harness smoke case only
+    # issue 11's host-overhead case: 24 BERT blocks of hidden size 64 (compute
+    # negligible), q/v adapted; RoRA with k = 4 (ortho_rank)
+    "launch-bound": ("bert", 8),
 }
+# ortho_rank k of the RoRA variant where it is not the paper's 32
+ORTHO_RANK = {"launch-bound": 4}
 
 # Layer shapes: name -> (in_features, out_features, r, bias)
 LAYER_SHAPES = {
@@ -89,6 +94,7 @@ _SIZES = {
             "roberta-large": {"layers": 2, "seq": 64, "batch": 32, "rounds": 2},
             "llama-7b": {"layers": 1, "seq": 16, "batch": 32, "rounds": 1},
             "tiny": {"layers": 2, "seq": 16, "batch": 4, "rounds": 2},
+            "launch-bound": {"layers": 24, "seq": 16, "batch": 4, "rounds": 20},
         },
         "setup_model_layers": {"bert-large": 2, "llama-7b": 1},
     },
@@ -101,6 +107,7 @@ _SIZES = {
             "roberta-large": {"layers": 24, "seq": 128, "batch": 32, "rounds": 10},
             "llama-7b": {"layers": 8, "seq": 128, "batch": 32, "rounds": 5},
             "tiny": {"layers": 2, "seq": 16, "batch": 4, "rounds": 2},
+            "launch-bound": {"layers": 24, "seq": 16, "batch": 4, "rounds": 20},
         },
         "setup_model_layers": {"bert-large": 24, "llama-7b": 8},
     },
@@ -147,7 +154,7 @@ def model_config(name: str, layers: int):
                            num_hidden_layers=layers, num_attention_heads=32,
                            num_key_value_heads=32, max_position_embeddings=4096,
                            pad_token_id=0, num_labels=2)
-    if name == "tiny":
+    if name in ("tiny", "launch-bound"):
         return BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=layers,
                           num_attention_heads=4, intermediate_size=128, num_labels=2)
     raise KeyError(name)
@@ -166,11 +173,11 @@ def base_model(name: str, layers: int, device: str, dtype: torch.dtype, seed: in
     return model.to(device=device, dtype=dtype)
 
 
-def rora_config(r: int):
+def rora_config(r: int, ortho_rank: int = 32):
     from rora_fast import RoraConfig
 
     return RoraConfig(r=r, alpha=16, lora_dropout=0.1, weight_dropout=0.1, ortho_lambda=10,
-                      ortho_rank=32)
+                      ortho_rank=ortho_rank)
 
 
 def lora_config(r: int):
@@ -189,7 +196,7 @@ def wrap_model(model: nn.Module, name: str, variant: str) -> Tuple[nn.Module, st
     if variant in ("rora", "rora-ref"):
         from rora_fast import apply_rora, rora_layers
 
-        model = apply_rora(model, rora_config(r))
+        model = apply_rora(model, rora_config(r, ORTHO_RANK.get(name, 32)))
         if variant == "rora-ref":
             for _, layer in rora_layers(model):
                 layer.backend = "reference"
@@ -261,7 +268,40 @@ def build_model_case(name: str, variant: str, device: Optional[str] = None,
             "batch": size["batch"], "r": MODELS[name][1],
             "n_trainable": step.n_trainable, "build_s": round(t1 - t0, 3),
             "wrap_s": round(t2 - t1, 3)}
+    if name in COUNT_OPS:
+        step()  # warm-up (optimizer state), untimed
+        info["aten_ops_per_layer"] = aten_ops_per_adapted_layer(model, step, variant)
     return model, step, info
+
+
+# Model cases whose aten ops per iteration are counted (cheap for small models).
+COUNT_OPS = ("tiny", "launch-bound")
+
+
+def adapted_layers(model: nn.Module, variant: str) -> int:
+    """Number of adapted linear layers (PEFT LoRA layers or RoRA layers)."""
+    if variant == "lora":
+        return sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    from rora_fast import rora_layers
+
+    return len(list(rora_layers(model)))
+
+
+def aten_ops_per_adapted_layer(model: nn.Module, step, variant: str) -> float:
+    """Ops dispatched in one iteration (TorchDispatchMode: what reaches kernels, views
+    included) divided by the adapted layers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return round(Count.n / max(1, adapted_layers(model, variant)), 2)
 
 
 # ----------------------------------------------------------------------------- layers

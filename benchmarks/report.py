@@ -24,7 +24,8 @@ from typing import Dict, List, Optional
 PAPER_MS = {"bert-large": (94.0, 100.0), "roberta-large": (90.0, 105.0),
             "llama-7b": (84.0, 90.0)}
 MODEL_LABELS = {"bert-large": "BERT-large", "roberta-large": "RoBERTa-large",
-                "llama-7b": "LLaMA-7B-shaped", "tiny": "tiny (smoke)"}
+                "llama-7b": "LLaMA-7B-shaped", "tiny": "tiny (smoke)",
+                "launch-bound": "launch-bound BERT (24 × hidden 64, k 4)"}
 LAYER_LABELS = {
     "1024x1024": "BERT-/RoBERTa-large q,v (1024→1024)",
     "4096x4096": "LLaMA-7B q/k/v/o (4096→4096)",
@@ -141,9 +142,17 @@ def _keep(name, include_tiny):
 
 
 # ----------------------------------------------------------------------------- sections
+def _ops_cell(lo, ro) -> str:
+    a = lo.info.get("aten_ops_per_layer") if lo else None
+    b = ro.info.get("aten_ops_per_layer") if ro else None
+    if a is None and b is None:
+        return "–"
+    return f"{a if a is not None else '–'} → {b if b is not None else '–'}"
+
+
 def model_section(benches, device, include_tiny):
     cases = group_cases(benches, "model", ("model", "variant"))
-    models = [m for m in ("tiny", "bert-large", "roberta-large", "llama-7b")
+    models = [m for m in ("tiny", "bert-large", "roberta-large", "llama-7b", "launch-bound")
               if any(k[0] == m for k in cases) and _keep(m, include_tiny)]
     if not models:
         return "", []
@@ -154,7 +163,7 @@ def model_section(benches, device, include_tiny):
     if has_ref:
         header.append("ours RoRA torch-ref (ms)")
     header += ["ours overhead", "paired ratio", f"target ≤ {target:.2f}×",
-               "size (layers × batch × seq)",
+               "size (layers × batch × seq)", "aten ops / adapted layer LoRA → RoRA",
                "rounds LoRA/RoRA", "load avg (1 min)"]
     rows, chart = [], []
     for m in models:
@@ -175,6 +184,7 @@ def model_section(benches, device, include_tiny):
                 f"{pr:.2f}×" if pr else "–",
                 ("met" if ratio <= target else "**missed**") if ratio else "–",
                 f"{info.get('layers')} × {info.get('batch')} × {info.get('seq')}",
+                _ops_cell(lo, ro),
                 f"{len(lo.rounds) if lo else 0}/{len(ro.rounds) if ro else 0}",
                 fmt_load(loads)]
         rows.append(row)
@@ -187,15 +197,18 @@ def model_section(benches, device, include_tiny):
     text.append(
         f"One iteration = forward, backward (RoRA penalty gradient included), AdamW step, "
         f"zero_grad; sequence classification, random weights with the real hidden sizes, "
-        f"{any_info.get('dtype')} on {device}. LoRA: PEFT, r = 8 (BERT, RoBERTa) / 16 "
+        f"{any_info.get('dtype')} on {device}. LoRA: PEFT, r = 8 (BERT, RoBERTa, "
+        f"launch-bound) / 16 "
         f"(LLaMA), alpha 16, lora_dropout 0.1, PEFT's default targets (query,value / "
         f"q_proj,v_proj). RoRA: rora_fast.apply_rora, same r/alpha/lora_dropout, "
-        f"weight_dropout 0.1, λ = 10, k = 32, backend "
+        f"weight_dropout 0.1, λ = 10, k = 32 (launch-bound: 4), backend "
         f"`{(cases.get((models[0], 'rora')) or Case()).info.get('backend', '?')}`. "
         f"Median over all timed rounds of the interleaved repetitions; model build, SVD "
         f"bases and one warm-up iteration untimed. 'paired ratio': median over the "
         f"repetitions of RoRA/LoRA within one repetition (the two ran back to back); the "
-        f"target is judged on the pooled medians.")
+        f"target is judged on the pooled medians. 'aten ops': ops dispatched in one "
+        f"iteration (TorchDispatchMode, views included) / adapted layers, counted once "
+        f"per case (benchmarks/host_overhead.py).")
     if device == "cpu":
         text.append("")
         text.append("**CPU sizes are reduced** (layers, sequence length; column 'size'): "

@@ -37,9 +37,21 @@ _BACKENDS = ("auto", "reference", "triton")
 _ENV = "RORA_FAST_BACKEND"
 
 _SCRATCH = threading.local()
+_NATIVE = ref._native
+_MASK_PARAMS: dict = {}
+_SHAPES_OK: set = set()
 
 
-def _weight_scratch(weight: torch.Tensor, p: float) -> Optional[torch.Tensor]:
+def _mask_params(p: float):
+    """``(thr, 1/(1 − p_eff))`` of a drop probability, validated once per value."""
+    v = _MASK_PARAMS.get(p)
+    if v is None:
+        thr = ref.keep_threshold(p)
+        v = _MASK_PARAMS[p] = (thr, 1.0 / (1.0 - thr / 65536.0))
+    return v
+
+
+def _weight_scratch(weight: torch.Tensor) -> torch.Tensor:
     """A reusable per-thread buffer for the transient masked weight on the CPU.
 
     The masked weight lives only inside one forward or one backward call (it is never
@@ -48,17 +60,34 @@ def _weight_scratch(weight: torch.Tensor, p: float) -> Optional[torch.Tensor]:
     masked copy's cost at 4096 x 4096). Not used on other devices, whose caching
     allocators already reuse memory, nor under graph capture.
     """
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32
-            or not ref.native_mask_available() or ref.keep_threshold(p) == 0):
-        return None
     cache = getattr(_SCRATCH, "buffers", None)
     if cache is None:
         cache = _SCRATCH.buffers = {}
-    key = tuple(weight.shape)
+    key = weight.shape
     buf = cache.get(key)
     if buf is None:
-        buf = cache[key] = torch.empty(weight.shape, dtype=weight.dtype)
+        buf = cache[key] = torch.empty(key, dtype=torch.float32)
     return buf
+
+
+def _masked_eager(weight: torch.Tensor, seed: int, p: float, scratch: bool) -> torch.Tensor:
+    """:func:`rora_fast.reference.masked_weight` with the per-call checks hoisted: the
+    drop probability is validated once per value, the counter range once per shape,
+    and a float32 CPU weight goes straight to the C kernel (bit-identical)."""
+    thr, scale = _mask_params(p)
+    if thr == 0:
+        return weight
+    if (_NATIVE is not None and weight.dtype is torch.float32 and weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.is_contiguous() and weight.numel()):
+        shape = weight.shape
+        if shape not in _SHAPES_OK:
+            ref.check_counter_range(*shape)
+            _SHAPES_OK.add(shape)
+        out = _weight_scratch(weight) if scratch else torch.empty_like(weight)
+        _NATIVE.masked_f32(seed, weight.data_ptr(), out.data_ptr(), shape[0], shape[1], thr,
+                           scale, torch.get_num_threads())
+        return out
+    return ref.masked_weight(weight, seed, p)
 
 
 # ---------------------------------------------------------------------- custom op
@@ -85,8 +114,7 @@ def _(weight, seed, p):
 def _masked(weight, seed, p, scratch: bool):
     if isinstance(seed, torch.Tensor):
         return masked_weight_op(weight, seed, p)
-    return ref.masked_weight(weight, seed, p, out=_weight_scratch(weight, p) if scratch
-                             else None)
+    return _masked_eager(weight, seed, p, scratch)
 
 
 class RoraLinearFunction(torch.autograd.Function):

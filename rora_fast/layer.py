@@ -285,11 +285,12 @@ class RoraLinear(nn.Module):
         # arguments were checked at construction, and the input is checked in full
         # only when the cheap test below fails.
         try:
-            ok = x.shape[-1] == self.in_features and x.device == self.weight.device
+            ok = x.shape[-1] == self.in_features
         except (AttributeError, IndexError, TypeError):
             ok = False
         if not ok:
-            self._check_input(x)
+            self._check_input(x)  # raises the precise error
+        # (a device mismatch surfaces in the first op, with torch's own message)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             cdtype = torch.get_autocast_dtype(dev)

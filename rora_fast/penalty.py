@@ -131,12 +131,16 @@ def _add_dtensor(p, kind, q, anchor, scale) -> None:
     grad.add_(g_d.redistribute(mesh, grad.placements))
 
 
+# The penalty is computed in float32 or wider (half-precision adapters are upcast).
+_COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 def _apply(terms, scale: Optional[torch.Tensor] = None) -> None:
     """Add the penalty gradient of every ``(param, kind, basis, anchor, lam)`` term to
     ``param.grad``, equal shapes batched."""
     groups: Dict[tuple, list] = {}
     for layer, (p, kind, Q, anchor, lam) in terms:
-        cdtype = torch.promote_types(p.dtype, torch.float32)
+        cdtype = _COMPUTE_DTYPE.get(p.dtype, p.dtype)
         q = _scaled_basis(layer, kind, Q, lam, cdtype)
         if _is_dtensor(p):
             _add_dtensor(p, kind, q, anchor, scale)

@@ -261,29 +261,33 @@ def rora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor,
 
 
 def _backward(grad_out, x, x_lora, w, lora_A, lora_B, scaling, s_mat, needs):
-    """``needs``: which of ``(dX, dX̃, dA, dB)`` to compute (the others are None)."""
+    """``needs``: which of ``(dX, dX̃, dA, dB)`` to compute (the others are None).
+
+    The scale ``s`` is folded into the GEMMs' ``alpha`` (``addmm`` with ``beta=0``
+    ignores its first operand, which only gives the output's shape)."""
     in_f = x.shape[-1]
     dy = grad_out.reshape(-1, grad_out.shape[-1])
-    xl = (x if x_lora is None else x_lora).reshape(-1, in_f)
+    x2 = x.reshape(-1, in_f)
+    xl = x2 if x_lora is None else x_lora.reshape(-1, in_f)
     need_dx, need_dxl, need_dA, need_dB = needs
     lora_in_dx = x_lora is None and need_dx
     dx = dx_lora = dA = dB = None
-    sdyb = None
+    dyb = None
     if lora_in_dx or need_dxl or need_dA:
-        sdyb = torch.mm(dy, lora_B).mul_(scaling)  # s · dY B, (tokens, r)
+        dyb = torch.mm(dy, lora_B)  # dY B, (tokens, r)
     if need_dx:
-        dx = dy @ w
+        dx = torch.mm(dy, w)
         if lora_in_dx:
-            dx.addmm_(sdyb, lora_A)
+            dx.addmm_(dyb, lora_A, alpha=scaling)
         dx = dx.view(x.shape)
     if need_dxl:
-        dx_lora = (sdyb @ lora_A).view(x_lora.shape)
+        dx_lora = torch.addmm(xl, dyb, lora_A, beta=0, alpha=scaling).view(x_lora.shape)
     if need_dA:
-        dA = sdyb.t() @ xl
+        dA = torch.addmm(lora_A, dyb.t(), xl, beta=0, alpha=scaling)
     if need_dB:
         if s_mat is None:
             s_mat = xl @ lora_A.t()
-        dB = torch.mm(dy.t(), s_mat).mul_(scaling)
+        dB = torch.addmm(lora_B, dy.t(), s_mat, beta=0, alpha=scaling)
     return dx, dx_lora, dA, dB
 
 
