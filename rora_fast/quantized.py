@@ -47,6 +47,7 @@ Through PEFT, :func:`peft_custom_modules` gives the layer classes that
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Callable, Dict, Optional
 
@@ -213,6 +214,25 @@ def dequantize_base(base: nn.Module, dtype: Optional[torch.dtype] = None) -> tor
     return W if dtype is None else W.to(dtype)
 
 
+def dequantize_4bit_masked_base(base: nn.Module, dtype: torch.dtype, seed: int,
+                                p: float) -> torch.Tensor:
+    """``(M ⊙ W) / (1 - p)`` of a bitsandbytes 4-bit layer in one Triton kernel
+    (:func:`rora_fast.kernels.nf4.dequantize_4bit_masked`); equal to
+    ``reference.masked_weight(dequantize_base(base, dtype), seed, p)``."""
+    from .kernels.nf4 import dequantize_4bit_masked
+
+    w = base.weight
+    qs = w.quant_state
+    kw = dict(nested_code=qs.state2.code, nested_absmax=qs.state2.absmax,
+              nested_blocksize=qs.state2.blocksize, offset=qs.offset) if qs.nested else {}
+    if qs.dtype != dtype:  # dequantize_base rounds to the quant dtype first, then casts
+        W = dequantize_4bit_masked(w.data, qs.code, qs.absmax, qs.blocksize, qs.shape,
+                                   out_dtype=qs.dtype, **kw).to(dtype)
+        return ref.masked_weight(W, seed, p)
+    return dequantize_4bit_masked(w.data, qs.code, qs.absmax, qs.blocksize, qs.shape,
+                                  seed=seed, p=p, out_dtype=dtype, **kw)
+
+
 def quant_descriptor(layer: nn.Module) -> Optional[dict]:
     """How a layer's base is quantized (``None`` for a dense base): saved with an adapter
     so that loading it onto a base quantized differently is an error."""
@@ -352,7 +372,11 @@ class QuantRoraLinear(RoraLinear):
 
     # ------------------------------------------------------------------ the two hooks
     def _base_weight(self, cdtype: torch.dtype) -> torch.Tensor:
-        W = dequantize_base(self.base_layer, cdtype)
+        fused = self.__dict__.get("_rora_premask")
+        if fused is not None:  # (seed, p): the masked weight, one kernel (see _quant_forward)
+            W = dequantize_4bit_masked_base(self.base_layer, cdtype, *fused)
+        else:
+            W = dequantize_base(self.base_layer, cdtype)
         self.__dict__["_rora_dense"] = W  # recognised by the saved-tensor hook
         return W
 
@@ -370,11 +394,37 @@ class QuantRoraLinear(RoraLinear):
                 return self._quant_forward(x.to(cdtype), cdtype)
         return self._quant_forward(x.to(cdtype), cdtype).to(x.dtype)
 
+    def _use_nf4_kernel(self, x: torch.Tensor) -> bool:
+        """The one-pass dequantize+mask kernel (``rora_fast.kernels.nf4``): opt-in with
+        ``RORA_FAST_NF4_KERNEL=1``, for 4-bit bases with weight dropout, on CUDA (or on
+        CPU tensors under ``TRITON_INTERPRET=1``, for tests)."""
+        if (os.environ.get("RORA_FAST_NF4_KERNEL", "0") != "1" or self.quant_kind != "4bit"
+                or not ref.keep_threshold(self.weight_dropout)):
+            return False
+        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
     def _quant_forward(self, x: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
         if not self.training:
             return self._forward(x, cdtype)
-        with _saved_as_recompute(self, lambda: dequantize_base(self.base_layer, cdtype)):
-            return self._forward(x, cdtype)
+        if not self._use_nf4_kernel(x):
+            with _saved_as_recompute(self, lambda: dequantize_base(self.base_layer, cdtype)):
+                return self._forward(x, cdtype)
+        # The kernel writes the masked weight M ⊙ W / (1 - p) directly: draw the seed as
+        # the layer would, hand the op the masked weight with p = 0 for this call (so it
+        # masks nothing itself and draws no seed), and rebuild it from the same seed in
+        # backward. Bit-identical to the default path (kernel == dequantize + mask).
+        p = self.weight_dropout
+        seed = _draw_seed(p)
+        premask = (seed, p)
+        self.__dict__["_rora_premask"] = premask
+        self.weight_dropout = 0.0
+        try:
+            with _saved_as_recompute(self, lambda: dequantize_4bit_masked_base(
+                    self.base_layer, cdtype, *premask)):
+                return self._forward(x, cdtype)
+        finally:
+            self.weight_dropout = p
+            self.__dict__["_rora_premask"] = None
 
     # ------------------------------------------------------------------ merging
     def merged_linear(self) -> nn.Module:

@@ -428,8 +428,8 @@ def _kernel_args(p4):
     return kw
 
 
-@pytest.mark.parametrize("kind", ["nf4-dq", "nf4", "fp4-dq"])
-@pytest.mark.parametrize("shape", [(48, 64), (37, 72)])
+@pytest.mark.parametrize("kind,shape", [("nf4-dq", (48, 64)), ("nf4-dq", (37, 72)),
+                                        ("nf4", (37, 72)), ("fp4-dq", (48, 64))])
 def test_dequant_mask_kernel_matches_bnb_dequantize_and_reference_mask(kind, shape):
     """kernels/nf4.py in the Triton interpreter (CPU, float32) on tiny shapes: bit-equal
     to bitsandbytes' dequantize_4bit, and with p > 0 to reference.masked_weight of it."""
@@ -450,3 +450,33 @@ def test_dequant_mask_kernel_matches_bnb_dequantize_and_reference_mask(kind, sha
         out = dequantize_4bit_masked(**kw, seed=seed, p=p, out_dtype=torch.float32,
                                      block_n=16, block_k=32)
         assert torch.equal(out, ref.masked_weight(W, seed, p))
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "fp4"])
+def test_layer_with_the_nf4_kernel_equals_the_default_path(kind, monkeypatch):
+    """RORA_FAST_NF4_KERNEL=1: the layer takes its masked weight from the one-pass kernel
+    (Triton interpreter here) and gives the default path's outputs and gradients, bit for
+    bit, backward included (the masked weight is rebuilt from the same seed)."""
+    import os
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    layer = Q.QuantRoraLinear.from_quantized(_quant_layer(kind), r=4, ortho_rank=8,
+                                             weight_dropout=0.2).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 64)
+    res = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RORA_FAST_NF4_KERNEL", flag)
+        assert layer._use_nf4_kernel(x) == (flag == "1")
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(21)
+        y = layer(xi)
+        y.square().sum().backward()
+        res.append((y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+        assert layer.weight_dropout == 0.2 and layer.__dict__.get("_rora_premask") is None
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
