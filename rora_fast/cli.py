@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "head-bias refit on clean dev rows)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="only recompute seeds.json / seeds.md / seeds.png from --out")
+    p = sub.add_parser("bias", help="why the rescaled model leans to the target: prediction "
+                                    "balance and logit margin on clean test rows per rescaled "
+                                    "block, from the adapters of a `seeds` folder")
+    p.add_argument("seeds_dir", help="a `rora-fast seeds --out` folder (runs/ and adapters/)")
+    p.add_argument("--out", default=None, help="results folder (default: SEEDS_DIR/bias)")
+    p.add_argument("--cache-dir", default=None, help="poisoned-model cache")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="cpu or cuda")
     p = sub.add_parser("report", help="one overview table + figure across every results "
                                       "folder under ROOT (overview.md, overview.png)")
     p.add_argument("root", help="folder holding `rora-fast defend --out` folders, any depth")
@@ -169,6 +177,8 @@ def _setup(args) -> None:
     # validate names early, with clear messages
     from .data import DATASETS
     from .evaluation.attacks import get_attack
+    if not hasattr(args, "task"):  # bias: the settings come from the run files
+        return
     if args.task not in DATASETS:
         raise ValueError(f"unknown dataset {args.task!r}; choose one of {', '.join(DATASETS)}")
     get_attack(args.attack, args.trigger)
@@ -331,6 +341,17 @@ def cmd_seeds(args) -> int:
     return 0
 
 
+def cmd_bias(args) -> int:
+    from .evaluation.bias import run_bias_analysis
+    if not os.path.isdir(os.path.join(args.seeds_dir, "runs")):
+        raise FileNotFoundError(f"{args.seeds_dir!r} is not a `rora-fast seeds` folder (no runs/)")
+    out = args.out or os.path.join(args.seeds_dir, "bias")
+    run_bias_analysis(args.seeds_dir, out, _cache(args))
+    print(open(os.path.join(out, "bias.md")).read())
+    print(f"wrote {out}/bias.json, bias.md, bias_share.png, bias_margin.png")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .evaluation.overview import write_overview
     print(write_overview(args.root, args.title))
@@ -352,7 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return {"demo": cmd_demo, "poison": cmd_poison, "defend": cmd_defend,
                 "evaluate": cmd_evaluate, "spectra": cmd_spectra,
                 "rescale-sweep": cmd_rescale_sweep, "sweep": cmd_sweep,
-                "seeds": cmd_seeds}[args.cmd](args)
+                "seeds": cmd_seeds, "bias": cmd_bias}[args.cmd](args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         # includes TriggerError, PoisoningFailed and CorruptCacheError
         print(f"rora-fast {args.cmd}: error: {e}", file=sys.stderr)

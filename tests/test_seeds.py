@@ -1,0 +1,127 @@
+"""``rora-fast seeds`` (issue 14, item 1): statistics, resumability, reuse, post-hoc
+rescaling of a PEFT LoRA adapter, the aggregate files. No training here (fast)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from rora_fast.evaluation import seeds as seeds_mod
+from rora_fast.evaluation.runner import RunSpec, run_id
+from rora_fast.evaluation.seeds import (aggregate, mean_ci, parse_seeds, rescale_peft_lora_,
+                                        run_seeds, t_quantile_975, write_aggregate)
+
+
+def test_mean_ci_is_a_t_interval():
+    st = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert st["n"] == 5 and st["mean"] == 3.0
+    assert st["sd"] == pytest.approx(math.sqrt(2.5), abs=1e-3)
+    assert st["ci95_half"] == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), abs=1e-3)
+    assert mean_ci([7.0])["ci95_half"] is None and mean_ci([7.0])["mean"] == 7.0
+    assert mean_ci([])["n"] == 0
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(100) == 1.96
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("2,0,2,5-6") == [2, 0, 5, 6]
+    for bad in ("", "a", "3-1", "-1", "1-x"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def _fake_run(out, method, seed, ca, asr, floor, adapter=True):
+    spec = RunSpec(task="cr", method=method, preset="small", seed=seed)
+    rid = run_id(spec)
+    r = {"kind": "defence", "run_id": rid, "spec": spec.resolved(),
+         "metrics": {"CA": ca, "ASR": asr, "delta": round(ca - asr, 2), "ASR_floor": floor}}
+    if method == "rora":
+        r["before_rescale"] = {"CA": ca + 5, "ASR": 100.0, "delta": ca - 95, "ASR_floor": 10.0}
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    with open(os.path.join(out, "runs", rid + ".json"), "w") as f:
+        json.dump(r, f)
+    if adapter:
+        os.makedirs(os.path.join(out, "adapters"), exist_ok=True)
+        open(os.path.join(out, "adapters", rid + ".safetensors"), "wb").close()
+    return spec
+
+
+def test_aggregate_paired_differences_and_files(tmp_path):
+    out = str(tmp_path)
+    for s, (la, ra) in enumerate([(86.0, 80.0), (85.0, 79.0), (87.0, 82.0)]):
+        _fake_run(out, "lora", s, la, 100.0, 10.0)
+        _fake_run(out, "rora", s, ra, 8.0 + s, 6.0 + s)
+    agg = write_aggregate(out)
+    assert agg["methods"]["lora"]["CA"]["mean"] == 86.0
+    assert agg["methods"]["rora"]["seeds"] == [0, 1, 2]
+    d = agg["paired"]["rora - lora"]
+    assert d["per_seed"]["0"]["CA"] == -6.0 and d["CA"]["mean"] == pytest.approx(-5.667, abs=1e-3)
+    assert agg["methods"]["rora"]["before_rescale"]["ASR"]["mean"] == 100.0
+    assert "t-interval" in agg["interval"]
+    for fn in ("seeds.json", "seeds.md", "seeds.png"):
+        assert os.path.getsize(os.path.join(out, fn)) > 0
+    md = open(os.path.join(out, "seeds.md")).read()
+    assert "| rora - lora | 3 | -5.67 ±" in md and "runs/cr-badnet-rora-small-s2-" in md
+
+
+def test_run_seeds_resumes_reuses_and_keeps_order(tmp_path, monkeypatch):
+    """Trained runs go through run_defence (faked here): a run reused from another folder
+    is copied, a finished one skipped; post-hoc variants follow the run they start from."""
+    calls = []
+    reuse = str(tmp_path / "old")
+    _fake_run(reuse, "lora", 0, 86.0, 100.0, 10.0, adapter=False)
+
+    def fake_defence(spec, out_dir, cache_dir, log=print, adapter_dir=None, **kw):
+        path = os.path.join(out_dir, "runs", run_id(spec) + ".json")
+        if os.path.exists(path):
+            calls.append(("skip", spec.method, spec.seed))
+            return json.load(open(path))
+        calls.append(("train", spec.method, spec.seed))
+        assert adapter_dir == os.path.join(out_dir, "adapters")
+        _fake_run(out_dir, spec.method, spec.seed, 80.0, 10.0, 9.0)
+
+    def fake_posthoc(spec, variant, out_dir, cache_dir, log=print, force=False):
+        calls.append(("posthoc", variant, spec.seed))
+
+    monkeypatch.setattr("rora_fast.evaluation.runner.run_defence", fake_defence)
+    monkeypatch.setattr(seeds_mod, "run_posthoc", fake_posthoc)
+    out = str(tmp_path / "new")
+    base = RunSpec(task="cr", preset="small")
+    run_seeds(base, ["lora", "lora+rescale", "rora"], [0, 1], out, None, reuse=[reuse],
+              log=lambda *a: None)
+    assert calls == [("skip", "lora", 0), ("posthoc", "lora+rescale", 0), ("train", "rora", 0),
+                     ("train", "lora", 1), ("posthoc", "lora+rescale", 1), ("train", "rora", 1)]
+    calls.clear()
+    run_seeds(base, ["lora", "rora"], [0, 1], out, None, log=lambda *a: None)
+    assert [c[0] for c in calls] == ["skip"] * 4
+    with pytest.raises(ValueError, match="add lora"):
+        run_seeds(base, ["lora+rescale"], [0], out, None)
+
+
+def test_rescale_peft_lora_sets_sigma_ratio_in_top_blocks(minilm_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    m = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+    pm = get_peft_model(m, LoraConfig(r=4, target_modules=["query", "dense"],
+                                      task_type="SEQ_CLS"))
+    g = torch.Generator().manual_seed(0)
+    for mod in pm.modules():
+        if hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_B", {}):
+            with torch.no_grad():
+                mod.lora_B["default"].weight.copy_(
+                    torch.randn(mod.lora_B["default"].weight.shape, generator=g) * 0.01)
+    scales = rescale_peft_lora_(pm, 2)
+    assert scales and all(".layer.4." in n or ".layer.5." in n for n in scales)
+    assert not any("pooler" in n for n in scales)
+    n, s = next(iter(scales.items()))
+    mod = pm.get_submodule(n)
+    BA = (mod.lora_B["default"].weight @ mod.lora_A["default"].weight).detach()
+    expect = torch.linalg.matrix_norm(mod.base_layer.weight.detach(), 2) / torch.linalg.matrix_norm(BA, 2)
+    assert s == pytest.approx(float(expect), rel=1e-4) and mod.scaling["default"] == s
+    untouched = [mm for nn_, mm in pm.named_modules()
+                 if ".layer.0." in nn_ and hasattr(mm, "scaling") and isinstance(mm.scaling, dict)]
+    assert untouched and all(mm.scaling["default"] == pytest.approx(8 / 4) for mm in untouched)
+    assert rescale_peft_lora_(pm, 0) == {}
