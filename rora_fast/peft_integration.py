@@ -175,7 +175,13 @@ def register_rora(lora_config, weight_dropout: float = 0.1, ortho_rank: int = 32
                   ortho_lambda: float = 10.0):
     """Make ``get_peft_model(model, lora_config)`` create RoRA layers for ``nn.Linear``
     (and bitsandbytes ``Linear4bit``/``Linear8bitLt``, transformers ``Conv1D``).
-    Returns the layer class."""
+    Returns the layer class. The values follow :mod:`rora_fast.validation` (finite,
+    ``0 <= weight_dropout < 1``, ``ortho_rank >= 1``, ``ortho_lambda >= 0``)."""
+    from . import validation as V
+
+    V.check_number("weight_dropout", weight_dropout, lo=0, hi=1, hi_open=True)
+    V.check_int("ortho_rank", ortho_rank, lo=1)
+    V.check_number("ortho_lambda", ortho_lambda, lo=0)
     cls = make_peft_rora_linear(weight_dropout, ortho_rank, ortho_lambda)
     lora_config._register_custom_module({**_rora_custom_modules(weight_dropout, ortho_rank,
                                                                 ortho_lambda),

@@ -207,3 +207,36 @@ def test_nan_inf_with_weight_dropout_no_crash(bad):
     assert torch.isfinite(y[[0, 1, 3]]).all()
     y.sum().backward()  # no crash
     assert xb.grad is not None
+
+
+# ----------------------------------------------------------------------------- non-finite (issue 12)
+@pytest.mark.parametrize("name, value", [("alpha", math.inf), ("ortho_lambda", math.inf),
+                                         ("ortho_lambda", math.nan), ("alpha", math.nan),
+                                         ("lora_dropout", math.inf)])
+def test_non_finite_hyper_parameters_refused(name, value):
+    """ortho_lambda=inf and alpha=inf were accepted and gave non-finite adapters."""
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        layer(**{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        RoraConfig(**{name: value})
+
+
+def test_register_rora_validates_like_the_layer():
+    import peft
+    from rora_fast import register_rora
+
+    for kw, match in ((dict(ortho_lambda=math.inf), "ortho_lambda must be a finite"),
+                      (dict(ortho_lambda=-1.0), "ortho_lambda must be >= 0"),
+                      (dict(weight_dropout=1.0), "weight_dropout must be < 1"),
+                      (dict(ortho_rank=0), "ortho_rank must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            register_rora(peft.LoraConfig(r=2, target_modules=["x"]), **kw)
+
+
+def test_non_finite_base_weight_names_the_problem():
+    lin = nn.Linear(8, 6)
+    with torch.no_grad():
+        lin.weight[2, 3] = math.nan
+        lin.weight[0, 0] = math.inf
+    with pytest.raises(ValueError, match=r"base weight has non-finite entries \(1 NaN, 1 Inf"):
+        RoraLinear.from_linear(lin, r=2, ortho_rank=2)
