@@ -407,14 +407,19 @@ def plot_aggregate(agg: Dict, path: str, title: str) -> bool:
 
 
 def write_aggregate(out_dir: str, title: Optional[str] = None) -> Dict:
-    from .spectra import write_json
     agg = aggregate(out_dir)
     s = agg["setting"]
     title = title or f"{s.get('task')} ← {s.get('attack')}: seeds"
-    write_json(agg, os.path.join(out_dir, "seeds.json"))
-    if plot_aggregate(agg, os.path.join(out_dir, "seeds.png.tmp.png"), title):
-        os.replace(os.path.join(out_dir, "seeds.png.tmp.png"), os.path.join(out_dir, "seeds.png"))
-    tmp = os.path.join(out_dir, "seeds.md.tmp")
+    os.makedirs(out_dir, exist_ok=True)
+    pid = os.getpid()  # two writers (seeds.sh, seeds_post.py) never share a temporary file
+    tmp = os.path.join(out_dir, f"seeds.json.{pid}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(agg, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "seeds.json"))
+    tmp_png = os.path.join(out_dir, f"seeds.{pid}.tmp.png")
+    if plot_aggregate(agg, tmp_png, title):
+        os.replace(tmp_png, os.path.join(out_dir, "seeds.png"))
+    tmp = os.path.join(out_dir, f"seeds.md.{pid}.tmp")
     with open(tmp, "w") as f:
         f.write(aggregate_markdown(agg, title))
     os.replace(tmp, os.path.join(out_dir, "seeds.md"))
