@@ -60,11 +60,6 @@ from .layer import RoraLinear
 from . import penalty as _penalty
 from .linalg import spectral_basis
 
-# The penalty machinery: layers registered with the optimizer-step hook of
-# rora_fast.penalty (``register_penalty_layer``), or, in the earlier design, a
-# PenaltyHandle passed to the op and claimed once per step in backward (OncePerStep).
-_STEP_HOOK_PENALTY = hasattr(_penalty, "register_penalty_layer")
-
 __all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "is_rora_target",
            "target_dims", "check_rora_target", "check_saved_quantization", "make_rora_layer", "QuantRoraLinear", "RoraConv1D", "dequantize_base",
            "quant_descriptor", "check_quant_descriptor", "peft_custom_modules"]
@@ -603,12 +598,9 @@ def _peft_base(base_layer):
     return base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
 
 
-def _draw_seed(p: float) -> int:
+def _draw_seed(p: float):
     """The weight mask's seed, drawn as RoraLinear draws it (0 when nothing is dropped)."""
-    if not ref.keep_threshold(p):
-        return 0
-    draw = getattr(RoraLinear, "_draw_seed", None)
-    return draw() if draw is not None else int(torch.randint(0, 2**62, (1,)).item())
+    return RoraLinear._draw_seed() if ref.keep_threshold(p) else 0
 
 
 class _PeftRoraMixin:
@@ -633,15 +625,12 @@ class _PeftRoraMixin:
         self.register_buffer("rora_U", basis.U, persistent=False)
         self.register_buffer("rora_V", basis.V, persistent=False)
         self.rora_sigma_pre = basis.sigma_max
-        if _STEP_HOOK_PENALTY:
-            _penalty.register_penalty_layer(self)
-        else:
-            self._rora_clocks = {}
+        # λ∇Ω is added by the optimizer step hook of rora_fast.penalty
+        _penalty.register_penalty_layer(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if _STEP_HOOK_PENALTY:
-            _penalty.register_penalty_layer(self)
+        _penalty.register_penalty_layer(self)
 
     def _penalty_terms(self):
         """The active adapters' terms for the optimizer step hook (rora_fast.penalty)."""
@@ -654,17 +643,6 @@ class _PeftRoraMixin:
                 out.append((self.lora_A[name].weight, "A", self.rora_V, None, lam))
                 out.append((self.lora_B[name].weight, "B", self.rora_U, None, lam))
         return out
-
-    def _rora_handle(self, adapter: str, A: torch.Tensor):
-        """The earlier design's per-call PenaltyHandle (claimed once per step)."""
-        if not self.rora_ortho_lambda:
-            return None
-        clock = self._rora_clocks.get(adapter)
-        if clock is None:
-            clock = self._rora_clocks[adapter] = _penalty.OncePerStep(
-                module=self.lora_A[adapter], name="weight")
-        return F_rora.PenaltyHandle(self.rora_ortho_lambda, self.rora_U.to(A.dtype),
-                                    self.rora_V.to(A.dtype), clock.claim)
 
     def rora_penalty(self) -> torch.Tensor:
         """λ Ω summed over this layer's adapters (detached, for logging)."""
@@ -698,21 +676,16 @@ class _PeftRoraMixin:
         p = self.rora_weight_dropout
         seed = _draw_seed(p)
         drop = self.lora_dropout[name]
-        if _STEP_HOOK_PENALTY:
-            if not torch.compiler.is_compiling():
-                n = self._penalty_forwards = getattr(self, "_penalty_forwards", 0) + 1
-                if n == _penalty.WARN_AFTER_FORWARDS:
-                    _penalty._warn_no_step(self)
-            x_lora = None if isinstance(drop, nn.Identity) else drop(x)
-            extra = ()
-        else:
-            x_lora = drop(x)
-            extra = (self._rora_handle(name, A),)
+        if not torch.compiler.is_compiling():
+            # training forwards since the last optimizer step (see rora_fast.penalty)
+            n = self._penalty_forwards = getattr(self, "_penalty_forwards", 0) + 1
+            if n == _penalty.WARN_AFTER_FORWARDS:
+                _penalty._warn_no_step(self)
+        x_lora = None if isinstance(drop, nn.Identity) else drop(x)
         ctx = (_saved_as_recompute(self, lambda: self._rora_dense_weight(dtype))
                if self._rora_recompute else contextlib.nullcontext())
         with torch.autocast(dev, enabled=False), ctx:
             W = self._rora_dense_weight(dtype)
             self.__dict__["_rora_dense"] = W
-            y = F_rora.rora_linear(x, x_lora, W, b, A, B, self.scaling[name], p, seed,
-                                   *extra)
+            y = F_rora.rora_linear(x, x_lora, W, b, A, B, self.scaling[name], p, seed)
         return y if autocast else y.to(in_dtype)

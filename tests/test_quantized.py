@@ -480,3 +480,25 @@ def test_layer_with_the_nf4_kernel_equals_the_default_path(kind, monkeypatch):
         assert layer.weight_dropout == 0.2 and layer.__dict__.get("_rora_premask") is None
     for a, b in zip(*res):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
+def test_optimizer_step_adds_the_penalty_as_for_a_dense_layer(kind):
+    """λ∇Ω reaches a quantized layer's adapters at the optimizer step exactly as for the
+    dense RoRA layer on the dequantized weight (same update after one SGD step)."""
+    kw = dict(r=4, alpha=8, weight_dropout=0.1, ortho_rank=8, ortho_lambda=10.0)
+    layer = Q.QuantRoraLinear.from_quantized(_quant_layer(kind), **kw)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    dense = _dense_twin(layer, **kw)
+    no_penalty = _dense_twin(layer, **dict(kw, ortho_lambda=0.0))
+    x = torch.randn(4, 64)
+    for m in (layer, dense, no_penalty):
+        opt = torch.optim.SGD([m.lora_A, m.lora_B], lr=0.1)
+        torch.manual_seed(3)
+        m.train()(x).sum().backward()
+        opt.step()
+    torch.testing.assert_close(layer.lora_A, dense.lora_A, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.lora_B, dense.lora_B, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(layer.lora_B, no_penalty.lora_B)  # the penalty was applied
+    assert float(layer.penalty()) > 0
