@@ -458,6 +458,9 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     written = [t for lay in existing.values() for t in _layer_tensors(lay).values()]
     written += [lay.weight for lay in existing.values()
                 if getattr(lay, "lora_A0", None) is not None]
+    if have is None and saved_cfg.init in ("pissa", "olora"):
+        # apply_rora below rewrites these base weights in place (PiSSA/OLoRA residual)
+        written += [getattr(model.get_submodule(n), "weight", None) for n in chosen]
     params = dict(model.named_parameters())  # names of non-RoRA modules survive wrapping
     written += [params[k[len("extra."):]] for k in tensors
                 if k.startswith("extra.") and k[len("extra."):] in params]

@@ -244,25 +244,33 @@ def test_load_failing_midway_restores_adapters_scales_and_head(tmp_path, monkeyp
     assert [l.scaling for _, l in rora_layers(dst)] == [l.scaling for _, l in rora_layers(src)]
 
 
-def test_load_fresh_failing_midway_unwraps_again(tmp_path, monkeypatch):
-    src = trained(apply_rora(tiny_bert(), RoraConfig(r=4, ortho_rank=4)))
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_load_fresh_failing_midway_unwraps_again(tmp_path, monkeypatch, init):
+    """Fails after apply_rora wrapped the fresh model (PiSSA: rewrote its base weights)
+    and the first layer was loaded (PiSSA: its base re-folded to the saved scale)."""
+    from rora_fast import persistence
+
+    src = trained(apply_rora(tiny_bert(), RoraConfig(r=4, ortho_rank=4, init=init)))
+    spectral_rescale_(src, layers=2)  # the saved init_scaling differs from a fresh one
     save_rora(src, tmp_path / "ad")
     dst = tiny_bert()
     snap = snapshot(dst)
-    real_copy = torch.Tensor.copy_
+    real = persistence._layer_tensors
     calls = {"n": 0}
 
-    def flaky_copy(self, src_, *a, **k):
+    def flaky(layer):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected copy failure")
-        return real_copy(self, src_, *a, **k)
+        if calls["n"] == 2:  # the copy loop, second layer
+            raise RuntimeError("injected failure while loading")
+        return real(layer)
 
-    monkeypatch.setattr(torch.Tensor, "copy_", flaky_copy)
+    monkeypatch.setattr(persistence, "_layer_tensors", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         load_rora(dst, tmp_path / "ad")
     monkeypatch.undo()
     assert_same(dst, snap)
+    load_rora(dst, tmp_path / "ad")  # retry works
+    assert [l.scaling for _, l in rora_layers(dst)] == [l.scaling for _, l in rora_layers(src)]
 
 
 # ----------------------------------------------------------------------------- rescale / merge
