@@ -146,7 +146,17 @@ class RoraLinear(nn.Module):
                     weight_dropout: float = 0.1, lora_dropout: float = 0.0,
                     ortho_rank: int = 32, ortho_lambda: float = 10.0,
                     **kwargs) -> "RoraLinear":
-        """Wrap an existing ``nn.Linear`` (its weight and bias are shared, not copied)."""
+        """Wrap an existing ``nn.Linear`` (its weight and bias are shared, not copied).
+
+        A bitsandbytes ``Linear4bit``/``Linear8bitLt`` or a transformers ``Conv1D`` gets its
+        own layer class (:mod:`rora_fast.quantized`: ``QuantRoraLinear``, ``RoraConv1D``)."""
+        if cls is RoraLinear:  # construction hook for non-dense bases (issue 13)
+            from .quantized import base_kind, make_rora_layer
+
+            if base_kind(linear) in ("4bit", "8bit", "conv1d"):
+                return make_rora_layer(linear, r=r, alpha=alpha, weight_dropout=weight_dropout,
+                                       lora_dropout=lora_dropout, ortho_rank=ortho_rank,
+                                       ortho_lambda=ortho_lambda, **kwargs)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         return cls(linear.in_features, linear.out_features, linear.bias is not None,

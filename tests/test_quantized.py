@@ -502,3 +502,14 @@ def test_optimizer_step_adds_the_penalty_as_for_a_dense_layer(kind):
     torch.testing.assert_close(layer.lora_B, dense.lora_B, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(layer.lora_B, no_penalty.lora_B)  # the penalty was applied
     assert float(layer.penalty()) > 0
+
+
+def test_from_linear_dispatches_quantized_and_conv1d_bases():
+    from transformers.pytorch_utils import Conv1D
+
+    q = rora_fast.RoraLinear.from_linear(_quant_layer("nf4-dq"), r=4, ortho_rank=8)
+    assert isinstance(q, Q.QuantRoraLinear) and q.quant_kind == "4bit"
+    q8 = rora_fast.RoraLinear.from_linear(_quant_layer("int8"), r=4, ortho_rank=8)
+    assert isinstance(q8, Q.QuantRoraLinear) and q8.quant_kind == "8bit"
+    c = rora_fast.RoraLinear.from_linear(Conv1D(24, 16), r=2, ortho_rank=4)
+    assert isinstance(c, Q.RoraConv1D) and c.weight.shape == (24, 16)
