@@ -201,3 +201,37 @@ def test_register_rora_supports_conv1d(gpt2):
     y2 = layer(x)
     torch.testing.assert_close(y1, y2)
     assert player.rora_sigma_pre == pytest.approx(layer.sigma_pre, rel=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(init="pissa"), dict(init="olora"), dict(use_dora=True)])
+def test_variants_on_conv1d_equal_a_transposed_linear(kw):
+    """PiSSA / OLoRA (the residual written through the (out, in) view into the Conv1D's
+    storage) and DoRA: the same outputs as on an nn.Linear holding conv.weight.t(), and
+    merging gives a Conv1D with the same eval output."""
+    conv = _conv()
+    lin = nn.Linear(32, 48)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    args = dict(r=4, alpha=8, weight_dropout=0.1, ortho_rank=8, ortho_lambda=10.0, **kw)
+    layer = RoraConv1D.from_conv1d(conv, **args)
+    dense = rora_fast.RoraLinear.from_linear(lin, **args)
+    torch.testing.assert_close(conv.weight.t(), lin.weight)  # same residual, in place
+    with torch.no_grad():
+        layer.lora_A.copy_(dense.lora_A)
+        layer.lora_B.copy_(dense.lora_B + 0.05)
+        dense.lora_B.add_(0.05)
+    x = torch.randn(6, 32)
+    for mode in ("train", "eval"):
+        getattr(layer, mode)()
+        getattr(dense, mode)()
+        torch.manual_seed(4)
+        a = layer(x)
+        torch.manual_seed(4)
+        b = dense(x)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        y = layer(x)
+        merged = layer.merged_linear()
+        assert type(merged) is Conv1D
+        torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
