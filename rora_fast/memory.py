@@ -49,7 +49,6 @@ totals on a GPU by ``benchmarks/gpu/memory_check.py``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -338,50 +337,11 @@ def fits_table(models: Iterable[str] = ("llama-7b", "llama-3-8b", "llama-13b"),
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rora_fast.memory",
-                                 description="Predict peak GPU memory of RoRA fine-tuning.")
-    ap.add_argument("--model", default="llama-7b",
-                    help=f"preset ({', '.join(PRESETS)}) or a local config path")
-    ap.add_argument("--gpu-mem", default="24GB", help="GPU memory, e.g. 16GB or 24GB")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--base-dtype", default="bf16", choices=sorted(_BASE_BYTES))
-    ap.add_argument("--no-checkpointing", action="store_true")
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--ortho-rank", type=int, default=32)
-    ap.add_argument("--target-modules", default="q_proj,v_proj",
-                    help="comma list of LLaMA linear names or all-linear")
-    ap.add_argument("--backend", default="triton", choices=["triton", "reference"])
-    ap.add_argument("--overhead-gb", type=float, default=1.0)
-    ap.add_argument("--table", action="store_true",
-                    help="print the fits table for LLaMA 7B/8B/13B at 16 and 24 GB")
-    a = ap.parse_args(argv)
-    tm = a.target_modules if a.target_modules == "all-linear" else tuple(
-        t.strip() for t in a.target_modules.split(",") if t.strip())
-    kw = dict(r=a.r, ortho_rank=a.ortho_rank, target_modules=tm, backend=a.backend,
-              overhead_gb=a.overhead_gb)
-    gpu = parse_size(a.gpu_mem)
-    plan = plan_memory(a.model, batch=a.batch, seq=a.seq, base_dtype=a.base_dtype,
-                       checkpointing=not a.no_checkpointing, **kw)
-    print(f"## {a.model}: batch {a.batch} x seq {a.seq}, base {a.base_dtype}, "
-          f"checkpointing {'on' if not a.no_checkpointing else 'off'}, "
-          f"{plan.n_params / 1e9:.2f}B params, {plan.adapter_params / 1e6:.2f}M adapter params\n")
-    print(plan.breakdown())
-    verdict = "fits" if plan.fits(gpu) else "does NOT fit"
-    print(f"\n{verdict} in {a.gpu_mem} ({plan.total / GiB:.2f} of {gpu / GiB:.0f} GiB)\n")
-    rows = ["| base | ckpt | max batch @ 512 | max batch @ 2048 | max batch @ 4096 |",
-            "|---|---|---|---|---|"]
-    for dt in ("bf16", "int8", "nf4"):
-        for ck in (True, False):
-            cells = [str(max_batch(a.model, s, gpu, checkpointing=ck, base_dtype=dt, **kw)
-                         or "-") for s in (512, 2048, 4096)]
-            rows.append(f"| {dt} | {'yes' if ck else 'no'} | " + " | ".join(cells) + " |")
-    print(f"### What fits in {a.gpu_mem} ({a.model})\n")
-    print("\n".join(rows))
-    if a.table:
-        print("\n### LLaMA 7B / 8B / 13B: largest batch that fits\n")
-        print(fits_table(**kw))
-    return 0
+    """``python -m rora_fast.memory`` = ``rora-fast plan-memory`` (the argument parsing and
+    its checks live in :func:`rora_fast.cli.plan_memory_main`)."""
+    from .cli import plan_memory_main
+
+    return plan_memory_main(argv, prog="python -m rora_fast.memory")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,8 @@ import torch
 
 from rora_fast.cli import build_parser, main
 
+POISON_TINY = ["--poison-n-train", "40", "--poison-epochs", "1", "--poison-asr-threshold", "-1",
+               "--poison-min-clean-acc", "0", "--threads", "1", "--device", "cpu"]
 TINY = ["--n-train", "40", "--n-dev", "16", "--n-test", "24", "--epochs", "1",
         "--poison-n-train", "40", "--poison-epochs", "1", "--poison-asr-threshold", "-1",
         "--poison-min-clean-acc", "0", "--threads", "1", "--device", "cpu"]
@@ -33,8 +35,12 @@ def _args(tiny_model, tmp_path, *extra):
     return ["--model", tiny_model, "--cache-dir", str(tmp_path / "cache"), *TINY, *extra]
 
 
+def _poison_args(tiny_model, tmp_path, *extra):  # poison takes no defence options
+    return ["--model", tiny_model, "--cache-dir", str(tmp_path / "cache"), *POISON_TINY, *extra]
+
+
 @pytest.mark.parametrize("cmd", ["demo", "poison", "defend", "evaluate", "spectra",
-                                 "rescale-sweep", "sweep"])
+                                 "rescale-sweep", "sweep", "seeds"])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([cmd, "--help"])
@@ -172,18 +178,18 @@ def test_bad_input_clear_errors(tiny_model, tmp_path, capsys):
     assert "unknown defence method 'onion'" in capsys.readouterr().err
     # a trigger the tokenizer cannot keep within max length
     long_trigger = " ".join(["word"] * 40)
-    assert main(["poison", *_args(tiny_model, tmp_path, "--trigger", long_trigger,
+    assert main(["poison", *_poison_args(tiny_model, tmp_path, "--trigger", long_trigger,
                                   "--poison-max-length", "16")]) == 2
     assert "cannot keep it" in capsys.readouterr().err
     # a corrupt cache: clear error, then --rebuild repairs it
-    assert main(["poison", *_args(tiny_model, tmp_path)]) == 0
+    assert main(["poison", *_poison_args(tiny_model, tmp_path)]) == 0
     cache = glob.glob(str(tmp_path / "cache" / "imdb-badnet-*"))[0]
     with open(os.path.join(cache, "model.safetensors"), "wb") as f:
         f.write(b"garbage")
     capsys.readouterr()
-    assert main(["poison", *_args(tiny_model, tmp_path)]) == 2
+    assert main(["poison", *_poison_args(tiny_model, tmp_path)]) == 2
     assert "unreadable" in capsys.readouterr().err
-    assert main(["poison", *_args(tiny_model, tmp_path, "--rebuild")]) == 0
+    assert main(["poison", *_poison_args(tiny_model, tmp_path, "--rebuild")]) == 0
 
 
 def test_poisoning_failure_is_reported(tiny_model, tmp_path, capsys):
@@ -201,3 +207,98 @@ def test_plan_memory_subcommand_prints_prediction(capsys):
     assert main(["plan-memory", "--model", "llama-7b", "--gpu-mem", "24GB"]) == 0
     out = capsys.readouterr().out
     assert "llama-7b" in out and "fits in 24GB" in out
+
+
+# ------------------------------------------------------------------ a new user's first hour
+def test_top_level_help_lists_every_subcommand_plainly(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("demo", "poison", "defend", "evaluate", "spectra", "rescale-sweep", "sweep",
+                "seeds", "bias", "report", "plan-memory"):
+        assert f"\n  {cmd} " in out, cmd
+    assert "``" not in out
+    assert "runs/" in out  # where results go by default
+
+
+def _help(cmd, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([cmd, "--help"])
+    return capsys.readouterr().out
+
+
+def test_each_subcommand_lists_only_its_options(capsys):
+    poison = _help("poison", capsys)
+    assert "--poison-epochs" in poison and "--seed" in poison
+    for opt in ("--weight-dropout", "--ortho-lambda", "--n-train", "--lr", "--methods"):
+        assert opt not in poison, opt
+    ev = _help("evaluate", capsys)
+    assert "--n-test" in ev and "--max-length" in ev
+    assert "--weight-dropout" not in ev and "--epochs" not in ev and "--n-train" not in ev
+    defend = _help("defend", capsys)
+    assert "--weight-dropout" in defend and "--repair" in defend
+    assert "cr (proxy mr)" in " ".join(defend.split())
+    assert "imdb, mr, sst2_sentence, imdb" not in " ".join(defend.split())
+
+
+def test_missing_model_is_one_clear_line(tmp_path, capsys):
+    for model in ("/nonexistent/model", "./no/such/folder", "not-a-model"):
+        assert main(["demo", "--model", model, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("rora-fast demo: error: --model") and "\n" not in err, err
+        assert "no such model folder" in err and "Traceback" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["defend", "--model", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_output_folder_is_git_ignored():
+    from rora_fast import cli
+    assert cli.OUT_ROOT == "runs"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, ".gitignore")) as f:
+        assert "/runs/" in f.read().split()
+
+
+def test_plan_memory_unknown_model_lists_presets_without_network(capsys, monkeypatch):
+    import transformers
+
+    def no_network(*a, **k):  # pragma: no cover - the test fails if reached
+        raise AssertionError("plan-memory tried to load a config")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_network)
+    assert main(["plan-memory", "--model", "gpt-9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rora-fast plan-memory: error: --model 'gpt-9': unknown model")
+    assert "llama-7b" in err and "llama-3-8b" in err and "\n" not in err
+
+
+def test_plan_memory_needs_a_unit(capsys):
+    assert main(["plan-memory", "--gpu-mem", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu-mem '24': give the size with its unit" in err
+    assert main(["plan-memory", "--gpu-mem", "24GiB"]) == 0
+    assert "fits in 24GiB" in capsys.readouterr().out
+
+
+def test_plan_memory_help_names_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan-memory", "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: rora-fast plan-memory")
+    from rora_fast import memory
+    with pytest.raises(SystemExit):
+        memory.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m rora_fast.memory")
+
+
+def test_rora_training_shows_progress_while_computing_bases(tiny_model, capsys):
+    """A bar (or a line) while the SVD bases are computed before RoRA training."""
+    from rora_fast.evaluation.defences import DefenceConfig, build_defence, parse_method
+    from rora_fast.evaluation.training import load_model
+    build_defence(load_model(tiny_model), parse_method("rora"),
+                  DefenceConfig(target_modules="all-linear"))
+    err = capsys.readouterr()
+    assert "SVD bases" in err.err + err.out

@@ -112,6 +112,12 @@ def build_defence(model, method: Method, cfg: DefenceConfig):
         rescale_layers=cfg.rescale_layers,
         init="default" if method.variant in ("lora", "dora") else method.variant,
         use_dora=method.variant == "dora")
+    import inspect
+    if "progress" in inspect.signature(rora_fast.apply_rora).parameters:
+        # the SVD bases of every adapted layer are computed here (minutes on a CPU for a
+        # large model): show a bar instead of minutes without output
+        return rora_fast.apply_rora(model, rcfg, progress=True)
+    print("RoRA: computing the SVD bases of the adapted layers ...", flush=True)
     return rora_fast.apply_rora(model, rcfg)
 
 
