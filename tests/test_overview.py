@@ -89,3 +89,13 @@ def test_cli_report(tmp_path, capsys):
     assert (tmp_path / "overview.md").read_text().startswith("# T")
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_overview_leaves_multi_seed_folders_out(tmp_path):
+    """``seeds-*`` folders (rora-fast seeds) are reported by their own seeds.md."""
+    from rora_fast.evaluation.overview import collect_runs
+    for folder in ("small-cr-badnet", "seeds-cr-badnet"):
+        d = tmp_path / folder / "runs"
+        d.mkdir(parents=True)
+        (d / "a.json").write_text(json.dumps({"kind": "defence", "spec": {}}))
+    assert [r["_path"] for r in collect_runs(str(tmp_path))] == ["small-cr-badnet/runs/a.json"]

@@ -24,10 +24,13 @@ PROXY = {"sst2_sentence": "IMDB", "cr": "MR", "cola": "SST-2"}
 
 
 def collect_runs(root: str) -> List[Dict]:
-    """Every defence run JSON under ``root`` (any ``runs/`` folder, any depth)."""
+    """Every defence run JSON under ``root`` (any ``runs/`` folder, any depth), except the
+    multi-seed folders ``seeds-*`` (``rora-fast seeds``: their ``seeds.md`` reports them
+    with intervals; several of their runs are copies of single-seed runs)."""
     runs = []
     for dirpath, dirnames, files in os.walk(root):
         dirnames.sort()  # a deterministic order: ties between identical runs resolve the same way
+        dirnames[:] = [d for d in dirnames if not d.startswith("seeds-")]
         if os.path.basename(dirpath) != "runs":
             continue
         for fn in sorted(files):
