@@ -18,8 +18,8 @@ Reported, per variant:
   ratio RoRA / LoRA per repetition (the ratios, not the absolute times, are what to
   compare on a shared machine; the CPU-time ratio is the steadier one there).
 
-CUDA: ``--device cuda`` also counts kernel launches (``torch.profiler``, CUDA kernel
-events) per adapted layer. Usage::
+CUDA: ``--device cuda`` also counts kernel launches per adapted layer and splits one
+iteration into GPU kernel time and wall time (``torch.profiler``). Usage::
 
     OMP_NUM_THREADS=1 python -m benchmarks.host_overhead [--reps 7] [--iters 20] [--json F]
 """
@@ -64,13 +64,23 @@ def count_ops(step) -> collections.Counter:
     return c.ops
 
 
-def count_kernels(step) -> int:
+def profile_cuda(step) -> dict:
+    """Kernel launches and the split of one iteration into GPU kernel time and wall time
+    (torch.profiler, CUDA activity): ``kernel_ms / wall_ms`` near 1 means device-bound,
+    near 0 host-bound."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         step()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.device_time for e in kernels)
+    return {"kernels": len(kernels), "kernel_ms": round(kernel_us / 1e3, 3),
+            "wall_ms_profiled": round(wall * 1e3, 3)}
 
 
 def time_interleaved(steps: dict, reps: int, iters: int, device: str):
@@ -110,7 +120,9 @@ def run(device: str = "cpu", reps: int = 7, iters: int = 20) -> dict:
                  "cpu_ms_per_iter_median": round(1e3 * statistics.median(cpu[v]), 3),
                  "top_ops": ops[v].most_common(12)}
         if device == "cuda":
-            entry["kernels_per_layer"] = round(count_kernels(steps[v]) / n, 2)
+            prof = profile_cuda(steps[v])
+            entry["kernels_per_layer"] = round(prof["kernels"] / n, 2)
+            entry["profile"] = prof
         out["variants"][v] = entry
     for key, t in (("time_ratio_rora_over_lora", times), ("cpu_time_ratio_rora_over_lora", cpu)):
         ratios = [r / l for r, l in zip(t["rora"], t["lora"])]

@@ -1,22 +1,15 @@
 """Where does RoRA's overhead over LoRA go? One model-level case, profiled.
 
-    python -m benchmarks.profile_rora --model bert-large [--reps 3] [--patch FILE]
-                                      [--out OUT.md]
+    python -m benchmarks.profile_rora --model bert-large [--reps 3] [--out OUT.md]
 
 1. Builds the LoRA and the RoRA model of ``benchmarks.common`` (device sizes), warms
-   both up, then times them interleaved (LoRA, RoRA[, RoRA with the patch]) ``--reps``
-   times; prints the medians.
-2. Profiles one RoRA iteration with ``torch.profiler``; the reference's mask generator
-   (``weight_keep_mask``), the masked weight copy (``masked_weight`` minus the mask)
-   and the penalty gradient are wrapped in ``record_function`` ranges (by patching
-   the ``rora_fast.reference`` module attributes inside this process only) so the
-   table attributes time to them.
-
-``--patch FILE``: a Python file defining ``weight_keep_mask`` (and optionally
-``masked_weight``) with the reference's signatures; the third timed variant runs the
-RoRA model with them swapped into ``rora_fast.reference`` (used to measure a
-proposed faster mask, e.g. ``benchmarks/prototypes/fast_mask.py``). The patch is
-checked bit-identical to the reference mask on a few shapes before it is timed.
+   both up, then times them interleaved (LoRA, RoRA) ``--reps`` times; prints the
+   medians.
+2. Profiles one RoRA iteration with ``torch.profiler``; the torch mask generator
+   (``weight_keep_mask``), the masked weight copy of the CPU reference path
+   (``masked_weight``) and the grouped penalty step (``penalty_step``, once per
+   optimizer step) are wrapped in ``record_function`` ranges (by patching module
+   attributes inside this process only) so the table attributes time to them.
 """
 
 from __future__ import annotations
@@ -24,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.util
 import statistics
 import sys
 import time
@@ -34,69 +26,38 @@ import torch
 from benchmarks import common
 
 
-def _load(path):
-    spec = importlib.util.spec_from_file_location("_rora_patch", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@contextlib.contextmanager
-def patched(mod):
-    import rora_fast.reference as ref
-
-    old = ref.weight_keep_mask, ref.masked_weight
-    ref.weight_keep_mask = mod.weight_keep_mask
-    if hasattr(mod, "masked_weight"):
-        ref.masked_weight = mod.masked_weight
-    try:
-        yield
-    finally:
-        ref.weight_keep_mask, ref.masked_weight = old
-
-
-def check_identical(mod) -> None:
-    from rora_fast.reference import masked_weight, weight_keep_mask
-
-    for o, i, p, seed in [(37, 33, 0.1, 1234), (64, 4096, 0.1, 2**62 + 7),
-                          (19, 37, 0.5, 0), (300, 1001, 0.1, 99)]:
-        a = weight_keep_mask(seed, o, i, p)
-        b = mod.weight_keep_mask(seed, o, i, p)
-        assert a.dtype == b.dtype and torch.equal(a, b), f"mask differs at {(o, i, p, seed)}"
-        if hasattr(mod, "masked_weight"):
-            W = torch.randn(o, i)
-            assert torch.equal(masked_weight(W, seed, p), mod.masked_weight(W, seed, p))
-
-
 @contextlib.contextmanager
 def ranges():
-    """Wrap the reference's hot spots in record_function ranges."""
+    """Wrap RoRA's hot spots in record_function ranges."""
+    import rora_fast.functional as fn_mod
+    import rora_fast.penalty as pen_mod
     import rora_fast.reference as ref
 
-    names = ["weight_keep_mask", "masked_weight", "ortho_penalty_grads"]
-    old = {n: getattr(ref, n) for n in names}
+    targets = [(ref, "weight_keep_mask", "weight_keep_mask"),
+               (fn_mod, "_masked_eager", "masked_weight"),
+               (pen_mod, "_apply", "penalty_step")]
+    old = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in targets]
 
-    def wrap(n, f):
+    def wrap(label, f):
         @functools.wraps(f)
         def g(*a, **k):
-            with torch.profiler.record_function(f"rora::{n}"):
+            with torch.profiler.record_function(f"rora::{label}"):
                 return f(*a, **k)
         return g
 
-    for n in names:
-        setattr(ref, n, wrap(n, old[n]))
+    for (mod, attr, label), (_, _, f) in zip(targets, old):
+        setattr(mod, attr, wrap(label, f))
     try:
         yield
     finally:
-        for n in names:
-            setattr(ref, n, old[n])
+        for mod, attr, f in old:
+            setattr(mod, attr, f)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="bert-large")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--patch", help="file with a faster weight_keep_mask/masked_weight")
     ap.add_argument("--out", help="write the Markdown here too")
     ap.add_argument("--no-profile", action="store_true")
     a = ap.parse_args(argv)
@@ -104,20 +65,13 @@ def main(argv=None) -> int:
     lines = [f"## Profile of one {a.model} training iteration ({device})", "",
              "```", "python -m benchmarks.profile_rora " + " ".join(argv or sys.argv[1:]),
              "```", ""]
-    patch = _load(a.patch) if a.patch else None
-    if patch is not None:
-        check_identical(patch)
-        lines.append(f"Patch `{a.patch}`: mask bit-identical to the reference on the "
-                     "checked shapes.\n")
     _, lora, linfo = common.build_model_case(a.model, "lora", device)
     _, rora, rinfo = common.build_model_case(a.model, "rora", device)
     lines.append(f"Sizes: {rinfo['layers']} layers × batch {rinfo['batch']} × seq "
                  f"{rinfo['seq']}, {rinfo['dtype']}, torch threads "
                  f"{torch.get_num_threads()}.\n")
     variants = [("LoRA (PEFT)", lora, contextlib.nullcontext),
-                ("RoRA (reference)", rora, contextlib.nullcontext)]
-    if patch is not None:
-        variants.append(("RoRA (reference + patch)", rora, lambda: patched(patch)))
+                ("RoRA", rora, contextlib.nullcontext)]
     for _, fn, ctx in variants:  # warm-up
         with ctx():
             fn()
@@ -157,7 +111,7 @@ def main(argv=None) -> int:
                                    max_name_column_width=40)
         mask = tot.get("rora::weight_keep_mask", 0)
         mw = tot.get("rora::masked_weight", 0)
-        pen = tot.get("rora::ortho_penalty_grads", 0)
+        pen = tot.get("rora::penalty_step", 0)
         n_mask = self_ms["RoRA"].get("rora::weight_keep_mask", (0, 0))[1]
         n_mw = self_ms["RoRA"].get("rora::masked_weight", (0, 0))[1]
         wall = 1e3 * walls["RoRA"]
@@ -172,7 +126,8 @@ def main(argv=None) -> int:
         else:
             lines += [f"| masked_weight ({n_mw} calls; C path: Philox mask and the masked, "
                       f"scaled copy of W in one pass) | {mw:,.0f} | {100 * mw / wall:.0f} % |"]
-        lines += [f"| ortho_penalty_grads | {pen:,.1f} | {100 * pen / wall:.1f} % |", "",
+        lines += [f"| penalty step (all layers, once per optimizer step) | {pen:,.1f} | "
+                  f"{100 * pen / wall:.1f} % |", "",
                   "Self CPU time by op, RoRA − LoRA, largest differences first:", "",
                   "| op | LoRA ms (calls) | RoRA ms (calls) | RoRA − LoRA ms |",
                   "|---|---|---|---|"]

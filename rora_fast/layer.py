@@ -240,12 +240,15 @@ class RoraLinear(nn.Module):
                                                          *self._start_factors())
 
     def _penalty_terms(self):
-        """What the optimizer step hook adds (see :mod:`rora_fast.penalty`)."""
-        if self.penalty_mode == "loss" or not self.ortho_lambda:
+        """What the optimizer step hook adds (see :mod:`rora_fast.penalty`). Read
+        through the module's dicts at every step (cheap; FSDP2 and
+        ``load_state_dict(assign=True)`` replace the Parameter objects)."""
+        lam = self.ortho_lambda
+        if not lam or self.penalty_mode == "loss":
             return []
-        A0, B0 = self._start_factors()
-        return [(self.lora_A, "A", self.ortho_V, A0, self.ortho_lambda),
-                (self.lora_B, "B", self.ortho_U, B0, self.ortho_lambda)]
+        P, Bf = self._parameters, self._buffers
+        return [(P["lora_A"], "A", Bf["ortho_V"], Bf.get("lora_A0"), lam),
+                (P["lora_B"], "B", Bf["ortho_U"], Bf.get("lora_B0"), lam)]
 
     def add_penalty_grad_(self) -> None:
         """Add ``λ∇Ω`` to ``lora_A.grad``/``lora_B.grad`` now, whatever ``penalty_mode``
@@ -336,7 +339,8 @@ class RoraLinear(nn.Module):
         seed = self._draw_seed() if p else 0
         if not torch.compiler.is_compiling():
             # Counts training forwards since the last optimizer step (see penalty.py).
-            n = self._penalty_forwards = self._penalty_forwards + 1
+            d = self.__dict__  # (nn.Module.__setattr__ is slow)
+            n = d["_penalty_forwards"] = d.get("_penalty_forwards", 0) + 1
             if n == _penalty.WARN_AFTER_FORWARDS:
                 _penalty._warn_no_step(self)
         y = F_rora.rora_linear(x, x_lora, W, None if self.use_dora else b, A, B,

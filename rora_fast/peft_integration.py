@@ -121,7 +121,8 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
             p = self.rora_weight_dropout
             seed = RoraLinear._draw_seed() if p else 0
             if not torch.compiler.is_compiling():
-                n = self._penalty_forwards = self._penalty_forwards + 1
+                d = self.__dict__  # (nn.Module.__setattr__ is slow)
+                n = d["_penalty_forwards"] = d.get("_penalty_forwards", 0) + 1
                 if n == _penalty.WARN_AFTER_FORWARDS:
                     _penalty._warn_no_step(self)
             drop = self.lora_dropout[name]

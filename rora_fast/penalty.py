@@ -72,7 +72,7 @@ _WARNED = [False]
 
 def register_penalty_layer(layer: nn.Module) -> None:
     """Let the optimizer step hook add this layer's penalty gradient (see module doc)."""
-    layer._penalty_forwards = 0
+    layer.__dict__["_penalty_forwards"] = 0
     _LAYERS[layer] = None
 
 
@@ -176,7 +176,7 @@ def _due_terms(layers, held: Optional[set]):
         terms = layer._penalty_terms()
         if held is not None and not any(id(t[0]) in held for t in terms):
             continue
-        layer._penalty_forwards = 0
+        layer.__dict__["_penalty_forwards"] = 0
         for t in terms:
             p = t[0]
             if (held is None or id(p) in held) and p.requires_grad and p.grad is not None:

@@ -6,11 +6,16 @@ For each weight shape (in x out) at ``--tokens`` tokens, rank ``--rank``, it tim
 * ``base``            the frozen GEMMs alone: ``x·Wᵀ`` and ``dY·W`` in torch (the floor);
 * ``peft_lora``       PEFT's ``lora.Linear`` (get_peft_model on one nn.Linear), lora_dropout 0.1,
                       PEFT's defaults (adapter weights kept in float32 for a bf16 base);
+* ``peft_lora_adapter_dtype``  the same with ``autocast_adapter_dtype=False`` (adapters in
+                      the base dtype: bf16 on the GPU);
+* ``peft_lora_nodrop`` PEFT's defaults without LoRA dropout (RoRA here has none either);
 * ``rora_reference``  ``rora_fast.functional.rora_linear(..., backend="reference")`` (plain torch);
 * ``rora_fused_<s>``  ``rora_fast.kernels.fused_rora_linear`` with mask strategy ``<s>``.
 
 RoRA runs with weight dropout ``--weight-dropout`` (0.1), no LoRA input dropout (RoRA
-drops W, not x), the orthogonality penalty on (λ = 10, k = 32, added every backward).
+drops W, not x). The orthogonality penalty is not part of the op: its gradient is added
+once per optimizer step for all layers (rora_fast.penalty), so it is timed at the
+model level (benchmarks/bench_model.py, benchmarks/host_overhead.py), not here.
 Reported: median / p20 / p80 wall time per forward+backward (CUDA events) and the peak
 memory allocated above what existed before the call (saved activations, transients
 and gradients). Also a correctness spot check of each fused strategy against the
@@ -134,7 +139,6 @@ class Timer:
 def make_methods(in_f, out_f, args, device, dtype):
     """name -> (step function doing one forward+backward, outputs getter)."""
     from rora_fast import functional as F_rora
-    from rora_fast.functional import PenaltyHandle
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     T, r = args.tokens, args.rank
@@ -143,11 +147,7 @@ def make_methods(in_f, out_f, args, device, dtype):
     dy = torch.randn(T, out_f, generator=gen).to(device, dtype)
     A = (torch.randn(r, in_f, generator=gen) * in_f ** -0.5).to(device, dtype).requires_grad_(True)
     B = (torch.randn(out_f, r, generator=gen) * 0.02).to(device, dtype).requires_grad_(True)
-    k = min(32, in_f, out_f)
-    U = torch.linalg.qr(torch.randn(out_f, k, generator=gen))[0].to(device, dtype)
-    V = torch.linalg.qr(torch.randn(in_f, k, generator=gen))[0].to(device, dtype)
     scaling, p, seed = 2.0, args.weight_dropout, 1234567
-    penalty = PenaltyHandle(10.0, U, V, lambda: True)
 
     def clear(*ts):
         for t in ts:
@@ -161,7 +161,7 @@ def make_methods(in_f, out_f, args, device, dtype):
         return y, dx
     methods["base"] = base
 
-    try:
+    def peft_method(dropout=0.1, autocast_adapter_dtype=True):
         import peft
         from torch import nn
 
@@ -176,8 +176,10 @@ def make_methods(in_f, out_f, args, device, dtype):
         module = One()
         with torch.no_grad():
             module.lin.weight.copy_(W)
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["lin"])
-        peft_model = peft.get_peft_model(module, cfg)
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
+                              target_modules=["lin"])
+        peft_model = peft.get_peft_model(module, cfg,
+                                         autocast_adapter_dtype=autocast_adapter_dtype)
         peft_model.train()
         with torch.no_grad():  # non-zero B, as after some training
             for name, prm in peft_model.named_parameters():
@@ -190,19 +192,25 @@ def make_methods(in_f, out_f, args, device, dtype):
             y = peft_model(x)
             y.backward(dy)
             return y
-        methods["peft_lora"] = peft_lora
-    except Exception as exc:  # reported, not fatal: the other methods still run
-        methods["peft_lora"] = exc
+        return peft_lora
+
+    for name, kw in (("peft_lora", {}),
+                     ("peft_lora_adapter_dtype", dict(autocast_adapter_dtype=False)),
+                     ("peft_lora_nodrop", dict(dropout=0.0))):
+        try:
+            methods[name] = peft_method(**kw)
+        except Exception as exc:  # reported, not fatal: the other methods still run
+            methods[name] = exc
 
     def rora(backend=None, strategy=None):
         def step():
             clear(x, A, B)
             if backend == "reference":
-                y = F_rora.rora_linear(x, x, W, None, A, B, scaling, p, seed, penalty,
+                y = F_rora.rora_linear(x, None, W, None, A, B, scaling, p, seed,
                                        backend="reference")
             else:
                 from rora_fast import kernels
-                y = kernels.fused_rora_linear(x, x, W, None, A, B, scaling, p, seed, penalty,
+                y = kernels.fused_rora_linear(x, None, W, None, A, B, scaling, p, seed,
                                               strategy=strategy)
             y.backward(dy)
             return y
@@ -339,7 +347,8 @@ def environment(device, device_name, args):
                 torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
                 tokens=args.tokens, rank=args.rank, dtype=args.dtype,
                 weight_dropout=args.weight_dropout, warmup=args.warmup, reps=args.reps,
-                cpu_smoke=args.cpu_smoke, penalty="lambda=10, k=32 (every backward)",
+                cpu_smoke=args.cpu_smoke,
+                penalty="not in the op (added once per optimizer step, rora_fast.penalty)",
                 peft_lora_dropout=0.1)
     try:
         import peft

@@ -119,6 +119,16 @@ fi
 
 [ "$SMOKE" -eq 0 ] && [ "$(left)" -ge 130 ] && { say "qlora check (issue 13: RoRA-NF4 vs PEFT QLoRA, dequant+mask kernel, NF4 memory) (limit 110s)"; timeout -k 10 110 "$PY" "$ROOT/benchmarks/gpu/qlora_check.py" --out-dir "$RESULTS" >"$RESULTS/$STAMP-qlora-check.log" 2>&1 || { say "qlora check failed (log: $RESULTS/$STAMP-qlora-check.log)"; fail 1; }; }
 
+# ---- 3c. host overhead (issue 11): launch-bound 24-layer BERT, RoRA vs PEFT LoRA ----
+# aten ops and kernel launches per adapted layer, kernel time vs wall time, interleaved
+# time ratios (benchmarks/host_overhead.py)
+if [ "$SMOKE" -eq 0 ] && [ "$(left)" -ge 150 ]; then
+    say "host overhead (issue 11) (limit 60s)"
+    (cd "$ROOT" && timeout -k 5 60 "$PY" -m benchmarks.host_overhead --device cuda --reps 5 \
+        --iters 10 --json "$RESULTS/$STAMP-host-overhead.json") >"$RESULTS/$STAMP-host-overhead.log" 2>&1 \
+        || say "host overhead step failed or timed out (log: $RESULTS/$STAMP-host-overhead.log)"
+fi
+
 # ---- 4. HOOK (issue 5): model-level benchmark suite --------------------------------
 # The suite lives in benchmarks/ (bench_*.py collected by benchmarks/pytest.ini) and is
 # written separately; run it only if it is there, pytest-benchmark is installed and
