@@ -3,8 +3,10 @@
 Public API, used by ``rora_fast.functional.rora_linear`` for CUDA tensors:
 
 * ``supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool``
-* ``fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
-  penalty=None, *, strategy=None, config=None) -> y``
+* ``fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, *,
+  strategy=None, config=None, validate=True) -> y`` (``x_lora`` None: the LoRA input is
+  ``x``; ``seed`` an int or a one-element int64 tensor; no penalty work: its gradient is
+  added at the optimizer step, ``rora_fast.penalty``)
 
 Files, one op each (its autograd Function and backward derivation inside):
 

@@ -123,15 +123,15 @@ class FusedRoraLinearFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, out_f)
         if g.stride(-1) != 1:
             g = g.contiguous()
-        fused = ctx.lora_input_is_x
+        lora_input_is_x = ctx.lora_input_is_x
         need_dx = needs[0]
-        need_dxl = needs[1] and not fused
-        need_dyb = needs[4] or need_dxl or (fused and need_dx)
+        need_dxl = needs[1] and not lora_input_is_x
+        need_dyb = needs[4] or need_dxl or (lora_input_is_x and need_dx)
         dyb = g @ lora_B if need_dyb else None  # (T, r)
 
         dx = dx_lora = dA = dB = db = dW = None
         if need_dx:
-            lora_part = dyb if fused else None
+            lora_part = dyb if lora_input_is_x else None
             if ctx.strategy == "inloop":
                 dx = gemm.gemm_dx(g, weight, lora_part, lora_A, s, p, int(seed),
                                   config=ctx.config)

@@ -3,7 +3,8 @@
 DDP (``torch.nn.parallel.DistributedDataParallel``)
     Nothing special. The optimizer step hook (:mod:`rora_fast.penalty`) adds ``λ∇Ω``
     to the all-reduced adapter gradients on every rank, once per step:
-    ``mean_r(g_r) + λ∇Ω``, the gradient of one process on the combined batch. The SVD bases are non-persistent buffers, identical on every
+    ``mean_r(g_r) + λ∇Ω``, the gradient of one process on the combined batch. The
+    SVD bases are non-persistent buffers, identical on every
     rank (deterministic SVD of identical weights); pass ``broadcast_buffers=False``
     (Trainer: ``ddp_broadcast_buffers=False``) to skip re-broadcasting them each step.
 

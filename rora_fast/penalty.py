@@ -62,8 +62,9 @@ WARN_AFTER_FORWARDS = 64
 
 # Layers whose penalty the step hook may add: RoraLinear and PEFT RoRA layers register
 # themselves at construction. A layer provides ``_penalty_terms()``, a list of
-# ``(param, kind, basis, anchor, lam)``: kind "A" (gradient (P − P₀) Q Qᵀ, Q = Vₖ) or
-# "B" (gradient Q Qᵀ (P − P₀), Q = Uₖ), and ``_penalty_forwards`` (an int counter).
+# ``(param, kind, basis, start, lam)``: kind "A" (gradient (P − P₀) Q Qᵀ, Q = Vₖ) or
+# "B" (gradient Q Qᵀ (P − P₀), Q = Uₖ), ``start`` the PiSSA/OLoRA start factor P₀
+# (``lora_A0``/``lora_B0``) or None, and ``_penalty_forwards`` (an int counter).
 # A WeakKeyDictionary (not a WeakSet): it iterates in registration order, the same on
 # every rank, so that the FSDP2 all-gathers of the hook run in the same order everywhere.
 _LAYERS: "weakref.WeakKeyDictionary[nn.Module, None]" = weakref.WeakKeyDictionary()
@@ -110,19 +111,19 @@ def _is_dtensor(t) -> bool:
 
 
 def _penalty_grad_one(kind: str, P: torch.Tensor, q: torch.Tensor,
-                      anchor: Optional[torch.Tensor]) -> torch.Tensor:
+                      start: Optional[torch.Tensor]) -> torch.Tensor:
     X = P.to(q.dtype)
-    if anchor is not None:
-        X = X - anchor.to(q.dtype)
+    if start is not None:
+        X = X - start.to(q.dtype)
     return (X @ q) @ q.t() if kind == "A" else q @ (q.t() @ X)
 
 
-def _add_dtensor(p, kind, q, anchor, scale) -> None:
+def _add_dtensor(p, kind, q, start, scale) -> None:
     """FSDP2: gather the full factor (collective), add this rank's shard of the gradient."""
     from torch.distributed.tensor import DTensor, Replicate
 
     full = p.detach().full_tensor()
-    g = _penalty_grad_one(kind, full, q, anchor).to(p.dtype)
+    g = _penalty_grad_one(kind, full, q, start).to(p.dtype)
     if scale is not None:
         g = g * scale.to(g.device)
     grad = p.grad
@@ -136,25 +137,25 @@ _COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _apply(terms, scale: Optional[torch.Tensor] = None) -> None:
-    """Add the penalty gradient of every ``(param, kind, basis, anchor, lam)`` term to
+    """Add the penalty gradient of every ``(param, kind, basis, start, lam)`` term to
     ``param.grad``, equal shapes batched."""
     groups: Dict[tuple, list] = {}
-    for layer, (p, kind, Q, anchor, lam) in terms:
+    for layer, (p, kind, Q, start, lam) in terms:
         cdtype = _COMPUTE_DTYPE.get(p.dtype, p.dtype)
         q = _scaled_basis(layer, kind, Q, lam, cdtype)
         if _is_dtensor(p):
-            _add_dtensor(p, kind, q, anchor, scale)
+            _add_dtensor(p, kind, q, start, scale)
             continue
-        key = (kind, tuple(p.shape), tuple(q.shape), p.dtype, p.device, anchor is not None)
-        groups.setdefault(key, []).append((p, q, anchor))
-    for (kind, _, _, dtype, _, anchored), items in groups.items():
+        key = (kind, tuple(p.shape), tuple(q.shape), p.dtype, p.device, start is not None)
+        groups.setdefault(key, []).append((p, q, start))
+    for (kind, _, _, dtype, _, has_start), items in groups.items():
         ps = [p for p, _, _ in items]
         qs = _stacked([q for _, q, _ in items])
         cdtype = qs.dtype
         X = torch.stack(ps)  # (under no_grad)
         if X.dtype != cdtype:
             X = X.to(cdtype)
-        if anchored:
+        if has_start:
             X = X.sub_(_stacked([a.to(cdtype) if a.dtype != cdtype else a
                                  for _, _, a in items]))
         if kind == "A":   # (P − P₀) Q' Q'ᵀ
