@@ -15,6 +15,8 @@ weight stays quantized in memory (its state-dict entries are bitsandbytes' own, 
   ``torch.autograd.graph.saved_tensors_hooks``, by a token; backward dequantizes again
   and regenerates the mask from the seed. So what lives between forward and backward is
   the quantized weight only (plus the token), like bitsandbytes' own ``MatMul4Bit``.
+  With ``RORA_FAST_NF4_KERNEL=1`` a 4-bit base takes the masked weight from one Triton
+  kernel (``rora_fast.kernels.nf4``: dequantize + mask in one pass, CUDA), bit-identical.
 * eval: the base output is bitsandbytes' own matmul (``base_layer(x)``), the adapter
   added on top, exactly what PEFT's QLoRA layer computes.
 * SVD bases and ``σ_max(W_pre)`` come from the dequantized ``W_pre`` and are cached on
@@ -218,13 +220,14 @@ def dequantize_4bit_masked_base(base: nn.Module, dtype: torch.dtype, seed: int,
 
     w = base.weight
     qs = w.quant_state
+    packed = w.data.reshape(-1).view(torch.uint8)  # any bnb_4bit_quant_storage dtype
     kw = dict(nested_code=qs.state2.code, nested_absmax=qs.state2.absmax,
               nested_blocksize=qs.state2.blocksize, offset=qs.offset) if qs.nested else {}
     if qs.dtype != dtype:  # dequantize_base rounds to the quant dtype first, then casts
-        W = dequantize_4bit_masked(w.data, qs.code, qs.absmax, qs.blocksize, qs.shape,
+        W = dequantize_4bit_masked(packed, qs.code, qs.absmax, qs.blocksize, qs.shape,
                                    out_dtype=qs.dtype, **kw).to(dtype)
         return ref.masked_weight(W, seed, p)
-    return dequantize_4bit_masked(w.data, qs.code, qs.absmax, qs.blocksize, qs.shape,
+    return dequantize_4bit_masked(packed, qs.code, qs.absmax, qs.blocksize, qs.shape,
                                   seed=seed, p=p, out_dtype=dtype, **kw)
 
 
