@@ -27,7 +27,52 @@ from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["analyse_run", "run_bias_analysis"]
+__all__ = ["analyse_run", "run_bias_analysis", "prediction_balance", "balance_from_runs"]
+
+
+def prediction_balance(metrics: Dict) -> Dict:
+    """The class balance of a model's predictions on the clean test rows, recovered exactly
+    from its CA, ASR floor and row counts (binary task): with ``n_nt`` non-target rows
+    (``n_triggered``) of ``n`` (``n_clean``), the floor is the share of non-target rows
+    predicted as the target, so the target rows' accuracy is
+    ``(CA·n − (1 − floor)·n_nt) / n_t`` and the share of all clean rows predicted as the
+    target is ``(acc_t·n_t + floor·n_nt) / n``. No model needed: any run JSON has these."""
+    n, n_nt = int(metrics["n_clean"]), int(metrics["n_triggered"])
+    n_t = n - n_nt
+    correct = round(metrics["CA"] / 100.0 * n)
+    nt_as_target = round(metrics["ASR_floor"] / 100.0 * n_nt)
+    t_correct = correct - (n_nt - nt_as_target)
+    return {"pred_target_share": round(100.0 * (t_correct + nt_as_target) / n, 2),
+            "true_target_share": round(100.0 * n_t / n, 2),
+            "target_recall": round(100.0 * t_correct / n_t, 2) if n_t else None,
+            "ASR_floor": metrics["ASR_floor"], "CA": metrics["CA"]}
+
+
+def balance_from_runs(root: str) -> List[Dict]:
+    """:func:`prediction_balance` before and after rescaling for every run JSON under
+    ``root`` that has both (``before_rescale``: RoRA and its ablations with Pt)."""
+    rows = []
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        if os.path.basename(dirpath) != "runs":
+            continue
+        for fn in sorted(files):
+            if not fn.endswith(".json"):
+                continue
+            with open(os.path.join(dirpath, fn)) as f:
+                r = json.load(f)
+            if r.get("kind") != "defence" or not r.get("before_rescale") \
+                    or "n_triggered" not in r["metrics"]:
+                continue
+            s = r["spec"]
+            rows.append({"file": os.path.relpath(os.path.join(dirpath, fn), root),
+                         "task": s["task"], "attack": s["attack"], "method": s["method"],
+                         "seed": s["seed"], "target_modules": s.get("target_modules"),
+                         "before": prediction_balance({**r["before_rescale"],
+                                                       "n_clean": r["metrics"]["n_clean"],
+                                                       "n_triggered": r["metrics"]["n_triggered"]}),
+                         "after": prediction_balance(r["metrics"])})
+    return rows
 
 
 def _spec_from(stored: Dict):
