@@ -57,13 +57,14 @@ import torch
 from torch import nn
 
 from . import functional as F_rora
+from . import penalty as _penalty
 from . import reference as ref
 from .layer import RoraLinear
-from . import penalty as _penalty
 from .linalg import spectral_basis
 
 __all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "is_rora_target",
-           "target_dims", "check_rora_target", "check_saved_quantization", "make_rora_layer", "QuantRoraLinear", "RoraConv1D", "dequantize_base",
+           "target_dims", "check_rora_target", "check_saved_quantization", "make_rora_layer",
+           "QuantRoraLinear", "RoraConv1D", "dequantize_base", "dequantize_4bit_masked_base",
            "quant_descriptor", "check_quant_descriptor", "peft_custom_modules"]
 
 QUANT_INSTALL_HINT = "pip install 'rora-fast[quant]'"
@@ -134,7 +135,8 @@ def check_rora_target(module: nn.Module, config, name: str) -> None:
         if config.init in ("pissa", "olora") or config.use_dora:
             what = "use_dora=True" if config.use_dora else f"init={config.init!r}"
             raise NotImplementedError(f"{name!r}: {what} is not supported on a quantized "
-                                      "(bitsandbytes) base")
+                                      "(bitsandbytes) base (PiSSA/OLoRA rewrite the base, "
+                                      "DoRA is not implemented for it); use a bf16 base")
         w = module.weight
         if (kind == "4bit" and getattr(w, "quant_state", None) is None) or \
                 (kind == "8bit" and w.dtype != torch.int8):

@@ -513,3 +513,17 @@ def test_from_linear_dispatches_quantized_and_conv1d_bases():
     assert isinstance(q8, Q.QuantRoraLinear) and q8.quant_kind == "8bit"
     c = rora_fast.RoraLinear.from_linear(Conv1D(24, 16), r=2, ortho_rank=4)
     assert isinstance(c, Q.RoraConv1D) and c.weight.shape == (24, 16)
+
+
+def test_apply_rora_refusals_leave_the_model_unchanged(tiny_llama, monkeypatch):
+    model = _load(tiny_llama, "nf4-dq")
+    before = {n: type(m) for n, m in model.named_modules()}
+    for cfg, exc, match in ((dict(init="pissa"), NotImplementedError, "pissa"),
+                            (dict(use_dora=True), NotImplementedError, "DoRA")):
+        with pytest.raises(exc, match=match):
+            rora_fast.apply_rora(model, rora_fast.RoraConfig(r=4, ortho_rank=8, **cfg))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"pip install 'rora-fast\[quant\]'"):
+        rora_fast.apply_rora(model, rora_fast.RoraConfig(r=4, ortho_rank=8))
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert not hasattr(model, "rora_config")
