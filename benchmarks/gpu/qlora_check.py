@@ -250,7 +250,8 @@ def main(argv=None):
             m["error"] if "error" in m else
             f"{m['layers']} blocks, batch {m['batch']} x {m['seq']}: measured "
             f"{m['measured_peak_bytes'] / 2**30:.2f} GiB, predicted "
-            f"{m['predicted_peak_bytes'] / 2**30:.2f} GiB, ratio {m['measured_over_predicted']:.3f}")]
+            f"{m['predicted_peak_bytes'] / 2**30:.2f} GiB, "
+            f"ratio {m['measured_over_predicted']:.3f}")]
     with open(os.path.join(a.out_dir, stamp + ".md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     print("\n".join(md))
