@@ -50,10 +50,18 @@ class RoraConfig:
         if isinstance(self.rescale_layers, bool) or not isinstance(self.rescale_layers, int) \
                 or self.rescale_layers < 0:
             raise ValueError(f"rescale_layers must be an int >= 0, got {self.rescale_layers!r}")
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.modules_to_save, tuple):
-            self.modules_to_save = list(self.modules_to_save)
+        # plain Python values (numpy scalars would not serialise to the saved JSON)
+        self.r, self.ortho_rank = int(self.r), int(self.ortho_rank)
+        for name in ("alpha", "weight_dropout", "lora_dropout", "ortho_lambda"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)):
+                setattr(self, name, float(v))
+        if isinstance(self.target_modules, (tuple, set, frozenset)):
+            self.target_modules = sorted(self.target_modules) if isinstance(
+                self.target_modules, (set, frozenset)) else list(self.target_modules)
+        if isinstance(self.modules_to_save, (tuple, set, frozenset)):
+            self.modules_to_save = sorted(self.modules_to_save) if isinstance(
+                self.modules_to_save, (set, frozenset)) else list(self.modules_to_save)
         t = self.target_modules
         if t is not None and not isinstance(t, str) and not (
                 isinstance(t, list) and t and all(isinstance(x, str) and x for x in t)):

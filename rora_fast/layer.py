@@ -88,6 +88,7 @@ class RoraLinear(nn.Module):
                        use_dora=use_dora, svd_method=svd_method,
                        in_features=in_features, out_features=out_features)
         _check_base_weight(_base.weight)  # floating dtype, finite entries
+        r, ortho_rank = int(r), int(ortho_rank)  # numpy ints pass the check: plain ints
 
         self.in_features, self.out_features = in_features, out_features
         # Share the base parameters (same Parameter objects, no copy) and freeze them.

@@ -240,3 +240,17 @@ def test_non_finite_base_weight_names_the_problem():
         lin.weight[0, 0] = math.inf
     with pytest.raises(ValueError, match=r"base weight has non-finite entries \(1 NaN, 1 Inf"):
         RoraLinear.from_linear(lin, r=2, ortho_rank=2)
+
+
+def test_numpy_scalars_become_plain_values(tmp_path):
+    """numpy scalars pass the checks and are stored as plain ints/floats (the saved JSON)."""
+    import numpy as np
+    from rora_fast import save_rora
+
+    c = RoraConfig(r=np.int64(2), alpha=np.float32(4.0), ortho_rank=np.int32(2),
+                   target_modules={"proj"})
+    assert type(c.r) is int and type(c.alpha) is float and c.target_modules == ["proj"]
+    lay = RoraLinear.from_linear(nn.Linear(8, 6), r=np.int64(2), ortho_rank=np.int64(3))
+    assert type(lay.r) is int and type(lay.ortho_rank) is int
+    net = apply_rora(Net(), c)
+    save_rora(net, tmp_path / "ad")
