@@ -45,7 +45,7 @@ def test_cap_default_is_twice_the_schedule_and_key_unchanged():
     assert poison_key(PoisonConfig()) == poison_key(PoisonConfig(max_epochs=None))
 
 
-@pytest.mark.parametrize("kind", sorted(TRIGGERS))
+@pytest.mark.parametrize("kind", ["phrase"])  # the real checks of every kind: below
 def test_continues_until_both_hold_and_keeps_best(minilm_path, tmp_path, monkeypatch, kind):
     # 2 checks per epoch. Main schedule (1 epoch): degenerate (CA 60), then ASR too low;
     # round 1: CA too low twice; round 2: two passing checks, the first with the higher CA

@@ -38,7 +38,8 @@ def _minilm(path):
             AutoTokenizer.from_pretrained(path))
 
 
-def test_head_found_in_plain_rora_and_peft_models(minilm_path):
+def test_head_found_in_plain_rora_and_peft_models(tiny_bert):
+    minilm_path = tiny_bert  # any BERT classifier will do
     import rora_fast
     from peft import LoraConfig, get_peft_model
     model, _ = _minilm(minilm_path)
@@ -69,7 +70,22 @@ def test_recalibration_undoes_a_global_lean(minilm_path):
 
 
 # ------------------------------------------------------------------ item 5: clean data only
-def test_defence_and_repair_never_receive_a_poisoned_row(minilm_path, tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_bert(tmp_path, minilm_path):
+    """A 2-layer, 32-wide random BERT with the MiniLM tokenizer: the data flow is under
+    test here, not the model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    path = str(tmp_path / "tiny")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_defence_and_repair_never_receive_a_poisoned_row(tiny_bert, tmp_path, monkeypatch):
     """Spy on everything the defence consumes (the training rows, the model-selection dev
     rows, the repair's rows): each must be a row of the target task's clean train or dev
     split, and none a triggered row or a row of the attacker's (poisoned) proxy set."""
@@ -96,9 +112,9 @@ def test_defence_and_repair_never_receive_a_poisoned_row(minilm_path, tmp_path, 
     monkeypatch.setattr(runner, "prepare_sets", spy_prepare)
     monkeypatch.setattr(repair_mod, "recalibrate_head_bias_", spy_repair)
     spec = RunSpec(task="cr", attack="badnet", method="rora", preset="small", seed=0,
-                   model=minilm_path, n_train=16, n_dev=16, n_test=24, epochs=1, max_length=32,
+                   model=tiny_bert, n_train=16, n_dev=16, n_test=24, epochs=1, max_length=32,
                    poison_n_train=16, poison_epochs=1, poison_asr_threshold=-1.0,
-                   poison_min_clean_acc=0.0, repair=True)
+                   poison_min_clean_acc=0.0, repair=True, ortho_rank=4)
     res = run_defence(spec, str(tmp_path / "out"), str(tmp_path / "cache"), log=lambda *a: None)
     assert res["repair"]["n_dev"] == 16 and "before_repair" in res
     clean = {(e.text, e.label) for split in ("train", "dev")
