@@ -10,7 +10,8 @@ the two renames, no target and the complete previous folder under its backup nam
 which the next save or load of that target renames back (:func:`recover`). Temporaries
 of dead processes are removed by the next save or load of the same target; a save that
 fails with an exception removes its own. A target folder holding files the save would
-not write is refused (the swap would drop them).
+not write is refused (the swap would drop them). Saves hold an exclusive ``flock`` on
+the parent folder, loads a shared one: concurrent writers and readers are serialised.
 
 **Verified.** Format 2 (this version) stores in the safetensors header, besides the
 tensors: a per-tensor XXH3-64 checksum (over dtype, shape and bytes), a random
@@ -25,6 +26,7 @@ ignores, and :func:`verify_adapter` checks them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -198,6 +200,29 @@ def recover(target: Union[str, Path]) -> None:
                 pass
 
 
+@contextlib.contextmanager
+def _dir_lock(parent: Path, exclusive: bool):
+    """An advisory ``flock`` on the parent folder: saves (and the recovery of a target)
+    take it exclusively, reads shared, so that a save never swaps a folder under a
+    reader or another writer of the same parent. Released by the kernel if the process
+    dies. Where ``flock`` is unavailable (not POSIX, some network filesystems) the block
+    runs unlocked."""
+    try:
+        import fcntl
+        fd = os.open(str(parent), os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def atomic_write_dir(target: Union[str, Path], write: Callable[[Path], None]) -> Path:
     """Write a folder atomically: ``write(tmp)`` fills a temporary sibling folder, which
     then replaces ``target`` by rename (see the module docstring). Refuses a target that
@@ -213,6 +238,12 @@ def atomic_write_dir(target: Union[str, Path], write: Callable[[Path], None]) ->
                          "save into a subfolder")
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
+    with _dir_lock(parent, exclusive=True):
+        _write_dir_locked(target, parent, write)
+    return Path(given)
+
+
+def _write_dir_locked(target: Path, parent: Path, write: Callable[[Path], None]) -> None:
     recover(target)
     if os.path.lexists(target) and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder")
@@ -253,16 +284,22 @@ def atomic_write_dir(target: Union[str, Path], write: Callable[[Path], None]) ->
         raise
     finally:
         _ACTIVE.discard(str(tmp))
-    return Path(given)
 
 
 def _prepare_read(path: Path) -> Path:
     """Recover an interrupted save of ``path`` (best effort on a read-only folder)."""
-    try:
-        recover(path)
-    except OSError:
-        pass
+    path = Path(os.path.abspath(path))
+    with _dir_lock(path.parent, exclusive=True):
+        try:
+            recover(path)
+        except OSError:
+            pass
     return path
+
+
+def _read_locked(path: Path, read: Callable[[Path], object]):
+    with _dir_lock(path.parent, exclusive=False):
+        return read(path)
 
 
 # ---------------------------------------------------------------------- save
@@ -417,7 +454,7 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     model as it was. If the copy still fails midway, the model is restored exactly.
     """
     path = _prepare_read(Path(path))
-    doc, tensors = _read_rora(path)
+    doc, tensors = _read_locked(path, _read_rora)
     w_name = WEIGHTS_NAME
     try:
         saved_cfg = RoraConfig.from_dict(doc["config"])
@@ -573,6 +610,10 @@ def verify_adapter(path: Union[str, Path]) -> Dict[str, int]:
     ``save_rora`` folder, the config against the same save). Returns ``{"tensors": n}``;
     raises :class:`AdapterIntegrityError` naming the file and tensor otherwise."""
     path = _prepare_read(Path(path))
+    return _read_locked(path, _verify_locked)
+
+
+def _verify_locked(path: Path) -> Dict[str, int]:
     if (path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists():
         _, tensors = _read_rora(path)
         return {"tensors": len(tensors)}

@@ -433,3 +433,39 @@ def test_relative_paths_and_cwd(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="current working directory"):
         save_rora(net, ".")
     assert leftovers(tmp_path, ["ad"]) == []
+
+
+def test_concurrent_writers_and_readers(tmp_path):
+    """Two processes saving to the same folder while this one loads it: every save
+    succeeds, every load gets one complete save (the parent folder's flock serialises
+    the swaps against readers and other writers)."""
+    a, b = make(1, head=1024), make(2, head=1024)
+    sa, sb = state(a), state(b)
+    target = str(tmp_path / "ad")
+    save_rora(a, target)
+    pids = []
+    for model in (a, b):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for _ in range(40):
+                    save_rora(model, target)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    loads, running = 0, set(pids)
+    while running:
+        verify_adapter(target)  # cheap: many reads while the writers swap
+        loads += 1
+        if loads % 10 == 0:
+            got = fresh_loaded(target, head=1024)
+            assert same(got, sa) or same(got, sb)
+        for pid in list(running):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+                running.discard(pid)
+    assert loads >= 1
+    assert leftovers(tmp_path, ["ad"]) == []
