@@ -21,6 +21,7 @@ Methods come in two kinds:
     second training run, so its "before rescaling" is exactly the ``lora`` row.
   - ``rora+repair``: the ``rora`` run, rescaled, then the trigger-agnostic repair
     (:func:`rora_fast.evaluation.repair.recalibrate_head_bias_`, clean dev data only).
+  - ``lora+rescale+repair``: ``lora+rescale``, then the same repair.
 
 Runs already finished elsewhere (``reuse`` folders, e.g. the single-seed grid) are copied
 when their run id (a hash of the full spec) is the same; they have no saved adapter, so
@@ -50,6 +51,8 @@ POSTHOC = {
                              "training (no retraining)"),
     "rora+repair": ("rora", "the rora run, rescaled, then the head-bias recalibration on clean "
                             "dev data (no retraining)"),
+    "lora+rescale+repair": ("lora", "lora+rescale, then the head-bias recalibration on clean "
+                                    "dev data (no retraining)"),
 }
 METRICS = ("CA", "ASR", "delta", "ASR_floor")
 
@@ -199,8 +202,15 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
     out = {"kind": "posthoc", "variant": variant, "description": POSTHOC[variant][1],
            "from_run": rid, "adapter": os.path.relpath(apath, out_dir), "spec": res,
            "seed": spec.seed}
-    if variant == "lora+rescale":
+    if variant in ("lora+rescale", "lora+rescale+repair"):
         out["rescale"] = rescale_peft_lora_(model, spec.rescale_layers)
+        if variant == "lora+rescale+repair":
+            from .repair import recalibrate_head_bias_
+            before = os.path.join(out_dir, "runs", posthoc_run_id(rid, "lora+rescale") + ".json")
+            if os.path.exists(before):
+                with open(before) as f:
+                    out["before_repair"] = json.load(f)["metrics"]
+            out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
     elif variant == "rora+repair":
         import rora_fast
         from .repair import recalibrate_head_bias_
@@ -286,15 +296,16 @@ def _load(out_dir: str) -> List[Dict]:
 
 
 def aggregate(out_dir: str, paired=(("rora", "lora"), ("rora+repair", "lora"),
-                                    ("rora+repair", "rora"), ("lora+rescale", "lora"))) -> Dict:
+                                    ("rora+repair", "rora"), ("lora+rescale", "lora"),
+                                    ("lora+rescale+repair", "lora+rescale"))) -> Dict:
     rows = _load(out_dir)
     by: Dict[str, Dict[int, Dict]] = {}
     for r in rows:
         if r["seed"] in by.setdefault(r["method"], {}):
             raise ValueError(f"{out_dir}: two results for {r['method']} seed {r['seed']}")
         by[r["method"]][r["seed"]] = r
-    order = [m for m in ("fft", "lora", "lora+rescale", "rora", "rora+repair") if m in by] + \
-        sorted(m for m in by if m not in ("fft", "lora", "lora+rescale", "rora", "rora+repair"))
+    known = ("fft", "lora", "lora+rescale", "lora+rescale+repair", "rora", "rora+repair")
+    order = [m for m in known if m in by] + sorted(m for m in by if m not in known)
     methods = {}
     for m in order:
         seeds = sorted(by[m])

@@ -1,7 +1,8 @@
 """Post-hoc evaluations of the seed runs, beside scripts/eval/seeds.sh (issue 14, items 2-3).
 
-Every PERIOD seconds, for each seeds folder: for every finished ``rora`` run with a saved
-adapter, the ``rora+repair`` variant (head-bias refit on clean dev rows, no retraining) and
+Every PERIOD seconds, for each seeds folder: for every finished ``rora`` (``lora``) run with a
+saved adapter, the ``rora+repair`` (``lora+rescale+repair``) variant (head-bias refit on
+clean dev rows after the rescaling, no retraining) and
 the bias analysis (``rora-fast bias``: prediction balance and logit margin on clean test
 rows per rescaled block; LoRA runs too); then the aggregate is rewritten, the folder copied
 to RESULT_TREE and committed there (only that folder). Never trains: runs still in
@@ -79,14 +80,16 @@ def one_pass():
             if not fn.endswith(".json"):
                 continue
             r = json.load(open(os.path.join(runs_dir, fn)))
-            if r.get("kind") != "defence" or r["spec"]["method"] != "rora" or not r.get("adapter"):
+            if r.get("kind") != "defence" or not r.get("adapter"):
                 continue
-            if os.path.exists(os.path.join(runs_dir, posthoc_run_id(r["run_id"], "rora+repair")
-                                           + ".json")):
+            variant = {"rora": "rora+repair", "lora": "lora+rescale+repair"}.get(
+                r["spec"]["method"])
+            if variant is None or os.path.exists(os.path.join(
+                    runs_dir, posthoc_run_id(r["run_id"], variant) + ".json")):
                 continue
             spec = _spec_from(r["spec"])
-            log(f"rora+repair {rel} seed {spec.seed}")
-            run_posthoc(spec, "rora+repair", out, cache, log=log)
+            log(f"{variant} {rel} seed {spec.seed}")
+            run_posthoc(spec, variant, out, cache, log=log)
             changed = True
         n_before = len(os.listdir(os.path.join(out, "bias", "per_run"))) \
             if os.path.isdir(os.path.join(out, "bias", "per_run")) else 0
