@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_llama_trainer_tiny_writes_under_runs(tmp_path):
     proc = _run("llama_trainer.py", "--tiny", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    start = re.search(r"^\{$", proc.stdout, re.M).start()  # the final, indented summary
+    summary = json.loads(proc.stdout[start:])
     assert summary["steps"] == 6 and summary["rescaled"]
     out = tmp_path / "runs" / "examples" / "llama_trainer"
     # the default output folder is per example and under the git-ignored runs/

