@@ -2,7 +2,6 @@
 failure case of the issue leaves named_modules(), parameters, buffers and requires_grad
 flags equal to before, and a retry with a correct config works."""
 
-import copy
 import math
 
 import pytest
