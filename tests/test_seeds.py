@@ -1,5 +1,7 @@
 """``rora-fast seeds`` (issue 14, item 1): statistics, resumability, reuse, post-hoc
-rescaling of a PEFT LoRA adapter, the aggregate files. No training here (fast)."""
+rescaling of a PEFT LoRA adapter, the aggregate files, the bias analysis; training only on a
+tiny random BERT (fast)."""
+import glob
 import json
 import math
 import os
@@ -125,3 +127,63 @@ def test_rescale_peft_lora_sets_sigma_ratio_in_top_blocks(minilm_path):
                  if ".layer.0." in nn_ and hasattr(mm, "scaling") and isinstance(mm.scaling, dict)]
     assert untouched and all(mm.scaling["default"] == pytest.approx(8 / 4) for mm in untouched)
     assert rescale_peft_lora_(pm, 0) == {}
+
+
+def test_prediction_balance_is_exact():
+    from rora_fast.evaluation.bias import prediction_balance
+    # 10 rows: 4 target (label 0), 6 non-target; predictions: 3 of 4 target rows right,
+    # 2 of 6 non-target rows predicted as the target -> CA 7/10, floor 2/6
+    b = prediction_balance({"CA": 70.0, "ASR_floor": round(100 * 2 / 6, 2), "n_clean": 10,
+                            "n_triggered": 6})
+    assert b["pred_target_share"] == 50.0 and b["true_target_share"] == 40.0
+    assert b["target_recall"] == 75.0
+
+
+@pytest.fixture
+def tiny_bert(tmp_path, minilm_path):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    path = str(tmp_path / "tiny")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_seeds_end_to_end_on_a_tiny_model(tiny_bert, tmp_path, capsys):
+    """rora-fast seeds -> adapters kept -> post-hoc variants -> aggregate -> rora-fast bias,
+    on a 4-block random BERT and a few rows (the plumbing, not the numbers)."""
+    from rora_fast.cli import main
+    out = str(tmp_path / "seeds")
+    args = ["seeds", "--task", "cr", "--model", tiny_bert, "--cache-dir", str(tmp_path / "c"),
+            "--n-train", "16", "--n-dev", "16", "--n-test", "24", "--epochs", "1",
+            "--max-length", "32", "--ortho-rank", "4", "--poison-n-train", "16",
+            "--poison-epochs", "1", "--poison-asr-threshold", "-1", "--poison-min-clean-acc",
+            "0", "--threads", "1", "--device", "cpu", "--out", out]
+    assert main([*args, "--methods", "lora,lora+rescale,rora", "--repair",
+                 "--seeds", "0-1"]) == 0
+    agg = json.load(open(os.path.join(out, "seeds.json")))
+    assert set(agg["methods"]) == {"lora", "lora+rescale", "rora", "rora+repair"}
+    assert all(m["seeds"] == [0, 1] for m in agg["methods"].values())
+    assert agg["methods"]["rora"]["CA"]["ci95_half"] is not None
+    assert len(os.listdir(os.path.join(out, "adapters"))) == 4
+    post = json.load(open(glob.glob(os.path.join(out, "runs", "*+repair.json"))[0]))
+    assert post["repair"]["n_dev"] == 16 and post["before_repair"]["n_clean"] == 24
+    res = json.load(open(glob.glob(os.path.join(out, "runs", "*+rescale.json"))[0]))
+    assert res["rescale"] and not any(".layer.0." in n for n in res["rescale"])  # top 3 of 4
+    # resumable: a second call trains nothing (every run is skipped)
+    capsys.readouterr()
+    assert main([*args, "--methods", "lora,rora", "--seeds", "0-1"]) == 0
+    assert capsys.readouterr().out.count("skip ") == 4
+    assert main(["seeds", "--out", out, "--aggregate-only"]) == 0
+    # the bias analysis from the saved adapters
+    assert main(["bias", out, "--cache-dir", str(tmp_path / "c"), "--threads", "1"]) == 0
+    b = json.load(open(os.path.join(out, "bias", "bias.json")))
+    rora = [r for r in b["runs"] if r["method"] == "rora"][0]
+    assert list(rora["states"]) == ["none", "block 1", "block 2", "block 3", "top 1", "top 2",
+                                    "top 3", "top 3 + repair"]
+    assert rora["states"]["top 1"] == rora["states"]["block 3"]
+    for fn in ("bias.md", "bias_share.png", "bias_margin.png"):
+        assert os.path.exists(os.path.join(out, "bias", fn))
