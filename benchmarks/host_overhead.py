@@ -89,11 +89,9 @@ def time_interleaved(steps: dict, blocks: int, block: int, device: str):
     of ``block`` iterations per variant (A B B A A B ...: the order flips every round),
     so that load from other jobs on a shared machine hits both alike.
 
-    Why blocks and not iteration-by-iteration alternation: measured on this case,
-    alternating every single iteration makes whichever variant runs right after the
-    other start from caches (CPU caches, allocator free lists) filled by the other
-    model, which in real training never happens, and it cost RoRA ~10 % more than
-    LoRA there (see docs/performance.md); blocks of 10 iterations do not show it."""
+    Blocks rather than iteration-by-iteration alternation: a training run repeats one
+    model's iteration, so each timed iteration should follow one of its own (CPU
+    caches, allocator free lists), not the other model's."""
     wall = {k: [] for k in steps}
     cpu = {k: [] for k in steps}
     names = list(steps)
