@@ -239,6 +239,8 @@ def _cache(args) -> str:
 
 def _run_methods(args, out: str, title: str, force: bool = False) -> str:
     from .evaluation.runner import run_defence, write_summary
+    for m in args.methods.split(","):  # every spec checked before the first (long) run
+        _spec(args, m).resolved()
     for m in args.methods.split(","):
         run_defence(_spec(args, m), out, _cache(args), rebuild_poison=args.rebuild, force=force)
         args.rebuild = False

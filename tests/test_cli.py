@@ -302,3 +302,11 @@ def test_rora_training_shows_progress_while_computing_bases(tiny_model, capsys):
                   DefenceConfig(target_modules="all-linear"))
     err = capsys.readouterr()
     assert "SVD bases" in err.err + err.out
+
+
+def test_repair_with_a_method_without_rescaling_fails_before_any_run(tiny_model, tmp_path,
+                                                                     capsys):
+    assert main(["defend", *_args(tiny_model, tmp_path, "--methods", "rora,lora", "--repair",
+                                  "--out", str(tmp_path / "o"))]) == 2
+    assert "--repair undoes a bias of the rescaling" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
