@@ -159,7 +159,7 @@ def plot_overview(runs: List[Dict], path: str, title: str = "Backdoor removal") 
     labels = []
     for task, attack, targets, preset, seed, _ in groups:
         tshort = " q,v" if "PEFT default" in targets else ""
-        labels.append(f"{task.replace('_sentence', '')}\n{attack}{tshort}\n{preset}")
+        labels.append(f"{task.replace('_sentence', '')}\n{attack}{tshort}\n{preset}, seed {seed}")
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     colour = {m: cmap(j % cmap.N) for j, m in enumerate(methods)}
     fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 1.4 * len(labels) + 2), 6.5), sharex=True)

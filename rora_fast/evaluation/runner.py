@@ -329,8 +329,11 @@ def plot_results(runs: List[Dict], path: str, title: str = "Results") -> bool:
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")
     s0 = runs[0]["spec"]
-    ax.set_title(f"{title}: {s0['task']} ← {s0['attack']} · preset {s0['preset']} · "
-                 f"seed {s0['seed']}", fontsize=9)
+    import textwrap
+    full = (f"{title}: {s0['task']} ← {s0['attack']} · preset {s0['preset']} · "
+            f"seed {s0['seed']}")
+    # wrapped to the figure's width, so that it is not cut at the edges
+    ax.set_title("\n".join(textwrap.wrap(full, int(fig.get_size_inches()[0] * 11))), fontsize=9)
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
