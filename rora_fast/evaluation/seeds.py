@@ -378,9 +378,12 @@ def aggregate_markdown(agg: Dict, title: str) -> str:
         for sd, r in st["per_seed"].items():
             lines.append(f"| {m} | {sd} | {r['CA']:.2f} | {r['ASR']:.2f} | {r['ASR_floor']:.2f} | "
                          f"`{r['file']}` |")
-    lines += ["", "Post-hoc rows (`lora+rescale`, `rora+repair`) are computed from the trained "
-                  "run's saved adapter (`adapters/`), without retraining; runs reused from the "
-                  "single-seed folders have no saved adapter, so those seeds lack post-hoc rows.",
+    lines += ["", "Post-hoc rows (`lora+rescale`, `lora+rescale+repair`, `rora+repair`) are "
+                  "computed from the trained run's saved adapter (`adapters/`), without "
+                  "retraining: `lora+rescale` = the `lora` adapter with the top-block spectral "
+                  "rescaling; `+repair` = then the classification head's bias re-fitted on the "
+                  "clean dev rows. Runs reused from the single-seed folders have no saved "
+                  "adapter, so those seeds lack post-hoc rows.",
               "", "![mean and 95 % CI per method](seeds.png)", ""]
     return "\n".join(lines)
 
