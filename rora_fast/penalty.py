@@ -94,15 +94,17 @@ _STACKS: Dict[tuple, Tuple[list, torch.Tensor]] = {}
 
 
 def _stacked(tensors: List[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(tensors)``, cached while the same (constant) tensors are asked for."""
+    """``torch.stack(tensors)``, cached while the same (constant) tensors are asked for.
+    The cache holds its sources weakly: an entry whose layer is gone is dropped (no
+    stacked bases of deleted models kept alive)."""
     key = tuple(id(t) for t in tensors)
     hit = _STACKS.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)):
         return hit[1]
-    if len(_STACKS) > 64:
-        _STACKS.clear()
+    for k in [k for k, (refs, _) in _STACKS.items() if any(r() is None for r in refs)]:
+        del _STACKS[k]
     out = torch.stack(tensors)
-    _STACKS[key] = (list(tensors), out)
+    _STACKS[key] = ([weakref.ref(t) for t in tensors], out)
     return out
 
 
