@@ -287,6 +287,23 @@ def test_copies_of_a_model_are_penalised_too():
     _assert_same(m, want)
 
 
+def test_parameters_replaced_by_load_state_dict_assign_are_followed():
+    """The hook reads the adapters through the module at each step: Parameters replaced
+    by load_state_dict(assign=True) (as FSDP2 also does) get the penalty, not the old ones."""
+    make = lambda ps: torch.optim.SGD(ps, lr=LR)  # noqa: E731
+    want = _reference(make, steps=2, micro=1)
+    m = _model()
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    opt = make(_params(m))
+    data = _data(2)
+    for s in range(2):
+        opt.zero_grad()
+        torch.manual_seed(100 + s)
+        _loss(m, *data[s]).backward()
+        opt.step()
+    _assert_same(m, want)
+
+
 def test_grouped_penalty_equals_per_layer_closed_form_mixed_shapes_and_dtypes():
     """Layers of equal shape are batched; different shapes, dtypes (fp32 adapters on a
     bf16 base, fp64) and λ per layer each get their own closed form."""
