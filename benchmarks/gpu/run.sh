@@ -145,7 +145,7 @@ elif [ "$(left)" -lt 45 ]; then
 else
     T_MODEL=$(( $(left) - 15 ))
     say "model-level suite (issue 5) (limit ${T_MODEL}s)"
-    (cd "$ROOT" && RORA_BENCH_REPS=${RORA_BENCH_REPS:-2} timeout -k 10 "$T_MODEL" "$PY" -m pytest \
+    (cd "$ROOT" && RORA_BENCH_REPS=${RORA_BENCH_REPS:-3} timeout -k 10 "$T_MODEL" "$PY" -m pytest \
         benchmarks/bench_model.py benchmarks/bench_memory.py --benchmark-only -q \
         --benchmark-json="$MODEL_JSON") >"$RESULTS/$STAMP-model-benchmarks.log" 2>&1
     rc=$?
