@@ -18,7 +18,10 @@ from benchmarks import common
 
 DEVICE = common.bench_device()
 MODELS = ["tiny", "bert-large", "roberta-large", "llama-7b", "launch-bound"]
-VARIANTS = ["lora", "rora"] + (["rora-ref"] if DEVICE == "cuda" else [])
+# On CUDA also PEFT LoRA with adapters in the base dtype (autocast_adapter_dtype=False:
+# bf16 adapters) and without LoRA dropout, beside PEFT's defaults (issue 11, item 5).
+VARIANTS = ["lora", "rora"] + (["rora-ref", "lora-adapter-dtype", "lora-nodrop"]
+                               if DEVICE == "cuda" else [])
 CASES = common.interleaved(MODELS, VARIANTS)
 _CACHE = common.CaseCache()
 

@@ -182,19 +182,21 @@ def rora_config(r: int, ortho_rank: int = 32):
                       ortho_rank=ortho_rank)
 
 
-def lora_config(r: int):
+def lora_config(r: int, lora_dropout: float = 0.1):
     from peft import LoraConfig
 
-    return LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=16, lora_dropout=0.1)
+    return LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=16, lora_dropout=lora_dropout)
 
 
 def wrap_model(model: nn.Module, name: str, variant: str) -> Tuple[nn.Module, str]:
     """Apply PEFT LoRA or RoRA to ``model``; returns (model, backend description)."""
     r = MODELS[name][1]
-    if variant == "lora":
+    if variant in ("lora", "lora-adapter-dtype", "lora-nodrop"):
         from peft import get_peft_model
 
-        return get_peft_model(model, lora_config(r)), "peft"
+        cfg = lora_config(r, 0.0 if variant == "lora-nodrop" else 0.1)
+        return get_peft_model(model, cfg,
+                              autocast_adapter_dtype=variant != "lora-adapter-dtype"), "peft"
     if variant in ("rora", "rora-ref"):
         from rora_fast import apply_rora, rora_layers
 
@@ -282,7 +284,7 @@ COUNT_OPS = ("tiny", "launch-bound")
 
 def adapted_layers(model: nn.Module, variant: str) -> int:
     """Number of adapted linear layers (PEFT LoRA layers or RoRA layers)."""
-    if variant == "lora":
+    if variant.startswith("lora"):
         return sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
     from rora_fast import rora_layers
 

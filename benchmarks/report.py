@@ -157,11 +157,16 @@ def model_section(benches, device, include_tiny):
     if not models:
         return "", []
     has_ref = any(k[1] == "rora-ref" for k in cases)
+    extra_lora = [v for v in ("lora-adapter-dtype", "lora-nodrop")
+                  if any(k[1] == v for k in cases)]
     target = MODEL_TARGET.get(device, 1.10)
     header = ["Model", "paper LoRA → RoRA (ms, their GPU)", "paper overhead",
               "ours LoRA (ms)", "ours RoRA (ms)"]
     if has_ref:
         header.append("ours RoRA torch-ref (ms)")
+    header += [{"lora-adapter-dtype": "PEFT LoRA, adapters in base dtype (ms)",
+                "lora-nodrop": "PEFT LoRA, no dropout (ms)"}[v] for v in extra_lora]
+    header += [f"RoRA / {v}" for v in extra_lora]
     header += ["ours overhead", "paired ratio", f"target ≤ {target:.2f}×",
                "size (layers × batch × seq)", "aten ops / adapted layer LoRA → RoRA",
                "rounds LoRA/RoRA", "load avg (1 min)"]
@@ -179,6 +184,9 @@ def model_section(benches, device, include_tiny):
                fmt_ms(lo.ms if lo else None), fmt_ms(ro.ms if ro else None)]
         if has_ref:
             row.append(fmt_ms(rf.ms if rf else None))
+        extra = [cases.get((m, v)) for v in extra_lora]
+        row += [fmt_ms(c.ms if c else None) for c in extra]
+        row += [f"{ro.median / c.median:.2f}×" if (c and ro) else "–" for c in extra]
         pr = paired_ratio(ro, lo) if lo and ro else None
         row += [f"{100 * (ratio - 1):+.0f} % ({ratio:.2f}×)" if ratio else "–",
                 f"{pr:.2f}×" if pr else "–",
