@@ -185,6 +185,29 @@ def _kernels_module():
     return kernels
 
 
+_SUPPORTS: dict = {}
+
+
+def _fused_ok(kernels, x, x_lora, weight, bias, lora_A, lora_B) -> bool:
+    """``kernels.supports(...)``, remembered per combination of what it checks (dtypes,
+    devices, shapes, presence of bias and x̃, empty input): one dictionary lookup per
+    call instead of the full check (the layer's own tensors do not change between
+    calls; the input's properties are part of the key)."""
+    key = (x.dtype, x.device, x.shape[-1], x.numel() == 0,
+           None if x_lora is None else (x_lora.dtype, x_lora.device, x_lora.shape == x.shape),
+           weight.dtype, weight.device, weight.shape, weight.stride(),
+           lora_A.dtype, lora_A.device, lora_A.shape,
+           lora_B.dtype, lora_B.device, lora_B.shape,
+           None if bias is None else (bias.dtype, bias.device, bias.shape))
+    ok = _SUPPORTS.get(key)
+    if ok is None:
+        if len(_SUPPORTS) > 1024:
+            _SUPPORTS.clear()
+        ok = _SUPPORTS[key] = bool(kernels.supports(x, weight, lora_A, lora_B=lora_B,
+                                                    bias=bias, x_lora=x_lora))
+    return ok
+
+
 def rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor,
                 bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
                 scaling: float, p: float, seed: Union[int, torch.Tensor],
@@ -211,8 +234,7 @@ def rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.T
                                f"x on {x.device}")
     if x.is_cuda:
         kernels = _kernels_module()
-        if kernels is not None and kernels.supports(x, weight, lora_A, lora_B=lora_B,
-                                                       bias=bias, x_lora=x_lora):
+        if kernels is not None and _fused_ok(kernels, x, x_lora, weight, bias, lora_A, lora_B):
             return kernels.fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B,
                                              scaling, p, seed, validate=False)
         if name == "triton":

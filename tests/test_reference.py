@@ -277,3 +277,27 @@ def test_reference_backend_env_and_errors(monkeypatch):
     x, W, b, A, B, *_ = _problem(lead=(2,))
     with pytest.raises(RuntimeError, match="needs CUDA"):
         rora_linear(x, x, W, b, A, B, 1.0, 0.1, 1, backend="triton")
+
+
+def test_fused_support_check_is_remembered_per_input_kind():
+    """The CUDA dispatch asks kernels.supports once per combination of dtypes, devices
+    and shapes, not on every call (checked here with a stand-in for the kernels)."""
+    from rora_fast.functional import _SUPPORTS, _fused_ok
+
+    calls = []
+
+    class FakeKernels:
+        @staticmethod
+        def supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None):
+            calls.append(1)
+            return x.dtype == torch.float32
+
+    _SUPPORTS.clear()
+    W, A, B = torch.randn(6, 5), torch.randn(2, 5), torch.randn(6, 2)
+    for n in (3, 4, 7):  # a new number of tokens is not a new kind
+        assert _fused_ok(FakeKernels, torch.randn(n, 5), None, W, None, A, B)
+    assert len(calls) == 1
+    assert not _fused_ok(FakeKernels, torch.randn(3, 5).double(), None, W, None, A, B)
+    assert _fused_ok(FakeKernels, torch.randn(0, 5), None, W, None, A, B)  # empty: new kind
+    assert _fused_ok(FakeKernels, torch.randn(3, 5), torch.randn(3, 5), W, None, A, B)
+    assert len(calls) == 4
