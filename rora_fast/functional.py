@@ -31,13 +31,17 @@ import torch
 
 from . import reference as ref
 
-__all__ = ["RoraLinearFunction", "rora_linear", "resolve_backend", "masked_weight_op"]
+__all__ = ["RoraLinearFunction", "rora_linear", "resolve_backend", "masked_weight_op",
+           "SAVE_MASKED_MAX"]
 
 _BACKENDS = ("auto", "reference", "triton")
 _ENV = "RORA_FAST_BACKEND"
 
 _SCRATCH = threading.local()
 _NATIVE = ref._native
+#: Weights with at most this many elements keep their masked copy from forward to
+#: backward (reference path); larger ones regenerate it from the seed in backward.
+SAVE_MASKED_MAX = 1 << 16
 _MASK_PARAMS: dict = {}
 _SHAPES_OK: set = set()
 
@@ -121,7 +125,9 @@ class RoraLinearFunction(torch.autograd.Function):
     """Reference autograd Function for the RoRA linear op.
 
     Forward: ``y = x (M ⊙ W)ᵀ / (1-p) + b + s (x̃ Aᵀ) Bᵀ`` with ``M`` regenerated from
-    ``seed`` (nothing of size ``out x in`` is saved for backward).
+    ``seed`` in backward (nothing of size ``out x in`` is saved), except for weights of
+    at most :data:`SAVE_MASKED_MAX` elements, whose masked copy (<= 256 KiB in float32)
+    is kept from forward to backward: regenerating it would cost more than it saves.
 
     Backward, with ``G = dY`` flattened to ``(tokens, out)``::
 
@@ -139,14 +145,21 @@ class RoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
         compiling = torch.compiler.is_compiling()
-        w = _masked(weight, seed, p, not compiling)
+        # A small masked weight is kept for backward instead of regenerated: up to
+        # SAVE_MASKED_MAX elements (256 KiB in float32) the regeneration is mostly fixed
+        # per-call cost, and the copy is negligible next to the activations.
+        keep = (not compiling and not isinstance(seed, torch.Tensor)
+                and weight.numel() <= SAVE_MASKED_MAX and _mask_params(p)[0] != 0)
+        w = _masked(weight, seed, p, not (compiling or keep))
         y, s_mat = ref._forward(x, x if x_lora is None else x_lora, weight, bias,
                                 lora_A, lora_B, scaling, w)
         seed_t = seed if isinstance(seed, torch.Tensor) else None
-        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, s_mat, seed_t)
+        ctx.save_for_backward(x, x_lora, w if keep else weight, lora_A, lora_B, s_mat,
+                              seed_t)
         ctx.scaling, ctx.p = scaling, p
         ctx.seed = None if seed_t is not None else seed
         ctx.has_bias = bias is not None
+        ctx.kept_masked = keep
         return y
 
     @staticmethod
@@ -154,8 +167,12 @@ class RoraLinearFunction(torch.autograd.Function):
         x, x_lora, weight, lora_A, lora_B, s_mat, seed_t = ctx.saved_tensors
         needs = ctx.needs_input_grad
         seed = seed_t if seed_t is not None else ctx.seed
-        w = _masked(weight, seed, ctx.p, not torch.compiler.is_compiling()) \
-            if needs[0] else None
+        if ctx.kept_masked:
+            w = weight  # the forward's masked weight (small weights only)
+        elif needs[0]:
+            w = _masked(weight, seed, ctx.p, not torch.compiler.is_compiling())
+        else:
+            w = None
         dx, dx_lora, dA, dB = ref._backward(grad_out, x, x_lora, w, lora_A, lora_B,
                                             ctx.scaling, s_mat,
                                             (needs[0], needs[1], needs[4], needs[5]))

@@ -255,14 +255,44 @@ def test_function_weight_gradient_when_trainable():
 
 
 def test_function_saves_no_weight_sized_mask():
-    # nothing out x in beyond the weight itself is kept for backward
-    x, W, b, A, B, U, V, gy = _problem(lead=(4,), in_f=64, out_f=48)
+    # above SAVE_MASKED_MAX elements nothing out x in beyond the weight itself is kept
+    from rora_fast.functional import SAVE_MASKED_MAX
+
+    x, W, b, A, B, U, V, gy = _problem(lead=(4,), in_f=320, out_f=256)
+    assert W.numel() > SAVE_MASKED_MAX
     xf = x.clone().requires_grad_(True)
     Af = A.clone().requires_grad_(True)
     y = RoraLinearFunction.apply(xf, None, W, b, Af, B, 1.0, 0.5, 9)
     saved = y.grad_fn.saved_tensors
     big = [t for t in saved if t is not None and t.numel() >= W.numel()]
     assert len(big) == 1 and big[0].data_ptr() == W.data_ptr()
+
+
+def test_function_keeps_a_small_masked_weight_and_backward_is_unchanged():
+    """Small weights keep their masked copy (no regeneration in backward); the
+    gradients are the same as with regeneration."""
+    from rora_fast import functional as F_rora
+
+    x, W, b, A, B, U, V, gy = _problem(lead=(4,), in_f=64, out_f=48)
+    grads = []
+    for limit in (F_rora.SAVE_MASKED_MAX, 0):
+        old, F_rora.SAVE_MASKED_MAX = F_rora.SAVE_MASKED_MAX, limit
+        try:
+            xf = x.clone().requires_grad_(True)
+            Af = A.clone().requires_grad_(True)
+            y = RoraLinearFunction.apply(xf, None, W, b, Af, B, 1.0, 0.5, 9)
+            saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+            masked = [t for t in saved if t.shape == W.shape and t.data_ptr() != W.data_ptr()]
+            assert len(masked) == (1 if limit else 0)
+            if limit:
+                torch.testing.assert_close(masked[0], ref.masked_weight(W, 9, 0.5), rtol=0,
+                                           atol=0)
+            y.backward(gy)
+            grads.append((xf.grad, Af.grad))
+        finally:
+            F_rora.SAVE_MASKED_MAX = old
+    for a, b_ in zip(*grads):
+        assert torch.equal(a, b_)
 
 
 def test_reference_backend_env_and_errors(monkeypatch):
