@@ -248,7 +248,14 @@ def make_train_step(model: nn.Module, batch: dict, device: str) -> Callable[[], 
         opt.zero_grad(set_to_none=True)
         sync(device)
 
+    def backward_only():
+        """Forward and backward, no step (the gradients stay for a caller to inspect)."""
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        sync(device)
+
     step.optimizer = opt
+    step.backward_only = backward_only
     step.n_trainable = sum(p.numel() for p in params)
     return step
 

@@ -65,6 +65,26 @@ def count_ops(step) -> collections.Counter:
     return c.ops
 
 
+def time_penalty_step(step, device: str, n: int = 50) -> dict:
+    """The optimizer step pre-hook alone (λ∇Ω for all layers, grouped), on the
+    gradients of one backward: median and 10th percentile over ``n`` calls."""
+    from rora_fast import penalty
+
+    opt = step.optimizer
+    step()
+    step.backward_only()
+    ts = []
+    for _ in range(n):
+        common.sync(device)
+        t0 = time.perf_counter()
+        penalty._step_pre_hook(opt, (), {})
+        common.sync(device)
+        ts.append(time.perf_counter() - t0)
+    opt.zero_grad(set_to_none=True)
+    return {"median_ms": round(1e3 * statistics.median(ts), 3),
+            "p10_ms": round(1e3 * _q(ts, 0.1), 3)}
+
+
 def profile_cuda(step) -> dict:
     """Kernel launches and the split of one iteration into GPU kernel time and wall time
     (torch.profiler, CUDA activity): ``kernel_ms / wall_ms`` near 1 means device-bound,
@@ -134,6 +154,8 @@ def run(device: str = "cpu", blocks: int = 20, block: int = 10) -> dict:
                  "cpu_ms_per_iter_median": round(1e3 * statistics.median(cpu[v]), 3),
                  "cpu_ms_per_iter_p10": round(1e3 * _q(cpu[v], 0.1), 3),
                  "top_ops": ops[v].most_common(12)}
+        if v == "rora":
+            entry["penalty_step"] = time_penalty_step(steps[v], device)
         if device == "cuda":
             prof = profile_cuda(steps[v])
             entry["kernels_per_layer"] = round(prof["kernels"] / n, 2)
