@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "lora,rora")
     p.add_argument("--force", action="store_true", help="rerun runs whose result exists")
     p.add_argument("--repair", action="store_true",
-                   help="opt-in, after the rescaling: re-fit only the classification head's "
-                        "bias on the clean dev rows (trigger-agnostic; not the paper's method)")
+                   help="opt-in, after the rescaling: shift only the classification head's "
+                        "bias so that the prediction frequencies on the clean dev rows match "
+                        "their label frequencies (trigger-agnostic; not the paper's method)")
     p = sub.add_parser("evaluate", help="CA / ASR / ASR floor of a saved model folder")
     _common(p, defence=False, eval_sizes=True)
     p.add_argument("path", nargs="?", default=None,

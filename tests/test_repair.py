@@ -9,7 +9,7 @@ from rora_fast.data import Example, load_dataset
 from rora_fast.evaluation import repair as repair_mod
 from rora_fast.evaluation import runner
 from rora_fast.evaluation.repair import (classification_head, collect_logits, fit_bias_shift,
-                                         recalibrate_head_bias_)
+                                         frequency_bias_shift, recalibrate_head_bias_)
 from rora_fast.evaluation.runner import RunSpec, run_defence, run_id
 
 
@@ -55,18 +55,38 @@ def test_head_found_in_plain_rora_and_peft_models(tiny_bert):
         classification_head(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_recalibration_undoes_a_global_lean(minilm_path):
+def test_frequency_shift_matches_prediction_counts_to_label_counts():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(101, 2, generator=g, dtype=torch.float64) + torch.tensor([1.5, 0.0])
+    y = torch.randint(0, 2, (101,), generator=g)
+    d = frequency_bias_shift(z, y.tolist())
+    assert torch.equal(torch.bincount((z + d).argmax(1), minlength=2), torch.bincount(y))
+    z3 = torch.randn(300, 3, generator=g, dtype=torch.float64) + torch.tensor([2.0, 0.0, -1.0])
+    y3 = torch.randint(0, 3, (300,), generator=g)
+    d3 = frequency_bias_shift(z3, y3.tolist())
+    assert torch.equal(torch.bincount((z3 + d3).argmax(1), minlength=3), torch.bincount(y3))
+    with pytest.raises(ValueError, match="every one"):
+        frequency_bias_shift(torch.zeros(3, 2), [1, 1, 1])
+
+
+@pytest.mark.parametrize("method", ["frequency", "likelihood"])
+def test_recalibration_undoes_a_global_lean(minilm_path, method):
     model, tok = _minilm(minilm_path)
     rows = load_dataset("sst2_sentence", "dev", limit=48, seed=0)
     with torch.no_grad():  # a model that leans hard to label 0
         model.classifier.bias.copy_(torch.tensor([4.0, -4.0]))
-    info = recalibrate_head_bias_(model, tok, rows, 32)
-    assert info["dev_pred_share_before"][0] > 90
+    info = recalibrate_head_bias_(model, tok, rows, 32, method=method)
+    assert info["dev_pred_share_before"][0] > 90 and info["method"] == method
     z = collect_logits(model, tok, [e.text for e in rows], 32)
-    p = torch.softmax(z, 1).mean(0)
     label_share = sum(e.label == 1 for e in rows) / len(rows)
-    assert float(p[1]) == pytest.approx(label_share, abs=1e-6)
+    if method == "frequency":  # the argmax counts match the label counts
+        assert float((z.argmax(1) == 1).double().mean()) == pytest.approx(label_share)
+        assert info["dev_pred_share_after"] == info["dev_label_share"]
+    else:  # the mean predicted probabilities match the label shares
+        assert float(torch.softmax(z, 1).mean(0)[1]) == pytest.approx(label_share, abs=1e-6)
     assert info["bias_shift"][1] > 0 and info["n_dev"] == 48
+    with pytest.raises(ValueError, match="unknown repair method"):
+        recalibrate_head_bias_(model, tok, rows, 32, method="magic")
 
 
 # ------------------------------------------------------------------ item 5: clean data only

@@ -6,13 +6,20 @@ ASR floor). The repair uses clean labelled data only, the same clean dev split t
 defender already uses for checkpoint selection, and never sees a trigger:
 
 :func:`recalibrate_head_bias_` re-fits **only the bias of the classification head**, the
-encoder and the head's weights frozen, by maximum likelihood (cross-entropy) on the clean
-dev rows. The fit is convex in the bias and runs on the dev logits computed once (one
-forward pass over the dev rows). At the optimum the gradient ``mean(softmax − onehot)``
-is zero, i.e. the model's mean predicted probability of each class equals that class's
-frequency in the dev labels: the prediction frequencies are recalibrated to the label
-frequencies. A shift of the bias moves every row's logit margin by the same amount, so
-the repair can only undo a *global* lean; it cannot remove a trigger-specific effect.
+encoder and the head's weights frozen, on the logits of the clean dev rows (computed once,
+one forward pass), so that the head's **prediction frequencies on the clean dev rows match
+the label frequencies there** (``method="frequency"``, the default): for two classes the
+shift of the logit margin that puts exactly ``round(share_k · n)`` dev rows on each side
+(the midpoint between the two neighbouring margins), for more classes an iterative
+adjustment of the per-class biases on the argmax counts. ``method="likelihood"`` instead
+maximises the dev likelihood over the bias alone (convex; at the optimum the *mean
+predicted probability* of each class equals its frequency), which is not the same: a model
+whose confidence differs between the classes can then still over-predict one of them (met
+on SST-2 seed 2, LoRA + rescaling: the likelihood fit moved the dev share of the target
+from 52 % to 55 % against 49 % of labels).
+
+A shift of the bias moves every row's logit margin by the same amount, so the repair can
+only undo a *global* lean; it cannot remove a trigger-specific effect.
 
 Opt-in: ``rora-fast defend --repair`` (applied after the rescaling),
 ``rora-fast seeds --methods ...,rora+repair`` (post-hoc, from saved adapters). The
@@ -24,7 +31,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["classification_head", "collect_logits", "fit_bias_shift", "recalibrate_head_bias_"]
+__all__ = ["classification_head", "collect_logits", "fit_bias_shift", "frequency_bias_shift",
+           "recalibrate_head_bias_", "REPAIR_METHODS"]
+
+REPAIR_METHODS = ("frequency", "likelihood")
 
 
 def classification_head(model) -> torch.nn.Linear:
@@ -107,17 +117,57 @@ def fit_bias_shift(logits: torch.Tensor, labels: Sequence[int], iters: int = 100
     return d - d.mean()
 
 
-def recalibrate_head_bias_(model, tokenizer, dev_rows, max_length: int) -> Dict:
+def frequency_bias_shift(logits: torch.Tensor, labels: Sequence[int],
+                         iters: int = 500) -> torch.Tensor:
+    """The bias shift ``δ`` (K, mean zero) after which the argmax of ``logits + δ`` predicts
+    each class as often as it occurs in ``labels`` (two classes: exactly, up to ties)."""
+    z = logits.detach().double()
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    if z.dim() != 2 or z.shape[0] != y.shape[0] or z.shape[0] == 0:
+        raise ValueError(f"need N x K logits and N labels, got {tuple(z.shape)} and {len(y)}")
+    N, K = z.shape
+    counts = torch.bincount(y, minlength=K)
+    if (counts == 0).any() or y.max() >= K or y.min() < 0:
+        raise ValueError(f"every one of the {K} classes must occur in the labels "
+                         f"(counts {counts.tolist()})")
+    d = torch.zeros(K, dtype=torch.float64)
+    if K == 2:
+        m = torch.sort(z[:, 1] - z[:, 0], descending=True).values  # class-1 margins
+        k = int(counts[1])  # rows that should be predicted as class 1
+        hi = m[k - 1] if k > 0 else m[0] + 1.0
+        lo = m[k] if k < N else m[-1] - 1.0
+        t = float((hi + lo) / 2)  # predict 1 where margin - t > 0
+        d[1], d[0] = -t / 2, t / 2
+        return d
+    target = counts.double()
+    step = 1.0
+    for _ in range(iters):
+        pred = torch.bincount((z + d).argmax(1), minlength=K).double()
+        if torch.equal(pred, target):
+            break
+        d = d + step * torch.log((target + 0.5) / (pred + 0.5))
+        d = d - d.mean()
+        step *= 0.98
+    return d - d.mean()
+
+
+def recalibrate_head_bias_(model, tokenizer, dev_rows, max_length: int,
+                           method: str = "frequency") -> Dict:
     """Re-fit only the classification head's bias on clean dev rows (``Example``s with
-    ``.text`` and ``.label``), in place. Returns what was done (the shift, dev accuracy and
-    the share of dev rows predicted as each class before and after, the label shares)."""
+    ``.text`` and ``.label``), in place: ``method="frequency"`` (default) matches the dev
+    prediction frequencies to the dev label frequencies, ``"likelihood"`` maximises the dev
+    likelihood over the bias. Returns what was done (the shift, dev accuracy and the share
+    of dev rows predicted as each class before and after, the label shares)."""
+    if method not in REPAIR_METHODS:
+        raise ValueError(f"unknown repair method {method!r}; choose one of "
+                         f"{', '.join(REPAIR_METHODS)}")
     head = classification_head(model)
     if head.bias is None:
         raise ValueError("the classification head has no bias to recalibrate")
     texts = [e.text for e in dev_rows]
     labels = [int(e.label) for e in dev_rows]
     z = collect_logits(model, tokenizer, texts, max_length)
-    d = fit_bias_shift(z, labels)
+    d = frequency_bias_shift(z, labels) if method == "frequency" else fit_bias_shift(z, labels)
     with torch.no_grad():
         head.bias.add_(d.to(head.bias.dtype).to(head.bias.device))
     K = z.shape[1]
@@ -127,8 +177,11 @@ def recalibrate_head_bias_(model, tokenizer, dev_rows, max_length: int) -> Dict:
         return [round(100.0 * float((pred == k).double().mean()), 2) for k in range(K)]
 
     before, after = z.argmax(1), (z + d).argmax(1)
-    return {"method": "head-bias refit (max. likelihood on clean dev rows; encoder and head "
-                      "weights frozen)",
+    return {"method": method,
+            "description": ("head bias shifted so that the clean dev prediction frequencies "
+                            "match the dev label frequencies" if method == "frequency" else
+                            "head bias re-fitted by maximum likelihood on the clean dev rows")
+            + "; encoder and head weights frozen",
             "n_dev": len(labels), "bias_shift": [round(float(x), 5) for x in d],
             "dev_acc_before": round(100.0 * float((before == y).double().mean()), 2),
             "dev_acc_after": round(100.0 * float((after == y).double().mean()), 2),
