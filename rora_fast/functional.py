@@ -46,6 +46,14 @@ _MASK_PARAMS: dict = {}
 _SHAPES_OK: set = set()
 
 
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _no_saved_tensor_hooks() -> bool:
+    """True when no ``torch.autograd.graph.saved_tensors_hooks`` context is active."""
+    return _top_hooks is not None and _top_hooks(False) is None
+
+
 def _mask_params(p: float):
     """``(thr, 1/(1 − p_eff))`` of a drop probability, validated once per value."""
     v = _MASK_PARAMS.get(p)
@@ -127,7 +135,8 @@ class RoraLinearFunction(torch.autograd.Function):
     Forward: ``y = x (M ⊙ W)ᵀ / (1-p) + b + s (x̃ Aᵀ) Bᵀ`` with ``M`` regenerated from
     ``seed`` in backward (nothing of size ``out x in`` is saved), except for weights of
     at most :data:`SAVE_MASKED_MAX` elements, whose masked copy (<= 256 KiB in float32)
-    is kept from forward to backward: regenerating it would cost more than it saves.
+    is kept from forward to backward (regenerating it would cost more than it saves;
+    not under saved-tensor hooks: checkpointing, offloading, quantized bases).
 
     Backward, with ``G = dY`` flattened to ``(tokens, out)``::
 
@@ -148,8 +157,11 @@ class RoraLinearFunction(torch.autograd.Function):
         # A small masked weight is kept for backward instead of regenerated: up to
         # SAVE_MASKED_MAX elements (256 KiB in float32) the regeneration is mostly fixed
         # per-call cost, and the copy is negligible next to the activations.
+        # Not under saved-tensor hooks (activation checkpointing, offloading, the
+        # quantized layers' recompute of W): there the weight is what must be saved.
         keep = (not compiling and not isinstance(seed, torch.Tensor)
-                and weight.numel() <= SAVE_MASKED_MAX and _mask_params(p)[0] != 0)
+                and weight.numel() <= SAVE_MASKED_MAX and _mask_params(p)[0] != 0
+                and _no_saved_tensor_hooks())
         w = _masked(weight, seed, p, not (compiling or keep))
         y, s_mat = ref._forward(x, x if x_lora is None else x_lora, weight, bias,
                                 lora_A, lora_B, scaling, w)
