@@ -22,6 +22,9 @@ factor and the results added with one ``torch._foreach_add_``. Consequences:
   ``optimizer.grad_scale``) get the penalty multiplied by that scale;
 * gradient clipping done before ``step()`` (the Trainer's ``max_grad_norm``) does
   not include the penalty gradient;
+* ``step(closure)`` (LBFGS; any optimizer given a closure): the closure is wrapped, so
+  the penalty's gradient is added after each gradient evaluation inside ``step`` and
+  ``λΩ`` to the loss it returns (line searches compare losses);
 * a parameter whose ``.grad`` is ``None`` at the step (no backward reached it) gets
   nothing: torch optimizers skip such parameters, and giving it a gradient would make
   the optimizer move a parameter the loss never touched;
@@ -188,14 +191,50 @@ def _due_terms(layers, held: Optional[set]):
 
 
 # ---------------------------------------------------------------------- the step hook
-def _step_pre_hook(optimizer, args, kwargs) -> None:
+def _step_pre_hook(optimizer, args, kwargs):
     if not _LAYERS:
-        return
+        return None
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    # (args[0] is the optimizer itself: the hook sees step's full argument list)
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is not None:
+        return _wrap_closure(optimizer, held, closure, args, kwargs)
     terms = _due_terms(list(_LAYERS), held)
     if terms:
         with torch.no_grad():
             _apply(terms, getattr(optimizer, "grad_scale", None))
+    return None
+
+
+def _penalty_of(layers) -> torch.Tensor:
+    total = None
+    with torch.no_grad():
+        for layer in layers:
+            v = layer.penalty() if hasattr(layer, "penalty") else layer.rora_penalty()
+            total = v if total is None else total + v.to(total.device)
+    return total
+
+
+def _wrap_closure(optimizer, held, closure, args, kwargs):
+    """``step(closure)`` (LBFGS, or any optimizer given a closure) re-evaluates the
+    gradients inside ``step``: the penalty's gradient is added after each evaluation,
+    and ``λΩ`` to the loss it returns (line searches compare losses)."""
+    def closure_with_penalty():
+        loss = closure()
+        terms = _due_terms(list(_LAYERS), held)
+        if terms:
+            with torch.no_grad():
+                _apply(terms, getattr(optimizer, "grad_scale", None))
+            if loss is not None:
+                layers = list(dict.fromkeys(layer for layer, _ in terms))
+                loss = loss + _penalty_of(layers).to(loss.device, loss.dtype)
+        return loss
+
+    if "closure" in kwargs:
+        kwargs = dict(kwargs, closure=closure_with_penalty)
+    else:
+        args = (args[0], closure_with_penalty) + tuple(args[2:])
+    return args, kwargs
 
 
 _HOOK = register_optimizer_step_pre_hook(_step_pre_hook)

@@ -244,6 +244,37 @@ def test_two_optimizers_each_add_their_own_layers_penalty_once():
     _assert_same(m, want)
 
 
+@pytest.mark.parametrize("name", ["lbfgs", "sgd"])
+def test_step_with_closure_equals_loss_mode(name):
+    """step(closure) re-evaluates the gradients inside step: the penalty is added after
+    each evaluation (and λΩ to the loss LBFGS compares), like the loss-mode run."""
+    def make(ps):
+        if name == "lbfgs":
+            return torch.optim.LBFGS(ps, lr=0.5, max_iter=4, history_size=3)
+        return torch.optim.SGD(ps, lr=LR)
+
+    runs = {}
+    for mode in ("loss", "optimizer"):
+        m = _model(mode, p=0.0)
+        opt = make(_params(m))
+        x, t = _data(1)[0]
+        losses = []
+
+        def closure():
+            opt.zero_grad()
+            loss = _loss(m, x, t)
+            if mode == "loss":
+                loss = loss + rora_penalty(m)
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            losses.append(float(opt.step(closure).detach()))
+        runs[mode] = (m, losses)
+    _assert_same(runs["optimizer"][0], runs["loss"][0], rtol=1e-8, atol=1e-10)
+    assert runs["optimizer"][1] == pytest.approx(runs["loss"][1], rel=1e-10)
+
+
 def test_a_parameter_without_gradient_gets_nothing():
     """A layer that took no part in this step's backward is not moved by the penalty
     (torch optimizers skip parameters whose grad is None)."""
