@@ -9,7 +9,8 @@ from rora_fast.data import Example, load_dataset
 from rora_fast.evaluation import repair as repair_mod
 from rora_fast.evaluation import runner
 from rora_fast.evaluation.repair import (classification_head, collect_logits, fit_bias_shift,
-                                         frequency_bias_shift, recalibrate_head_bias_)
+                                         accuracy_bias_shift, frequency_bias_shift,
+                                         recalibrate_head_bias_)
 from rora_fast.evaluation.runner import RunSpec, run_defence, run_id
 
 
@@ -69,7 +70,24 @@ def test_frequency_shift_matches_prediction_counts_to_label_counts():
         frequency_bias_shift(torch.zeros(3, 2), [1, 1, 1])
 
 
-@pytest.mark.parametrize("method", ["frequency", "likelihood"])
+def test_accuracy_shift_is_the_best_threshold():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    noise = 0.3 * torch.randn(200, generator=g, dtype=torch.float64)
+    y = (z[:, 1] - z[:, 0] + 0.8 + noise > 0).long()  # the model is off by a bias of 0.8
+
+    def acc(d):
+        return float(((z + d).argmax(1) == y).double().mean())
+
+    d = accuracy_bias_shift(z, y.tolist())
+    grid = max(acc(torch.tensor([t / 2, -t / 2], dtype=torch.float64))
+               for t in torch.linspace(-3, 3, 601).tolist())
+    assert acc(d) >= grid and acc(d) > acc(torch.zeros(2)) and float(d[1]) > 0
+    with pytest.raises(ValueError, match="N x 2"):
+        accuracy_bias_shift(torch.zeros(3, 3), [0, 1, 2])
+
+
+@pytest.mark.parametrize("method", ["frequency", "accuracy", "likelihood"])
 def test_recalibration_undoes_a_global_lean(minilm_path, method):
     model, tok = _minilm(minilm_path)
     rows = load_dataset("sst2_sentence", "dev", limit=48, seed=0)
@@ -82,6 +100,8 @@ def test_recalibration_undoes_a_global_lean(minilm_path, method):
     if method == "frequency":  # the argmax counts match the label counts
         assert float((z.argmax(1) == 1).double().mean()) == pytest.approx(label_share)
         assert info["dev_pred_share_after"] == info["dev_label_share"]
+    elif method == "accuracy":
+        assert info["dev_acc_after"] >= info["dev_acc_before"]
     else:  # the mean predicted probabilities match the label shares
         assert float(torch.softmax(z, 1).mean(0)[1]) == pytest.approx(label_share, abs=1e-6)
     assert info["bias_shift"][1] > 0 and info["n_dev"] == 48

@@ -11,7 +11,8 @@ one forward pass), so that the head's **prediction frequencies on the clean dev 
 the label frequencies there** (``method="frequency"``, the default): for two classes the
 shift of the logit margin that puts exactly ``round(share_k · n)`` dev rows on each side
 (the midpoint between the two neighbouring margins), for more classes an iterative
-adjustment of the per-class biases on the argmax counts. ``method="likelihood"`` instead
+adjustment of the per-class biases on the argmax counts. ``method="accuracy"`` (two
+classes) shifts the margin to where the clean dev accuracy is highest. ``method="likelihood"`` instead
 maximises the dev likelihood over the bias alone (convex; at the optimum the *mean
 predicted probability* of each class equals its frequency), which is not the same: a model
 whose confidence differs between the classes can then still over-predict one of them (met
@@ -34,7 +35,7 @@ import torch
 __all__ = ["classification_head", "collect_logits", "fit_bias_shift", "frequency_bias_shift",
            "recalibrate_head_bias_", "REPAIR_METHODS"]
 
-REPAIR_METHODS = ("frequency", "likelihood")
+REPAIR_METHODS = ("frequency", "accuracy", "likelihood")
 
 
 def classification_head(model) -> torch.nn.Linear:
@@ -151,6 +152,31 @@ def frequency_bias_shift(logits: torch.Tensor, labels: Sequence[int],
     return d - d.mean()
 
 
+def accuracy_bias_shift(logits: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
+    """Two classes: the bias shift ``δ`` (mean zero) that maximises the accuracy of the
+    argmax of ``logits + δ`` on ``labels`` (a search over the midpoints between
+    neighbouring margins; among equally accurate shifts, the smallest)."""
+    z = logits.detach().double()
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    if z.dim() != 2 or z.shape[1] != 2 or z.shape[0] != y.shape[0] or z.shape[0] == 0:
+        raise ValueError(f"the accuracy repair needs N x 2 logits and N labels, got "
+                         f"{tuple(z.shape)} and {len(y)}")
+    m = z[:, 1] - z[:, 0]
+    order = torch.argsort(m, descending=True)
+    ms, ys = m[order], y[order]
+    # predicting class 1 for the top k margins: correct = ones among top k + zeros after
+    ones = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ys.double(), 0)])
+    zeros_after = (ys == 0).double().sum() - (torch.arange(len(ys) + 1, dtype=torch.float64)
+                                              - ones)
+    correct = ones + zeros_after
+    ext = torch.cat([ms[:1] + 1.0, ms, ms[-1:] - 1.0])
+    thresholds = (ext[:-1] + ext[1:]) / 2  # threshold t_k puts exactly the top k above it
+    best = correct.max()
+    cand = thresholds[correct == best]
+    t = float(cand[torch.argmin(cand.abs())])
+    return torch.tensor([t / 2, -t / 2], dtype=torch.float64)
+
+
 def recalibrate_head_bias_(model, tokenizer, dev_rows, max_length: int,
                            method: str = "frequency") -> Dict:
     """Re-fit only the classification head's bias on clean dev rows (``Example``s with
@@ -167,7 +193,8 @@ def recalibrate_head_bias_(model, tokenizer, dev_rows, max_length: int,
     texts = [e.text for e in dev_rows]
     labels = [int(e.label) for e in dev_rows]
     z = collect_logits(model, tokenizer, texts, max_length)
-    d = frequency_bias_shift(z, labels) if method == "frequency" else fit_bias_shift(z, labels)
+    d = {"frequency": frequency_bias_shift, "accuracy": accuracy_bias_shift,
+         "likelihood": fit_bias_shift}[method](z, labels)
     with torch.no_grad():
         head.bias.add_(d.to(head.bias.dtype).to(head.bias.device))
     K = z.shape[1]
@@ -178,9 +205,11 @@ def recalibrate_head_bias_(model, tokenizer, dev_rows, max_length: int,
 
     before, after = z.argmax(1), (z + d).argmax(1)
     return {"method": method,
-            "description": ("head bias shifted so that the clean dev prediction frequencies "
-                            "match the dev label frequencies" if method == "frequency" else
-                            "head bias re-fitted by maximum likelihood on the clean dev rows")
+            "description": {"frequency": "head bias shifted so that the clean dev prediction "
+                                          "frequencies match the dev label frequencies",
+                            "accuracy": "head bias shifted to the clean dev accuracy's maximum",
+                            "likelihood": "head bias re-fitted by maximum likelihood on the "
+                                          "clean dev rows"}[method]
             + "; encoder and head weights frozen",
             "n_dev": len(labels), "bias_shift": [round(float(x), 5) for x in d],
             "dev_acc_before": round(100.0 * float((before == y).double().mean()), 2),

@@ -22,6 +22,8 @@ Methods come in two kinds:
   - ``rora+repair``: the ``rora`` run, rescaled, then the trigger-agnostic repair
     (:func:`rora_fast.evaluation.repair.recalibrate_head_bias_`, clean dev data only).
   - ``lora+rescale+repair``: ``lora+rescale``, then the same repair.
+  - ``...+repair-acc``: the repair with ``method="accuracy"`` (the head bias shifted to
+    the clean dev accuracy's maximum) instead of matching the prediction frequencies.
 
 Runs already finished elsewhere (``reuse`` folders, e.g. the single-seed grid) are copied
 when their run id (a hash of the full spec) is the same; they have no saved adapter, so
@@ -53,6 +55,10 @@ POSTHOC = {
                             "dev data (no retraining)"),
     "lora+rescale+repair": ("lora", "lora+rescale, then the head-bias recalibration on clean "
                                     "dev data (no retraining)"),
+    "rora+repair-acc": ("rora", "the rora run, rescaled, then the head bias shifted to the "
+                                "clean dev accuracy's maximum (no retraining)"),
+    "lora+rescale+repair-acc": ("lora", "lora+rescale, then the head bias shifted to the clean "
+                                        "dev accuracy's maximum (no retraining)"),
 }
 METRICS = ("CA", "ASR", "delta", "ASR_floor")
 
@@ -202,23 +208,25 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
     out = {"kind": "posthoc", "variant": variant, "description": POSTHOC[variant][1],
            "from_run": rid, "adapter": os.path.relpath(apath, out_dir), "spec": res,
            "seed": spec.seed}
-    if variant in ("lora+rescale", "lora+rescale+repair"):
+    repair_method = "accuracy" if variant.endswith("-acc") else "frequency"
+    if variant.startswith("lora+rescale"):
         out["rescale"] = rescale_peft_lora_(model, spec.rescale_layers)
-        if variant == "lora+rescale+repair":
+        if "+repair" in variant:
             from .repair import recalibrate_head_bias_
             before = os.path.join(out_dir, "runs", posthoc_run_id(rid, "lora+rescale") + ".json")
             if os.path.exists(before):
                 with open(before) as f:
                     out["before_repair"] = json.load(f)["metrics"]
-            out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
-    elif variant == "rora+repair":
+            out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L,
+                                                   method=repair_method)
+    elif variant.startswith("rora+repair"):
         import rora_fast
         from .repair import recalibrate_head_bias_
         out["rescale"] = {k: float(v) for k, v in
                           rora_fast.spectral_rescale_(model, layers=spec.rescale_layers).items()}
         with open(os.path.join(out_dir, "runs", rid + ".json")) as f:
             out["before_repair"] = json.load(f)["metrics"]  # the same rescaled model
-        out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
+        out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L, method=repair_method)
     else:  # pragma: no cover - POSTHOC is closed
         raise ValueError(variant)
     out["metrics"] = evaluate(model, tok, sets, L, attack.target_label)
@@ -296,15 +304,18 @@ def _load(out_dir: str) -> List[Dict]:
 
 
 def aggregate(out_dir: str, paired=(("rora", "lora"), ("rora+repair", "lora"),
-                                    ("rora+repair", "rora"), ("lora+rescale", "lora"),
-                                    ("lora+rescale+repair", "lora+rescale"))) -> Dict:
+                                    ("rora+repair", "rora"), ("rora+repair-acc", "lora"),
+                                    ("rora+repair-acc", "rora"), ("lora+rescale", "lora"),
+                                    ("lora+rescale+repair", "lora+rescale"),
+                                    ("lora+rescale+repair-acc", "lora+rescale"))) -> Dict:
     rows = _load(out_dir)
     by: Dict[str, Dict[int, Dict]] = {}
     for r in rows:
         if r["seed"] in by.setdefault(r["method"], {}):
             raise ValueError(f"{out_dir}: two results for {r['method']} seed {r['seed']}")
         by[r["method"]][r["seed"]] = r
-    known = ("fft", "lora", "lora+rescale", "lora+rescale+repair", "rora", "rora+repair")
+    known = ("fft", "lora", "lora+rescale", "lora+rescale+repair", "lora+rescale+repair-acc",
+             "rora", "rora+repair", "rora+repair-acc")
     order = [m for m in known if m in by] + sorted(m for m in by if m not in known)
     methods = {}
     for m in order:
@@ -382,7 +393,8 @@ def aggregate_markdown(agg: Dict, title: str) -> str:
                   "computed from the trained run's saved adapter (`adapters/`), without "
                   "retraining: `lora+rescale` = the `lora` adapter with the top-block spectral "
                   "rescaling; `+repair` = then the classification head's bias re-fitted on the "
-                  "clean dev rows. Runs reused from the single-seed folders have no saved "
+                  "clean dev rows (`+repair`: so that the dev prediction frequencies match the label "
+                  "frequencies; `+repair-acc`: to the dev accuracy's maximum). Runs reused from the single-seed folders have no saved "
                   "adapter, so those seeds lack post-hoc rows.",
               "", "![mean and 95 % CI per method](seeds.png)", ""]
     return "\n".join(lines)

@@ -82,15 +82,17 @@ def one_pass():
             r = json.load(open(os.path.join(runs_dir, fn)))
             if r.get("kind") != "defence" or not r.get("adapter"):
                 continue
-            variant = {"rora": "rora+repair", "lora": "lora+rescale+repair"}.get(
-                r["spec"]["method"])
-            if variant is None or os.path.exists(os.path.join(
-                    runs_dir, posthoc_run_id(r["run_id"], variant) + ".json")):
-                continue
-            spec = _spec_from(r["spec"])
-            log(f"{variant} {rel} seed {spec.seed}")
-            run_posthoc(spec, variant, out, cache, log=log)
-            changed = True
+            variants = {"rora": ["rora+repair", "rora+repair-acc"],
+                        "lora": ["lora+rescale+repair", "lora+rescale+repair-acc"]}.get(
+                r["spec"]["method"], [])
+            for variant in variants:
+                if os.path.exists(os.path.join(
+                        runs_dir, posthoc_run_id(r["run_id"], variant) + ".json")):
+                    continue
+                spec = _spec_from(r["spec"])
+                log(f"{variant} {rel} seed {spec.seed}")
+                run_posthoc(spec, variant, out, cache, log=log)
+                changed = True
         n_before = len(os.listdir(os.path.join(out, "bias", "per_run"))) \
             if os.path.isdir(os.path.join(out, "bias", "per_run")) else 0
         if any(json.load(open(os.path.join(runs_dir, f))).get("adapter")
