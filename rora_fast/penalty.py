@@ -81,32 +81,31 @@ def register_penalty_layer(layer: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------- the grouped math
-def _scaled_basis(layer, kind: str, Q: torch.Tensor, lam: float, dtype) -> torch.Tensor:
-    """``sqrt(2λ)·Q`` in ``dtype``, cached on the layer (so that ``(P Q')Q'ᵀ = 2λ(P Q)Qᵀ``:
-    λ and the 2 cost nothing per step). Rebuilt when the buffer, λ or dtype change."""
-    cache = layer.__dict__.setdefault("_penalty_qcache", {})
-    hit = cache.get(kind)
-    if hit is not None and hit[0] is Q and hit[1] == lam and hit[2].dtype == dtype:
-        return hit[2]
-    q = Q.detach().to(dtype) * (2.0 * lam) ** 0.5
-    cache[kind] = (Q, lam, q)
-    return q
+def _scaled(Q: torch.Tensor, lam: float, dtype) -> torch.Tensor:
+    """``sqrt(2λ)·Q`` in ``dtype``: then ``(P Q')Q'ᵀ = 2λ(P Q)Qᵀ``."""
+    return Q.detach().to(dtype) * (2.0 * lam) ** 0.5
 
 
+# Stacked sqrt(2λ)-scaled bases per group of layers, and stacked start factors. The
+# cache holds its sources weakly (an entry whose layer is gone is dropped: no stacked
+# bases of deleted models kept alive) and is the only extra copy of the bases.
 _STACKS: Dict[tuple, Tuple[list, torch.Tensor]] = {}
 
 
-def _stacked(tensors: List[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(tensors)``, cached while the same (constant) tensors are asked for.
-    The cache holds its sources weakly: an entry whose layer is gone is dropped (no
-    stacked bases of deleted models kept alive)."""
-    key = tuple(id(t) for t in tensors)
+def _stacked(tensors: List[torch.Tensor], lams=None, dtype=None) -> torch.Tensor:
+    """``stack([sqrt(2λ_i)·t_i])`` (or ``stack(t_i)`` without ``lams``) in ``dtype``,
+    cached while the same (constant) tensors, λ and dtype are asked for."""
+    key = (tuple(id(t) for t in tensors), None if lams is None else tuple(lams), dtype)
     hit = _STACKS.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)):
         return hit[1]
     for k in [k for k, (refs, _) in _STACKS.items() if any(r() is None for r in refs)]:
         del _STACKS[k]
-    out = torch.stack(tensors)
+    if lams is None:
+        out = torch.stack([t.detach() for t in tensors])
+        out = out if dtype is None or out.dtype == dtype else out.to(dtype)
+    else:
+        out = torch.stack([_scaled(t, lam, dtype) for t, lam in zip(tensors, lams)])
     _STACKS[key] = ([weakref.ref(t) for t in tensors], out)
     return out
 
@@ -145,24 +144,21 @@ def _apply(terms, scale: Optional[torch.Tensor] = None) -> None:
     """Add the penalty gradient of every ``(param, kind, basis, start, lam)`` term to
     ``param.grad``, equal shapes batched."""
     groups: Dict[tuple, list] = {}
-    for layer, (p, kind, Q, start, lam) in terms:
+    for _, (p, kind, Q, start, lam) in terms:
         cdtype = _COMPUTE_DTYPE.get(p.dtype, p.dtype)
-        q = _scaled_basis(layer, kind, Q, lam, cdtype)
         if _is_dtensor(p):
-            _add_dtensor(p, kind, q, start, scale)
+            _add_dtensor(p, kind, _scaled(Q, lam, cdtype), start, scale)
             continue
-        key = (kind, tuple(p.shape), tuple(q.shape), p.dtype, p.device, start is not None)
-        groups.setdefault(key, []).append((p, q, start))
-    for (kind, _, _, dtype, _, has_start), items in groups.items():
-        ps = [p for p, _, _ in items]
-        qs = _stacked([q for _, q, _ in items])
-        cdtype = qs.dtype
+        key = (kind, p.shape, Q.shape, p.dtype, cdtype, p.device, start is not None)
+        groups.setdefault(key, []).append((p, Q, lam, start))
+    for (kind, _, _, dtype, cdtype, _, has_start), items in groups.items():
+        ps = [it[0] for it in items]
+        qs = _stacked([it[1] for it in items], [it[2] for it in items], cdtype)
         X = torch.stack(ps)  # (under no_grad)
         if X.dtype != cdtype:
             X = X.to(cdtype)
         if has_start:
-            X = X.sub_(_stacked([a.to(cdtype) if a.dtype != cdtype else a
-                                 for _, _, a in items]))
+            X = X.sub_(_stacked([it[3] for it in items], None, cdtype))
         if kind == "A":   # (P − P₀) Q' Q'ᵀ
             G = torch.bmm(torch.bmm(X, qs), qs.transpose(1, 2))
         else:             # Q' Q'ᵀ (P − P₀)
