@@ -403,9 +403,16 @@ def test_grad_scaler_skipped_step_adds_nothing(opt_kw):
 # ---------------------------------------------------------------------- accelerate
 def test_accelerate_with_gradient_accumulation_equals_loss_mode():
     accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate's state is process-wide: a Trainer run earlier (bf16, other
+    # accumulation) must not leak into this one
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     make = lambda ps: torch.optim.SGD(ps, lr=LR)  # noqa: E731
     want = _reference(make, steps=3, micro=2)
-    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2,
+                                 mixed_precision="no")
     m = _model()
     opt = make(_params(m))
     m, opt = acc.prepare(m, opt)
@@ -420,6 +427,8 @@ def test_accelerate_with_gradient_accumulation_equals_loss_mode():
                 opt.zero_grad()
     _assert_same(acc.unwrap_model(m), want)
     acc.free_memory()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 # ---------------------------------------------------------------------- variants
