@@ -23,7 +23,9 @@ class RoraConfig:
 
     Every value is checked here (see :mod:`rora_fast.validation`): ``r >= 1``,
     ``alpha`` finite ``> 0``, dropouts in ``[0, 1)``, ``ortho_rank >= 1``,
-    ``ortho_lambda`` finite ``>= 0``; the shape-dependent bounds
+    ``ortho_lambda`` finite ``>= 0``, ``penalty_mode`` ``"optimizer"`` or ``"loss"`` (the
+    deprecated alias ``"backward"`` of old saved configs becomes ``"optimizer"``, with a
+    ``DeprecationWarning``); the shape-dependent bounds
     (``r, ortho_rank <= min(in, out)``) are checked by :func:`rora_fast.apply_rora` for
     every target before the model is changed.
     """
@@ -39,14 +41,16 @@ class RoraConfig:
     rescale_layers: int = 3
     init: str = "default"
     use_dora: bool = False
-    penalty_mode: str = "backward"
+    penalty_mode: str = "optimizer"
     svd_method: str = "auto"
 
     def __post_init__(self):
-        V.check_hparams(r=self.r, alpha=self.alpha, weight_dropout=self.weight_dropout,
-                        lora_dropout=self.lora_dropout, ortho_rank=self.ortho_rank,
-                        ortho_lambda=self.ortho_lambda, penalty_mode=self.penalty_mode,
-                        init=self.init, use_dora=self.use_dora, svd_method=self.svd_method)
+        # (the deprecated alias "backward" is stored as "optimizer")
+        self.penalty_mode = V.check_hparams(
+            r=self.r, alpha=self.alpha, weight_dropout=self.weight_dropout,
+            lora_dropout=self.lora_dropout, ortho_rank=self.ortho_rank,
+            ortho_lambda=self.ortho_lambda, penalty_mode=self.penalty_mode, init=self.init,
+            use_dora=self.use_dora, svd_method=self.svd_method)
         if isinstance(self.rescale_layers, bool) or not isinstance(self.rescale_layers, int) \
                 or self.rescale_layers < 0:
             raise ValueError(f"rescale_layers must be an int >= 0, got {self.rescale_layers!r}")

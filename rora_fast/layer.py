@@ -56,9 +56,9 @@ class RoraLinear(nn.Module):
         ortho_lambda: ``λ`` (paper: 10); 0 turns the penalty off.
         penalty_mode: ``"optimizer"`` (``λ∇Ω`` added to the adapter gradients at each
             ``step()`` of a torch optimizer holding them; :func:`rora_fast.add_penalty_grads`
-            for hand-written updates), ``"backward"`` (legacy name of the same: the
-            default) or ``"loss"`` (nothing automatic: add :func:`rora_fast.rora_penalty`
-            to the loss).
+            for hand-written updates; the default) or ``"loss"`` (nothing automatic: add
+            :func:`rora_fast.rora_penalty` to the loss). ``"backward"``, the deprecated
+            name of ``"optimizer"``, becomes ``"optimizer"`` with a ``DeprecationWarning``.
         init: ``"default"`` (A Kaiming-uniform, B zero, like PEFT), ``"gaussian"``,
             ``"pissa"`` or ``"olora"`` (base weight replaced by the residual, as PEFT).
         use_dora: DoRA magnitude/direction decomposition on top (as PEFT's DoRA).
@@ -71,7 +71,7 @@ class RoraLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  r: int = 8, alpha: float = 16, weight_dropout: float = 0.1,
                  lora_dropout: float = 0.0, ortho_rank: int = 32,
-                 ortho_lambda: float = 10.0, penalty_mode: str = "backward",
+                 ortho_lambda: float = 10.0, penalty_mode: str = "optimizer",
                  init: str = "default", use_dora: bool = False,
                  adapter_dtype: Optional[torch.dtype] = None, svd_method: str = "auto",
                  svd_cache="default", backend: Optional[str] = None,
@@ -82,11 +82,11 @@ class RoraLinear(nn.Module):
         if not isinstance(_base, nn.Linear):
             raise TypeError(f"RoraLinear wraps an nn.Linear, got {type(_base).__name__}")
         in_features, out_features = _base.in_features, _base.out_features
-        _check_hparams(r=r, alpha=alpha, weight_dropout=weight_dropout,
-                       lora_dropout=lora_dropout, ortho_rank=ortho_rank,
-                       ortho_lambda=ortho_lambda, penalty_mode=penalty_mode, init=init,
-                       use_dora=use_dora, svd_method=svd_method,
-                       in_features=in_features, out_features=out_features)
+        penalty_mode = _check_hparams(  # ("backward", deprecated, becomes "optimizer")
+            r=r, alpha=alpha, weight_dropout=weight_dropout, lora_dropout=lora_dropout,
+            ortho_rank=ortho_rank, ortho_lambda=ortho_lambda, penalty_mode=penalty_mode,
+            init=init, use_dora=use_dora, svd_method=svd_method,
+            in_features=in_features, out_features=out_features)
         _check_base_weight(_base.weight)  # floating dtype, finite entries
         r, ortho_rank = int(r), int(ortho_rank)  # numpy ints pass the check: plain ints
 

@@ -5,7 +5,7 @@ start factors otherwise), so ``∇_A λΩ = 2λ ((A − A₀) Vₖ) Vₖᵀ`` an
 ``∇_B λΩ = 2λ Uₖ (Uₖᵀ (B − B₀))``.
 
 How the gradient reaches the optimizer (``penalty_mode="optimizer"``, the default; the
-legacy name ``"backward"`` means the same): one global torch optimizer step pre-hook
+deprecated name ``"backward"`` is read as ``"optimizer"``): one global torch optimizer step pre-hook
 (:func:`torch.optim.optimizer.register_optimizer_step_pre_hook`, installed on import).
 Before every ``step()`` of every ``torch.optim.Optimizer`` it adds ``λ∇Ω`` to the
 adapter gradients of the RoRA layers whose adapters that optimizer holds, for all

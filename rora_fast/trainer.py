@@ -46,6 +46,7 @@ from typing import Optional, Union
 import torch
 from transformers import TrainerCallback
 
+from . import validation as V
 from .distributed import (full_adapters, is_main_process, penalty_value, rng_in_sync,
                           save_rora_distributed, spectral_rescale_distributed_)
 from .model import export_peft_adapter, rora_layers
@@ -66,8 +67,8 @@ class RoraTrainerCallback(TrainerCallback):
 
     Args:
         penalty_mode: ``"auto"`` or ``"keep"`` (leave the layers' mode as it is),
-            ``"optimizer"`` (or its legacy name ``"backward"``) or ``"loss"``: set it on
-            every layer.
+            ``"optimizer"`` or ``"loss"``: set it on every layer (the deprecated name
+            ``"backward"`` is taken as ``"optimizer"``, with a ``DeprecationWarning``).
         rescale: apply spectral rescaling at the end of training.
         rescale_layers: blocks to rescale (default: the model's ``rora_config``).
         save_dir: if set, ``save_rora`` there at the end.
@@ -83,9 +84,8 @@ class RoraTrainerCallback(TrainerCallback):
                  save_dir: Optional[Union[str, Path]] = None,
                  export_peft_dir: Optional[Union[str, Path]] = None,
                  log_penalty: bool = True, check_rng_sync: bool = True):
-        if penalty_mode not in ("auto", "keep", "backward", "optimizer", "loss"):
-            raise ValueError(f"penalty_mode must be auto, keep, optimizer, backward or loss, "
-                             f"got {penalty_mode!r}")
+        if penalty_mode not in ("auto", "keep"):
+            penalty_mode = V.check_penalty_mode(penalty_mode)
         self.penalty_mode = penalty_mode
         self.rescale = rescale
         self.rescale_layers = rescale_layers

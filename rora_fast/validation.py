@@ -13,7 +13,10 @@ naming the argument and the value):
                k = 0 is refused: the basis also gives ``σ_max(W_pre)`` for the spectral
                rescaling. To turn the penalty off, set ``ortho_lambda=0``.
 ``ortho_lambda`` finite number, ``>= 0`` (0: no penalty)
-``penalty_mode`` one of :data:`PENALTY_MODES`; ``init`` one of :data:`INITS`;
+``penalty_mode`` one of :data:`PENALTY_MODES` (``"optimizer"``, the default, or ``"loss"``);
+               the legacy alias ``"backward"`` is accepted and becomes ``"optimizer"``
+               with a ``DeprecationWarning`` (:func:`check_penalty_mode`: adapters saved
+               with it still load); ``init`` one of :data:`INITS`;
                ``svd_method`` one of :data:`SVD_METHODS`; ``use_dora`` a bool
 base weight    a floating dtype (float32/float16/bfloat16/float64), every entry finite
 ============== ==========================================================================
@@ -23,15 +26,18 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional
 
 import torch
 
-__all__ = ["PENALTY_MODES", "INITS", "SVD_METHODS", "FLOAT_DTYPES", "check_int",
-           "check_number", "check_choice", "check_hparams", "check_layer_shape",
+__all__ = ["PENALTY_MODES", "PENALTY_MODE_ALIASES", "INITS", "SVD_METHODS", "FLOAT_DTYPES", "check_int",
+           "check_number", "check_choice", "check_penalty_mode", "check_hparams", "check_layer_shape",
            "check_base_weight"]
 
-PENALTY_MODES = ("backward", "optimizer", "loss")
+PENALTY_MODES = ("optimizer", "loss")
+#: Deprecated names still accepted (old saved adapter configs): name -> canonical name.
+PENALTY_MODE_ALIASES = {"backward": "optimizer"}
 INITS = ("default", "gaussian", "pissa", "olora")
 SVD_METHODS = ("auto", "exact", "randomized")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -70,13 +76,25 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
+def check_penalty_mode(value) -> str:
+    """The canonical name of a ``penalty_mode``: ``"optimizer"`` or ``"loss"``. The legacy
+    alias ``"backward"`` (the same mechanism as ``"optimizer"``; the default before) is
+    accepted, with a ``DeprecationWarning``, and returned as ``"optimizer"``."""
+    if isinstance(value, str) and value in PENALTY_MODE_ALIASES:
+        new = PENALTY_MODE_ALIASES[value]
+        warnings.warn(f"penalty_mode={value!r} is a deprecated name of penalty_mode={new!r} "
+                      f"(the same mechanism); use {new!r}", DeprecationWarning, stacklevel=4)
+        return new
+    return check_choice("penalty_mode", value, PENALTY_MODES)
+
+
 def check_hparams(*, r=8, alpha=16, weight_dropout=0.1, lora_dropout=0.0, ortho_rank=32,
-                  ortho_lambda=10.0, penalty_mode="backward", init="default",
+                  ortho_lambda=10.0, penalty_mode="optimizer", init="default",
                   use_dora=False, svd_method="auto", in_features: Optional[int] = None,
-                  out_features: Optional[int] = None) -> None:
+                  out_features: Optional[int] = None) -> str:
     """Every hyper-parameter rule of the module docstring. With ``in_features`` and
     ``out_features`` the shape-dependent upper bounds of ``r`` and ``ortho_rank`` are
-    checked too."""
+    checked too. Returns the canonical ``penalty_mode`` (:func:`check_penalty_mode`)."""
     from .reference import keep_threshold
 
     if in_features is not None and out_features is not None:
@@ -88,12 +106,13 @@ def check_hparams(*, r=8, alpha=16, weight_dropout=0.1, lora_dropout=0.0, ortho_
     check_number("weight_dropout", weight_dropout, lo=0, hi=1, hi_open=True)
     check_number("lora_dropout", lora_dropout, lo=0, hi=1, hi_open=True)
     check_number("ortho_lambda", ortho_lambda, lo=0)
-    check_choice("penalty_mode", penalty_mode, PENALTY_MODES)
+    mode = check_penalty_mode(penalty_mode)
     check_choice("init", init, INITS)
     check_choice("svd_method", svd_method, SVD_METHODS)
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
     keep_threshold(float(weight_dropout))  # p that rounds to "drop everything"
+    return mode
 
 
 def check_layer_shape(r, ortho_rank, in_features: int, out_features: int,

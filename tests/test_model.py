@@ -216,6 +216,30 @@ def test_save_load_roundtrip_fresh_and_wrapped(tmp_path):
         assert torch.equal(logits(other), want)
 
 
+def test_old_config_with_backward_penalty_mode_loads_with_one_warning(tmp_path):
+    """Adapters saved when "backward" was the default penalty_mode (the deprecated alias of
+    "optimizer") still load: one DeprecationWarning, the mode stored as "optimizer"."""
+    import warnings
+
+    base = tiny_llama(2)
+    fresh = copy.deepcopy(base)
+    m = apply_rora(base, cfg())
+    randomize_adapters(m)
+    m.rora_config.penalty_mode = "backward"  # what an old version wrote
+    save_rora(m, tmp_path / "ad")
+    doc = json.loads((tmp_path / "ad" / "rora_config.json").read_text())
+    assert doc["config"]["penalty_mode"] == "backward"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_rora(fresh, tmp_path / "ad")
+    dep = [w for w in caught if issubclass(w.category, DeprecationWarning)
+           and "backward" in str(w.message)]
+    assert len(dep) == 1
+    assert fresh.rora_config.penalty_mode == "optimizer"
+    assert all(lay.penalty_mode == "optimizer" for _, lay in rora_layers(fresh))
+    assert torch.equal(logits(fresh), logits(m))
+
+
 def test_save_load_includes_classifier(tmp_path, minilm_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -23,7 +23,7 @@ class _SeqTrainer(Trainer):
         return SequentialSampler(self.train_dataset)
 
 
-def _model(p=0.0, lam=10.0, mode="backward"):
+def _model(p=0.0, lam=10.0, mode="optimizer"):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
     rora_fast.apply_rora(model, rora_fast.RoraConfig(
@@ -103,8 +103,10 @@ def test_trainer_trains_full_objective_once_per_step(tmp_path):
 
 
 def test_optimizer_mode_matches_legacy_backward_name(tmp_path):
-    """"optimizer" and its legacy name "backward" are one mechanism (the step hook)."""
-    a, _ = _train(_model(), tmp_path / "a")
+    """"optimizer" and its deprecated alias "backward" are one mechanism (the step hook)."""
+    with pytest.warns(DeprecationWarning, match="backward"):
+        legacy = _model(mode="backward")
+    a, _ = _train(legacy, tmp_path / "a")
     b, cb = _train(_model(), tmp_path / "b",
                    cb_kwargs=dict(rescale=False, penalty_mode="optimizer"))
     assert all(layer.penalty_mode == "optimizer" for _, layer in rora_fast.rora_layers(b.model))

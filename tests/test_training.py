@@ -14,7 +14,7 @@ import rora_fast
 from rora_fast import RoraConfig, RoraLinear, apply_rora, rora_penalty
 
 
-def _layer(mode="backward", lam=2.0, in_f=16, out_f=16, p=0.0):
+def _layer(mode="optimizer", lam=2.0, in_f=16, out_f=16, p=0.0):
     lay = RoraLinear.from_linear(nn.Linear(in_f, out_f, dtype=torch.float64), r=3,
                                  ortho_rank=4, ortho_lambda=lam, weight_dropout=p,
                                  penalty_mode=mode)
@@ -179,7 +179,7 @@ def _pair_of_models(mode_a, mode_b):
 @pytest.mark.parametrize("mode", ["optimizer", "backward"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
 def test_automatic_modes_equal_loss_mode(opt_name, mode):
-    """"optimizer" and its legacy name "backward" are the same mechanism."""
+    """"optimizer" and its deprecated alias "backward" are the same mechanism."""
     m_loss, m_opt = _pair_of_models("loss", mode)
     make = (lambda ps: torch.optim.SGD(ps, lr=0.1)) if opt_name == "sgd" else \
         (lambda ps: torch.optim.AdamW(ps, lr=1e-2))
