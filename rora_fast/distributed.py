@@ -118,7 +118,7 @@ def spectral_rescale_distributed_(model: nn.Module, layers=None):
 def save_rora_distributed(model: nn.Module, path: Union[str, Path]) -> Optional[Path]:
     """:func:`rora_fast.save_rora` for plain, DDP and FSDP2 models: gathers the full
     adapters on every rank (collective), rank 0 writes. Returns the path on rank 0."""
-    from .model import save_rora
+    from .persistence import save_rora
 
     inner = getattr(model, "module", model)
     with full_adapters(inner):

@@ -36,6 +36,19 @@ from .validation import check_base_weight as _check_base_weight  # noqa: E402
 from .validation import check_hparams as _check_hparams  # noqa: E402
 
 
+#: Builders of RoRA layers for bases that are not a dense ``nn.Linear``, tried in order by
+#: :meth:`RoraLinear.from_linear`: ``build(module, **layer_kwargs)`` returns the layer, or
+#: None for a base it does not handle. :mod:`rora_fast.quantized` (bitsandbytes 4/8-bit,
+#: transformers ``Conv1D``), whose layer classes subclass RoraLinear, registers its own.
+_OTHER_BASE_BUILDERS: list = []
+
+
+def register_base_builder(build) -> None:
+    """Let :meth:`RoraLinear.from_linear` wrap another kind of base (see above)."""
+    if build not in _OTHER_BASE_BUILDERS:
+        _OTHER_BASE_BUILDERS.append(build)
+
+
 class RoraLinear(nn.Module):
     """Linear layer with a RoRA adapter: ``y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ``.
 
@@ -152,12 +165,12 @@ class RoraLinear(nn.Module):
         A bitsandbytes ``Linear4bit``/``Linear8bitLt`` or a transformers ``Conv1D`` gets its
         own layer class (:mod:`rora_fast.quantized`: ``QuantRoraLinear``, ``RoraConv1D``)."""
         if cls is RoraLinear:  # construction hook for non-dense bases (issue 13)
-            from .quantized import base_kind, make_rora_layer
-
-            if base_kind(linear) in ("4bit", "8bit", "conv1d"):
-                return make_rora_layer(linear, r=r, alpha=alpha, weight_dropout=weight_dropout,
-                                       lora_dropout=lora_dropout, ortho_rank=ortho_rank,
-                                       ortho_lambda=ortho_lambda, **kwargs)
+            for build in _OTHER_BASE_BUILDERS:
+                layer = build(linear, r=r, alpha=alpha, weight_dropout=weight_dropout,
+                              lora_dropout=lora_dropout, ortho_rank=ortho_rank,
+                              ortho_lambda=ortho_lambda, **kwargs)
+                if layer is not None:
+                    return layer
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         return cls(linear.in_features, linear.out_features, linear.bias is not None,

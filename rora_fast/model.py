@@ -1,5 +1,5 @@
-"""Model-level API: apply RoRA to a model, rescale, merge (this module), save, load,
-export (:mod:`rora_fast.persistence`, re-exported here).
+"""Model-level API: apply RoRA to a model, rescale, merge (this module); save, load and
+export are in :mod:`rora_fast.persistence` (still importable from here).
 
 Every function here that changes a model is all-or-nothing: it checks what it can
 before changing anything (targets, shapes, ranks, finite base weights, saved
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import validation as V
+from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: public)
 from .config import RoraConfig
 from .layer import RoraLinear
 from .quantized import check_rora_target, is_rora_target, make_rora_layer  # bnb, Conv1D
@@ -44,7 +45,6 @@ __all__ = [
 
 _HEAD_NAMES = ("classifier", "score")
 _OUTPUT_NAMES = ("lm_head", "classifier", "score", "cls", "qa_outputs", "output_layer")
-_BLOCK_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)(?:\.|$)")
 _MISSING = object()
 
 
@@ -252,38 +252,6 @@ def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
     return model
 
 
-def block_index(name: str) -> Optional[int]:
-    """Transformer block index read from a module name (``...layer.7.attention...``)."""
-    m = None
-    for m in _BLOCK_RE.finditer(name):
-        pass
-    return int(m.group(1)) if m else None
-
-
-def select_top_blocks(model: nn.Module, candidates: List[str],
-                      layers: Union[int, Sequence[str]]) -> List[str]:
-    """The names among ``candidates`` chosen by ``layers``: an int ``n`` picks those in
-    the last ``n`` transformer blocks of ``model`` (block index read from module names);
-    a list of names is checked against ``candidates`` and returned as is."""
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        if layers < 0:
-            raise ValueError(f"layers must be >= 0, got {layers}")
-        indices = [i for i in (block_index(n) for n, _ in model.named_modules())
-                   if i is not None]
-        if not indices:
-            raise ValueError("cannot find transformer block indices in the module names; "
-                             "pass an explicit list of layer names")
-        first = max(indices) - layers + 1
-        return [n for n in candidates if block_index(n) is not None and block_index(n) >= first]
-    if isinstance(layers, str):
-        raise TypeError(f"layers must be an int or a list of names, got the string {layers!r}")
-    names = list(layers)
-    missing = [n for n in names if n not in candidates]
-    if missing:
-        raise ValueError(f"not RoRA layers of this model: {missing}")
-    return names
-
-
 def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] = None
                       ) -> Dict[str, float]:
     """Post-training spectral rescaling: ``scaling = σ_max(W_pre) / σ_max(BA)``.
@@ -346,6 +314,16 @@ def merge_rora(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- save / load
-# In rora_fast/persistence.py (atomic, checksummed); re-exported here.
-from .persistence import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME,  # noqa: E402,F401
-                          export_peft_adapter, load_rora, save_rora, verify_adapter)
+# In rora_fast/persistence.py (atomic, checksummed), which builds on this module. The old
+# import path ``rora_fast.model.save_rora`` (and the others below) still works, resolved
+# on first use (an import at module level would make the two modules import each other).
+_PERSISTENCE_NAMES = ("CONFIG_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "export_peft_adapter",
+                      "load_rora", "save_rora", "verify_adapter")
+
+
+def __getattr__(name: str):
+    if name in _PERSISTENCE_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(__package__ + ".persistence"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,6 +23,7 @@ as a plain LoRA adapter (RoRA changes training, not the adapter format).
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Sequence, Union
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 
 from . import functional as F_rora
 from . import reference as ref
+from .blocks import select_top_blocks
 from .linalg import sigma_max_lowrank, spectral_basis
 from . import penalty as _penalty
 
@@ -207,10 +209,6 @@ def spectral_rescale_peft_(model: nn.Module, layers: Union[int, Sequence[str]] =
     All or nothing: every chosen layer's scale is computed and checked (the adapter
     exists, the product is non-zero and finite) before any layer changes; a failure
     while setting them puts every scale back."""
-    import math
-
-    from .model import select_top_blocks
-
     rl = dict(peft_rora_layers(model))
     if not rl:
         raise ValueError("the model has no PEFT RoRA layers (use register_rora)")

@@ -202,12 +202,13 @@ def _step_pre_hook(optimizer, args, kwargs):
     return None
 
 
-def _penalty_of(layers) -> torch.Tensor:
+def _penalty_of(layers) -> Optional[torch.Tensor]:
+    """``λ Σ Ω`` of registered layers (``RoraLinear.penalty()``, the PEFT layers'
+    ``rora_penalty()``); None for no layers."""
     total = None
-    with torch.no_grad():
-        for layer in layers:
-            v = layer.penalty() if hasattr(layer, "penalty") else layer.rora_penalty()
-            total = v if total is None else total + v.to(total.device)
+    for layer in layers:
+        v = layer.penalty() if hasattr(layer, "penalty") else layer.rora_penalty()
+        total = v if total is None else total + v.to(total.device)
     return total
 
 
@@ -223,7 +224,9 @@ def _wrap_closure(optimizer, held, closure, args, kwargs):
                 _apply(terms, getattr(optimizer, "grad_scale", None))
             if loss is not None:
                 layers = list(dict.fromkeys(layer for layer, _ in terms))
-                loss = loss + _penalty_of(layers).to(loss.device, loss.dtype)
+                with torch.no_grad():
+                    value = _penalty_of(layers)
+                loss = loss + value.to(loss.device, loss.dtype)
         return loss
 
     if "closure" in kwargs:
@@ -282,16 +285,9 @@ def rora_penalty(model: nn.Module) -> torch.Tensor:
     automatic mode the optimizer step adds the penalty's gradient and this value is
     detached (for logging only), so adding it to a loss cannot count it twice.
     """
-    from .model import rora_layers
-    from .peft_integration import peft_rora_layers
-
-    values = [layer.penalty() for _, layer in rora_layers(model)]
-    values += [layer.rora_penalty() for _, layer in peft_rora_layers(model)]
-    if not values:
+    total = _penalty_of(_model_layers(model))  # RoraLinear and PEFT RoRA layers
+    if total is None:
         raise ValueError("the model has no RoRA layers")
-    total = values[0]
-    for v in values[1:]:
-        total = total + v.to(total.device)
     return total
 
 

@@ -59,7 +59,7 @@ from torch import nn
 from . import functional as F_rora
 from . import penalty as _penalty
 from . import reference as ref
-from .layer import RoraLinear
+from .layer import RoraLinear, register_base_builder
 from .linalg import spectral_basis
 
 __all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "is_rora_target",
@@ -184,6 +184,16 @@ def make_rora_layer(module: nn.Module, name: str = "", config=None, **kwargs) ->
     label = f"{name!r}: " if name else ""
     raise TypeError(f"{label}RoRA adapts nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and "
                     f"transformers Conv1D layers, got {type(module).__name__}")
+
+
+def _build_other_base(module: nn.Module, **kwargs) -> Optional[RoraLinear]:
+    """``RoraLinear.from_linear``'s hook: the layer for a bitsandbytes or ``Conv1D`` base."""
+    if base_kind(module) in ("4bit", "8bit", "conv1d"):
+        return make_rora_layer(module, **kwargs)
+    return None
+
+
+register_base_builder(_build_other_base)
 
 
 # ---------------------------------------------------------------------- bitsandbytes

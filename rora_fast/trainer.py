@@ -49,7 +49,8 @@ from transformers import TrainerCallback
 from . import validation as V
 from .distributed import (full_adapters, is_main_process, penalty_value, rng_in_sync,
                           save_rora_distributed, spectral_rescale_distributed_)
-from .model import export_peft_adapter, rora_layers
+from .model import rora_layers
+from .persistence import export_peft_adapter
 
 __all__ = ["RoraTrainerCallback", "add_rora_callback", "tiny_llama_config", "ByteLMDataset"]
 
