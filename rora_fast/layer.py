@@ -26,7 +26,8 @@ from . import reference as ref
 from .linalg import sigma_max_lowrank, spectral_basis
 from . import penalty as _penalty
 
-__all__ = ["RoraLinear", "PENALTY_MODES", "INITS"]
+__all__ = ["RoraLinear", "PENALTY_MODES", "INITS", "training_forward",
+           "count_training_forward", "add_scaled_product_", "register_base_builder"]
 
 
 # The argument rules live in rora_fast/validation.py (shared with RoraConfig).
@@ -34,6 +35,46 @@ from .validation import FLOAT_DTYPES as _FLOAT_DTYPES  # noqa: E402
 from .validation import INITS, PENALTY_MODES  # noqa: E402,F401
 from .validation import check_base_weight as _check_base_weight  # noqa: E402
 from .validation import check_hparams as _check_hparams  # noqa: E402
+
+
+def add_scaled_product_(weight: torch.Tensor, coef: float, B: torch.Tensor, A: torch.Tensor,
+                        compute_dtype: torch.dtype = torch.float64) -> None:
+    """``weight += coef · B A`` in place, computed in ``compute_dtype`` and rounded once to
+    the weight's dtype: the PiSSA/OLoRA fold of the start factors into the frozen base
+    (``W − s·BA`` at init, ``+ (s_old − s_new)·B₀A₀`` when the scale changes)."""
+    with torch.no_grad():
+        w = weight.detach().to(compute_dtype)
+        prod = B.detach().to(compute_dtype) @ A.detach().to(compute_dtype)
+        weight.copy_((w + coef * prod).to(weight.dtype))
+
+
+def count_training_forward(layer: nn.Module) -> None:
+    """Count a training forward of a RoRA layer since the last optimizer step; at
+    :data:`rora_fast.penalty.WARN_AFTER_FORWARDS` the penalty hook warns (once) that no
+    optimizer step holds the layer's adapters."""
+    if torch.compiler.is_compiling():
+        return
+    d = layer.__dict__  # (nn.Module.__setattr__ is slow)
+    n = d["_penalty_forwards"] = d.get("_penalty_forwards", 0) + 1
+    if n == _penalty.WARN_AFTER_FORWARDS:
+        _penalty._warn_no_step(layer)
+
+
+def training_forward(layer: nn.Module, x: torch.Tensor, lora_dropout: nn.Module,
+                     W: torch.Tensor, b: Optional[torch.Tensor], A: torch.Tensor,
+                     B: torch.Tensor, scaling: float, p: float,
+                     backend: Optional[str] = None):
+    """The training forward of every RoRA layer (:class:`RoraLinear`, its quantized and
+    ``Conv1D`` subclasses, the PEFT layers of :mod:`rora_fast.peft_integration`), all
+    tensors already in the compute dtype: the LoRA input ``x̃ = lora_dropout(x)``, then the
+    weight mask's seed (:meth:`RoraLinear._draw_seed`; none when ``p`` is 0), the forward
+    count of :func:`count_training_forward`, and the RoRA op ``x (M ⊙ W)ᵀ/(1−p) + b +
+    s x̃ AᵀBᵀ``. Returns ``(y, x̃ or None, seed)`` (DoRA needs the last two)."""
+    x_lora = None if type(lora_dropout) is nn.Identity else lora_dropout(x)
+    seed = RoraLinear._draw_seed() if p else 0
+    count_training_forward(layer)
+    y = F_rora.rora_linear(x, x_lora, W, b, A, B, scaling, p, seed, backend=backend)
+    return y, x_lora, seed
 
 
 #: Builders of RoRA layers for bases that are not a dense ``nn.Linear``, tried in order by
@@ -200,7 +241,7 @@ class RoraLinear(nn.Module):
             self.lora_A.copy_(A)
             self.lora_B.copy_(B)
             # The base becomes the residual, in place (as PEFT does to the base layer).
-            self.weight.copy_((w - self.scaling * (B @ A)).to(self.weight.dtype))
+            add_scaled_product_(self.weight, -self.scaling, B, A, torch.float32)
             # Keep the initial factors: the merged model is W_res + s·BA, and an export to
             # plain LoRA needs ΔW = s·BA − s0·B0A0 relative to the original weight.
             self.register_buffer("lora_A0", A.to(self.lora_A.dtype).clone())
@@ -348,17 +389,9 @@ class RoraLinear(nn.Module):
                 return self._dora_output(y, b, x, x, W, A, B, cdtype, None)
             return self._base_eval_output(x, b, cdtype) + lora
         W = self._base_weight(cdtype)
-        x_lora = None if type(self.lora_dropout) is nn.Identity else self.lora_dropout(x)
-        p = self.weight_dropout
-        seed = self._draw_seed() if p else 0
-        if not torch.compiler.is_compiling():
-            # Counts training forwards since the last optimizer step (see penalty.py).
-            d = self.__dict__  # (nn.Module.__setattr__ is slow)
-            n = d["_penalty_forwards"] = d.get("_penalty_forwards", 0) + 1
-            if n == _penalty.WARN_AFTER_FORWARDS:
-                _penalty._warn_no_step(self)
-        y = F_rora.rora_linear(x, x_lora, W, None if self.use_dora else b, A, B,
-                               self.scaling, p, seed, backend=self.backend)
+        y, x_lora, seed = training_forward(self, x, self.lora_dropout, W,
+                                           None if self.use_dora else b, A, B, self.scaling,
+                                           self.weight_dropout, backend=self.backend)
         if self.use_dora:
             y = self._dora_output(y, b, x, x if x_lora is None else x_lora, W, A, B,
                                   cdtype, seed)
@@ -413,16 +446,18 @@ class RoraLinear(nn.Module):
             raise ValueError("cannot rescale: the adapter's update is zero (was the layer "
                              "trained?); σ_max = 0 would give an infinite scale")
         s_new = self.sigma_pre / sd
-        A0, B0 = self._start_factors()
-        if A0 is not None:
-            with torch.no_grad():
-                fold = (self.init_scaling - s_new) * (B0.to(torch.float64)
-                                                      @ A0.to(torch.float64))
-                self.weight.copy_((self.weight.to(torch.float64) + fold).to(self.weight.dtype))
-            self.init_scaling = s_new  # the base is now W_pre − s_new·B₀A₀
+        if self._start_factors()[0] is not None:
+            self._refold_start_(s_new)
         self.scaling = s_new
         self.rescaled = True
         return self.scaling
+
+    def _refold_start_(self, s_new: float) -> None:
+        """PiSSA/OLoRA: the frozen base ``W_pre − s₀·B₀A₀`` (``s₀ = init_scaling``) becomes
+        ``W_pre − s_new·B₀A₀`` (float64, rounded once)."""
+        A0, B0 = self._start_factors()
+        add_scaled_product_(self.weight, self.init_scaling - s_new, B0, A0)
+        self.init_scaling = s_new
 
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing this layer's eval output (base weight updated

@@ -527,12 +527,7 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                 layer.rescaled = bool(m["rescaled"])
                 if getattr(layer, "lora_A0", None) is not None and "init_scaling" in m:
                     # rebuild the saved base W_pre − s₀'·B₀A₀ from this one, W_pre − s₀·B₀A₀
-                    s_saved = float(m["init_scaling"])
-                    fold = (layer.init_scaling - s_saved) * (
-                        layer.lora_B0.to(torch.float64) @ layer.lora_A0.to(torch.float64))
-                    layer.weight.copy_((layer.weight.to(torch.float64) + fold)
-                                       .to(layer.weight.dtype))
-                    layer.init_scaling = s_saved
+                    layer._refold_start_(float(m["init_scaling"]))
             for key, src in tensors.items():
                 if key.startswith("extra."):
                     extra[key[len("extra."):]].copy_(src)

@@ -42,8 +42,9 @@ runs on the ``(out, in)`` view, and the mask equals that of an ``nn.Linear`` hol
 ``conv.weight.t()``. Its state dict stores the weight in ``Conv1D``'s ``(in, out)`` layout
 (as the checkpoint it came from), and merging gives back a ``Conv1D``.
 
-Through PEFT, :func:`peft_custom_modules` gives the layer classes that
-:func:`rora_fast.register_rora` maps bitsandbytes and ``Conv1D`` bases to.
+Through PEFT, :func:`rora_fast.register_rora` maps bitsandbytes and ``Conv1D`` bases to
+the layer classes of :func:`rora_fast.peft_integration.peft_custom_modules`, built on the
+helpers here (:func:`dequantize_base`, the saved-weight recompute).
 """
 
 from __future__ import annotations
@@ -51,21 +52,18 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from . import functional as F_rora
-from . import penalty as _penalty
 from . import reference as ref
 from .layer import RoraLinear, register_base_builder
-from .linalg import spectral_basis
 
 __all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "is_rora_target",
            "target_dims", "check_rora_target", "check_saved_quantization", "make_rora_layer",
            "QuantRoraLinear", "RoraConv1D", "dequantize_base", "dequantize_4bit_masked_base",
-           "quant_descriptor", "check_quant_descriptor", "peft_custom_modules"]
+           "quant_descriptor", "check_quant_descriptor"]
 
 QUANT_INSTALL_HINT = "pip install 'rora-fast[quant]'"
 
@@ -424,7 +422,7 @@ class QuantRoraLinear(RoraLinear):
         # masks nothing itself and draws no seed), and rebuild it from the same seed in
         # backward. Bit-identical to the default path (kernel == dequantize + mask).
         p = self.weight_dropout
-        seed = _draw_seed(p)
+        seed = RoraLinear._draw_seed()  # (p > 0: the kernel is used only with a mask)
         premask = (seed, p)
         self.__dict__["_rora_premask"] = premask
         self.weight_dropout = 0.0
@@ -521,186 +519,3 @@ class RoraConv1D(RoraLinear):
         conv.weight = nn.Parameter(lin.weight.detach().t(), requires_grad=False)
         conv.bias = lin.bias
         return conv
-
-
-# ---------------------------------------------------------------------- PEFT layers
-def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
-                        ortho_lambda: float = 10.0) -> Dict[type, type]:
-    """``{base type: PEFT LoRA layer class trained with RoRA}`` for bitsandbytes
-    ``Linear4bit``/``Linear8bitLt`` (when bitsandbytes is importable) and transformers
-    ``Conv1D``, for ``LoraConfig._register_custom_module`` (see
-    :func:`rora_fast.register_rora`). Specific types come first: PEFT takes the first
-    ``isinstance`` match and bitsandbytes layers are ``nn.Linear`` subclasses."""
-    from peft.tuners.lora.layer import Linear as PeftLinear
-    from transformers.pytorch_utils import Conv1D
-
-    ref.keep_threshold(weight_dropout)
-    params = dict(rora_weight_dropout=float(weight_dropout), rora_ortho_rank=ortho_rank,
-                  rora_ortho_lambda=float(ortho_lambda))
-    out: Dict[type, type] = {}
-    try:
-        import bitsandbytes as bnb
-        from peft.tuners.lora import bnb as peft_bnb
-    except ImportError:
-        bnb = None
-    if bnb is not None:
-        class PeftRoraLinear4bit(_PeftRoraMixin, peft_bnb.Linear4bit):
-            """PEFT's QLoRA 4-bit layer trained with RoRA."""
-
-            def __init__(self, base_layer, adapter_name, **kwargs):
-                base = _peft_base(base_layer)
-                kwargs.setdefault("compute_dtype", base.compute_dtype)
-                kwargs.setdefault("compress_statistics", base.weight.compress_statistics)
-                kwargs.setdefault("quant_type", base.weight.quant_type)
-                basis = self._rora_basis(dequantize_base(base, torch.float32))
-                super().__init__(base_layer, adapter_name, **kwargs)
-                self._rora_setup(basis)
-
-            def _rora_dense_weight(self, dtype):
-                return dequantize_base(self.get_base_layer(), dtype)
-
-        class PeftRoraLinear8bitLt(_PeftRoraMixin, peft_bnb.Linear8bitLt):
-            """PEFT's 8-bit LoRA layer trained with RoRA."""
-
-            def __init__(self, base_layer, adapter_name, **kwargs):
-                base = _peft_base(base_layer)
-                kwargs.setdefault("has_fp16_weights", base.state.has_fp16_weights)
-                kwargs.setdefault("threshold", base.state.threshold)
-                kwargs.setdefault("index", getattr(base, "index", None))
-                basis = self._rora_basis(dequantize_base(base, torch.float32))
-                super().__init__(base_layer, adapter_name, **kwargs)
-                self._rora_setup(basis)
-
-            def _rora_dense_weight(self, dtype):
-                return dequantize_base(self.get_base_layer(), dtype)
-
-        for cls in (PeftRoraLinear4bit, PeftRoraLinear8bitLt):
-            for k, v in params.items():
-                setattr(cls, k, v)
-        out[bnb.nn.Linear4bit] = PeftRoraLinear4bit
-        out[bnb.nn.Linear8bitLt] = PeftRoraLinear8bitLt
-
-    class PeftRoraConv1D(_PeftRoraMixin, PeftLinear):
-        """PEFT's LoRA over a GPT-2 ``Conv1D`` (``fan_in_fan_out``) trained with RoRA; the
-        mask is on the ``(out, in)`` view of the weight."""
-
-        _rora_recompute = False
-
-        def __init__(self, base_layer, adapter_name, **kwargs):
-            base = _peft_base(base_layer)
-            if not kwargs.get("fan_in_fan_out", False):
-                warnings.warn("fan_in_fan_out is set to False but the target module is "
-                              "`Conv1D`. Setting fan_in_fan_out to True.", UserWarning)
-            kwargs["fan_in_fan_out"] = True
-            kwargs["is_target_conv_1d_layer"] = True
-            cfg = kwargs.get("config")
-            if cfg is not None:
-                cfg.fan_in_fan_out = True
-            basis = self._rora_basis(base.weight.detach().t())
-            super().__init__(base_layer, adapter_name, **kwargs)
-            self._rora_setup(basis)
-
-        def _rora_dense_weight(self, dtype):
-            return self.get_base_layer().weight.t().to(dtype)
-
-    for k, v in params.items():
-        setattr(PeftRoraConv1D, k, v)
-    out[Conv1D] = PeftRoraConv1D
-    return out
-
-
-def _peft_base(base_layer):
-    return base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-
-
-def _draw_seed(p: float):
-    """The weight mask's seed, drawn as RoraLinear draws it (0 when nothing is dropped)."""
-    return RoraLinear._draw_seed() if ref.keep_threshold(p) else 0
-
-
-class _PeftRoraMixin:
-    """The RoRA training forward for PEFT LoRA layers whose base is not a plain
-    ``nn.Linear`` (the subclass gives ``_rora_dense_weight(dtype)``, ``(out, in)``),
-    following :func:`rora_fast.peft_integration.make_peft_rora_linear`."""
-
-    rora_weight_dropout = 0.1
-    rora_ortho_rank = 32
-    rora_ortho_lambda = 10.0
-    _rora_recompute = True  # quantized: the dense weight is rebuilt in backward
-
-    def _rora_basis(self, W: torch.Tensor):
-        k = self.rora_ortho_rank
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"ortho_rank must be an int >= 1, got {k!r}")
-        if k > min(W.shape):
-            raise ValueError(f"ortho_rank {k} exceeds min(in, out) = {min(W.shape)}")
-        return spectral_basis(W, k)
-
-    def _rora_setup(self, basis) -> None:
-        self.register_buffer("rora_U", basis.U, persistent=False)
-        self.register_buffer("rora_V", basis.V, persistent=False)
-        self.rora_sigma_pre = basis.sigma_max
-        # λ∇Ω is added by the optimizer step hook of rora_fast.penalty
-        _penalty.register_penalty_layer(self)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        _penalty.register_penalty_layer(self)
-
-    def _penalty_terms(self):
-        """The active adapters' terms for the optimizer step hook (rora_fast.penalty)."""
-        lam = self.rora_ortho_lambda
-        if not lam:
-            return []
-        out = []
-        for name in self.active_adapters:
-            if name in self.lora_A:
-                out.append((self.lora_A[name].weight, "A", self.rora_V, None, lam))
-                out.append((self.lora_B[name].weight, "B", self.rora_U, None, lam))
-        return out
-
-    def rora_penalty(self) -> torch.Tensor:
-        """λ Ω summed over this layer's adapters (detached, for logging)."""
-        total = torch.zeros((), device=self.rora_U.device)
-        with torch.no_grad():
-            for name in self.active_adapters:
-                if name in self.lora_A:
-                    total = total + self.rora_ortho_lambda * ref.ortho_penalty(
-                        self.lora_A[name].weight, self.lora_B[name].weight,
-                        self.rora_U, self.rora_V)
-        return total
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if (not self.training or self.disable_adapters or self.merged or args or kwargs
-                or len(active) != 1 or active[0] in self.lora_variant):
-            return super().forward(x, *args, **kwargs)
-        name = active[0]
-        base = self.get_base_layer()
-        dev = x.device.type
-        autocast = torch.is_autocast_enabled(dev)
-        in_dtype = x.dtype
-        if autocast:
-            dtype = torch.get_autocast_dtype(dev)
-        else:
-            dtype = _compute_dtype(base, x) if self._rora_recompute else base.weight.dtype
-        x = x.to(dtype)
-        b = base.bias.to(dtype) if base.bias is not None else None
-        A = self.lora_A[name].weight.to(dtype)
-        B = self.lora_B[name].weight.to(dtype)
-        p = self.rora_weight_dropout
-        seed = _draw_seed(p)
-        drop = self.lora_dropout[name]
-        if not torch.compiler.is_compiling():
-            # training forwards since the last optimizer step (see rora_fast.penalty)
-            n = self._penalty_forwards = getattr(self, "_penalty_forwards", 0) + 1
-            if n == _penalty.WARN_AFTER_FORWARDS:
-                _penalty._warn_no_step(self)
-        x_lora = None if isinstance(drop, nn.Identity) else drop(x)
-        ctx = (_saved_as_recompute(self, lambda: self._rora_dense_weight(dtype))
-               if self._rora_recompute else contextlib.nullcontext())
-        with torch.autocast(dev, enabled=False), ctx:
-            W = self._rora_dense_weight(dtype)
-            self.__dict__["_rora_dense"] = W
-            y = F_rora.rora_linear(x, x_lora, W, b, A, B, self.scaling[name], p, seed)
-        return y if autocast else y.to(in_dtype)
