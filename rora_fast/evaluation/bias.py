@@ -67,7 +67,7 @@ def balance_from_runs(root: str) -> List[Dict]:
             s = r["spec"]
             rows.append({"file": os.path.relpath(os.path.join(dirpath, fn), root),
                          "task": s["task"], "attack": s["attack"], "method": s["method"],
-                         "seed": s["seed"], "target_modules": s.get("target_modules"),
+                         "seed": s["seed"], "preset": s.get("preset"), "target_modules": s.get("target_modules"),
                          "before": prediction_balance({**r["before_rescale"],
                                                        "n_clean": r["metrics"]["n_clean"],
                                                        "n_triggered": r["metrics"]["n_triggered"]}),

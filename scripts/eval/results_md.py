@@ -132,24 +132,26 @@ def balance():
     for r in balance_from_runs(os.path.join(ROOT, EVAL)):
         if r["file"].startswith("bias-balance"):
             continue
-        key = (r["task"], r["attack"], r["method"], r["seed"], str(r["target_modules"]))
+        key = (r["task"], r["attack"], r["method"], r["seed"], str(r["target_modules"]),
+               r["preset"])
         if key in seen:  # the seeds folders hold copies of single-seed runs
             continue
         seen.add(key)
         rows.append(r)
-    rows.sort(key=lambda r: (r["task"], r["attack"], str(r["target_modules"]), r["method"],
-                             r["seed"]))
+    rows.sort(key=lambda r: (r["preset"] != "small", r["task"], r["attack"],
+                             str(r["target_modules"]), r["method"], r["seed"]))
     out = os.path.join(ROOT, BAL)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "balance.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    md = ["| setting | method | targets | seed | CA before → after | predicted target, % of "
+    md = ["| setting | method | targets | preset | seed | CA before → after | predicted target, % of "
           "clean rows (true) before → after | ASR floor before → after | target-class recall "
-          "before → after | file |", "|---|---|---|---|---|---|---|---|---|"]
+          "before → after | file |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, a = r["before"], r["after"]
         tm = r["target_modules"] if isinstance(r["target_modules"], str) else "query,value"
-        md.append(f"| {r['task']} ← {r['attack']} | {r['method']} | {tm} | {r['seed']} | "
+        md.append(f"| {r['task']} ← {r['attack']} | {r['method']} | {tm} | {r['preset']} | "
+                  f"{r['seed']} | "
                   f"{b['CA']:.2f} → {a['CA']:.2f} | {b['pred_target_share']:.1f} → "
                   f"**{a['pred_target_share']:.1f}** ({a['true_target_share']:.1f}) | "
                   f"{b['ASR_floor']:.2f} → {a['ASR_floor']:.2f} | {b['target_recall']:.1f} → "
@@ -162,7 +164,7 @@ def balance():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sel = [r for r in rows if r["task"] != "cola"]
+    sel = [r for r in rows if r["task"] != "cola" and r["preset"] == "small"]
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(sel)), 4))
     for i, r in enumerate(sel):
         b, a = r["before"]["pred_target_share"], r["after"]["pred_target_share"]
@@ -178,7 +180,7 @@ def balance():
                         f"{'' if isinstance(r['target_modules'], str) else ' (q,v)'} s{r['seed']}"
                         for r in sel], rotation=70, fontsize=7)
     ax.set_ylabel("% of clean test rows predicted as the target")
-    ax.set_title("Rescaling moves the prediction balance (arrow: before → after; "
+    ax.set_title("Preset small: rescaling moves the prediction balance (arrow: before → after; "
                  "black bar: true target share)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
