@@ -126,7 +126,7 @@ BAL = f"{EVAL}/bias-balance"
 def balance():
     """Prediction balance before/after rescaling of every run with both, from the run
     JSONs alone (rora_fast.evaluation.bias.balance_from_runs): balance.json, .md, .png."""
-    sys.path.insert(0, ROOT)
+    sys.path.append(ROOT)  # after PYTHONPATH: a fixed library (worktree) can be chosen
     from rora_fast.evaluation.bias import balance_from_runs
     rows, seen = [], set()
     for r in balance_from_runs(os.path.join(ROOT, EVAL)):
