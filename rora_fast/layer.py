@@ -23,7 +23,7 @@ from torch import nn
 
 from . import functional as F_rora
 from . import reference as ref
-from .linalg import sigma_max_lowrank, spectral_basis
+from .linalg import rescale_factor, sigma_max_lowrank, spectral_basis
 from . import penalty as _penalty
 
 __all__ = ["RoraLinear", "PENALTY_MODES", "INITS", "training_forward",
@@ -441,11 +441,7 @@ class RoraLinear(nn.Module):
         residual ``W_pre − s₀B₀A₀``) absorbs ``(s₀ − s)·B₀A₀`` so that the layer is still
         ``base + scaling·BA``.
         """
-        sd = self.sigma_delta()
-        if not sd > 0 or not math.isfinite(sd):
-            raise ValueError("cannot rescale: the adapter's update is zero (was the layer "
-                             "trained?); σ_max = 0 would give an infinite scale")
-        s_new = self.sigma_pre / sd
+        s_new = rescale_factor(self.sigma_pre, self.sigma_delta())
         if self._start_factors()[0] is not None:
             self._refold_start_(s_new)
         self.scaling = s_new

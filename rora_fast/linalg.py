@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import warnings
@@ -17,6 +18,7 @@ import torch
 __all__ = [
     "sigma_max",
     "sigma_max_lowrank",
+    "rescale_factor",
     "randomized_svd",
     "SpectralBasis",
     "spectral_basis",
@@ -127,6 +129,21 @@ def sigma_max_lowrank(B: torch.Tensor, A: torch.Tensor) -> float:
     _, Rb = torch.linalg.qr(Bd)
     _, Ra = torch.linalg.qr(Ad.t())
     return float(torch.linalg.svdvals(Rb @ Ra.t())[0])
+
+
+def rescale_factor(sigma_pre: float, sigma_update: float, name: Optional[str] = None) -> float:
+    """RoRA's spectral rescaling factor ``σ_max(W_pre) / σ_max(update)``, checked: a
+    ValueError (prefixed with the layer ``name``) when the update is zero or not finite
+    (an untrained adapter) or the ratio is not a finite positive number."""
+    where = f"{name}: " if name else ""
+    if not sigma_update > 0 or not math.isfinite(sigma_update):
+        raise ValueError(f"{where}cannot rescale: the adapter's update is zero or not finite "
+                         f"(σ_max = {sigma_update}; was the layer trained?)")
+    s = sigma_pre / sigma_update
+    if not s > 0 or not math.isfinite(s):
+        raise ValueError(f"{where}cannot rescale: σ_max(W_pre) / σ_max(update) = "
+                         f"{sigma_pre} / {sigma_update} is not a finite positive scale")
+    return s
 
 
 def randomized_svd(W: torch.Tensor, k: int, block: Optional[int] = None,

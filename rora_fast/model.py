@@ -11,17 +11,16 @@ wrote and the layers' scales (:class:`ModelState`).
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from . import validation as V
 from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: public)
 from .config import RoraConfig
 from .layer import RoraLinear
+from .linalg import rescale_factor
 from .quantized import check_rora_target, is_rora_target, make_rora_layer  # bnb, Conv1D
 # rora_penalty / attach_penalty live in penalty.py (re-exported here for compatibility).
 from .penalty import attach_penalty, rora_penalty  # noqa: E402,F401
@@ -271,15 +270,7 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
         layers = getattr(getattr(model, "rora_config", None), "rescale_layers", 3)
     names = select_top_blocks(model, list(rl), layers)
     for n in names:  # check every layer before changing any
-        lay = rl[n]
-        sd = lay.sigma_delta()
-        if not sd > 0 or not math.isfinite(sd):
-            raise ValueError(f"{n}: cannot rescale: the adapter's update is zero or not "
-                             f"finite (σ_max = {sd}; was the layer trained?)")
-        s = lay.sigma_pre / sd
-        if not s > 0 or not math.isfinite(s):
-            raise ValueError(f"{n}: cannot rescale: σ_max(W_pre) / σ_max(update) = "
-                             f"{lay.sigma_pre} / {sd} is not a finite positive scale")
+        rescale_factor(rl[n].sigma_pre, rl[n].sigma_delta(), n)
     rewritten = [rl[n].weight for n in names if getattr(rl[n], "lora_A0", None) is not None]
     attrs = [a for n in names for a in _layer_attrs(rl[n])]
     out = {}

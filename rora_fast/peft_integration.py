@@ -26,7 +26,6 @@ as a plain LoRA adapter (RoRA changes training, not the adapter format).
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Dict, Sequence, Union
 
@@ -37,7 +36,7 @@ from . import penalty as _penalty
 from . import reference as ref
 from .blocks import select_top_blocks
 from .layer import training_forward
-from .linalg import sigma_max_lowrank, spectral_basis
+from .linalg import rescale_factor, sigma_max_lowrank, spectral_basis
 from .quantized import _compute_dtype, _saved_as_recompute, dequantize_base, is_rora_target
 
 __all__ = ["register_rora", "make_peft_rora_linear", "peft_custom_modules",
@@ -323,14 +322,7 @@ def spectral_rescale_peft_(model: nn.Module, layers: Union[int, Sequence[str]] =
                              f"{sorted(layer.lora_A.keys())})")
         sd = sigma_max_lowrank(layer.lora_B[adapter_name].weight,
                                layer.lora_A[adapter_name].weight)
-        if not sd > 0 or not math.isfinite(sd):
-            raise ValueError(f"{n}: cannot rescale, the adapter product BA is zero or not "
-                             f"finite (σ_max = {sd})")
-        s = layer.rora_sigma_pre / sd
-        if not s > 0 or not math.isfinite(s):
-            raise ValueError(f"{n}: cannot rescale: σ_max(W_pre) / σ_max(BA) = "
-                             f"{layer.rora_sigma_pre} / {sd} is not a finite positive scale")
-        new[n] = s
+        new[n] = rescale_factor(layer.rora_sigma_pre, sd, n)
     old = {n: rl[n].scaling[adapter_name] for n in names}
     try:
         for n, s in new.items():
