@@ -407,7 +407,8 @@ def plot_aggregate(agg: Dict, path: str, title: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = (("CA", "CA"), ("ASR", "ASR"), ("ASR_floor", "ASR floor"))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 2.1 * len(agg["methods"])), 4.4),
+                             sharey=True)
     names = list(agg["methods"])
     for ax, (k, label) in zip(axes, keys):
         for i, m in enumerate(names):
@@ -420,7 +421,8 @@ def plot_aggregate(agg: Dict, path: str, title: str) -> bool:
             ax.errorbar([i], [c["mean"]], yerr=[err], fmt="o", color="C0" if k == "CA" else "C3",
                         capsize=5, zorder=3)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=20, fontsize=8)
+        ax.set_xticklabels([f"{n}\n(n={len(agg['methods'][n]['seeds'])})" for n in names],
+                           rotation=40, ha="right", fontsize=7)
         ax.set_title(f"{label}: mean ± 95 % CI (t), seeds in grey", fontsize=9)
         ax.set_ylim(-3, 103)
         ax.grid(axis="y", alpha=0.3)
