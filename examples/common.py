@@ -5,7 +5,7 @@ import torch
 
 import rora_fast
 from rora_fast.data import load_dataset
-from rora_fast.trainer import ByteLMDataset, tiny_llama_config
+from tiny import ByteLMDataset, tiny_llama_config  # examples/tiny.py
 
 
 def add_common_args(ap, name: str):

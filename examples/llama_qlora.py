@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import rora_fast  # noqa: E402
-from rora_fast.trainer import tiny_llama_config  # noqa: E402
+from tiny import tiny_llama_config  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

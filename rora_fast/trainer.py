@@ -52,7 +52,7 @@ from .distributed import (full_adapters, is_main_process, penalty_value, rng_in_
 from .model import rora_layers
 from .persistence import export_peft_adapter
 
-__all__ = ["RoraTrainerCallback", "add_rora_callback", "tiny_llama_config", "ByteLMDataset"]
+__all__ = ["RoraTrainerCallback", "add_rora_callback"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,47 +144,3 @@ def add_rora_callback(trainer, **kwargs) -> RoraTrainerCallback:
     cb = RoraTrainerCallback(**kwargs)
     trainer.callback_handler.callbacks.insert(0, cb)
     return cb
-
-
-# ---------------------------------------------------------------------- tiny recipe
-def tiny_llama_config(**overrides):
-    """A tiny ``LlamaConfig`` (2 blocks, hidden 64, byte vocabulary) for CPU runs."""
-    from transformers import LlamaConfig
-
-    kw = dict(vocab_size=ByteLMDataset.VOCAB, hidden_size=64, intermediate_size=128,
-              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, pad_token_id=ByteLMDataset.PAD,
-              bos_token_id=ByteLMDataset.BOS, eos_token_id=ByteLMDataset.EOS,
-              tie_word_embeddings=False)
-    kw.update(overrides)
-    return LlamaConfig(**kw)
-
-
-class ByteLMDataset(torch.utils.data.Dataset):
-    """Causal-LM examples from real sentences, tokenised as UTF-8 bytes (no tokenizer
-    download): ``[BOS] bytes [EOS]``, cut or padded to ``max_length``; padding is
-    ignored by the loss (label -100). Sentences come from the shipped SST-2 train
-    split by default."""
-
-    VOCAB, PAD, BOS, EOS = 259, 256, 257, 258
-
-    def __init__(self, sentences=None, n: int = 32, max_length: int = 32):
-        if sentences is None:
-            from .data import load_dataset
-
-            sentences = [e.text for e in load_dataset("sst2_sentence", "train", limit=n)]
-        self.items = []
-        for s in list(sentences)[:n]:
-            ids = [self.BOS] + list(s.encode("utf-8"))[: max_length - 2] + [self.EOS]
-            pad = max_length - len(ids)
-            input_ids = torch.tensor(ids + [self.PAD] * pad)
-            labels = torch.tensor(ids + [-100] * pad)
-            mask = torch.tensor([1] * len(ids) + [0] * pad)
-            self.items.append({"input_ids": input_ids, "attention_mask": mask,
-                               "labels": labels})
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]

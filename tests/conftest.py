@@ -3,6 +3,7 @@
 
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -14,6 +15,14 @@ import torch
 # tests/test_kernels.py could set it.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# The tiny LLaMA set-up (tiny_llama_config, ByteLMDataset) is the examples' own
+# (examples/tiny.py), imported by the tests as ``tiny``; subprocesses started with
+# multiprocessing's spawn inherit this sys.path.
+_EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "examples")
+if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)
 
 _CACHE_DIR = None
 if "RORA_FAST_CACHE_DIR" not in os.environ:

@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
 
 import rora_fast
-from rora_fast.trainer import ByteLMDataset, tiny_llama_config
+from tiny import ByteLMDataset, tiny_llama_config  # examples/tiny.py
 
 
 class _Block(nn.Module):

@@ -119,7 +119,7 @@ def test_ddp_equals_one_process_on_combined_batch(tmp_path, p):
 def _llama():
     from transformers import LlamaForCausalLM
 
-    from rora_fast.trainer import tiny_llama_config
+    from tiny import tiny_llama_config  # examples/tiny.py
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(hidden_size=32, intermediate_size=64))
@@ -134,7 +134,7 @@ def _llama():
 
 def _lm_batches():
     """[step][micro-batch][rank * 2 + j] -> one example (real SST-2 sentences)."""
-    from rora_fast.trainer import ByteLMDataset
+    from tiny import ByteLMDataset  # examples/tiny.py
 
     per = WORLD * 2
     data = ByteLMDataset(n=STEPS * GA * per, max_length=16)

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import rora_fast
 from rora_fast.memory import (GiB, PRESETS, activation_bytes_per_token_block, fits_table,
                               main, max_batch, model_shape, parse_size, plan_memory)
-from rora_fast.trainer import tiny_llama_config
+from tiny import tiny_llama_config  # examples/tiny.py
 
 
 @pytest.mark.parametrize("name", ["llama-7b", "llama-3-8b", "llama-13b"])

@@ -10,8 +10,8 @@ from torch.utils.data import SequentialSampler
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 import rora_fast
-from rora_fast.trainer import ByteLMDataset, RoraTrainerCallback, add_rora_callback, \
-    tiny_llama_config
+from rora_fast.trainer import RoraTrainerCallback, add_rora_callback
+from tiny import ByteLMDataset, tiny_llama_config  # examples/tiny.py
 
 STEPS, GA, BS, LR = 3, 2, 2, 0.05
 
