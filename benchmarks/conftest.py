@@ -26,7 +26,7 @@ import pytest
 from benchmarks import common
 
 _STATE = {}
-_ENV_KEYS = ("RORA_FAST_BACKEND", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "RORA_FAST_MASK_STRATEGY")
+_ENV_KEYS = ("RORA_FAST_BACKEND", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def pytest_configure(config):

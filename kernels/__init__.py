@@ -4,7 +4,7 @@ Public API, used by ``rora_fast.functional.rora_linear`` for CUDA tensors:
 
 * ``supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool``
 * ``fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, *,
-  strategy=None, config=None, validate=True) -> y`` (``x_lora`` None: the LoRA input is
+  validate=True) -> y`` (``x_lora`` None: the LoRA input is
   ``x``; ``seed`` an int or a one-element int64 tensor; no penalty work: its gradient is
   added at the optimizer step, ``rora_fast.penalty``)
 
@@ -12,16 +12,15 @@ Files, one op each (its autograd Function and backward derivation inside):
 
 * ``mask.py``: the weight keep-mask drawn in Triton (bit-identical to
   ``rora_fast.reference.weight_keep_mask``), ``masked_copy`` and ``keep_mask``.
-* ``gemm.py``: GEMMs with the mask drawn in the K-loop, bias/LoRA in the epilogue.
 * ``rora_linear.py``: ``FusedRoraLinearFunction``, ``fused_rora_linear``, ``supports``.
-* ``_common.py``: mask-strategy choice (``RORA_FAST_MASK_STRATEGY``: ``copy`` |
-  ``inloop``) with the decision record, interpreter detection, configs.
+* ``nf4.py``: bitsandbytes 4-bit dequantization and the weight mask in one pass.
+* ``_common.py``: interpreter detection, and the record of the mask-strategy decision
+  (the masked copy + cuBLAS; the in-loop Philox GEMMs were measured slower and deleted).
 
 Importing this package needs triton but no GPU. Under ``TRITON_INTERPRET=1`` (set
 before import) the kernels run on CPU tensors, which is how the tests run in CI.
 """
 
-from ._common import DEFAULT_MASK_STRATEGY, MASK_STRATEGIES, resolve_mask_strategy
 from .mask import keep_mask, masked_copy
 from .rora_linear import FusedRoraLinearFunction, fused_rora_linear, supports
 
@@ -31,7 +30,4 @@ __all__ = [
     "FusedRoraLinearFunction",
     "masked_copy",
     "keep_mask",
-    "MASK_STRATEGIES",
-    "DEFAULT_MASK_STRATEGY",
-    "resolve_mask_strategy",
 ]

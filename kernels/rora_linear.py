@@ -5,13 +5,9 @@ scaling, ``M`` the weight keep-mask of :mod:`rora_fast.reference`, ``c = 1/(1-p_
 
     y = c · x (M ⊙ W)ᵀ + b + s · (x̃ Aᵀ) Bᵀ
 
-Two mask strategies compute the same thing (``_common.MASK_STRATEGIES``; the choice
-and the figures behind it are documented in ``kernels/_common.py``):
-
-* ``"copy"``: ``W' = c · (M ⊙ W)`` made once per call by ``mask.masked_copy`` (a
-  transient buffer, freed when the call returns), then cuBLAS.
-* ``"inloop"``: ``kernels.gemm``: the mask is drawn in the GEMM's K-loop; bias and
-  LoRA term in the epilogue.
+``W' = c · (M ⊙ W)`` is made once per call by ``mask.masked_copy`` (a transient buffer,
+freed when the call returns), then cuBLAS does the GEMMs (why this strategy, with the
+figures of the one it beat, is recorded in ``kernels/_common.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ import torch
 
 from rora_fast import reference as ref
 
-from . import _common, gemm
+from . import _common
 from .mask import masked_copy
 
 __all__ = ["FusedRoraLinearFunction", "fused_rora_linear", "supports", "SUPPORTED_DTYPES"]
@@ -57,41 +53,33 @@ class FusedRoraLinearFunction(torch.autograd.Function):
       ``dW_ij = Σ_t G_ti c M_ij X_tj = c · M ⊙ (Gᵀ X)``: ``masked_copy(Gᵀ X)``.
 
     When ``x̃`` is ``x`` itself (no LoRA input dropout), autograd would add
-    ``dX + dX̃``; the op then computes the sum in one pass (``"inloop"``: the LoRA
-    term ``s·(G B) A`` is added in the dX kernel's epilogue; ``"copy"``: one addmm)
-    and returns it for ``x``, and None for the second slot.
+    ``dX + dX̃``; the op then computes the sum in one pass (one addmm) and returns it
+    for ``x``, and None for the second slot.
 
     Saved for backward: ``x̃`` (for dA), ``S`` (T x r, for dB), ``x`` only when W
     is trainable; W, A, B are parameters (no copy).
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
-                strategy, config):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
         # The op computes in its inputs' dtype (the kernels see those dtypes): an
         # enclosing autocast must not recast the torch GEMMs around them.
         with torch.autocast(x.device.type, enabled=False):
             return FusedRoraLinearFunction._forward(
-                ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
-                strategy, config)
+                ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
 
     @staticmethod
-    def _forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
-                 strategy, config):
+    def _forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
         in_f = x.shape[-1]
         out_f = weight.shape[0]
         lora_input_is_x = x_lora is None
         x2 = x.reshape(-1, in_f)
         xl2 = x2 if lora_input_is_x else x_lora.reshape(-1, in_f)
         s_mat = xl2 @ lora_A.t()  # (T, r) in the input dtype, as the reference rounds it
-        if strategy == "inloop":
-            y2 = gemm.gemm_forward(x2, weight, s_mat, lora_B, bias, scaling, p, int(seed),
-                                   config=config)
-        else:
-            wm = _mask(weight, seed, p)
-            y2 = torch.addmm(bias, x2, wm.t()) if bias is not None else x2 @ wm.t()
-            del wm
-            y2.addmm_(s_mat, lora_B.t(), alpha=scaling)
+        wm = _mask(weight, seed, p)
+        y2 = torch.addmm(bias, x2, wm.t()) if bias is not None else x2 @ wm.t()
+        del wm
+        y2.addmm_(s_mat, lora_B.t(), alpha=scaling)
 
         needs = ctx.needs_input_grad
         need_xl = needs[4]  # dA needs x̃
@@ -103,7 +91,7 @@ class FusedRoraLinearFunction(torch.autograd.Function):
                               s_mat if need_s else None, seed_t)
         ctx.scaling, ctx.p = scaling, p
         ctx.seed = None if seed_t is not None else seed
-        ctx.lora_input_is_x, ctx.strategy, ctx.config = lora_input_is_x, strategy, config
+        ctx.lora_input_is_x = lora_input_is_x
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         return y2.reshape(*x.shape[:-1], out_f)
@@ -131,16 +119,11 @@ class FusedRoraLinearFunction(torch.autograd.Function):
 
         dx = dx_lora = dA = dB = db = dW = None
         if need_dx:
-            lora_part = dyb if lora_input_is_x else None
-            if ctx.strategy == "inloop":
-                dx = gemm.gemm_dx(g, weight, lora_part, lora_A, s, p, int(seed),
-                                  config=ctx.config)
-            else:
-                wm = _mask(weight, seed, p)
-                dx = g @ wm
-                del wm
-                if lora_part is not None:
-                    dx.addmm_(lora_part, lora_A, alpha=s)
+            wm = _mask(weight, seed, p)
+            dx = g @ wm
+            del wm
+            if lora_input_is_x:
+                dx.addmm_(dyb, lora_A, alpha=s)
             dx = dx.reshape(ctx.x_shape)
         if need_dxl:
             dx_lora = torch.mm(dyb, lora_A).mul_(s).reshape(ctx.x_shape)
@@ -152,7 +135,7 @@ class FusedRoraLinearFunction(torch.autograd.Function):
             db = g.sum(0)
         if needs[2]:
             dW = _mask(g.t() @ x2, seed, p)
-        return (dx, dx_lora, dW, db, dA, dB) + (None,) * 5
+        return (dx, dx_lora, dW, db, dA, dB) + (None,) * 3
 
 
 # ---------------------------------------------------------------------------------
@@ -250,7 +233,6 @@ def supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool:
 def fused_rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor,
                       bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                       lora_B: torch.Tensor, scaling: float, p: float, seed, *,
-                      strategy: Optional[str] = None, config: Optional[dict] = None,
                       validate: bool = True) -> torch.Tensor:
     """Training forward of a RoRA linear layer through the fused kernels.
 
@@ -259,10 +241,6 @@ def fused_rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: t
     ``seed`` an int or a one-element int64 tensor. See
     :class:`FusedRoraLinearFunction` for the math.
 
-    ``strategy``: ``"copy"`` or ``"inloop"`` (default: ``RORA_FAST_MASK_STRATEGY``, else
-    ``_common.DEFAULT_MASK_STRATEGY``). ``config``: pin the ``"inloop"`` GEMM tiles
-    (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``: powers of two >= 16; ``GROUP_M``; optional
-    ``num_warps``/``num_stages``) instead of autotuning; tests use it.
     ``validate=False`` skips the argument checks (for callers that ran :func:`supports`).
 
     Inputs must be CUDA tensors (``supports`` says which); under ``TRITON_INTERPRET=1``
@@ -275,12 +253,5 @@ def fused_rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: t
         scaling, p = float(scaling), float(p)
         if not isinstance(seed, torch.Tensor):
             seed = int(seed)
-    strategy = _common.resolve_mask_strategy(strategy)
-    if config is not None:
-        config = dict(config)
-        for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
-            if key not in config:
-                raise ValueError(f"config needs {key}; got {config}")
-        gemm._check_config(config)
     return FusedRoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B,
-                                         scaling, p, seed, strategy, config)
+                                         scaling, p, seed)

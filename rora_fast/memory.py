@@ -33,7 +33,7 @@ key/value width ``n_kv_heads·head_dim``, ``a`` heads, ``V`` vocabulary, ``L`` b
 * logits: bf16 logits, fp32 log-softmax saved by the loss, and in backward its fp32
   gradient twice plus the bf16 one: ``16·V·T`` in backward (HF computes
   the loss in fp32 over the whole vocabulary).
-* masked-weight transient: the fused kernels' default strategy materialises
+* masked-weight transient: the fused kernels materialise
   ``M⊙W`` for one layer at a time: one weight matrix in bf16 (2 B per element of the
   largest adapted weight). The torch reference path needs about 9 B per element
   (int32 Philox lanes, the bool mask, two bf16 copies).

@@ -24,39 +24,28 @@ from rora_fast import reference as ref  # noqa: E402
 from rora_fast.functional import RoraLinearFunction  # noqa: E402
 
 import rora_fast.kernels as K  # noqa: E402
-from rora_fast.kernels import _common, gemm, mask  # noqa: E402
+from rora_fast.kernels import _common, mask  # noqa: E402
 from rora_fast.kernels import rora_linear as rl  # noqa: E402
 
 
 def _ensure_interpreted():
     """If something imported the kernels before TRITON_INTERPRET was set (another test
     module in the same process), reload them so that they run in the interpreter."""
-    global K, gemm, mask, rl
-    if CUDA or type(gemm._fwd_kernel).__name__ == "InterpretedFunction":
+    global K, mask, rl
+    if CUDA or type(mask._mask_apply_kernel).__name__ == "InterpretedFunction":
         return
-    for mod in (_common, mask, gemm, rl, K):
+    for mod in (_common, mask, rl, K):
         importlib.reload(mod)
     import rora_fast.kernels as K_new
     K = K_new
-    from rora_fast.kernels import gemm as g2, mask as m2, rora_linear as rl2
-    gemm, mask, rl = g2, m2, rl2
-    assert type(gemm._fwd_kernel).__name__ == "InterpretedFunction"
+    from rora_fast.kernels import mask as m2, rora_linear as rl2
+    mask, rl = m2, rl2
+    assert type(mask._mask_apply_kernel).__name__ == "InterpretedFunction"
 
 
 _ensure_interpreted()
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-STRATEGIES = list(_common.MASK_STRATEGIES)
-# GEMM tiles that the "inloop" strategy is pinned to in the exactness tests (two
-# different shapes: the mask must not depend on them). tl.dot needs >= 16 on a GPU.
-TILE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1),
-                dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)]
-# On CUDA most tests pin one tile configuration: autotuning every (shape, dtype,
-# variant) would compile each candidate and take minutes. AUTOTUNE asks for the
-# production path (config=None), used by test_cuda_autotuned.
-# Under the interpreter config=None means gemm.DEFAULT_INTERPRETER_CONFIG.
-AUTOTUNE = "autotune"
-PINNED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4) if CUDA else None
 
 
 # ------------------------------------------------------------------------------------
@@ -89,8 +78,7 @@ def cast(case, dtype, device=DEVICE):
             for k, v in case.items()}
 
 
-def run_fused(t, scaling, p, seed, *, strategy, lora_is_x=False,
-              weight_grad=False, config=None):
+def run_fused(t, scaling, p, seed, *, lora_is_x=False, weight_grad=False):
     """Forward+backward through the fused op; returns y and the gradients by name."""
     x = t["x"].clone().requires_grad_(True)
     x_lora = x if lora_is_x else t["x_lora"].clone().requires_grad_(True)
@@ -98,12 +86,7 @@ def run_fused(t, scaling, p, seed, *, strategy, lora_is_x=False,
     b = t["bias"].clone().requires_grad_(True) if t["bias"] is not None else None
     A = t["lora_A"].clone().requires_grad_(True)
     B = t["lora_B"].clone().requires_grad_(True)
-    if config is None:
-        config = PINNED
-    elif config == AUTOTUNE:
-        config = None
-    y = K.fused_rora_linear(x, x_lora, w, b, A, B, scaling, p, seed,
-                            strategy=strategy, config=config)
+    y = K.fused_rora_linear(x, x_lora, w, b, A, B, scaling, p, seed)
     y.backward(t["grad"])
     out = dict(y=y.detach(), dx=x.grad, dA=A.grad, dB=B.grad)
     if not lora_is_x:
@@ -146,11 +129,10 @@ def assert_2x_rule(got, ref_lo, ref_hi, dtype, what):
         f"{what}: kernel error {err_k:.3e} > 2 x torch {dtype} error {err_t:.3e} + {atol:.1e}")
 
 
-def check_against_reference(case, dtype, scaling, p, seed, *, strategy,
-                            lora_is_x=False, weight_grad=False, config=None):
+def check_against_reference(case, dtype, scaling, p, seed, *, lora_is_x=False,
+                            weight_grad=False):
     t = cast(case, dtype)
-    got = run_fused(t, scaling, p, seed, strategy=strategy,
-                    lora_is_x=lora_is_x, weight_grad=weight_grad, config=config)
+    got = run_fused(t, scaling, p, seed, lora_is_x=lora_is_x, weight_grad=weight_grad)
     lo = run_reference(t, scaling, p, seed, lora_is_x=lora_is_x, weight_grad=weight_grad)
     hi = run_reference(cast(case, torch.float64), scaling, p, seed,
                        lora_is_x=lora_is_x, weight_grad=weight_grad)
@@ -220,21 +202,6 @@ def test_masked_copy_bit_identical_to_reference(dtype):
     assert torch.equal(K.masked_copy(wt, 9, 0.25).cpu(), ref.masked_weight(wt, 9, 0.25).cpu())
 
 
-@pytest.mark.parametrize("config", TILE_CONFIGS, ids=["tiles16", "tiles32"])
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_gemm_mask_exact_whatever_the_tiles(config, p):
-    """x = I makes the forward GEMM return c·(M ⊙ W)ᵀ and dY = I makes the dX GEMM return
-    c·(M ⊙ W), exactly (one product by 1, sums of exact zeros, one multiply by c): the
-    mask drawn inside the K-loop is the reference mask, for either tile shape."""
-    out_f, in_f, seed = 37, 45, 2**33 + 17
-    w = torch.randn(out_f, in_f, dtype=torch.float32, device=DEVICE)
-    expected = ref.masked_weight(w, seed, p)
-    y = gemm.gemm_forward(torch.eye(in_f, device=DEVICE), w, None, None, None, 1.0, p, seed,
-                          config=config)
-    assert torch.equal(y.t().cpu(), expected.cpu())
-    dx = gemm.gemm_dx(torch.eye(out_f, device=DEVICE), w, None, None, 1.0, p, seed,
-                      config=config)
-    assert torch.equal(dx.cpu(), expected.cpu())
 
 
 # ------------------------------------------------------------------------------------
@@ -246,25 +213,22 @@ def _shape_for_rank(r):
     return (37, 33, 19) if r <= 16 else (29, 70, 67)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("r", [1, 4, 8, 16, 64])
-def test_forward_backward_match_reference(strategy, p, r):
+def test_forward_backward_match_reference(p, r):
     tokens, in_f, out_f = _shape_for_rank(r)
     case = make_case((tokens,), in_f, out_f, r, seed=r * 10 + int(p * 10))
-    check_against_reference(case, torch.float32, 0.75, p, 2024 + r, strategy=strategy)
+    check_against_reference(case, torch.float32, 0.75, p, 2024 + r)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lora_input_is_x(strategy, p):
+def test_lora_input_is_x(p):
     """x̃ is x (no LoRA input dropout): dX + dX̃ comes back as x's gradient."""
     case = make_case((37,), 33, 19, 4, seed=5)
-    check_against_reference(case, torch.float32, 2.0, p, 99, strategy=strategy, lora_is_x=True)
+    check_against_reference(case, torch.float32, 2.0, p, 99, lora_is_x=True)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_leading_dims_and_non_contiguous(strategy):
+def test_leading_dims_and_non_contiguous():
     in_f, out_f, r, p, seed = 33, 19, 8, 0.2, 31337
     case = make_case((2, 3), in_f, out_f, r, seed=11)
     t = cast(case, torch.float32)
@@ -279,7 +243,7 @@ def test_leading_dims_and_non_contiguous(strategy):
     nt["grad"] = t["grad"].transpose(0, 1).contiguous().transpose(0, 1)
     assert not nt["x"].is_contiguous() and not nt["weight"].is_contiguous()
     assert not nt["lora_B"].is_contiguous() and not nt["grad"].is_contiguous()
-    got = run_fused(nt, 0.5, p, seed, strategy=strategy)
+    got = run_fused(nt, 0.5, p, seed)
     hi = run_reference(cast(case, torch.float64), 0.5, p, seed)
     lo = run_reference(t, 0.5, p, seed)
     assert got["y"].shape == (2, 3, out_f) and got["dx"].shape == (2, 3, in_f)
@@ -289,8 +253,7 @@ def test_leading_dims_and_non_contiguous(strategy):
 
 def test_one_dimensional_input():
     case = make_case((), 33, 19, 4, seed=3)
-    for strategy in STRATEGIES:
-        check_against_reference(case, torch.float32, 1.0, 0.1, 5, strategy=strategy)
+    check_against_reference(case, torch.float32, 1.0, 0.1, 5)
 
 
 def test_no_penalty_work_in_the_fused_backward():
@@ -310,34 +273,26 @@ def test_seed_tensor_equals_int_seed():
         x = t["x"].clone().requires_grad_(True)
         A = t["lora_A"].clone().requires_grad_(True)
         y = K.fused_rora_linear(x, None, t["weight"], t["bias"], A, t["lora_B"], 0.5, 0.2,
-                                seed, strategy="copy")
+                                seed)
         y.backward(t["grad"])
         outs.append((y.detach(), x.grad, A.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_trainable_weight_no_bias(strategy):
+def test_trainable_weight_no_bias():
     case = make_case((37,), 33, 19, 4, seed=4, bias=False)
-    check_against_reference(case, torch.float32, 0.5, 0.25, 77, strategy=strategy,
+    check_against_reference(case, torch.float32, 0.5, 0.25, 77,
                             weight_grad=True)
 
 
-@pytest.mark.parametrize("config", TILE_CONFIGS, ids=["tiles16", "tiles32"])
-def test_inloop_pinned_tiles(config):
-    case = make_case((37,), 33, 19, 16, seed=6)
-    check_against_reference(case, torch.float32, 0.5, 0.1, 5, strategy="inloop", config=config)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_matches_reference_autograd_function(strategy):
+def test_matches_reference_autograd_function():
     """Same gradients, slot by slot, as functional.RoraLinearFunction (the reference op)."""
     t = cast(make_case((37,), 33, 19, 4, seed=9), torch.float32)
     ins = [t["x"], t["x_lora"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]]
     a = [v.clone().requires_grad_(i != 2) for i, v in enumerate(ins)]
     b = [v.clone().requires_grad_(i != 2) for i, v in enumerate(ins)]
-    y1 = K.fused_rora_linear(*a, 0.5, 0.1, 11, strategy=strategy, config=PINNED)
+    y1 = K.fused_rora_linear(*a, 0.5, 0.1, 11)
     y2 = RoraLinearFunction.apply(*b, 0.5, 0.1, 11)
     g1 = torch.autograd.grad(y1, [a[i] for i in (0, 1, 3, 4, 5)], t["grad"])
     g2 = torch.autograd.grad(y2, [b[i] for i in (0, 1, 3, 4, 5)], t["grad"])
@@ -346,20 +301,18 @@ def test_matches_reference_autograd_function(strategy):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_enclosing_autocast_does_not_change_the_op(strategy):
+def test_enclosing_autocast_does_not_change_the_op():
     """Under torch.autocast the op still computes in its inputs' dtype."""
     t = cast(make_case((37,), 33, 19, 4, seed=12), torch.float32)
     ins = [t[k] for k in ("x", "x_lora", "weight", "bias", "lora_A", "lora_B")]
-    y0 = K.fused_rora_linear(*ins, 0.5, 0.1, 3, strategy=strategy, config=PINNED)
+    y0 = K.fused_rora_linear(*ins, 0.5, 0.1, 3)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        y1 = K.fused_rora_linear(*ins, 0.5, 0.1, 3, strategy=strategy, config=PINNED)
+        y1 = K.fused_rora_linear(*ins, 0.5, 0.1, 3)
     assert y1.dtype == torch.float32
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_nothing_weight_sized_saved(strategy):
+def test_nothing_weight_sized_saved():
     """Between forward and backward only W itself (the parameter, not a copy) has the
     weight's shape among the saved tensors."""
     t = cast(make_case((37,), 33, 19, 4, seed=2), torch.float32)
@@ -373,8 +326,7 @@ def test_nothing_weight_sized_saved(strategy):
     A = t["lora_A"].clone().requires_grad_(True)
     B = t["lora_B"].clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
-        y = K.fused_rora_linear(x, x, t["weight"], t["bias"], A, B, 1.0, 0.5, 1,
-                                strategy=strategy, config=PINNED)
+        y = K.fused_rora_linear(x, x, t["weight"], t["bias"], A, B, 1.0, 0.5, 1)
     y.sum().backward()
     assert saved
     for shape, ptr in saved:
@@ -383,19 +335,8 @@ def test_nothing_weight_sized_saved(strategy):
 
 
 # ------------------------------------------------------------------------------------
-# API: strategy choice, validation, supports
+# API: validation, supports
 # ------------------------------------------------------------------------------------
-
-def test_strategy_resolution(monkeypatch):
-    monkeypatch.delenv("RORA_FAST_MASK_STRATEGY", raising=False)
-    assert _common.resolve_mask_strategy() == _common.DEFAULT_MASK_STRATEGY == "copy"
-    monkeypatch.setenv("RORA_FAST_MASK_STRATEGY", "InLoop")
-    assert _common.resolve_mask_strategy() == "inloop"
-    assert _common.resolve_mask_strategy("copy") == "copy"
-    monkeypatch.setenv("RORA_FAST_MASK_STRATEGY", "bogus")
-    with pytest.raises(ValueError, match="mask strategy"):
-        _common.resolve_mask_strategy()
-
 
 def test_bad_inputs_raise_clear_errors():
     t = cast(make_case((4,), 33, 19, 4, seed=0), torch.float32)
@@ -422,11 +363,6 @@ def test_bad_inputs_raise_clear_errors():
         call(8, 2**63)
     with pytest.raises(ValueError, match="scaling"):
         call(6, float("nan"))
-    with pytest.raises(ValueError, match="mask strategy"):
-        K.fused_rora_linear(*args, strategy="nope")
-    with pytest.raises(ValueError, match="BLOCK_K"):
-        K.fused_rora_linear(*args, strategy="inloop",
-                            config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=12, GROUP_M=1))
     with pytest.raises(ValueError, match="power of two"):
         K.keep_mask(1, 5, 9, 0.1, DEVICE, block_k=24)
     with pytest.raises(ValueError, match="too large"):
@@ -457,23 +393,13 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
 @needs_cuda
-@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(37, 33, 19, 4), (300, 520, 264, 16), (1000, 1024, 768, 64)])
-def test_cuda_dtypes_2x_rule(strategy, dtype, shape):
+def test_cuda_dtypes_2x_rule(dtype, shape):
     tokens, in_f, out_f, r = shape
     case = make_case((tokens,), in_f, out_f, r, seed=tokens)
-    check_against_reference(case, dtype, 0.5, 0.1, 4242, strategy=strategy)
-    check_against_reference(case, dtype, 2.0, 0.0, 7, strategy=strategy, lora_is_x=True)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_cuda_autotuned(dtype):
-    """The production path: autotuned tiles (no pinned config)."""
-    case = make_case((1000,), 1024, 768, 16, seed=1)
-    check_against_reference(case, dtype, 0.5, 0.1, 4243, strategy="inloop",
-                            config=AUTOTUNE)
+    check_against_reference(case, dtype, 0.5, 0.1, 4242)
+    check_against_reference(case, dtype, 2.0, 0.0, 7, lora_is_x=True)
 
 
 @needs_cuda
@@ -501,19 +427,18 @@ def test_functional_dispatch_to_kernels(backend, monkeypatch):
 # a whole RoraLinear training step through the kernels equals the reference step
 # ------------------------------------------------------------------------------------
 
-def _route_layer_to_kernels(monkeypatch, strategy):
+def _route_layer_to_kernels(monkeypatch):
     """Make RoraLinear use the fused kernels: functional.rora_linear, which the layer
     calls, is replaced by the fused op for the duration of the test. (On the CPU the
-    dispatcher never sends CPU tensors to the kernels; on CUDA this also pins the GEMM
-    tiles, sparing the autotuning. The CUDA dispatch itself is checked by
-    test_functional_dispatch_to_kernels.) Returns the list of recorded calls."""
+    dispatcher never sends CPU tensors to the kernels. The CUDA dispatch itself is
+    checked by test_functional_dispatch_to_kernels.) Returns the list of recorded calls."""
     from rora_fast import functional as F_rora
     calls = []
 
     def fused(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, backend=None):
         calls.append(1)
         return K.fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B, scaling, p,
-                                   seed, strategy=strategy, config=PINNED)
+                                   seed)
 
     monkeypatch.setattr(F_rora, "rora_linear", fused)
     return calls
@@ -534,9 +459,8 @@ def _train_two_steps(layer, x, target):
     return outs
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.2])
-def test_rora_linear_training_step_matches_reference(strategy, lora_dropout, monkeypatch):
+def test_rora_linear_training_step_matches_reference(lora_dropout, monkeypatch):
     from rora_fast import RoraLinear
 
     def build():
@@ -558,7 +482,7 @@ def test_rora_linear_training_step_matches_reference(strategy, lora_dropout, mon
     expected = _train_two_steps(ref_layer, x, target)
 
     fused_layer = build()
-    calls = _route_layer_to_kernels(monkeypatch, strategy)
+    calls = _route_layer_to_kernels(monkeypatch)
     torch.manual_seed(7)
     got = _train_two_steps(fused_layer, x, target)
     assert len(calls) == 2, "the layer did not go through the fused op"

@@ -26,17 +26,17 @@ def test_source_checkout_without_install_finds_kernels():
         for name in list(sys.modules):
             if name.startswith("rora_fast"):
                 del sys.modules[name]
-        import rora_fast, rora_fast.kernels as k, rora_fast.kernels.gemm as g
+        import rora_fast, rora_fast.kernels as k, rora_fast.kernels.mask as g
         print(rora_fast.__file__); print(k.__file__); print(g.__file__)
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    pkg, kern, gemm = out.stdout.split()[-3:]
+    pkg, kern, sub = out.stdout.split()[-3:]
     assert pkg == os.path.join(ROOT, "rora_fast", "__init__.py")
     assert kern == os.path.join(ROOT, "kernels", "__init__.py")
-    assert gemm == os.path.join(ROOT, "kernels", "gemm.py")
+    assert sub == os.path.join(ROOT, "kernels", "mask.py")
 
 
 def test_source_finder_ignores_other_names():

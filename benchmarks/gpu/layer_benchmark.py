@@ -10,7 +10,9 @@ For each weight shape (in x out) at ``--tokens`` tokens, rank ``--rank``, it tim
                       the base dtype: bf16 on the GPU);
 * ``peft_lora_nodrop`` PEFT's defaults without LoRA dropout (RoRA here has none either);
 * ``rora_reference``  ``rora_fast.functional.rora_linear(..., backend="reference")`` (plain torch);
-* ``rora_fused_<s>``  ``rora_fast.kernels.fused_rora_linear`` with mask strategy ``<s>``.
+* ``rora_fused``      ``rora_fast.kernels.fused_rora_linear`` (Triton masked copy + cuBLAS;
+                      the in-loop Philox GEMM strategy was deleted after losing 3.3-4.9x,
+                      benchmarks/results/2026-11-28-nvidia-h200.md).
 
 RoRA runs with weight dropout ``--weight-dropout`` (0.1), no LoRA input dropout (RoRA
 drops W, not x). The orthogonality penalty is not part of the op: its gradient is added
@@ -18,7 +20,7 @@ once per optimizer step for all layers (rora_fast.penalty), so it is timed at th
 model level (benchmarks/bench_model.py, benchmarks/host_overhead.py), not here.
 Reported: median / p20 / p80 wall time per forward+backward (CUDA events) and the peak
 memory allocated above what existed before the call (saved activations, transients
-and gradients). Also a correctness spot check of each fused strategy against the
+and gradients). Also a correctness spot check of the fused op against the
 reference at the full shape (relative max error of y and of every gradient).
 
 Usage::
@@ -202,7 +204,7 @@ def make_methods(in_f, out_f, args, device, dtype):
         except Exception as exc:  # reported, not fatal: the other methods still run
             methods[name] = exc
 
-    def rora(backend=None, strategy=None):
+    def rora(backend=None):
         def step():
             clear(x, A, B)
             if backend == "reference":
@@ -210,17 +212,15 @@ def make_methods(in_f, out_f, args, device, dtype):
                                        backend="reference")
             else:
                 from rora_fast import kernels
-                y = kernels.fused_rora_linear(x, None, W, None, A, B, scaling, p, seed,
-                                              strategy=strategy)
+                y = kernels.fused_rora_linear(x, None, W, None, A, B, scaling, p, seed)
             y.backward(dy)
             return y
         return step
 
     methods["rora_reference"] = rora("reference")
     try:
-        from rora_fast import kernels
-        for s in kernels.MASK_STRATEGIES:
-            methods[f"rora_fused_{s}"] = rora(strategy=s)
+        from rora_fast import kernels  # noqa: F401 (needs triton)
+        methods["rora_fused"] = rora()
     except Exception as exc:
         methods["rora_fused"] = exc
 
@@ -358,11 +358,6 @@ def environment(device, device_name, args):
     if device.type == "cuda":
         meta["cuda"] = torch.version.cuda
         meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-    try:
-        from rora_fast.kernels import DEFAULT_MASK_STRATEGY
-        meta["default_mask_strategy"] = DEFAULT_MASK_STRATEGY
-    except Exception:
-        pass
     return meta
 
 

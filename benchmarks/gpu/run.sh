@@ -9,7 +9,7 @@
 #   1. install the checkout (pip -e, no deps, no network), else a PYTHONPATH fallback;
 #   2. tests/test_kernels.py on CUDA (fp32, fp16, bf16; 2x-error rule);
 #   3. one-layer forward+backward benchmark at LLaMA-7B shapes (bf16, 8192 tokens, r=16):
-#      base GEMMs, PEFT LoRA (dropout 0.1), RoRA reference, fused RoRA (each strategy);
+#      base GEMMs, PEFT LoRA (dropout 0.1), RoRA reference, fused RoRA;
 #      writes benchmarks/results/<date>-<device>.json and .md;
 #   4. HOOK: the model-level suite of issue 5 (`pytest benchmarks/ --benchmark-only`),
 #      only if present and time is left;
