@@ -70,8 +70,19 @@ def build_model(args, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype or torch.bfloat16)
     rora_fast.apply_rora(model, rora_config(args), progress=not args.tiny)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model, **kwargs):
+    """Activation (gradient) checkpointing of a transformers model: the masks replay in the
+    recomputation. transformers 5 renamed ``gradient_checkpointing_enable`` (a
+    FutureWarning on every call) to ``activation_checkpointing_enable``; older versions
+    have only the first."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
 
 
 class TokenizedLM(torch.utils.data.Dataset):

@@ -13,6 +13,7 @@ is seeded the same, so the weight masks agree across ranks (checked at start-up)
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -59,8 +60,12 @@ def main(argv=None):
     else:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        wrapped = DDP(model, device_ids=[device.index] if cuda else None,
-                      broadcast_buffers=False)
+        # The SVD-basis buffers are equal on every rank: no buffer sync in forward.
+        # (torch 2.13 renamed broadcast_buffers, with a FutureWarning per rank.)
+        no_sync = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                   else {"broadcast_buffers": False})
+        wrapped = DDP(model, device_ids=[device.index] if cuda else None, **no_sync)
     sampler = torch.utils.data.distributed.DistributedSampler(data, world, rank,
                                                               shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler,

@@ -104,8 +104,7 @@ def main(argv=None):
     model = load_quantized(args, path)
     rora_fast.apply_rora(model, common.rora_config(args), progress=not args.tiny)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        common.enable_checkpointing(model, use_reentrant=False)
     n_layers = sum(1 for _ in rora_fast.rora_layers(model))
     bytes_ = state_bytes(model)
 

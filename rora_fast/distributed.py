@@ -5,8 +5,9 @@ DDP (``torch.nn.parallel.DistributedDataParallel``)
     to the all-reduced adapter gradients on every rank, once per step:
     ``mean_r(g_r) + λ∇Ω``, the gradient of one process on the combined batch. The
     SVD bases are non-persistent buffers, identical on every
-    rank (deterministic SVD of identical weights); pass ``broadcast_buffers=False``
-    (Trainer: ``ddp_broadcast_buffers=False``) to skip re-broadcasting them each step.
+    rank (deterministic SVD of identical weights); pass ``forward_sync_buffers=False``
+    (torch < 2.13: ``broadcast_buffers=False``; Trainer: ``ddp_broadcast_buffers=False``)
+    to skip re-broadcasting them each step.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``)
     Frozen base weights and trainable adapters may share one FSDP unit (FSDP2 shards

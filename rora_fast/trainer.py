@@ -8,7 +8,8 @@ Recipe::
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     rora_fast.apply_rora(model, rora_fast.RoraConfig(target_modules=["q_proj", "v_proj"]))
-    model.gradient_checkpointing_enable()            # optional; the masks replay
+    model.activation_checkpointing_enable()          # optional; the masks replay
+                                                     # (transformers < 5: gradient_checkpointing_enable)
     trainer = Trainer(model=model, args=TrainingArguments(..., bf16=True,
                       gradient_accumulation_steps=4), train_dataset=ds)
     add_rora_callback(trainer, save_dir="out/rora", export_peft_dir="out/peft")
