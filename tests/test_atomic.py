@@ -16,6 +16,7 @@ from torch import nn
 
 from rora_fast import (RoraConfig, apply_rora, export_peft_adapter, load_rora, rora_layers,
                        save_rora)
+from rora_fast import atomic as A
 from rora_fast import persistence as P
 from rora_fast.persistence import AdapterIntegrityError, verify_adapter
 
@@ -188,10 +189,10 @@ def test_failed_save_keeps_previous_and_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("injected")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(P.os, "rename", flaky_rename)
+    monkeypatch.setattr(A.os, "rename", flaky_rename)
     with pytest.raises(OSError, match="injected"):
         save_rora(b, tmp_path / "ad")
-    monkeypatch.setattr(P.os, "rename", real_rename)
+    monkeypatch.setattr(A.os, "rename", real_rename)
     assert leftovers(tmp_path, ["ad"]) == []
     assert same(fresh_loaded(tmp_path / "ad"), state(a))
 
@@ -346,9 +347,9 @@ def test_sigkill_at_every_step_of_a_save(tmp_path, crash_at):
                     return out
                 return wrapped
 
-            P.os.rename = step(os.rename)
-            P._fsync_path = step(P._fsync_path)
-            P.shutil.rmtree = step(P.shutil.rmtree)
+            A.os.rename = step(os.rename)
+            A._fsync_path = step(A._fsync_path)
+            A.shutil.rmtree = step(A.shutil.rmtree)
             save_rora(b, target)
         finally:
             os._exit(3)
