@@ -204,7 +204,8 @@ class RoraLinear(nn.Module):
         """Wrap an existing ``nn.Linear`` (its weight and bias are shared, not copied).
 
         A bitsandbytes ``Linear4bit``/``Linear8bitLt`` or a transformers ``Conv1D`` gets its
-        own layer class (:mod:`rora_fast.quantized`: ``QuantRoraLinear``, ``RoraConv1D``)."""
+        own layer class (:class:`rora_fast.quantized.QuantRoraLinear`,
+        :class:`rora_fast.conv1d.RoraConv1D`; chosen by :mod:`rora_fast.targets`)."""
         if cls is RoraLinear:  # construction hook for non-dense bases (issue 13)
             for build in _OTHER_BASE_BUILDERS:
                 layer = build(linear, r=r, alpha=alpha, weight_dropout=weight_dropout,

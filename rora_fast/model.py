@@ -21,7 +21,7 @@ from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: p
 from .config import RoraConfig
 from .layer import RoraLinear
 from .linalg import rescale_factor
-from .quantized import check_rora_target, is_rora_target, make_rora_layer  # bnb, Conv1D
+from .targets import check_rora_target, is_rora_target, make_rora_layer  # bnb, Conv1D
 # rora_penalty / attach_penalty live in penalty.py (re-exported here for compatibility).
 from .penalty import attach_penalty, rora_penalty  # noqa: E402,F401
 

@@ -37,7 +37,8 @@ from . import reference as ref
 from .blocks import select_top_blocks
 from .layer import training_forward
 from .linalg import rescale_factor, sigma_max_lowrank, spectral_basis
-from .quantized import _compute_dtype, _saved_as_recompute, dequantize_base, is_rora_target
+from .quantized import _compute_dtype, _saved_as_recompute, dequantize_base
+from .targets import is_rora_target
 
 __all__ = ["register_rora", "make_peft_rora_linear", "peft_custom_modules",
            "peft_rora_layers", "spectral_rescale_peft_"]

@@ -44,7 +44,8 @@ from .atomic import (AdapterIntegrityError, _bytes_checksum, _prepare_read,  # n
                      recover, tensor_checksum)
 from .config import RoraConfig
 from .layer import RoraLinear
-from .quantized import check_saved_quantization, quant_descriptor, target_dims
+from .quantized import check_saved_quantization, quant_descriptor
+from .targets import target_dims
 from .model import (_HEAD_NAMES, _layer_attrs, _resolve_modules_to_save, all_or_nothing,
                     apply_rora, plan_rora, rora_layers)
 

@@ -1,5 +1,5 @@
-"""RoRA over quantized bases (bitsandbytes ``Linear4bit``/``Linear8bitLt``) and GPT-2's
-``Conv1D`` (transformers' ``fan_in_fan_out`` linear, weight stored in x out).
+"""RoRA over quantized bases (bitsandbytes ``Linear4bit``/``Linear8bitLt``), and the
+recognition of non-dense bases by class name (:func:`base_kind`).
 
 Quantized bases (QLoRA-style)
 -----------------------------
@@ -33,14 +33,8 @@ weight stays quantized in memory (its state-dict entries are bitsandbytes' own, 
 Without bitsandbytes, a quantized layer raises ``ImportError`` telling to
 ``pip install 'rora-fast[quant]'``.
 
-GPT-2 ``Conv1D``
-----------------
-:class:`RoraConv1D` wraps a ``Conv1D`` whose weight is ``(in, out)``; the layer's ``weight``
-is the ``(out, in)`` transposed *view* of the same storage (no copy), so everything of
-:class:`~rora_fast.layer.RoraLinear` — weight mask, penalty, PiSSA/OLoRA, DoRA, merging —
-runs on the ``(out, in)`` view, and the mask equals that of an ``nn.Linear`` holding
-``conv.weight.t()``. Its state dict stores the weight in ``Conv1D``'s ``(in, out)`` layout
-(as the checkpoint it came from), and merging gives back a ``Conv1D``.
+The GPT-2 ``Conv1D`` layer class is in :mod:`rora_fast.conv1d`; which layer class wraps
+which base, and the per-target checks, in :mod:`rora_fast.targets`.
 
 Through PEFT, :func:`rora_fast.register_rora` maps bitsandbytes and ``Conv1D`` bases to
 the layer classes of :func:`rora_fast.peft_integration.peft_custom_modules`, built on the
@@ -58,11 +52,11 @@ import torch
 from torch import nn
 
 from . import reference as ref
-from .layer import RoraLinear, register_base_builder
+from .layer import RoraLinear
 
-__all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "is_rora_target",
-           "target_dims", "check_rora_target", "check_saved_quantization", "make_rora_layer",
-           "QuantRoraLinear", "RoraConv1D", "dequantize_base", "dequantize_4bit_masked_base",
+__all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind",
+           "check_saved_quantization", "QuantRoraLinear", "dequantize_base",
+           "dequantize_4bit_masked_base",
            "quant_descriptor", "check_quant_descriptor"]
 
 QUANT_INSTALL_HINT = "pip install 'rora-fast[quant]'"
@@ -103,95 +97,12 @@ def base_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-def is_rora_target(module: nn.Module) -> bool:
-    """Whether :func:`make_rora_layer` can wrap ``module``: an ``nn.Linear``, a bitsandbytes
-    4-bit/8-bit linear, or a transformers ``Conv1D``."""
-    return base_kind(module) is not None
-
-
-def target_dims(module: nn.Module) -> tuple:
-    """``(in_features, out_features)`` of a RoRA target (a ``Conv1D`` stores ``nx``/``nf``)."""
-    if base_kind(module) == "conv1d":
-        n_in, n_out = module.weight.shape
-        return int(n_in), int(n_out)
-    return int(module.in_features), int(module.out_features)
-
-
-def check_rora_target(module: nn.Module, config, name: str) -> None:
-    """What :func:`rora_fast.model.plan_rora` checks for each target before changing the
-    model: the ranks fit the shape; a dense weight is floating point, 2-D and finite (a
-    ``Conv1D``'s on its ``(out, in)`` view); a quantized layer needs bitsandbytes
-    importable (the install hint otherwise), is quantized already, and uses neither
-    PiSSA/OLoRA nor DoRA."""
-    from . import validation as V
-
-    kind = base_kind(module)
-    n_in, n_out = target_dims(module)
-    V.check_layer_shape(config.r, config.ortho_rank, n_in, n_out, name=name)
-    if kind in ("4bit", "8bit"):
-        require_bitsandbytes()
-        if config.init in ("pissa", "olora") or config.use_dora:
-            what = "use_dora=True" if config.use_dora else f"init={config.init!r}"
-            raise NotImplementedError(f"{name!r}: {what} is not supported on a quantized "
-                                      "(bitsandbytes) base (PiSSA/OLoRA rewrite the base, "
-                                      "DoRA is not implemented for it); use a bf16 base")
-        w = module.weight
-        if (kind == "4bit" and getattr(w, "quant_state", None) is None) or \
-                (kind == "8bit" and w.dtype != torch.int8):
-            raise ValueError(f"{name!r}: the bitsandbytes weight is not quantized yet "
-                             "(load the model with BitsAndBytesConfig or move it to its device)")
-        return
-    w = module.weight.detach().t() if kind == "conv1d" else module.weight
-    if w.dtype in (torch.uint8, torch.int8):
-        raise TypeError(f"{name!r}: the weight is {w.dtype}, a quantized layer that is not a "
-                        "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports bitsandbytes "
-                        f"bases: {QUANT_INSTALL_HINT})")
-    V.check_base_weight(w, name=name)
-
-
 def check_saved_quantization(model: nn.Module, names, meta: dict) -> None:
     """Before loading adapters: every layer's base must be quantized as when they were
     saved (``meta[name]["quantization"]``, absent for a dense base)."""
     for n in names:
         if n in meta:
             check_quant_descriptor(n, model.get_submodule(n), meta[n].get("quantization"))
-
-
-def make_rora_layer(module: nn.Module, name: str = "", config=None, **kwargs) -> RoraLinear:
-    """The RoRA layer for ``module``: :class:`QuantRoraLinear` for a bitsandbytes layer,
-    :class:`RoraConv1D` for a ``Conv1D``, :class:`RoraLinear` for an ``nn.Linear``.
-
-    ``config``: a :class:`rora_fast.RoraConfig` (its ``layer_kwargs()``) and/or keyword
-    arguments of :class:`RoraLinear`. ``name`` only labels the error for an unsupported
-    module type.
-    """
-    kw = dict(config.layer_kwargs()) if config is not None else {}
-    kw.update(kwargs)
-    kind = base_kind(module)
-    if kind in ("4bit", "8bit"):
-        return QuantRoraLinear.from_quantized(module, **kw)
-    if kind == "conv1d":
-        return RoraConv1D.from_conv1d(module, **kw)
-    if kind == "linear":
-        w = getattr(module, "weight", None)
-        if w is not None and w.dtype in (torch.uint8, torch.int8):
-            raise TypeError(f"the weight is {w.dtype}: a quantized layer that is not a "
-                            "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports "
-                            f"bitsandbytes bases: {QUANT_INSTALL_HINT})")
-        return RoraLinear.from_linear(module, **kw)
-    label = f"{name!r}: " if name else ""
-    raise TypeError(f"{label}RoRA adapts nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and "
-                    f"transformers Conv1D layers, got {type(module).__name__}")
-
-
-def _build_other_base(module: nn.Module, **kwargs) -> Optional[RoraLinear]:
-    """``RoraLinear.from_linear``'s hook: the layer for a bitsandbytes or ``Conv1D`` base."""
-    if base_kind(module) in ("4bit", "8bit", "conv1d"):
-        return make_rora_layer(module, **kwargs)
-    return None
-
-
-register_base_builder(_build_other_base)
 
 
 # ---------------------------------------------------------------------- bitsandbytes
@@ -469,53 +380,3 @@ class QuantRoraLinear(RoraLinear):
                     state.CB = None
                     state.SCB = None
         return base
-
-
-# ---------------------------------------------------------------------- Conv1D
-class RoraConv1D(RoraLinear):
-    """RoRA over a transformers ``Conv1D`` (GPT-2's linear, ``y = x W + b`` with ``W``
-    stored ``(in, out)``). ``weight`` is the ``(out, in)`` view of the Conv1D's storage."""
-
-    @classmethod
-    def from_conv1d(cls, conv: nn.Module, r: int = 8, alpha: float = 16,
-                    weight_dropout: float = 0.1, lora_dropout: float = 0.0,
-                    ortho_rank: int = 32, ortho_lambda: float = 10.0,
-                    **kwargs) -> "RoraConv1D":
-        if base_kind(conv) != "conv1d":
-            raise TypeError(f"from_conv1d expects a transformers Conv1D, got "
-                            f"{type(conv).__name__}")
-        n_in, n_out = conv.weight.shape
-        view = nn.Linear(n_in, n_out, bias=False, device="meta")
-        # the (out, in) transposed view of the same storage: no copy
-        view.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
-        view.bias = conv.bias
-        layer = cls(n_in, n_out, conv.bias is not None, r=r, alpha=alpha,
-                    weight_dropout=weight_dropout, lora_dropout=lora_dropout,
-                    ortho_rank=ortho_rank, ortho_lambda=ortho_lambda, _base=view, **kwargs)
-        layer._conv_cls = type(conv)
-        return layer
-
-    # The state dict keeps Conv1D's (in, out) layout, so checkpoints stay interchangeable.
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        key = prefix + "weight"
-        if key in destination:
-            destination[key] = destination[key].t()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "weight"
-        if key in state_dict:
-            state_dict = dict(state_dict)
-            state_dict[key] = state_dict[key].t()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def merged_linear(self) -> nn.Module:
-        """A ``Conv1D`` computing this layer's eval output (weight merged in place)."""
-        lin = super().merged_linear()
-        conv = self._conv_cls.__new__(self._conv_cls)
-        nn.Module.__init__(conv)
-        conv.nf = self.out_features
-        conv.nx = self.in_features
-        conv.weight = nn.Parameter(lin.weight.detach().t(), requires_grad=False)
-        conv.bias = lin.bias
-        return conv

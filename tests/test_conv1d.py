@@ -15,7 +15,8 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import rora_fast  # noqa: E402
 from rora_fast.peft_integration import peft_rora_layers  # noqa: E402
-from rora_fast.quantized import RoraConv1D, make_rora_layer  # noqa: E402
+from rora_fast.conv1d import RoraConv1D  # noqa: E402
+from rora_fast.targets import make_rora_layer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

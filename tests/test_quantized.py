@@ -14,7 +14,9 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 import rora_fast  # noqa: E402
+from rora_fast import conv1d as C  # noqa: E402
 from rora_fast import quantized as Q  # noqa: E402
+from rora_fast import targets as T  # noqa: E402
 from rora_fast.linalg import weight_fingerprint  # noqa: E402
 from rora_fast.peft_integration import peft_rora_layers  # noqa: E402
 
@@ -198,12 +200,12 @@ def test_without_bitsandbytes_the_error_says_how_to_install(monkeypatch):
     layer = _quant_layer("nf4-dq")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now fails
     with pytest.raises(ImportError, match=r"pip install 'rora-fast\[quant\]'"):
-        Q.make_rora_layer(layer, "q_proj", r=4, ortho_rank=8)
+        T.make_rora_layer(layer, "q_proj", r=4, ortho_rank=8)
     # an nn.Linear holding quantized bytes (no bitsandbytes class) is refused clearly too
     lin = nn.Linear(8, 8)
     lin.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(TypeError, match=r"rora-fast\[quant\]"):
-        Q.make_rora_layer(lin, "x", r=2, ortho_rank=2)
+        T.make_rora_layer(lin, "x", r=2, ortho_rank=2)
 
 
 # ---------------------------------------------------------------------- a tiny LLaMA
@@ -512,7 +514,7 @@ def test_from_linear_dispatches_quantized_and_conv1d_bases():
     q8 = rora_fast.RoraLinear.from_linear(_quant_layer("int8"), r=4, ortho_rank=8)
     assert isinstance(q8, Q.QuantRoraLinear) and q8.quant_kind == "8bit"
     c = rora_fast.RoraLinear.from_linear(Conv1D(24, 16), r=2, ortho_rank=4)
-    assert isinstance(c, Q.RoraConv1D) and c.weight.shape == (24, 16)
+    assert isinstance(c, C.RoraConv1D) and c.weight.shape == (24, 16)
 
 
 def test_apply_rora_refusals_leave_the_model_unchanged(tiny_llama, monkeypatch):

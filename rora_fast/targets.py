@@ -1,0 +1,100 @@
+"""Which modules RoRA adapts, and the layer class for each: ``nn.Linear``
+(:class:`~rora_fast.layer.RoraLinear`), bitsandbytes ``Linear4bit``/``Linear8bitLt``
+(:class:`~rora_fast.quantized.QuantRoraLinear`) and transformers ``Conv1D``
+(:class:`~rora_fast.conv1d.RoraConv1D`); with the checks :func:`rora_fast.apply_rora` runs
+on every target before changing the model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import validation as V
+from .conv1d import RoraConv1D
+from .layer import RoraLinear, register_base_builder
+from .quantized import QUANT_INSTALL_HINT, QuantRoraLinear, base_kind, require_bitsandbytes
+
+__all__ = ["is_rora_target", "target_dims", "check_rora_target", "make_rora_layer"]
+
+
+def is_rora_target(module: nn.Module) -> bool:
+    """Whether :func:`make_rora_layer` can wrap ``module``: an ``nn.Linear``, a bitsandbytes
+    4-bit/8-bit linear, or a transformers ``Conv1D``."""
+    return base_kind(module) is not None
+
+
+def target_dims(module: nn.Module) -> tuple:
+    """``(in_features, out_features)`` of a RoRA target (a ``Conv1D`` stores ``nx``/``nf``)."""
+    if base_kind(module) == "conv1d":
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    return int(module.in_features), int(module.out_features)
+
+
+def check_rora_target(module: nn.Module, config, name: str) -> None:
+    """What :func:`rora_fast.model.plan_rora` checks for each target before changing the
+    model: the ranks fit the shape; a dense weight is floating point, 2-D and finite (a
+    ``Conv1D``'s on its ``(out, in)`` view); a quantized layer needs bitsandbytes
+    importable (the install hint otherwise), is quantized already, and uses neither
+    PiSSA/OLoRA nor DoRA."""
+    kind = base_kind(module)
+    n_in, n_out = target_dims(module)
+    V.check_layer_shape(config.r, config.ortho_rank, n_in, n_out, name=name)
+    if kind in ("4bit", "8bit"):
+        require_bitsandbytes()
+        if config.init in ("pissa", "olora") or config.use_dora:
+            what = "use_dora=True" if config.use_dora else f"init={config.init!r}"
+            raise NotImplementedError(f"{name!r}: {what} is not supported on a quantized "
+                                      "(bitsandbytes) base (PiSSA/OLoRA rewrite the base, "
+                                      "DoRA is not implemented for it); use a bf16 base")
+        w = module.weight
+        if (kind == "4bit" and getattr(w, "quant_state", None) is None) or \
+                (kind == "8bit" and w.dtype != torch.int8):
+            raise ValueError(f"{name!r}: the bitsandbytes weight is not quantized yet "
+                             "(load the model with BitsAndBytesConfig or move it to its device)")
+        return
+    w = module.weight.detach().t() if kind == "conv1d" else module.weight
+    if w.dtype in (torch.uint8, torch.int8):
+        raise TypeError(f"{name!r}: the weight is {w.dtype}, a quantized layer that is not a "
+                        "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports bitsandbytes "
+                        f"bases: {QUANT_INSTALL_HINT})")
+    V.check_base_weight(w, name=name)
+
+
+def make_rora_layer(module: nn.Module, name: str = "", config=None, **kwargs) -> RoraLinear:
+    """The RoRA layer for ``module``: :class:`QuantRoraLinear` for a bitsandbytes layer,
+    :class:`RoraConv1D` for a ``Conv1D``, :class:`RoraLinear` for an ``nn.Linear``.
+
+    ``config``: a :class:`rora_fast.RoraConfig` (its ``layer_kwargs()``) and/or keyword
+    arguments of :class:`RoraLinear`. ``name`` only labels the error for an unsupported
+    module type.
+    """
+    kw = dict(config.layer_kwargs()) if config is not None else {}
+    kw.update(kwargs)
+    kind = base_kind(module)
+    if kind in ("4bit", "8bit"):
+        return QuantRoraLinear.from_quantized(module, **kw)
+    if kind == "conv1d":
+        return RoraConv1D.from_conv1d(module, **kw)
+    if kind == "linear":
+        w = getattr(module, "weight", None)
+        if w is not None and w.dtype in (torch.uint8, torch.int8):
+            raise TypeError(f"the weight is {w.dtype}: a quantized layer that is not a "
+                            "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports "
+                            f"bitsandbytes bases: {QUANT_INSTALL_HINT})")
+        return RoraLinear.from_linear(module, **kw)
+    label = f"{name!r}: " if name else ""
+    raise TypeError(f"{label}RoRA adapts nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and "
+                    f"transformers Conv1D layers, got {type(module).__name__}")
+
+
+def _build_other_base(module: nn.Module, **kwargs) -> Optional[RoraLinear]:
+    """``RoraLinear.from_linear``'s hook: the layer for a bitsandbytes or ``Conv1D`` base."""
+    if base_kind(module) in ("4bit", "8bit", "conv1d"):
+        return make_rora_layer(module, **kwargs)
+    return None
+
+
+register_base_builder(_build_other_base)
