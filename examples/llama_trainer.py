@@ -5,9 +5,9 @@
         --gradient-checkpointing --batch-size 4 --grad-accum 4 --seq 512
     torchrun --nproc_per_node 2 examples/llama_trainer.py --tiny  # DDP through the Trainer
 
-The recipe: apply_rora, a normal Trainer, and RoraTrainerCallback (penalty once per
-optimizer step, rora_penalty in the logs, spectral rescaling + save at the end; with
---fp16 it moves the penalty into an optimizer pre-step hook, exact under GradScaler).
+The recipe: apply_rora, a normal Trainer, and RoraTrainerCallback (rora_penalty in the
+logs, spectral rescaling + save at the end). The penalty gradient is added once per optimizer
+step by rora_fast's optimizer step hook, exact under --fp16's GradScaler too.
 """
 
 import argparse
