@@ -105,27 +105,17 @@ def _stats(z: torch.Tensor, labels: List[int], target: int) -> Dict:
 
 def analyse_run(run: Dict, seeds_dir: str, cache_dir: Optional[str], log=print) -> Dict:
     """The states above for one run JSON (``kind`` defence, with an ``adapter``)."""
-    from safetensors.torch import load_file
     import rora_fast
     from .attacks import get_attack
-    from .defences import DefenceConfig, build_defence, parse_method, set_scaling
-    from .poisoning import poison_model
+    from .defences import parse_method, set_scaling
     from .repair import classification_head, collect_logits, recalibrate_head_bias_
-    from .runner import poison_config_for, prepare_sets
+    from .runner import defended_model, prepare_sets
     from .seeds import rescale_peft_lora_
-    from .training import load_trainable_state
     spec = _spec_from(run["spec"])
-    res = spec.resolved()
-    L = res["max_length"]
     method = parse_method(spec.method)
-    pmodel, tok, _ = poison_model(poison_config_for(spec), cache_dir, log=log)
-    dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
-                         ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
-                         rescale_layers=spec.rescale_layers,
-                         target_modules=res["target_modules"], lr=spec.lr)
-    model = build_defence(pmodel, method, dcfg)
-    load_trainable_state(model, load_file(os.path.join(seeds_dir, run["adapter"])))
-    model.eval()
+    model, tok, res = defended_model(spec, method, os.path.join(seeds_dir, run["adapter"]),
+                                     cache_dir, log=log)
+    L = res["max_length"]
     attack = get_attack(spec.attack, spec.trigger)
     sets = prepare_sets(spec.task, attack, tok, L, res["n_train"], res["n_dev"], res["n_test"],
                         spec.seed)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -234,10 +235,15 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
         result["before_repair"] = evaluate(model, tok, sets, L, attack.target_label)
         result["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
     result["metrics"] = evaluate(model, tok, sets, L, attack.target_label)
+    return finish_result(result, path, t_start, rid, log)
+
+
+def finish_result(result: Dict, path: str, t_start: float, label: str, log=print) -> Dict:
+    """Stamp a finished run's timing, write its JSON atomically and log its metrics."""
     result["seconds"] = round(time.time() - t_start, 1)
     result["finished_at"] = round(time.time(), 1)
     write_json(result, path)
-    log(f"{rid}: {result['metrics']}")
+    log(f"{label}: {result['metrics']}")
     return result
 
 
@@ -351,14 +357,13 @@ def write_summary(out_dir: str, title: str = "Results") -> str:
     return md
 
 
-def _trained_adapter_model(spec: RunSpec, method, out_dir: str, cache_dir: Optional[str],
-                           log=print):
-    """The poisoned model wrapped with ``spec``'s adapters and their saved trained state
-    (the run is trained first if no state exists), in eval mode: ``(model, tok, res_spec)``."""
+def defended_model(spec: RunSpec, method, state_path: str, cache_dir: Optional[str],
+                   log=print):
+    """``spec``'s poisoned model wrapped with ``method``'s adapters and the trained state
+    saved at ``state_path`` (safetensors), in eval mode: ``(model, tok, resolved spec)``.
+    The one place a finished run is rebuilt without retraining (post-hoc variants, the
+    bias analysis, spectra)."""
     from safetensors.torch import load_file
-    state_path = os.path.join(cache_dir, "defended", run_id(spec) + ".safetensors")
-    if not os.path.exists(state_path):
-        run_defence(spec, out_dir, cache_dir, log=log, force=True)
     res_spec = spec.resolved()
     pmodel, tok, _ = poison_model(poison_config_for(spec), cache_dir, log=log)
     dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
@@ -369,6 +374,16 @@ def _trained_adapter_model(spec: RunSpec, method, out_dir: str, cache_dir: Optio
     load_trainable_state(model, load_file(state_path))
     model.eval()
     return model, tok, res_spec
+
+
+def _trained_adapter_model(spec: RunSpec, method, out_dir: str, cache_dir: Optional[str],
+                           log=print):
+    """:func:`defended_model` from the run's cached trained state (the run is trained
+    first if no state exists)."""
+    state_path = os.path.join(cache_dir, "defended", run_id(spec) + ".safetensors")
+    if not os.path.exists(state_path):
+        run_defence(spec, out_dir, cache_dir, log=log, force=True)
+    return defended_model(spec, method, state_path, cache_dir, log=log)
 
 
 # ----------------------------------------------------------------------------- spectra
@@ -475,6 +490,23 @@ SWEEPABLE = {"weight_dropout": float, "ortho_lambda": float, "ortho_rank": int,
              "rescale_layers": int, "r": int}
 
 
+def reuse_run(spec: RunSpec, out_dir: str, reuse: Sequence[str], log=print,
+              label: str = "") -> bool:
+    """Copy the finished result of the same run id from the first ``reuse`` folder that has
+    it into ``out_dir/runs`` (atomically), unless ``out_dir`` already has it. True if copied."""
+    rid = run_id(spec)
+    dst = os.path.join(out_dir, "runs", rid + ".json")
+    for folder in reuse:
+        src = os.path.join(folder, "runs", rid + ".json")
+        if not os.path.exists(dst) and os.path.exists(src):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+            log(f"{label}: reusing {src} (same run id)")
+            return True
+    return False
+
+
 def run_param_sweep(base: RunSpec, param: str, values: Sequence, out_dir: str,
                     cache_dir: Optional[str], reuse: Sequence[str] = (), log=print) -> List[Dict]:
     """Figure 5 of the paper: train ``base`` once per value of ``param`` (all else fixed) and
@@ -485,7 +517,6 @@ def run_param_sweep(base: RunSpec, param: str, values: Sequence, out_dir: str,
     already finished in a ``reuse`` folder (same run id, i.e. the same spec) is copied
     instead of retrained. Writes ``sweep_<param>.json/.md/.png`` in ``out_dir``.
     """
-    import shutil
     if param not in SWEEPABLE:
         raise ValueError(f"cannot sweep {param!r}; choose one of {', '.join(SWEEPABLE)}")
     if parse_method(base.method).kind != "rora":
@@ -498,20 +529,13 @@ def run_param_sweep(base: RunSpec, param: str, values: Sequence, out_dir: str,
         spec.resolved()
     rows = []
     for v, spec in zip(values, specs):
-        rid = run_id(spec)
-        dst = os.path.join(out_dir, "runs", rid + ".json")
-        for folder in reuse:
-            src = os.path.join(folder, "runs", rid + ".json")
-            if not os.path.exists(dst) and os.path.exists(src):
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                shutil.copyfile(src, dst)
-                log(f"{param}={v}: reusing {src}")
+        reuse_run(spec, out_dir, reuse, log, f"{param}={v}")
         r = run_defence(spec, out_dir, cache_dir, log=log)
         br = r.get("before_rescale") or {}
         rows.append({param: v, **r["metrics"],
                      "CA_before_rescale": br.get("CA"), "ASR_before_rescale": br.get("ASR"),
                      "selected_dev_acc": r["train_log"].get("selected_dev_acc"),
-                     "run": os.path.relpath(dst, out_dir)})
+                     "run": os.path.join("runs", run_id(spec) + ".json")})
     os.makedirs(out_dir, exist_ok=True)
     sym = HPARAM_SYMBOL[param]
     default = DEFENCE_DEFAULTS.get(param)

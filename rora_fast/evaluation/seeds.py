@@ -41,7 +41,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from typing import Callable, Dict, List, Optional, Sequence
 
 __all__ = ["POSTHOC", "t_quantile_975", "mean_ci", "run_seeds", "run_posthoc",
@@ -169,13 +168,9 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
     ``POSTHOC[variant][0]``) from its saved adapter. Returns None (and logs why) when the
     adapter is missing. Writes ``<out>/runs/<run id>+<post>.json`` (kind ``posthoc``)."""
     import time
-    from safetensors.torch import load_file
     from .attacks import get_attack
-    from .defences import DefenceConfig, build_defence, parse_method
-    from .poisoning import poison_model
-    from .runner import evaluate, poison_config_for, prepare_sets, run_id
-    from .spectra import write_json
-    from .training import load_trainable_state
+    from .defences import parse_method
+    from .runner import defended_model, evaluate, finish_result, prepare_sets, run_id
     base_method, _ = POSTHOC[variant]
     if spec.method != base_method:
         raise ValueError(f"{variant} starts from a {base_method} run, got {spec.method!r}")
@@ -191,17 +186,8 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
             f"without adapters?): skipped")
         return None
     t0 = time.time()
-    res = spec.resolved()
+    model, tok, res = defended_model(spec, parse_method(spec.method), apath, cache_dir, log=log)
     L = res["max_length"]
-    pmodel, tok, pmeta = poison_model(poison_config_for(spec), cache_dir, log=log)
-    method = parse_method(spec.method)
-    dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
-                         ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
-                         rescale_layers=spec.rescale_layers,
-                         target_modules=res["target_modules"], lr=spec.lr)
-    model = build_defence(pmodel, method, dcfg)
-    load_trainable_state(model, load_file(apath))
-    model.eval()
     attack = get_attack(spec.attack, spec.trigger)
     sets = prepare_sets(spec.task, attack, tok, L, res["n_train"], res["n_dev"], res["n_test"],
                         spec.seed)
@@ -230,11 +216,7 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
     else:  # pragma: no cover - POSTHOC is closed
         raise ValueError(variant)
     out["metrics"] = evaluate(model, tok, sets, L, attack.target_label)
-    out["seconds"] = round(time.time() - t0, 1)
-    out["finished_at"] = round(time.time(), 1)
-    write_json(out, path)
-    log(f"{variant} seed {spec.seed}: {out['metrics']}")
-    return out
+    return finish_result(out, path, t0, f"{variant} seed {spec.seed}", log)
 
 
 # ----------------------------------------------------------------------------- runner
@@ -245,7 +227,7 @@ def run_seeds(base, methods: Sequence[str], seeds: Sequence[int], out_dir: str,
     seed by seed, then write the aggregate. Trained methods first within a seed, post-hoc
     variants after the run they start from. Returns the aggregate."""
     from .defences import parse_method
-    from .runner import run_defence, run_id
+    from .runner import reuse_run, run_defence
     methods = list(methods)
     for m in methods:
         if m in POSTHOC:
@@ -258,15 +240,7 @@ def run_seeds(base, methods: Sequence[str], seeds: Sequence[int], out_dir: str,
     for seed in seeds:
         for m in trained:
             spec = dataclasses.replace(base, method=m, seed=int(seed))
-            rid = run_id(spec)
-            dst = os.path.join(out_dir, "runs", rid + ".json")
-            for folder in reuse:
-                src = os.path.join(folder, "runs", rid + ".json")
-                if not os.path.exists(dst) and os.path.exists(src):
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    shutil.copyfile(src, dst + ".tmp")
-                    os.replace(dst + ".tmp", dst)
-                    log(f"seed {seed} {m}: reusing {src} (same run id)")
+            reuse_run(spec, out_dir, reuse, log, f"seed {seed} {m}")
             run_defence(spec, out_dir, cache_dir, log=log,
                         adapter_dir=os.path.join(out_dir, "adapters"))
             for v in methods:
