@@ -403,102 +403,11 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _memory_parser(prog: str) -> argparse.ArgumentParser:
-    from . import memory
-    ap = argparse.ArgumentParser(prog=prog, description="Predict the peak GPU memory of RoRA "
-                                                        "fine-tuning (LLaMA 7B/8B/13B).")
-    ap.add_argument("--model", default="llama-7b",
-                    help=f"a preset ({', '.join(memory.PRESETS)}), a local folder with "
-                         f"config.json, or a hub name org/name (downloads its config)")
-    ap.add_argument("--gpu-mem", default="24GB",
-                    help="GPU memory with its unit, e.g. 16GB, 24GiB or 80GB")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--base-dtype", default="bf16", choices=sorted(memory._BASE_BYTES))
-    ap.add_argument("--no-checkpointing", action="store_true")
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--ortho-rank", type=int, default=32)
-    ap.add_argument("--target-modules", default="q_proj,v_proj",
-                    help="comma list of LLaMA linear names or all-linear")
-    ap.add_argument("--backend", default="triton", choices=["triton", "reference"])
-    ap.add_argument("--overhead-gb", type=float, default=1.0)
-    ap.add_argument("--table", action="store_true",
-                    help="print the fits table for LLaMA 7B/8B/13B at 16 and 24 GB")
-    return ap
-
-
-def _memory_model(name: str) -> str:
-    """The --model of plan-memory, checked without the network: a preset, a local folder
-    with config.json, or a hub name org/name; anything else is a one-line error."""
-    import re
-    from . import memory
-    key = re.sub(r"^meta-", "", name.lower().replace("_", "-").split("/")[-1]).replace("-hf", "")
-    if key in memory.PRESETS:
-        return name
-    expanded = os.path.expanduser(name)
-    if os.path.isdir(expanded):
-        if not os.path.exists(os.path.join(expanded, "config.json")):
-            raise ValueError(f"--model {name!r}: the folder has no config.json")
-        return expanded
-    if (name.count("/") == 1 and not os.path.isabs(expanded)
-            and not name.startswith((".", "~"))):
-        return name  # a hub name: the user asked for it
-    raise ValueError(f"--model {name!r}: unknown model; known presets: "
-                     f"{', '.join(memory.PRESETS)} (or a local folder with config.json, or a "
-                     f"hub name org/name)")
-
-
-def _memory_size(text: str) -> None:
-    import re
-    if not re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*([gGmM]i?[bB]?)\s*", str(text)):
-        raise ValueError(f"--gpu-mem {text!r}: give the size with its unit, e.g. 24GB, 24GiB "
-                         f"or 512MB")
-
-
-def plan_memory_main(argv: Optional[List[str]] = None, prog: str = "rora-fast plan-memory") -> int:
-    """The ``plan-memory`` subcommand (also ``python -m rora_fast.memory``)."""
-    from . import memory
-    a = _memory_parser(prog).parse_args(argv)
-    try:
-        _memory_size(a.gpu_mem)
-        model = _memory_model(a.model)
-        tm = a.target_modules if a.target_modules == "all-linear" else tuple(
-            t.strip() for t in a.target_modules.split(",") if t.strip())
-        kw = dict(r=a.r, ortho_rank=a.ortho_rank, target_modules=tm, backend=a.backend,
-                  overhead_gb=a.overhead_gb)
-        gpu = memory.parse_size(a.gpu_mem)
-        plan = memory.plan_memory(model, batch=a.batch, seq=a.seq, base_dtype=a.base_dtype,
-                                  checkpointing=not a.no_checkpointing, **kw)
-    except (ValueError, OSError) as e:
-        print(f"{prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
-        return 2
-    print(f"## {a.model}: batch {a.batch} x seq {a.seq}, base {a.base_dtype}, "
-          f"checkpointing {'on' if not a.no_checkpointing else 'off'}, "
-          f"{plan.n_params / 1e9:.2f}B params, {plan.adapter_params / 1e6:.2f}M adapter params\n")
-    print(plan.breakdown())
-    verdict = "fits" if plan.fits(gpu) else "does NOT fit"
-    print(f"\n{verdict} in {a.gpu_mem} ({plan.total / memory.GiB:.2f} of "
-          f"{gpu / memory.GiB:.0f} GiB)\n")
-    rows = ["| base | ckpt | max batch @ 512 | max batch @ 2048 | max batch @ 4096 |",
-            "|---|---|---|---|---|"]
-    for dt in ("bf16", "int8", "nf4"):
-        for ck in (True, False):
-            cells = [str(memory.max_batch(model, s, gpu, checkpointing=ck, base_dtype=dt, **kw)
-                         or "-") for s in (512, 2048, 4096)]
-            rows.append(f"| {dt} | {'yes' if ck else 'no'} | " + " | ".join(cells) + " |")
-    print(f"### What fits in {a.gpu_mem} ({a.model})\n")
-    print("\n".join(rows))
-    if a.table:
-        print("\n### LLaMA 7B / 8B / 13B: largest batch that fits\n")
-        print(memory.fits_table(**kw))
-    return 0
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plan-memory":  # its own parser (rora_fast.memory's model)
-        return plan_memory_main(argv[1:])
+        from .memory import main as plan_memory_main
+        return plan_memory_main(argv[1:], prog="rora-fast plan-memory")
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "report":  # reads result files only: no model, no dataset

@@ -49,8 +49,10 @@ totals on a GPU by ``benchmarks/gpu/memory_check.py``.
 
 from __future__ import annotations
 
-import math
+import argparse
+import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
@@ -336,12 +338,96 @@ def fits_table(models: Iterable[str] = ("llama-7b", "llama-3-8b", "llama-13b"),
     return "\n".join(out)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m rora_fast.memory`` = ``rora-fast plan-memory`` (the argument parsing and
-    its checks live in :func:`rora_fast.cli.plan_memory_main`)."""
-    from .cli import plan_memory_main
+# ---------------------------------------------------------------------- command line
+def _memory_parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Predict the peak GPU memory of RoRA "
+                                                        "fine-tuning (LLaMA 7B/8B/13B).")
+    ap.add_argument("--model", default="llama-7b",
+                    help=f"a preset ({', '.join(PRESETS)}), a local folder with "
+                         f"config.json, or a hub name org/name (downloads its config)")
+    ap.add_argument("--gpu-mem", default="24GB",
+                    help="GPU memory with its unit, e.g. 16GB, 24GiB or 80GB")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--base-dtype", default="bf16", choices=sorted(_BASE_BYTES))
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--ortho-rank", type=int, default=32)
+    ap.add_argument("--target-modules", default="q_proj,v_proj",
+                    help="comma list of LLaMA linear names or all-linear")
+    ap.add_argument("--backend", default="triton", choices=["triton", "reference"])
+    ap.add_argument("--overhead-gb", type=float, default=1.0)
+    ap.add_argument("--table", action="store_true",
+                    help="print the fits table for LLaMA 7B/8B/13B at 16 and 24 GB")
+    return ap
 
-    return plan_memory_main(argv, prog="python -m rora_fast.memory")
+
+def _memory_model(name: str) -> str:
+    """The --model of plan-memory, checked without the network: a preset, a local folder
+    with config.json, or a hub name org/name; anything else is a one-line error."""
+    import re
+    key = re.sub(r"^meta-", "", name.lower().replace("_", "-").split("/")[-1]).replace("-hf", "")
+    if key in PRESETS:
+        return name
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "config.json")):
+            raise ValueError(f"--model {name!r}: the folder has no config.json")
+        return expanded
+    if (name.count("/") == 1 and not os.path.isabs(expanded)
+            and not name.startswith((".", "~"))):
+        return name  # a hub name: the user asked for it
+    raise ValueError(f"--model {name!r}: unknown model; known presets: "
+                     f"{', '.join(PRESETS)} (or a local folder with config.json, or a "
+                     f"hub name org/name)")
+
+
+def _memory_size(text: str) -> None:
+    import re
+    if not re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*([gGmM]i?[bB]?)\s*", str(text)):
+        raise ValueError(f"--gpu-mem {text!r}: give the size with its unit, e.g. 24GB, 24GiB "
+                         f"or 512MB")
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "python -m rora_fast.memory") -> int:
+    """``rora-fast plan-memory`` and ``python -m rora_fast.memory``: the prediction for one
+    model and GPU size, what fits, and optionally the 7B/8B/13B table."""
+    a = _memory_parser(prog).parse_args(argv)
+    try:
+        _memory_size(a.gpu_mem)
+        model = _memory_model(a.model)
+        tm = a.target_modules if a.target_modules == "all-linear" else tuple(
+            t.strip() for t in a.target_modules.split(",") if t.strip())
+        kw = dict(r=a.r, ortho_rank=a.ortho_rank, target_modules=tm, backend=a.backend,
+                  overhead_gb=a.overhead_gb)
+        gpu = parse_size(a.gpu_mem)
+        plan = plan_memory(model, batch=a.batch, seq=a.seq, base_dtype=a.base_dtype,
+                                  checkpointing=not a.no_checkpointing, **kw)
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    print(f"## {a.model}: batch {a.batch} x seq {a.seq}, base {a.base_dtype}, "
+          f"checkpointing {'on' if not a.no_checkpointing else 'off'}, "
+          f"{plan.n_params / 1e9:.2f}B params, {plan.adapter_params / 1e6:.2f}M adapter params\n")
+    print(plan.breakdown())
+    verdict = "fits" if plan.fits(gpu) else "does NOT fit"
+    print(f"\n{verdict} in {a.gpu_mem} ({plan.total / GiB:.2f} of "
+          f"{gpu / GiB:.0f} GiB)\n")
+    rows = ["| base | ckpt | max batch @ 512 | max batch @ 2048 | max batch @ 4096 |",
+            "|---|---|---|---|---|"]
+    for dt in ("bf16", "int8", "nf4"):
+        for ck in (True, False):
+            cells = [str(max_batch(model, s, gpu, checkpointing=ck, base_dtype=dt, **kw)
+                         or "-") for s in (512, 2048, 4096)]
+            rows.append(f"| {dt} | {'yes' if ck else 'no'} | " + " | ".join(cells) + " |")
+    print(f"### What fits in {a.gpu_mem} ({a.model})\n")
+    print("\n".join(rows))
+    if a.table:
+        print("\n### LLaMA 7B / 8B / 13B: largest batch that fits\n")
+        print(fits_table(**kw))
+    return 0
+
 
 
 if __name__ == "__main__":  # pragma: no cover
