@@ -208,7 +208,16 @@ def _check_model(name: str) -> None:
                                 f"the embedded {DEFAULT_MODEL})")
 
 
+def _check_eval_extra() -> None:
+    """The harness's plots need matplotlib, which only the [eval] extra installs."""
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RuntimeError("the evaluation harness needs the evaluation extra: "
+                           "pip install 'rora-fast[eval]' (matplotlib is missing)")
+
+
 def _setup(args) -> None:
+    _check_eval_extra()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -411,6 +420,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "report":  # reads result files only: no model, no dataset
+            _check_eval_extra()
             return cmd_report(args)
         _setup(args)
         return {"demo": cmd_demo, "poison": cmd_poison, "defend": cmd_defend,

