@@ -82,8 +82,9 @@ def _reference(make_opt, steps=3, micro=2, model_kw=None):
     return m
 
 
-def _hooked(make_opt, steps=3, micro=2, set_to_none=True, model_kw=None):
-    m = _model("optimizer", **(model_kw or {}))
+def _hooked(make_opt, steps=3, micro=2, set_to_none=True, model_kw=None, m=None):
+    """Train ``m`` (default: a fresh optimizer-mode model) with the step hook."""
+    m = _model("optimizer", **(model_kw or {})) if m is None else m
     opt = make_opt(_params(m))
     data = _data(steps * micro)
     for s in range(steps):
@@ -308,14 +309,7 @@ def test_copies_of_a_model_are_penalised_too():
     make = lambda ps: torch.optim.SGD(ps, lr=LR)  # noqa: E731
     want = _reference(make, steps=2, micro=1)
     m = copy.deepcopy(_model())
-    opt = make(_params(m))
-    data = _data(2)
-    for s in range(2):
-        opt.zero_grad()
-        torch.manual_seed(100 + s)
-        _loss(m, *data[s]).backward()
-        opt.step()
-    _assert_same(m, want)
+    _assert_same(_hooked(make, steps=2, micro=1, m=m), want)
 
 
 def test_parameters_replaced_by_load_state_dict_assign_are_followed():
@@ -325,14 +319,7 @@ def test_parameters_replaced_by_load_state_dict_assign_are_followed():
     want = _reference(make, steps=2, micro=1)
     m = _model()
     m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
-    opt = make(_params(m))
-    data = _data(2)
-    for s in range(2):
-        opt.zero_grad()
-        torch.manual_seed(100 + s)
-        _loss(m, *data[s]).backward()
-        opt.step()
-    _assert_same(m, want)
+    _assert_same(_hooked(make, steps=2, micro=1, m=m), want)
 
 
 def test_grouped_penalty_equals_per_layer_closed_form_mixed_shapes_and_dtypes():
