@@ -16,6 +16,7 @@ The math lives in :mod:`rora_fast.reference`; the op and its backends in
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -76,6 +77,8 @@ def training_forward(layer: nn.Module, x: torch.Tensor, lora_dropout: nn.Module,
     y = F_rora.rora_linear(x, x_lora, W, b, A, B, scaling, p, seed, backend=backend)
     return y, x_lora, seed
 
+
+_SEED_BUFFER = threading.local()
 
 #: Builders of RoRA layers for bases that are not a dense ``nn.Linear``, tried in order by
 #: :meth:`RoraLinear.from_linear`: ``build(module, **layer_kwargs)`` returns the layer, or
@@ -403,8 +406,14 @@ class RoraLinear(nn.Module):
         """The weight mask's seed, from torch's default CPU generator: an int in eager
         mode; under ``torch.compile`` a one-element int64 tensor (drawn in the graph, no
         host sync, no graph break; see :mod:`rora_fast.functional`)."""
-        t = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-        return t if torch.compiler.is_compiling() else int(t.item())
+        if torch.compiler.is_compiling():
+            return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        # Eager: the same draw (``randint`` is ``random_`` on a fresh tensor) into a
+        # per-thread buffer, saving the allocation and argument parsing per call.
+        buf = getattr(_SEED_BUFFER, "t", None)
+        if buf is None:
+            buf = _SEED_BUFFER.t = torch.empty(1, dtype=torch.int64)
+        return buf.random_(0, 2**62).item()
 
     def _dora_output(self, y, b, x, x_lora, W, A, B, cdtype, seed):
         """DoRA on top of ``y = x Ŵᵀ + s x̃ AᵀBᵀ`` (no bias), as PEFT's DoRA layer:

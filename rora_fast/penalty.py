@@ -167,7 +167,7 @@ def _apply(terms, scale: Optional[torch.Tensor] = None) -> None:
             G = G.to(dtype)
         if scale is not None:
             G = G.mul_(scale.to(device=G.device, dtype=G.dtype))
-        torch._foreach_add_([p.grad for p in ps], list(G.unbind(0)))
+        torch._foreach_add_([p.grad for p in ps], G.unbind(0))
 
 
 def _due_terms(layers, held: Optional[set]):

@@ -409,3 +409,23 @@ def test_autocast_bf16_close_to_fp32():
     for a, b in zip(*res):
         rel = (a - b).norm() / a.norm()
         assert rel < 3e-2, rel
+
+
+def test_mask_seeds_come_from_torchs_default_generator():
+    """The eager seed draw is ``torch.randint(0, 2**62, (1,))`` of the default generator
+    (so ``torch.manual_seed`` and checkpointing's RNG replay fix the masks), also
+    from several threads."""
+    import threading
+
+    torch.manual_seed(11)
+    want = [int(torch.randint(0, 2**62, (1,), dtype=torch.int64)) for _ in range(4)]
+    torch.manual_seed(11)
+    assert [RoraLinear._draw_seed() for _ in range(4)] == want
+    got = []
+    torch.manual_seed(11)
+    threads = [threading.Thread(target=lambda: got.append(RoraLinear._draw_seed()))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+        t.join()
+    assert got == want
