@@ -76,18 +76,21 @@ LAYER_SHAPES = {
     "4096x4096": (4096, 4096, 16, False),   # LLaMA-7B q/k/v/o_proj
     "4096x11008": (4096, 11008, 16, False),  # LLaMA-7B gate/up_proj
     "tiny": (48, 40, 4, True),              # harness smoke case only
+    "launch-bound": (64, 64, 8, True),      # one query/value layer of the launch-bound BERT
 }
 LAYER_LABELS = {
     "1024x1024": "BERT-/RoBERTa-large query,value (1024→1024)",
     "4096x4096": "LLaMA-7B q/k/v/o_proj (4096→4096)",
     "4096x11008": "LLaMA-7B gate/up_proj (4096→11008)",
     "tiny": "tiny (48→40), harness smoke case",
+    "launch-bound": "launch-bound BERT query/value (64→64), host overhead case",
 }
 
 _SIZES = {
     "cpu": {
         "dtype": "float32",
-        "layer_tokens": {"1024x1024": 2048, "4096x4096": 512, "4096x11008": 512, "tiny": 32},
+        "layer_tokens": {"1024x1024": 2048, "4096x4096": 512, "4096x11008": 512, "tiny": 32,
+                         "launch-bound": 64},
         "layer_rounds": {"1024x1024": 3, "4096x4096": 1, "4096x11008": 1, "tiny": 2},
         "model": {
             "bert-large": {"layers": 2, "seq": 64, "batch": 32, "rounds": 2},
@@ -100,7 +103,8 @@ _SIZES = {
     },
     "cuda": {
         "dtype": "bfloat16",
-        "layer_tokens": {"1024x1024": 8192, "4096x4096": 8192, "4096x11008": 8192, "tiny": 32},
+        "layer_tokens": {"1024x1024": 8192, "4096x4096": 8192, "4096x11008": 8192, "tiny": 32,
+                         "launch-bound": 64},
         "layer_rounds": {"1024x1024": 20, "4096x4096": 10, "4096x11008": 10, "tiny": 2},
         "model": {
             # 3 interleaved repetitions x these rounds (issue 11: RoBERTa 1.72x vs BERT
@@ -378,7 +382,8 @@ def build_layer_case(shape: str, variant: str, device: Optional[str] = None,
 
         backend = "reference" if variant == "rora" else "triton"
         layer = RoraLinear.from_linear(lin, r=r, alpha=16, lora_dropout=0.1,
-                                       weight_dropout=0.1, ortho_rank=32, ortho_lambda=10,
+                                       weight_dropout=0.1,
+                                       ortho_rank=ORTHO_RANK.get(shape, 32), ortho_lambda=10,
                                        svd_cache=None, backend=backend)
         params = [layer.lora_A, layer.lora_B]
         info["backend"] = backend

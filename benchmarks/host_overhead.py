@@ -16,8 +16,14 @@ Reported, per variant:
 * **time per iteration**: single iterations timed in alternating blocks (``--blocks``
   blocks of ``--block`` iterations per variant), wall clock and process CPU time;
   reported as the ratio RoRA / LoRA of the medians, of the 10th percentiles (the
-  least-disturbed iterations: the steadiest figure on a machine shared with other
-  jobs) and the median of the paired ratios. Compare ratios, not milliseconds.
+  least-disturbed iterations), the median of the paired ratios, and of the medians of
+  the per-block minima (``ratio_of_block_minima``: noise from other jobs only adds
+  time). Compare ratios, not milliseconds; on a shared machine even these move by
+  ±5-10 % from run to run;
+* **one adapted layer** (``single_layer``): forward + backward of one 64→64 layer alone,
+  the fastest call of each of 30 interleaved rounds (see :func:`time_layer`): the
+  per-layer host cost without the rest of the model, steady to about 1 %;
+* **the penalty step** (RoRA): the optimizer step pre-hook alone, for all 48 layers.
 
 CUDA: ``--device cuda`` also counts kernel launches per adapted layer and splits one
 iteration into GPU kernel time and wall time (``torch.profiler``). Usage::
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import statistics
 import sys
@@ -107,7 +114,8 @@ def profile_cuda(step) -> dict:
 def time_interleaved(steps: dict, blocks: int, block: int, device: str):
     """Wall and process CPU time of single iterations, in ``blocks`` alternating blocks
     of ``block`` iterations per variant (A B B A A B ...: the order flips every round),
-    so that load from other jobs on a shared machine hits both alike.
+    so that load from other jobs on a shared machine hits both alike. Python's garbage
+    collector is off while timing (as in ``timeit``) and runs between blocks.
 
     Blocks rather than iteration-by-iteration alternation: a training run repeats one
     model's iteration, so each timed iteration should follow one of its own (CPU
@@ -117,8 +125,20 @@ def time_interleaved(steps: dict, blocks: int, block: int, device: str):
     names = list(steps)
     for step in steps.values():
         step()
+    gc_was_on = gc.isenabled()
+    gc.disable()  # as timeit does: a collection would land in whichever block it falls
+    try:
+        _timed_blocks(steps, names, wall, cpu, blocks, block, device)
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return wall, cpu
+
+
+def _timed_blocks(steps, names, wall, cpu, blocks, block, device):
     for b in range(blocks):
         for k in (names if b % 2 == 0 else names[::-1]):
+            gc.collect()  # outside the timed iterations
             step = steps[k]
             step()  # the first iteration after the switch is not timed
             for _ in range(block):
@@ -128,7 +148,44 @@ def time_interleaved(steps: dict, blocks: int, block: int, device: str):
                 common.sync(device)
                 wall[k].append(time.perf_counter() - t0)
                 cpu[k].append(time.process_time() - c0)
-    return wall, cpu
+
+
+def time_layer(device: str, rounds: int = 30, reps: int = 50) -> dict:
+    """One adapted layer of the case (64→64, 64 tokens, bias; PEFT LoRA vs RoraLinear
+    through the reference path, benchmarks.common's ``launch-bound`` layer case), forward
+    + backward, no optimizer step: ``rounds`` interleaved rounds of ``reps`` calls per
+    variant, each round's fastest call kept (the least-disturbed one), the median over
+    rounds reported in µs: the per-layer part of the difference without the rest of the
+    model's noise."""
+    fns = {v: common.build_layer_case("launch-bound", v, device)[0] for v in ("lora", "rora")}
+    best = {v: [] for v in fns}
+    for fn in fns.values():
+        for _ in range(reps):
+            fn()
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for v in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                fn, ts = fns[v], []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                best[v].append(min(ts))
+    finally:
+        if gc_was_on:
+            gc.enable()
+    out = {f"{v}_us": round(1e6 * statistics.median(best[v]), 1) for v in best}
+    out["ratio_rora_over_lora"] = round(statistics.median(best["rora"])
+                                        / statistics.median(best["lora"]), 3)
+    out.update(rounds=rounds, reps=reps)
+    return out
+
+
+def _block_minima(xs, block: int) -> float:
+    """The median over blocks of each block's fastest iteration."""
+    return statistics.median(min(xs[i:i + block]) for i in range(0, len(xs), block))
 
 
 def _q(xs, q):
@@ -167,7 +224,10 @@ def run(device: str = "cpu", blocks: int = 20, block: int = 10) -> dict:
                                               / statistics.median(t["lora"]), 3),
                     # the 10th percentiles: the least-disturbed iterations (robust to load)
                     "ratio_of_p10": round(_q(t["rora"], 0.1) / _q(t["lora"], 0.1), 3),
-                    "median_paired_ratio": round(statistics.median(paired), 3)}
+                    "median_paired_ratio": round(statistics.median(paired), 3),
+                    "ratio_of_block_minima": round(_block_minima(t["rora"], block)
+                                                   / _block_minima(t["lora"], block), 3)}
+    out["single_layer"] = time_layer(device)
     out["loadavg"] = common.loadavg()
     out["ops_ratio_rora_over_lora"] = round(
         out["variants"]["rora"]["aten_ops_per_iter"] / out["variants"]["lora"]["aten_ops_per_iter"],
