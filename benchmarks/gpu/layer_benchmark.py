@@ -18,7 +18,9 @@ RoRA runs with weight dropout ``--weight-dropout`` (0.1), no LoRA input dropout 
 drops W, not x). The orthogonality penalty is not part of the op: its gradient is added
 once per optimizer step for all layers (rora_fast.penalty), so it is timed at the
 model level (benchmarks/bench_model.py, benchmarks/host_overhead.py), not here.
-Reported: median / p20 / p80 wall time per forward+backward (CUDA events) and the peak
+Reported: median / p20 / p80 wall time per forward+backward (CUDA events); for base,
+PEFT LoRA and fused RoRA also the time per call back to back (no sync between calls) and
+per replay of a CUDA graph of the call (no host work: the device floor); and the peak
 memory allocated above what existed before the call (saved activations, transients
 and gradients). Also a correctness spot check of the fused op against the
 reference at the full shape (relative max error of y and of every gradient).
@@ -46,6 +48,8 @@ import time
 TARGET_VS_BASE = 1.10   # fused fwd+bwd within 1.10x of the base GEMMs alone
 TARGET_VS_PEFT = 0.80   # and at most 0.8x PEFT LoRA with dropout
 LLAMA_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+# methods also timed back to back and as a CUDA-graph replay
+REPLAY_METHODS = ("base", "peft_lora", "peft_lora_nodrop", "rora_fused")
 
 
 def parse_args(argv=None):
@@ -124,6 +128,45 @@ class Timer:
         q = lambda f: times[min(len(times) - 1, int(round(f * (len(times) - 1))))]  # noqa: E731
         return dict(median_ms=statistics.median(times), p20_ms=q(0.2), p80_ms=q(0.8),
                     reps=len(times))
+
+    def back_to_back(self, fn, n):
+        """ms per call over ``n`` calls issued with no synchronisation between them (the
+        host runs ahead of the device as in training; launch overhead hidden where the
+        kernels are long enough)."""
+        fn()
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        self.sync()
+        return (time.perf_counter() - t0) * 1e3 / n
+
+    def graph_replay(self, fn, n):
+        """ms per replay of ``fn`` captured once in a CUDA graph: no host work at all, the
+        device-time floor of the call. The capture fixes every input, the mask seed
+        included (each replay draws the same mask: a timing, not training). None on a
+        CPU."""
+        if not self.cuda:
+            return None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        self.sync()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / n
 
     def peak_mib(self, fn):
         if not self.cuda:
@@ -280,6 +323,19 @@ def run(args):
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 errors.append(f"{name} {in_f}x{out_f}: {row['error']}")
             rows.append(row)
+        # back-to-back and CUDA-graph replay timings (issue 11), after the main timings so
+        # that a failed capture cannot disturb them; a failure is reported in its row
+        for row in rows:
+            name = row["method"]
+            if (row["in_features"], row["out_features"]) != (in_f, out_f) \
+                    or name not in REPLAY_METHODS or "error" in row:
+                continue
+            for key, how in (("back_to_back_ms", timer.back_to_back),
+                             ("graph_replay_ms", timer.graph_replay)):
+                try:
+                    row[key] = how(methods[name], args.reps)
+                except Exception as exc:
+                    row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
             print(f"  {in_f}x{out_f} {name}: " + (
                 f"{row['median_ms']:.3f} ms" if "median_ms" in row else row.get("error", "?")),
                 flush=True)
@@ -390,6 +446,22 @@ def markdown(rows, meta):
                      f"{f(row['p20_ms'])}-{f(row['p80_ms'])} | {f(row.get('x_base'), 2)} | "
                      f"{f(row.get('x_peft'), 2)} | {f(row.get('peak_mem_mib'), 0)} | "
                      f"{targets} | {err_s} |")
+    replay = [r for r in rows if "back_to_back_ms" in r or "back_to_back_ms_error" in r]
+    if replay:
+        lines += ["", "Back to back (no sync between calls, ms per call) and CUDA-graph replay "
+                  "(captured once, no host work; the same mask every replay):", "",
+                  "| in x out | method | back to back ms | graph replay ms | x base (replay) |",
+                  "|---|---|---:|---:|---:|"]
+        base_g = {(r["in_features"], r["out_features"]): r.get("graph_replay_ms")
+                  for r in replay if r["method"] == "base"}
+        for row in replay:
+            g = row.get("graph_replay_ms")
+            b = base_g.get((row["in_features"], row["out_features"]))
+            bb = f(row.get("back_to_back_ms")) if "back_to_back_ms" in row else "error"
+            gs = f(g) if "graph_replay_ms_error" not in row else \
+                "error: " + row["graph_replay_ms_error"][:60].replace("|", "/")
+            lines.append(f"| {row['in_features']}x{row['out_features']} | {row['method']} | "
+                         f"{bb} | {gs} | {f(g / b if g and b else None, 2)} |")
     return head + "\n".join(lines) + "\n"
 
 
