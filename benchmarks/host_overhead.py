@@ -22,7 +22,8 @@ Reported, per variant:
   ±5-10 % from run to run;
 * **one adapted layer** (``single_layer``): forward + backward of one 64→64 layer alone,
   the fastest call of each of 30 interleaved rounds (see :func:`time_layer`): the
-  per-layer host cost without the rest of the model, steady to about 1 %;
+  per-layer host cost without the rest of the model (it too moves by ±10 % between runs
+  on a shared machine);
 * **the penalty step** (RoRA): the optimizer step pre-hook alone, for all 48 layers.
 
 CUDA: ``--device cuda`` also counts kernel launches per adapted layer and splits one
