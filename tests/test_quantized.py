@@ -331,7 +331,7 @@ def test_tiny_llama_trains_saves_loads_exports(tiny_llama, tmp_path, quant, targ
 
 
 @pytest.mark.parametrize("quant", ["nf4-dq", "int8"])
-def test_register_rora_over_peft_bnb_layers(tiny_llama, quant):
+def test_register_rora_over_peft_bnb_layers(tiny_llama, quant, train_lm):
     """register_rora: PEFT's bnb LoRA layers, trained with RoRA. With p = 0 and λ = 0 the
     outputs and gradients are PEFT QLoRA's; with the defaults it trains and rescales."""
     ids = torch.randint(0, 128, (2, 12))
@@ -360,14 +360,7 @@ def test_register_rora_over_peft_bnb_layers(tiny_llama, quant):
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     rora_fast.register_rora(cfg, weight_dropout=0.1, ortho_rank=8, ortho_lambda=10.0)
     pm = peft.get_peft_model(_load(tiny_llama, quant), cfg).train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_lm(pm, ids)
     assert losses[-1] < losses[0]
     assert float(rora_fast.rora_penalty(pm)) > 0
     scales = rora_fast.spectral_rescale_peft_(pm, layers=2)

@@ -111,18 +111,9 @@ def test_recalibration_undoes_a_global_lean(minilm_path, method):
 
 # ------------------------------------------------------------------ item 5: clean data only
 @pytest.fixture
-def tiny_bert(tmp_path, minilm_path):
-    """A 2-layer, 32-wide random BERT with the MiniLM tokenizer: the data flow is under
-    test here, not the model."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    path = str(tmp_path / "tiny")
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, num_labels=2)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def tiny_bert(make_tiny_bert):
+    """A 2-layer random BERT: the data flow is under test here, not the model."""
+    return make_tiny_bert(2)
 
 
 def test_defence_and_repair_never_receive_a_poisoned_row(tiny_bert, tmp_path, monkeypatch):

@@ -140,16 +140,8 @@ def test_prediction_balance_is_exact():
 
 
 @pytest.fixture
-def tiny_bert(tmp_path, minilm_path):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    path = str(tmp_path / "tiny")
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, num_labels=2)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def tiny_bert(make_tiny_bert):
+    return make_tiny_bert(4)
 
 
 def test_seeds_end_to_end_on_a_tiny_model(tiny_bert, tmp_path, capsys):
