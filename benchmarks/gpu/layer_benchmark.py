@@ -300,6 +300,7 @@ def run(args):
     for in_f, out_f in args.shape_list:
         methods, outputs = make_methods(in_f, out_f, args, device, dtype)
         ref_out = None
+        shape_rows = []
         if "rora_reference" in methods and not isinstance(methods["rora_reference"], Exception):
             ref_out = outputs(methods["rora_reference"])
         for name, fn in methods.items():
@@ -323,22 +324,21 @@ def run(args):
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 errors.append(f"{name} {in_f}x{out_f}: {row['error']}")
             rows.append(row)
+            shape_rows.append(row)
+            print(f"  {in_f}x{out_f} {name}: " + (
+                f"{row['median_ms']:.3f} ms" if "median_ms" in row else row.get("error", "?")),
+                flush=True)
         # back-to-back and CUDA-graph replay timings (issue 11), after the main timings so
         # that a failed capture cannot disturb them; a failure is reported in its row
-        for row in rows:
-            name = row["method"]
-            if (row["in_features"], row["out_features"]) != (in_f, out_f) \
-                    or name not in REPLAY_METHODS or "error" in row:
+        for row in shape_rows:
+            if row["method"] not in REPLAY_METHODS or "error" in row:
                 continue
             for key, how in (("back_to_back_ms", timer.back_to_back),
                              ("graph_replay_ms", timer.graph_replay)):
                 try:
-                    row[key] = how(methods[name], args.reps)
+                    row[key] = how(methods[row["method"]], args.reps)
                 except Exception as exc:
                     row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            print(f"  {in_f}x{out_f} {name}: " + (
-                f"{row['median_ms']:.3f} ms" if "median_ms" in row else row.get("error", "?")),
-                flush=True)
         del methods, outputs, ref_out
         if device.type == "cuda":
             torch.cuda.empty_cache()
