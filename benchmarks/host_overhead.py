@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gc
 import json
 import statistics
@@ -126,29 +127,33 @@ def time_interleaved(steps: dict, blocks: int, block: int, device: str):
     names = list(steps)
     for step in steps.values():
         step()
-    gc_was_on = gc.isenabled()
-    gc.disable()  # as timeit does: a collection would land in whichever block it falls
-    try:
-        _timed_blocks(steps, names, wall, cpu, blocks, block, device)
-    finally:
-        if gc_was_on:
-            gc.enable()
+    with _gc_paused():
+        for b in range(blocks):
+            for k in (names if b % 2 == 0 else names[::-1]):
+                gc.collect()  # outside the timed iterations
+                step = steps[k]
+                step()  # the first iteration after the switch is not timed
+                for _ in range(block):
+                    common.sync(device)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    step()
+                    common.sync(device)
+                    wall[k].append(time.perf_counter() - t0)
+                    cpu[k].append(time.process_time() - c0)
     return wall, cpu
 
 
-def _timed_blocks(steps, names, wall, cpu, blocks, block, device):
-    for b in range(blocks):
-        for k in (names if b % 2 == 0 else names[::-1]):
-            gc.collect()  # outside the timed iterations
-            step = steps[k]
-            step()  # the first iteration after the switch is not timed
-            for _ in range(block):
-                common.sync(device)
-                t0, c0 = time.perf_counter(), time.process_time()
-                step()
-                common.sync(device)
-                wall[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's garbage collector off (as ``timeit`` does: a collection would land in
+    whichever timed call it falls), restored on exit."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def time_layer(device: str, rounds: int = 30, reps: int = 50) -> dict:
@@ -163,9 +168,7 @@ def time_layer(device: str, rounds: int = 30, reps: int = 50) -> dict:
     for fn in fns.values():
         for _ in range(reps):
             fn()
-    gc_was_on = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_paused():
         for r in range(rounds):
             for v in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
                 fn, ts = fns[v], []
@@ -174,9 +177,6 @@ def time_layer(device: str, rounds: int = 30, reps: int = 50) -> dict:
                     fn()
                     ts.append(time.perf_counter() - t0)
                 best[v].append(min(ts))
-    finally:
-        if gc_was_on:
-            gc.enable()
     out = {f"{v}_us": round(1e6 * statistics.median(best[v]), 1) for v in best}
     out["ratio_rora_over_lora"] = round(statistics.median(best["rora"])
                                         / statistics.median(best["lora"]), 3)
