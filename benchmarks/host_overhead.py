@@ -19,11 +19,11 @@ Reported, per variant:
   least-disturbed iterations), the median of the paired ratios, and of the medians of
   the per-block minima (``ratio_of_block_minima``: noise from other jobs only adds
   time). Compare ratios, not milliseconds; on a shared machine even these move by
-  ±5-10 % from run to run;
+  several percent from run to run;
 * **one adapted layer** (``single_layer``): forward + backward of one 64→64 layer alone,
   the fastest call of each of 30 interleaved rounds (see :func:`time_layer`): the
-  per-layer host cost without the rest of the model (it too moves by ±10 % between runs
-  on a shared machine);
+  per-layer host cost without the rest of the model (it too moves between runs on a
+  shared machine);
 * **the penalty step** (RoRA): the optimizer step pre-hook alone, for all 48 layers.
 
 CUDA: ``--device cuda`` also counts kernel launches per adapted layer and splits one
