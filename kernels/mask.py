@@ -94,8 +94,12 @@ def _keep_kn(seed, row0, col0, n_groups, thr, BLOCK_K: tl.constexpr, BLOCK_N: tl
 def _mask_apply_kernel(W, OUT, N, K, stride_wn, stride_wk, stride_on, stride_ok,
                        seed, thr, n_groups, scale,
                        WRITE_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """``OUT = where(keep, W * scale, 0)`` (or ``OUT = keep`` as int8 when WRITE_MASK)."""
+                       BLOCK_K: tl.constexpr, SEED_PTR: tl.constexpr = False):
+    """``OUT = where(keep, W * scale, 0)`` (or ``OUT = keep`` as int8 when WRITE_MASK).
+    ``SEED_PTR``: ``seed`` points to a one-element int64 tensor on the device (graph
+    capture: no host read of the seed) instead of being the seed's value."""
+    if SEED_PTR:
+        seed = tl.load(seed)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,23 +130,40 @@ def _launch(w, out, seed, thr, scale, write_mask, block_n, block_k):
     groups = check_counter_range(n, k)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     src = w if w is not None else out
+    seed_ptr = isinstance(seed, torch.Tensor)
     _mask_apply_kernel[grid](src, out, n, k, src.stride(0), src.stride(1),
-                             out.stride(0), out.stride(1), int(seed), int(thr),
-                             groups, float(scale), WRITE_MASK=write_mask,
-                             BLOCK_N=block_n, BLOCK_K=block_k)
+                             out.stride(0), out.stride(1), seed if seed_ptr else int(seed),
+                             int(thr), groups, float(scale), WRITE_MASK=write_mask,
+                             BLOCK_N=block_n, BLOCK_K=block_k, SEED_PTR=seed_ptr)
     return out
 
 
-_check_seed = ref.check_seed
+def _check_seed(seed, device=None):
+    """An int seed checked by the reference (``[0, 2**63)``). A tensor seed (graph
+    capture) stays on the device, unread: it must be a one-element int64 tensor on the
+    kernel's device; its value is not checked here (that would be a host read). The
+    seeds rora_fast draws lie in ``[0, 2**62)``; a negative value would give a valid
+    mask that the reference does not define (it rejects such seeds)."""
+    if not isinstance(seed, torch.Tensor):
+        return ref.check_seed(seed)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError("a tensor seed must be a one-element int64 tensor, got "
+                        f"{seed.dtype} of shape {tuple(seed.shape)}")
+    if device is not None and seed.device != device:
+        raise ValueError(f"a tensor seed must be on the kernel's device {device}, "
+                         f"got {seed.device}")
+    return seed
 
 
-def masked_copy(weight: torch.Tensor, seed: int, p: float, *, block_n: int = _COPY_BLOCK_N,
+def masked_copy(weight: torch.Tensor, seed, p: float, *, block_n: int = _COPY_BLOCK_N,
                 block_k: int = _COPY_BLOCK_K) -> torch.Tensor:
     """``(M ⊙ W) / (1 - p_eff)`` in W's dtype, a new contiguous tensor (``W`` itself when
     ``p_eff == 0``). Bit-identical to ``reference.masked_weight`` (same product
-    ``w * scale`` in float32, rounded once to W's dtype)."""
+    ``w * scale`` in float32, rounded once to W's dtype). ``seed``: an int, or a
+    one-element int64 tensor on W's device that the kernel reads (no host sync: what
+    CUDA graph capture needs)."""
     thr, scale = mask_params(p)
-    seed = _check_seed(seed)
+    seed = _check_seed(seed, weight.device)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     if thr == 0:
@@ -153,7 +174,7 @@ def masked_copy(weight: torch.Tensor, seed: int, p: float, *, block_n: int = _CO
     return _launch(weight, out, seed, thr, scale, False, block_n, block_k)
 
 
-def keep_mask(seed: int, out_features: int, in_features: int, p: float, device=None, *,
+def keep_mask(seed, out_features: int, in_features: int, p: float, device=None, *,
               block_n: int = _COPY_BLOCK_N, block_k: int = _COPY_BLOCK_K) -> torch.Tensor:
     """The keep-mask the kernels draw, materialised as a bool ``(out, in)`` tensor.
 
@@ -161,8 +182,8 @@ def keep_mask(seed: int, out_features: int, in_features: int, p: float, device=N
     equal ``reference.weight_keep_mask(seed, out, in, p)`` bit for bit, whatever
     ``block_n``/``block_k`` (a multiple of 8)."""
     thr, _ = mask_params(p)
-    seed = _check_seed(seed)
     out = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+    seed = _check_seed(seed, out.device)
     if out.numel() == 0:
         return out.bool()
     return _launch(None, out, seed, thr, 1.0, True, block_n, block_k).bool()

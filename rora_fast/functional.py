@@ -13,12 +13,14 @@ implement the same math:
 the reference everywhere else. The environment variable ``RORA_FAST_BACKEND``
 (``auto`` | ``reference`` | ``triton``) overrides the default for every call.
 
-Graph capture. The mask seed is either a Python int (eager: drawn with one
-``torch.randint`` and read on the host) or a one-element int64 tensor (under
-``torch.compile``: drawn in the graph, no host sync). With a tensor seed the
-masked weight comes from the custom op ``rora_fast::masked_weight`` (registered with
-:mod:`torch.library`, a fake implementation for tracing), so ``torch.compile(...,
-fullgraph=True)`` traces the whole layer without a graph break.
+Graph capture. The mask seed is either a Python int (eager: drawn from torch's CPU
+generator and read on the host) or a one-element int64 tensor (under
+``torch.compile``: drawn in the graph, no host sync; on the weight's device, so on
+CUDA the Triton mask kernel reads it from device memory and the compiled graph has no
+CPU op: CUDA graphs can capture it). With a tensor seed the masked weight comes from
+the custom op ``rora_fast::masked_weight`` (registered with :mod:`torch.library`, a
+fake implementation for tracing), so ``torch.compile(..., fullgraph=True)`` traces the
+whole layer without a graph break.
 """
 
 from __future__ import annotations
@@ -107,14 +109,21 @@ def _masked_eager(weight: torch.Tensor, seed: int, p: float, scratch: bool) -> t
 def masked_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """``(M ⊙ W)/(1 − p_eff)`` with the seed read from a one-element int64 tensor: the
     graph-capture form of :func:`rora_fast.reference.masked_weight` (the fused Triton
-    copy for CUDA weights). A new tensor (never ``weight`` itself)."""
-    s = int(seed.reshape(()).item())
+    copy for CUDA weights). A new tensor (never ``weight`` itself).
+
+    A seed on the weight's CUDA device is read by the Triton kernel itself: no host
+    sync, so the op can be captured in a CUDA graph (``mode="reduce-overhead"``). Any
+    other seed is read on the host (free for a CPU tensor; a sync for a device tensor
+    on the reference path)."""
     if weight.is_cuda:
         kernels = _kernels_module()
         if kernels is not None:
-            out = kernels.masked_copy(weight, s, p)
+            if not (seed.is_cuda and seed.device == weight.device):
+                seed = int(seed.reshape(()).item())
+            out = kernels.masked_copy(weight, seed.reshape(1) if isinstance(seed, torch.Tensor)
+                                      else seed, p)
             return out.clone() if out is weight else out
-    out = ref.masked_weight(weight, s, p)
+    out = ref.masked_weight(weight, int(seed.reshape(()).item()), p)
     return out.clone() if out is weight else out
 
 

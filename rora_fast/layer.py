@@ -72,7 +72,7 @@ def training_forward(layer: nn.Module, x: torch.Tensor, lora_dropout: nn.Module,
     count of :func:`count_training_forward`, and the RoRA op ``x (M ⊙ W)ᵀ/(1−p) + b +
     s x̃ AᵀBᵀ``. Returns ``(y, x̃ or None, seed)`` (DoRA needs the last two)."""
     x_lora = None if type(lora_dropout) is nn.Identity else lora_dropout(x)
-    seed = RoraLinear._draw_seed() if p else 0
+    seed = RoraLinear._draw_seed(W.device) if p else 0
     count_training_forward(layer)
     y = F_rora.rora_linear(x, x_lora, W, b, A, B, scaling, p, seed, backend=backend)
     return y, x_lora, seed
@@ -402,12 +402,16 @@ class RoraLinear(nn.Module):
         return y
 
     @staticmethod
-    def _draw_seed():
-        """The weight mask's seed, from torch's default CPU generator: an int in eager
-        mode; under ``torch.compile`` a one-element int64 tensor (drawn in the graph, no
-        host sync, no graph break; see :mod:`rora_fast.functional`)."""
+    def _draw_seed(device: Optional[torch.device] = None):
+        """The weight mask's seed. Eager: an int from torch's default CPU generator (no
+        device work, no sync). Under ``torch.compile``: a one-element int64 tensor drawn
+        in the graph (no host read, no graph break; see :mod:`rora_fast.functional`), on
+        ``device`` when that is a CUDA device (the weight's: then the graph has no CPU op
+        and CUDA graphs can capture it; the seed comes from that device's generator, so
+        compiled and eager masks differ on CUDA), else from the CPU generator like eager."""
         if torch.compiler.is_compiling():
-            return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+            dev = device if device is not None and device.type == "cuda" else "cpu"
+            return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=dev)
         # Eager: the same draw (``randint`` is ``random_`` on a fresh tensor) into a
         # per-thread buffer, saving the allocation and argument parsing per call.
         buf = getattr(_SEED_BUFFER, "t", None)

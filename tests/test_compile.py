@@ -122,3 +122,81 @@ def test_inductor_mask_statistics_with_its_own_generator():
     sd = (p * (1 - p) / (3 * n)) ** 0.5
     assert abs(drop - p) < 5 * sd, (drop, p, sd)
     assert not torch.equal(masks[0], masks[1])  # one mask per call
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_compiled_seed_lives_on_the_device():
+    """Under compilation on CUDA the seed is drawn on the weight's device (no CPU op in
+    the graph) and read by the mask kernel itself: aot_eager at p = 0 still equals eager,
+    and at p > 0 each call draws a fresh mask of the right rate."""
+    torch._dynamo.reset()
+    p = 0.25
+    lay = _layer(p).cuda()
+    seen = []
+    real = rora_fast.layer.RoraLinear._draw_seed
+
+    def spy(device=None):
+        s = real(device)
+        seen.append(s)
+        return s
+
+    rora_fast.layer.RoraLinear._draw_seed = staticmethod(spy)
+    try:
+        comp = torch.compile(lay, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            lay.lora_B.zero_()
+            eye = torch.eye(40, device="cuda")
+            wms = [(comp(eye) - lay.bias).t() for _ in range(2)]
+    finally:
+        rora_fast.layer.RoraLinear._draw_seed = staticmethod(real)
+    assert seen and all(isinstance(s, torch.Tensor) and s.is_cuda for s in seen)
+    W = lay.weight.detach()
+    scale = 1.0 / (1.0 - ref.effective_drop_prob(p))
+    for wm in wms:
+        kept = wm != 0
+        torch.testing.assert_close(wm[kept], W[kept] * scale, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(wms[0] != 0, wms[1] != 0)
+
+
+@needs_cuda
+def test_cuda_reduce_overhead_captures_cuda_graphs():
+    """mode="reduce-overhead" (Inductor + CUDA graph trees): no cudagraph skip (every
+    input and op of the graph is on the device, the custom op reads its seed there),
+    a fresh mask per replay at the right drop rate, and a training step moves the loss."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    p = 0.25
+    lay = _layer(p).cuda()
+    opt = torch.optim.AdamW([lay.lora_A, lay.lora_B], lr=1e-2)
+    comp = torch.compile(lay, fullgraph=True, mode="reduce-overhead")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 40, generator=g).cuda()
+    target = torch.randn(16, 24, generator=g).cuda()
+    losses = []
+    for _ in range(6):
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = ((comp(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        lay.lora_B.zero_()
+    eye = torch.eye(40, device="cuda")
+    masks = []
+    with torch.no_grad():
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            masks.append(((comp(eye) - lay.bias).t() != 0).clone())
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    drop = 1 - torch.stack(masks).float().mean().item()
+    n = lay.weight.numel()
+    assert abs(drop - p) < 5 * (p * (1 - p) / (3 * n)) ** 0.5, drop
+    assert not torch.equal(masks[0], masks[1])

@@ -264,6 +264,30 @@ def test_no_penalty_work_in_the_fused_backward():
     assert "ortho" not in src and "penalty." not in src
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**31 + 5, 2**62 - 1, 2**63 - 1])
+def test_masked_copy_reads_a_device_seed(seed):
+    """The graph-capture form of the kernel: the seed read from a one-element int64
+    tensor on the kernel's device (no host read) draws the int seed's mask, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 52, generator=gen).to(DEVICE)
+    t_seed = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
+    got = mask.masked_copy(w, t_seed, 0.3)
+    assert torch.equal(got, mask.masked_copy(w, seed, 0.3))
+    assert torch.equal(got.cpu(), ref.masked_weight(w.cpu(), seed, 0.3))
+    assert torch.equal(mask.keep_mask(t_seed, 37, 52, 0.3, device=DEVICE).cpu(),
+                       ref.weight_keep_mask(seed, 37, 52, 0.3))
+
+
+def test_masked_copy_rejects_bad_tensor_seeds():
+    w = torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(TypeError, match="one-element int64"):
+        mask.masked_copy(w, torch.tensor([1.0], device=DEVICE), 0.1)
+    with pytest.raises(TypeError, match="one-element int64"):
+        mask.masked_copy(w, torch.tensor([1, 2], device=DEVICE), 0.1)
+    with pytest.raises(ValueError, match="kernel's device"):
+        mask.masked_copy(w, torch.tensor([1], device="meta"), 0.1)
+
+
 def test_seed_tensor_equals_int_seed():
     """The graph-capture form (seed in a one-element int64 tensor, through the custom
     op) draws the same mask as the int seed."""

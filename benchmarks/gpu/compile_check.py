@@ -48,10 +48,14 @@ def main(argv=None) -> int:
         ptr = "*" + dt
         compile_one(f"masked_copy {dt}", mask._mask_apply_kernel,
                     {"W": ptr, "OUT": ptr, "scale": "fp32", "seed": "i64"},
-                    dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128), num_warps=4)
+                    dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False), num_warps=4)
+    compile_one("masked_copy bf16, seed read from the device (graph capture)",
+                mask._mask_apply_kernel,
+                {"W": "*bf16", "OUT": "*bf16", "scale": "fp32", "seed": "*i64"},
+                dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=True), num_warps=4)
     compile_one("keep_mask", mask._mask_apply_kernel,
                 {"W": "*i8", "OUT": "*i8", "scale": "fp32"},
-                dict(WRITE_MASK=True, BLOCK_N=32, BLOCK_K=128), num_warps=4)
+                dict(WRITE_MASK=True, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False), num_warps=4)
     compile_one("keep_mask_transposed", mask._keep_kn_kernel, {"OUT": "*i8"},
                 dict(BLOCK_K=16, BLOCK_N=16), num_warps=4)
     if failures:

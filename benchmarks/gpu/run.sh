@@ -7,7 +7,8 @@
 # Steps, each time-boxed so the whole run ends within RORA_GPU_BUDGET_S (default 470 s):
 #   0. preflight: one clear line and exit 3 when there is no CUDA device;
 #   1. install the checkout (pip -e, no deps, no network), else a PYTHONPATH fallback;
-#   2. tests/test_kernels.py on CUDA (fp32, fp16, bf16; 2x-error rule);
+#   2. tests/test_kernels.py on CUDA (fp32, fp16, bf16; 2x-error rule), tests/test_compile.py
+#      (torch.compile; on CUDA the device seed and CUDA graphs under reduce-overhead);
 #   3. one-layer forward+backward benchmark at LLaMA-7B shapes (bf16, 8192 tokens, r=16):
 #      base GEMMs, PEFT LoRA (dropout 0.1), RoRA reference, fused RoRA;
 #      writes benchmarks/results/<date>-<device>.json and .md;

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Correctness runner: tests/test_kernels.py on this machine (compiled kernels on CUDA in
-# fp32/fp16/bf16; the Triton interpreter on a CPU). Usage:
+# fp32/fp16/bf16; the Triton interpreter on a CPU), then tests/test_compile.py
+# (torch.compile of RoRA layers; on CUDA also the device seed and CUDA graph capture
+# under mode="reduce-overhead"). Usage:
 #   benchmarks/gpu/run_kernel_tests.sh [LOG_FILE] [TIME_LIMIT_S]
 # Writes the full pytest output to LOG_FILE (default: a temporary file), prints the last
 # lines, exits with pytest's status (124 if the time limit was hit).
@@ -14,7 +16,7 @@ extra=()
 if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
     extra+=(--timeout=180)
 fi
-timeout -k 10 "$LIMIT" "$PY" -m pytest tests/test_kernels.py -q -rfEs -p no:cacheprovider \
+timeout -k 10 "$LIMIT" "$PY" -m pytest tests/test_kernels.py tests/test_compile.py -q -rfEs -p no:cacheprovider \
     --durations=10 "${extra[@]}" >"$LOG" 2>&1
 rc=$?
 tail -n 40 "$LOG"
