@@ -11,7 +11,8 @@ Public API, used by ``rora_fast.functional.rora_linear`` for CUDA tensors:
 Files, one op each (its autograd Function and backward derivation inside):
 
 * ``mask.py``: the weight keep-mask drawn in Triton (bit-identical to
-  ``rora_fast.reference.weight_keep_mask``), ``masked_copy`` and ``keep_mask``.
+  ``rora_fast.reference.weight_keep_mask``), ``masked_copy``, ``effective_weight``
+  (``c·M⊙W + s·BA`` in the same pass, when the LoRA input is x) and ``keep_mask``.
 * ``rora_linear.py``: ``FusedRoraLinearFunction``, ``fused_rora_linear``, ``supports``.
 * ``nf4.py``: bitsandbytes 4-bit dequantization and the weight mask in one pass.
 * ``_common.py``: interpreter detection, and the record of the mask-strategy decision
@@ -21,7 +22,7 @@ Importing this package needs triton but no GPU. Under ``TRITON_INTERPRET=1`` (se
 before import) the kernels run on CPU tensors, which is how the tests run in CI.
 """
 
-from .mask import keep_mask, masked_copy
+from .mask import effective_weight, keep_mask, masked_copy
 from .rora_linear import FusedRoraLinearFunction, fused_rora_linear, supports
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "fused_rora_linear",
     "FusedRoraLinearFunction",
     "masked_copy",
+    "effective_weight",
     "keep_mask",
 ]

@@ -19,7 +19,9 @@ masked copy) draws it do not change a single bit. Tests check this against
 ``masked_copy(W, seed, p)`` is mask strategy ``"copy"``: one small elementwise
 kernel writes ``(M ⊙ W) / (1 - p_eff)`` in W's dtype, a transient ``out x in``
 buffer that cuBLAS then consumes. The same kernel, applied to ``Gᵀ X``, gives the
-masked weight gradient when a caller trains W.
+masked weight gradient when a caller trains W. ``effective_weight(W, seed, p, B, A, s)``
+is the same pass with the LoRA product added, ``(M ⊙ W) / (1 - p_eff) + s·BA``, the one
+weight of a layer whose LoRA input is ``x``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import triton.language as tl
 
 from rora_fast import reference as ref
 
-__all__ = ["masked_copy", "keep_mask", "mask_params", "check_counter_range"]
+__all__ = ["masked_copy", "effective_weight", "keep_mask", "mask_params",
+           "check_counter_range"]
 
 # Tile of the elementwise mask kernels (rows x columns); columns must be a multiple of 8.
 _COPY_BLOCK_N = 32
@@ -90,14 +93,18 @@ def _keep_kn(seed, row0, col0, n_groups, thr, BLOCK_K: tl.constexpr, BLOCK_N: tl
     return tl.reshape(half, (BLOCK_K, BLOCK_N)) >= thr
 
 
-@triton.jit(do_not_specialize=["N", "K", "seed", "thr", "n_groups"])
+@triton.jit(do_not_specialize=["N", "K", "seed", "thr", "n_groups", "R"])
 def _mask_apply_kernel(W, OUT, N, K, stride_wn, stride_wk, stride_on, stride_ok,
                        seed, thr, n_groups, scale,
+                       LB, LA, R, stride_bn, stride_br, stride_ar, stride_ak, lr_scale,
                        WRITE_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SEED_PTR: tl.constexpr = False):
+                       BLOCK_K: tl.constexpr, SEED_PTR: tl.constexpr = False,
+                       LOWRANK: tl.constexpr = False):
     """``OUT = where(keep, W * scale, 0)`` (or ``OUT = keep`` as int8 when WRITE_MASK).
     ``SEED_PTR``: ``seed`` points to a one-element int64 tensor on the device (graph
-    capture: no host read of the seed) instead of being the seed's value."""
+    capture: no host read of the seed) instead of being the seed's value.
+    ``LOWRANK``: ``OUT = where(keep, W * scale, 0) + lr_scale · LB LA`` (``LB`` N x R,
+    ``LA`` R x K), the sum accumulated in float32 rank by rank and rounded once."""
     if SEED_PTR:
         seed = tl.load(seed)
     pid_n = tl.program_id(0)
@@ -113,6 +120,15 @@ def _mask_apply_kernel(W, OUT, N, K, stride_wn, stride_wk, stride_on, stride_ok,
         w_ptrs = W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk
         w = tl.load(w_ptrs, mask=inb, other=0.0)
         val = tl.where(keep, w.to(tl.float32) * scale, 0.0)
+        if LOWRANK:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for j in range(0, R):
+                b = tl.load(LB + rn.to(tl.int64) * stride_bn + j * stride_br, mask=rn < N,
+                            other=0.0).to(tl.float32)
+                a = tl.load(LA + j * stride_ar + rk.to(tl.int64) * stride_ak, mask=rk < K,
+                            other=0.0).to(tl.float32)
+                acc += b[:, None] * a[None, :]
+            val = val + lr_scale * acc
         tl.store(o_ptrs, val.to(OUT.dtype.element_ty), mask=inb)
 
 
@@ -124,17 +140,23 @@ def _check_blocks(block_n, block_k):
         raise ValueError(f"block_k must be a multiple of 8 (mask groups), got {block_k}")
 
 
-def _launch(w, out, seed, thr, scale, write_mask, block_n, block_k):
+def _launch(w, out, seed, thr, scale, write_mask, block_n, block_k, lowrank=None):
     n, k = out.shape
     _check_blocks(block_n, block_k)
     groups = check_counter_range(n, k)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     src = w if w is not None else out
     seed_ptr = isinstance(seed, torch.Tensor)
+    if lowrank is None:  # the B/A arguments are unused: any pointer will do
+        lr = (src, src, 0, 0, 0, 0, 0, 0.0)
+    else:
+        B, A, s = lowrank
+        lr = (B, A, A.shape[0], B.stride(0), B.stride(1), A.stride(0), A.stride(1), float(s))
     _mask_apply_kernel[grid](src, out, n, k, src.stride(0), src.stride(1),
                              out.stride(0), out.stride(1), seed if seed_ptr else int(seed),
-                             int(thr), groups, float(scale), WRITE_MASK=write_mask,
-                             BLOCK_N=block_n, BLOCK_K=block_k, SEED_PTR=seed_ptr)
+                             int(thr), groups, float(scale), *lr, WRITE_MASK=write_mask,
+                             BLOCK_N=block_n, BLOCK_K=block_k, SEED_PTR=seed_ptr,
+                             LOWRANK=lowrank is not None)
     return out
 
 
@@ -172,6 +194,24 @@ def masked_copy(weight: torch.Tensor, seed, p: float, *, block_n: int = _COPY_BL
     if out.numel() == 0:
         return out
     return _launch(weight, out, seed, thr, scale, False, block_n, block_k)
+
+
+def effective_weight(weight: torch.Tensor, seed, p: float, lora_B: torch.Tensor,
+                     lora_A: torch.Tensor, scaling: float, *, block_n: int = _COPY_BLOCK_N,
+                     block_k: int = _COPY_BLOCK_K) -> torch.Tensor:
+    """``c · (M ⊙ W) + s · B A`` in W's dtype, one new tensor, one kernel: the single
+    weight of a RoRA layer whose LoRA input is ``x`` itself (``y = x W_effᵀ + b``,
+    ``dX = dY W_eff``). Bit-identical in the interpreter to
+    ``reference.effective_weight`` (float32 sum, rank by rank, rounded once).
+    ``seed`` as in :func:`masked_copy`; no argument checks beyond it (the callers, the
+    fused op, have checked shapes, dtypes and devices)."""
+    thr, scale = mask_params(p)
+    seed = _check_seed(seed, weight.device)
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    if out.numel() == 0:
+        return out
+    return _launch(weight, out, seed, thr, scale, False, block_n, block_k,
+                   lowrank=(lora_B, lora_A, scaling))
 
 
 def keep_mask(seed, out_features: int, in_features: int, p: float, device=None, *,

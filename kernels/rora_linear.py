@@ -7,7 +7,11 @@ scaling, ``M`` the weight keep-mask of :mod:`rora_fast.reference`, ``c = 1/(1-p_
 
 ``W' = c · (M ⊙ W)`` is made once per call by ``mask.masked_copy`` (a transient buffer,
 freed when the call returns), then cuBLAS does the GEMMs (why this strategy, with the
-figures of the one it beat, is recorded in ``kernels/_common.py``).
+figures of the one it beat, is recorded in ``kernels/_common.py``). When the LoRA
+input is ``x`` itself (no LoRA input dropout) and W is masked, the same pass over W
+writes the effective weight ``W_eff = c · (M ⊙ W) + s · B A`` instead
+(``mask.effective_weight``), and ``y = x W_effᵀ + b``, ``dX = dY W_eff`` are single
+GEMMs: no LoRA update pass over y (T x out) nor over dX (T x in).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from rora_fast import reference as ref
 
 from . import _common
-from .mask import masked_copy
+from .mask import effective_weight, masked_copy
 
 __all__ = ["FusedRoraLinearFunction", "fused_rora_linear", "supports", "SUPPORTED_DTYPES"]
 
@@ -53,8 +57,11 @@ class FusedRoraLinearFunction(torch.autograd.Function):
       ``dW_ij = Σ_t G_ti c M_ij X_tj = c · M ⊙ (Gᵀ X)``: ``masked_copy(Gᵀ X)``.
 
     When ``x̃`` is ``x`` itself (no LoRA input dropout), autograd would add
-    ``dX + dX̃``; the op then computes the sum in one pass (one addmm) and returns it
-    for ``x``, and None for the second slot.
+    ``dX + dX̃``; the op returns the sum for ``x`` and None for the second slot. With a
+    weight mask (p_eff > 0) that sum is ``dY (W' + s·BA) = dY W_eff``: one GEMM with the
+    effective weight, rebuilt from the seed and the saved A, B (``Y = X W_effᵀ + b``
+    likewise in forward; ``S = X Aᵀ`` is then computed only for dB). Without a mask the
+    LoRA term is one addmm onto ``dY W``, as the masked copy would be ``W`` itself.
 
     Saved for backward: ``x̃`` (for dA), ``S`` (T x r, for dB), ``x`` only when W
     is trainable; W, A, B are parameters (no copy).
@@ -75,15 +82,23 @@ class FusedRoraLinearFunction(torch.autograd.Function):
         lora_input_is_x = x_lora is None
         x2 = x.reshape(-1, in_f)
         xl2 = x2 if lora_input_is_x else x_lora.reshape(-1, in_f)
-        s_mat = xl2 @ lora_A.t()  # (T, r) in the input dtype, as the reference rounds it
-        wm = _mask(weight, seed, p)
-        y2 = torch.addmm(bias, x2, wm.t()) if bias is not None else x2 @ wm.t()
-        del wm
-        y2.addmm_(s_mat, lora_B.t(), alpha=scaling)
-
         needs = ctx.needs_input_grad
         need_xl = needs[4]  # dA needs x̃
         need_s = needs[5]   # dB needs S
+        # x̃ = x and a weight mask: one effective weight c·M⊙W + s·BA (made in the mask
+        # kernel's pass over W anyway) serves forward and dX; no LoRA pass over y or dX.
+        eff = lora_input_is_x and ref.keep_threshold(p) != 0
+        if eff:
+            w = _effective(weight, seed, p, lora_B, lora_A, scaling)
+            y2 = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+            del w
+            s_mat = x2 @ lora_A.t() if need_s else None
+        else:
+            s_mat = xl2 @ lora_A.t()  # (T, r) in the input dtype, as the reference rounds it
+            wm = _mask(weight, seed, p)
+            y2 = torch.addmm(bias, x2, wm.t()) if bias is not None else x2 @ wm.t()
+            del wm
+            y2.addmm_(s_mat, lora_B.t(), alpha=scaling)
         seed_t = seed if isinstance(seed, torch.Tensor) else None
         ctx.save_for_backward(x2 if needs[2] else None,
                               xl2 if need_xl else None,
@@ -92,6 +107,7 @@ class FusedRoraLinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.p = scaling, p
         ctx.seed = None if seed_t is not None else seed
         ctx.lora_input_is_x = lora_input_is_x
+        ctx.eff = eff
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         return y2.reshape(*x.shape[:-1], out_f)
@@ -114,16 +130,23 @@ class FusedRoraLinearFunction(torch.autograd.Function):
         lora_input_is_x = ctx.lora_input_is_x
         need_dx = needs[0]
         need_dxl = needs[1] and not lora_input_is_x
-        need_dyb = needs[4] or need_dxl or (lora_input_is_x and need_dx)
+        eff = ctx.eff
+        lora_in_dx = lora_input_is_x and need_dx and not eff
+        need_dyb = needs[4] or need_dxl or lora_in_dx
         dyb = g @ lora_B if need_dyb else None  # (T, r)
 
         dx = dx_lora = dA = dB = db = dW = None
         if need_dx:
-            wm = _mask(weight, seed, p)
-            dx = g @ wm
-            del wm
-            if lora_input_is_x:
-                dx.addmm_(dyb, lora_A, alpha=s)
+            if eff:  # dX = dY W_eff: the LoRA path is inside W_eff
+                w = _effective(weight, seed, p, lora_B, lora_A, s)
+                dx = g @ w
+                del w
+            else:
+                wm = _mask(weight, seed, p)
+                dx = g @ wm
+                del wm
+                if lora_in_dx:
+                    dx.addmm_(dyb, lora_A, alpha=s)
             dx = dx.reshape(ctx.x_shape)
         if need_dxl:
             dx_lora = torch.mm(dyb, lora_A).mul_(s).reshape(ctx.x_shape)
@@ -150,6 +173,16 @@ def _mask(weight, seed, p):
 
         return masked_weight_op(weight, seed, p)
     return masked_copy(weight, seed, p)
+
+
+def _effective(weight, seed, p, lora_B, lora_A, scaling):
+    """``c·(M ⊙ W) + s·B A`` (see ``mask.effective_weight``); a tensor seed through the
+    registered custom op, as :func:`_mask`."""
+    if isinstance(seed, torch.Tensor):
+        from rora_fast.functional import effective_weight_op
+
+        return effective_weight_op(weight, seed, p, lora_B, lora_A, scaling)
+    return effective_weight(weight, seed, p, lora_B, lora_A, scaling)
 
 
 def _validate(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, allow_cpu: bool):

@@ -49,6 +49,7 @@ __all__ = [
     "check_seed",
     "check_counter_range",
     "masked_weight",
+    "effective_weight",
     "rora_linear_forward",
     "rora_linear_backward",
     "ortho_penalty",
@@ -217,6 +218,25 @@ def masked_weight(weight: torch.Tensor, seed: int, p: float,
     keep = weight_keep_mask(seed, weight.shape[0], weight.shape[1], p, weight.device)
     return torch.where(keep, weight * scale, torch.zeros((), dtype=weight.dtype,
                                                          device=weight.device))
+
+
+def effective_weight(weight: torch.Tensor, seed: int, p: float, lora_B: torch.Tensor,
+                     lora_A: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``(M ⊙ W)/(1 - p_eff) + s · B A`` in float32, rounded once to the weight's dtype.
+
+    When the LoRA input is ``x`` itself (no LoRA input dropout), the layer is one linear
+    map, ``y = x W_effᵀ + b`` and ``dX = dY W_eff``: the fused kernels build this weight
+    in one pass (``rora_fast.kernels.effective_weight``) instead of adding the LoRA term
+    to ``y`` and ``dX`` afterwards. The low-rank sum is accumulated in float32 one rank
+    at a time (``j = 0 .. r-1``), the order the kernel uses."""
+    keep = weight_keep_mask(seed, weight.shape[0], weight.shape[1], p, weight.device)
+    scale = 1.0 / (1.0 - effective_drop_prob(p))
+    val = torch.where(keep, weight.float() * scale, torch.zeros((), device=weight.device))
+    B, A = lora_B.float(), lora_A.float()
+    acc = torch.zeros_like(val)
+    for j in range(A.shape[0]):
+        acc += B[:, j:j + 1] * A[j:j + 1, :]
+    return (val + scaling * acc).to(weight.dtype)
 
 
 def rora_linear_forward(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor,

@@ -3,8 +3,9 @@
 The Triton interpreter (what CI runs) shares Triton's front end but not its GPU
 lowering: layouts, ``tl.reshape`` of the mask lanes, ``tl.dot`` shape limits and
 shared-memory use are only checked when a kernel is compiled for a real target. This
-script compiles the mask kernels (the masked copy in fp32/fp16/bf16, the keep-mask in
-both layouts) to cubin for ``--arch`` (default 90, Hopper) with the ``ptxas`` bundled in
+script compiles the mask kernels (the masked copy in fp32/fp16/bf16 and with the seed
+read from device memory, the effective weight c·M⊙W + s·BA, the keep-mask in both
+layouts) to cubin for ``--arch`` (default 90, Hopper) with the ``ptxas`` bundled in
 Triton's wheel: no GPU, no CUDA driver needed. It does not run them. Under a minute on
 two cores (2-9 s per variant).
 
@@ -48,14 +49,22 @@ def main(argv=None) -> int:
         ptr = "*" + dt
         compile_one(f"masked_copy {dt}", mask._mask_apply_kernel,
                     {"W": ptr, "OUT": ptr, "scale": "fp32", "seed": "i64"},
-                    dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False), num_warps=4)
+                    dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False, LOWRANK=False),
+                    num_warps=4)
     compile_one("masked_copy bf16, seed read from the device (graph capture)",
                 mask._mask_apply_kernel,
                 {"W": "*bf16", "OUT": "*bf16", "scale": "fp32", "seed": "*i64"},
-                dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=True), num_warps=4)
+                dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=True, LOWRANK=False),
+                num_warps=4)
+    compile_one("effective_weight bf16 (c·M⊙W + s·BA)", mask._mask_apply_kernel,
+                {"W": "*bf16", "OUT": "*bf16", "LB": "*bf16", "LA": "*bf16", "scale": "fp32",
+                 "lr_scale": "fp32", "seed": "i64"},
+                dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False, LOWRANK=True),
+                num_warps=4)
     compile_one("keep_mask", mask._mask_apply_kernel,
                 {"W": "*i8", "OUT": "*i8", "scale": "fp32"},
-                dict(WRITE_MASK=True, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False), num_warps=4)
+                dict(WRITE_MASK=True, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False, LOWRANK=False),
+                num_warps=4)
     compile_one("keep_mask_transposed", mask._keep_kn_kernel, {"OUT": "*i8"},
                 dict(BLOCK_K=16, BLOCK_N=16), num_warps=4)
     if failures:
