@@ -22,7 +22,9 @@ Reported: median / p20 / p80 wall time per forward+backward (CUDA events); for b
 PEFT LoRA and fused RoRA also the time per call back to back (no sync between calls) and
 per replay of a CUDA graph of the call (no host work: the device floor); and the peak
 memory allocated above what existed before the call (saved activations, transients
-and gradients). Also a correctness spot check of the fused op against the
+and gradients); at the first shape, for base, PEFT LoRA without dropout and fused RoRA,
+the split of one call by kernel (torch.profiler: launches, device time per kernel name),
+to show which passes cost what. Also a correctness spot check of the fused op against the
 reference at the full shape (relative max error of y and of every gradient).
 
 Usage::
@@ -50,6 +52,8 @@ TARGET_VS_PEFT = 0.80   # and at most 0.8x PEFT LoRA with dropout
 LLAMA_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 # methods also timed back to back and as a CUDA-graph replay
 REPLAY_METHODS = ("base", "peft_lora", "peft_lora_nodrop", "rora_fused")
+# methods whose call is split by kernel (torch.profiler), at the first shape
+PROFILE_METHODS = ("base", "peft_lora_nodrop", "rora_fused")
 
 
 def parse_args(argv=None):
@@ -167,6 +171,34 @@ class Timer:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / n
+
+    def kernel_split(self, fn, n=3, top=8):
+        """Where one call's time goes (torch.profiler over ``n`` calls): on CUDA the
+        kernels by device time (launches per call, µs per call, the ``top`` largest by
+        name); on a CPU the ops by self CPU time (smoke runs only)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        self.sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(n):
+                fn()
+            self.sync()
+        want = torch.autograd.DeviceType.CUDA if self.cuda else torch.autograd.DeviceType.CPU
+        agg = {}
+        for e in prof.events():
+            if e.device_type != want:
+                continue
+            us = e.device_time if self.cuda else e.self_cpu_time_total
+            calls, tot = agg.get(e.name, (0, 0.0))
+            agg[e.name] = (calls + 1, tot + us)
+        ranked = sorted(agg.items(), key=lambda kv: -kv[1][1])
+        return dict(kind="cuda kernels" if self.cuda else "cpu ops (self time)",
+                    per_call=round(sum(c for c, _ in agg.values()) / n, 2),
+                    us_per_call=round(sum(t for _, t in agg.values()) / n, 2),
+                    top=[[name[:90], round(c / n, 2), round(t / n, 2)]
+                         for name, (c, t) in ranked[:top]])
 
     def peak_mib(self, fn):
         if not self.cuda:
@@ -339,6 +371,14 @@ def run(args):
                     row[key] = how(methods[row["method"]], args.reps)
                 except Exception as exc:
                     row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        # where the time goes, first shape only (issue 11 item 3: which passes to fuse)
+        if (in_f, out_f) == tuple(args.shape_list[0]):
+            for row in shape_rows:
+                if row["method"] in PROFILE_METHODS and "error" not in row:
+                    try:
+                        row["profile"] = timer.kernel_split(methods[row["method"]])
+                    except Exception as exc:
+                        row["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
         del methods, outputs, ref_out
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -462,6 +502,23 @@ def markdown(rows, meta):
                 "error: " + row["graph_replay_ms_error"][:60].replace("|", "/")
             lines.append(f"| {row['in_features']}x{row['out_features']} | {row['method']} | "
                          f"{bb} | {gs} | {f(g / b if g and b else None, 2)} |")
+    prof = [r for r in rows if "profile" in r or "profile_error" in r]
+    if prof:
+        lines += ["", "Where one call's time goes (torch.profiler, 3 calls, first shape): "
+                  "launches per call, time per call, the largest entries by name:", "",
+                  "| in x out | method | what | per call | µs per call | largest (calls, µs per call) |",
+                  "|---|---|---|---:|---:|---|"]
+        for row in prof:
+            pr = row.get("profile")
+            shape = f"{row['in_features']}x{row['out_features']}"
+            if pr is None:
+                lines.append(f"| {shape} | {row['method']} | error | | | "
+                             f"{row['profile_error'][:80].replace('|', '/')} |")
+                continue
+            top = "; ".join(f"{n.replace('|', '/')[:48]} ({c:g}, {t:.1f})"
+                            for n, c, t in pr["top"][:5])
+            lines.append(f"| {shape} | {row['method']} | {pr['kind']} | {pr['per_call']:g} | "
+                         f"{pr['us_per_call']:.1f} | {top} |")
     return head + "\n".join(lines) + "\n"
 
 
