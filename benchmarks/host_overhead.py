@@ -255,8 +255,9 @@ def main(argv=None) -> int:
     text = json.dumps(res, indent=1)
     print(text)
     if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
+        from rora_fast.atomic import write_text
+
+        write_text(a.json, text + "\n")
     return 0
 
 

@@ -143,8 +143,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+        from rora_fast.atomic import write_text
+
+        write_text(a.out, text)
     return 0
 
 

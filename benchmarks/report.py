@@ -21,6 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from rora_fast.atomic import save_figure, write_text
+
 PAPER_MS = {"bert-large": (94.0, 100.0), "roberta-large": (90.0, 105.0),
             "llama-7b": (84.0, 90.0)}
 MODEL_LABELS = {"bert-large": "BERT-large", "roberta-large": "RoBERTa-large",
@@ -431,7 +433,7 @@ def chart(path: Path, model_rows, layer_rows, title: str) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -520,7 +522,7 @@ def main(argv=None) -> int:
         meta = data["meta"]
         chart(png, mchart, lchart, f"rora-fast, {meta.get('device')} "
               f"({meta.get('device_name', '')}), {(meta.get('datetime') or '')[:10]}")
-    md.write_text(text)
+    write_text(md, text)
     print(text)
     return 0
 

@@ -14,6 +14,13 @@ removes its own. A target folder holding files the save would not write is refus
 swap would drop them). Saves hold an exclusive ``flock`` on the parent folder, loads a
 shared one: concurrent writers and readers are serialised.
 
+**Single files** (results, plots, cache entries): :func:`atomic_write_file` writes into a
+unique temporary sibling (``.<name>.rora-tmp-<pid>-<rand><ext>``: the extension is kept,
+so writers that infer the format from it still can), fsyncs it and renames it over the
+target, so a reader sees the old file or the new one, never a part; a failed write
+removes its temporary and leaves the old file. :func:`write_text`, :func:`write_json` and
+:func:`save_figure` are the common cases.
+
 **Verified.** :func:`tensor_checksum` (XXH3-64 over dtype, shape and bytes) and the
 checks that raise :class:`AdapterIntegrityError` naming the file and the tensor.
 """
@@ -25,11 +32,12 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["AdapterIntegrityError", "tensor_checksum", "recover", "atomic_write_dir"]
+__all__ = ["AdapterIntegrityError", "tensor_checksum", "recover", "atomic_write_dir",
+           "atomic_write_file", "write_text", "write_json", "save_figure"]
 
 _TMP_TAG = ".rora-tmp-"
 _OLD_TAG = ".rora-old-"
@@ -274,3 +282,52 @@ def _prepare_read(path: Path) -> Path:
 def _read_locked(path: Path, read: Callable[[Path], object]):
     with _dir_lock(path.parent, exclusive=False):
         return read(path)
+
+
+# ---------------------------------------------------------------------- atomic files
+def atomic_write_file(target: Union[str, Path], write: Callable[[Path], None]) -> Path:
+    """Write one file atomically: ``write(tmp)`` writes a temporary sibling of ``target``
+    (same folder, same extension), which is fsynced and renamed over ``target``. Creates
+    the parent folder. On any exception the temporary is removed and ``target`` is left
+    as it was. Concurrent writers of one target each use their own temporary; the last
+    rename wins. Temporaries left by killed writers of the same target are removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}{_TMP_TAG}"
+    for entry in os.listdir(target.parent):  # temporaries of writers that were killed
+        pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(target.parent / entry)
+    tmp = target.with_name(f".{target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+                           f"{target.suffix}")
+    try:
+        write(tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, target)  # the commit point
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_path(target.parent, directory=True)
+    return target
+
+
+def write_text(target: Union[str, Path], text: str) -> Path:
+    """``target`` holds ``text`` (UTF-8), written atomically."""
+    return atomic_write_file(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json(target: Union[str, Path], obj, **dump_kwargs) -> Path:
+    """``target`` holds ``json.dumps(obj, **dump_kwargs)`` (default ``indent=1``),
+    written atomically; serialisation errors raise before anything is written."""
+    import json
+
+    dump_kwargs.setdefault("indent", 1)
+    return write_text(target, json.dumps(obj, **dump_kwargs))
+
+
+def save_figure(fig, target: Union[str, Path], **savefig_kwargs) -> Path:
+    """``fig.savefig(target, ...)`` written atomically (the format still follows the
+    target's extension)."""
+    return atomic_write_file(target, lambda p: fig.savefig(p, **savefig_kwargs))

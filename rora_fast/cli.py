@@ -26,6 +26,8 @@ import sys
 import time
 from typing import List, Optional
 
+from .atomic import write_json
+
 __all__ = ["main", "build_parser"]
 
 
@@ -283,9 +285,7 @@ def cmd_poison(args) -> int:
             "config": meta["config"], "seconds": meta.get("seconds")}
     print(json.dumps(info, indent=1))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "poison.json"), "w") as f:
-            json.dump(info, f, indent=1)
+        write_json(os.path.join(args.out, "poison.json"), info)
     return 0
 
 
@@ -316,9 +316,7 @@ def cmd_evaluate(args) -> int:
               "model": args.path or "cached poisoned model"})
     print(json.dumps(m, indent=1))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "evaluate.json"), "w") as f:
-            json.dump(m, f, indent=1)
+        write_json(os.path.join(args.out, "evaluate.json"), m)
     return 0
 
 

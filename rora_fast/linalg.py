@@ -7,13 +7,14 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+
+from .atomic import atomic_write_file
 
 __all__ = [
     "sigma_max",
@@ -299,7 +300,7 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 
 def _save_basis(path: Path, basis: SpectralBasis, key: dict) -> None:
-    """Write an entry atomically (a temporary file beside it, then ``os.replace``)."""
+    """Write an entry atomically (:func:`rora_fast.atomic.atomic_write_file`)."""
     from safetensors.torch import save_file
 
     tensors = {"U": basis.U.detach().cpu().contiguous(), "S": basis.S.detach().cpu().contiguous(),
@@ -307,18 +308,10 @@ def _save_basis(path: Path, basis: SpectralBasis, key: dict) -> None:
     meta = dict(key)
     meta["checksums"] = json.dumps({n: _tensor_digest(t) for n, t in tensors.items()},
                                    sort_keys=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     except OSError:  # a read-only or full cache must never break training
         pass
-    finally:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
 
 
 def _load_basis(path: Path, W: torch.Tensor, k: int, method: str,

@@ -269,6 +269,22 @@ def _child_saving_forever(models, target, ready_w):
         os._exit(0)
 
 
+def _run_and_kill(child, delay):
+    """Fork ``child(ready_fd)`` (it writes one byte to ``ready_fd`` when it starts, then
+    loops), wait for that byte, sleep ``delay`` seconds, SIGKILL it and reap it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        child(w)
+    os.close(w)
+    os.read(r, 1)
+    os.close(r)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
 def _check_after_kill(parent, target, allowed, head=256):
     """No mixed folder: the target (or, between the renames, the backup) verifies and is
     one of the allowed saves; after the load's recovery only the target is left."""
@@ -304,17 +320,8 @@ def test_sigkill_at_random_instants_never_mixes(tmp_path):
     kills, t_start = 0, time.perf_counter()
     outcomes = set()
     while kills < 24 and (kills < 16 or time.perf_counter() - t_start < 4):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            _child_saving_forever([a, b], target, w)
-        os.close(w)
-        os.read(r, 1)
-        os.close(r)
-        time.sleep(rng.uniform(0, 3 * per_save))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _run_and_kill(lambda w: _child_saving_forever([a, b], target, w),
+                      rng.uniform(0, 3 * per_save))
         kills += 1
         got = _check_after_kill(str(tmp_path), target, [sa, sb], head=2048)
         outcomes.add("a" if same(got, sa) else "b")
@@ -469,3 +476,69 @@ def test_concurrent_writers_and_readers(tmp_path):
                 running.discard(pid)
     assert loads >= 1
     assert leftovers(tmp_path, ["ad"]) == []
+
+
+# ----------------------------------------------------------------------------- single files
+def test_atomic_files_write_and_leave_nothing_behind(tmp_path):
+    """Result files (JSON, text, plots, cache entries) go through one helper: the parent
+    is created, the content is complete, no temporary is left."""
+    A.write_json(tmp_path / "deep" / "r.json", {"a": [1, 2.5]})
+    assert json.loads((tmp_path / "deep" / "r.json").read_text()) == {"a": [1, 2.5]}
+    A.write_text(tmp_path / "deep" / "r.md", "# x\n")
+    assert (tmp_path / "deep" / "r.md").read_text() == "# x\n"
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    A.save_figure(fig, tmp_path / "deep" / "p.png", dpi=50)  # format from the extension
+    plt.close(fig)
+    assert (tmp_path / "deep" / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path / "deep")) == ["p.png", "r.json", "r.md"]
+
+
+def test_atomic_file_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "r.json"
+    A.write_json(target, {"v": 1})
+
+    def half(p):
+        p.write_text('{"v": 2, "trunc')
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        A.atomic_write_file(target, half)
+    with pytest.raises(TypeError):  # not serialisable: raises before anything is written
+        A.write_json(target, {"v": object()})
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
+def _child_writing_forever(target, texts, ready_w):
+    try:
+        os.write(ready_w, b"1")
+        i = 0
+        while True:
+            A.write_text(target, texts[i % 2])
+            i += 1
+    finally:
+        os._exit(0)
+
+
+def test_atomic_file_sigkill_never_leaves_a_part(tmp_path):
+    """A writer killed at random instants: the target is always one whole version; the
+    killed writer's temporary is removed by the next write of the same target."""
+    target = tmp_path / "r.json"
+    texts = [json.dumps({"v": v, "pad": "x" * 400_000}) for v in (1, 2)]
+    A.write_text(target, texts[0])
+    t0 = time.perf_counter()
+    for i in range(4):
+        A.write_text(target, texts[i % 2])
+    per_write = (time.perf_counter() - t0) / 4
+    rng = random.Random(3)
+    for _ in range(16):
+        _run_and_kill(lambda w: _child_writing_forever(target, texts, w),
+                      rng.uniform(0, 3 * per_write))
+        assert target.read_text() in texts
+        A.write_text(target, texts[0])
+        assert os.listdir(tmp_path) == ["r.json"]

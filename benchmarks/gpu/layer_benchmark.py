@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import re
@@ -397,17 +396,16 @@ def run(args):
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{date}-{slug(device_name)}")
     table = markdown(rows, meta)
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, targets=dict(fused_vs_base=TARGET_VS_BASE,
-                                               fused_vs_peft=TARGET_VS_PEFT),
-                       results=rows, errors=errors), f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
+    from rora_fast.atomic import write_json, write_text
+
+    write_json(stem + ".json", dict(meta=meta, targets=dict(fused_vs_base=TARGET_VS_BASE,
+                                                            fused_vs_peft=TARGET_VS_PEFT),
+                                    results=rows, errors=errors), indent=2)
+    write_text(stem + ".md", table)
     print(f"layer_benchmark: wrote {stem}.json and {stem}.md")
     manifest = os.environ.get("RORA_BENCH_MANIFEST")
     if manifest:  # run.sh reads where the files went (to print the table last, copy them)
-        with open(manifest, "w") as f:
-            f.write(f"{stem}.json\n{stem}.md\n")
+        write_text(manifest, f"{stem}.json\n{stem}.md\n")
     if errors:
         print("layer_benchmark: errors:\n  " + "\n  ".join(errors))
     print()

@@ -14,7 +14,6 @@ Exits 0 with one line when there is no CUDA device.
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -148,10 +147,11 @@ def main(argv=None):
                       f"{'ran' if ok else 'OOM'} |", flush=True)
         torch.cuda.set_per_process_memory_fraction(1.0)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "memory_check.json"), "w") as fh:
-            json.dump({"model": a.model, "layers": shape.layers, "backend": backend,
-                       "runs": results, "caps": caps}, fh, indent=1)
+        from rora_fast.atomic import write_json
+
+        write_json(os.path.join(a.out, "memory_check.json"),
+                   {"model": a.model, "layers": shape.layers, "backend": backend,
+                    "runs": results, "caps": caps})
     bad = [r for r in results if not (0.85 <= r["ratio"] <= 1.15)]
     print(f"\nmemory_check: {len(results) - len(bad)}/{len(results)} predictions within 15 %; "
           f"{sum(c['predicted_fits'] == c['ran'] for c in caps)}/{len(caps)} cap verdicts right")

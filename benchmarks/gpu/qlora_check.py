@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from rora_fast.atomic import write_json
+
 
 def _timer(fn, reps, warmup, cuda):
     for _ in range(warmup):
@@ -229,9 +231,7 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 - report, keep the other results
             res["memory"] = {"error": f"{type(e).__name__}: {e}"}
         print("memory", json.dumps(res["memory"]), flush=True)
-    os.makedirs(a.out_dir, exist_ok=True)
-    with open(os.path.join(a.out_dir, stamp + ".json"), "w") as fh:
-        json.dump(res, fh, indent=1)
+    write_json(os.path.join(a.out_dir, stamp + ".json"), res)
     md = [f"# RoRA on NF4 bases: {name} ({res['dtype']}, {tokens} tokens, r={a.r}, "
           f"median of {reps})", "",
           "| shape | PEFT QLoRA ms | RoRA-NF4 ms | ratio (target ≤ 1.05) | RoRA-NF4 + kernel ms "

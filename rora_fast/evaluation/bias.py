@@ -27,6 +27,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..atomic import save_figure
+
 __all__ = ["analyse_run", "run_bias_analysis", "prediction_balance", "balance_from_runs"]
 
 
@@ -246,5 +248,5 @@ def _plots(summary: Dict, out_dir: str) -> None:
                      fontsize=9)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, fname), dpi=110)
+        save_figure(fig, os.path.join(out_dir, fname), dpi=110)
         plt.close(fig)

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
+from ..atomic import save_figure
 from .presets import nondefault_hparams, paper_row
 
 __all__ = ["collect_runs", "overview_markdown", "plot_overview", "write_overview"]
@@ -190,7 +191,7 @@ def plot_overview(runs: List[Dict], path: str, title: str = "Backdoor removal") 
     fig.suptitle(f"{title} (dotted: LoRA's ASR floor, the target rate without the trigger)",
                  fontsize=9, y=0.995)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
 

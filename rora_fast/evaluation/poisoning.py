@@ -34,11 +34,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+from ..atomic import atomic_write_dir
 from ..data import load_dataset
 from .attacks import get_attack, poison_clean_label, triggered_test_set
 from .metrics import attack_success_rate, clean_accuracy
@@ -130,15 +130,12 @@ def poison_model(cfg: PoisonConfig, cache_dir: Optional[str] = None, rebuild: bo
     cfg = cfg.resolved()
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, poison_key(cfg))
-    if os.path.exists(path):
-        if rebuild:
-            shutil.rmtree(path)
-        else:
-            model, tok, meta = load_poisoned(path)
-            log(f"poisoned model: reusing cache {path}")
-            meta["cached"] = True
-            meta["path"] = path
-            return model, tok, meta
+    if os.path.exists(path) and not rebuild:  # (a rebuild replaces it once complete)
+        model, tok, meta = load_poisoned(path)
+        log(f"poisoned model: reusing cache {path}")
+        meta["cached"] = True
+        meta["path"] = path
+        return model, tok, meta
     attack = get_attack(cfg.attack, cfg.trigger, cfg.target_label)
     tok = load_tokenizer(cfg.model)
     set_seed(cfg.seed)
@@ -221,15 +218,13 @@ def poison_model(cfg: PoisonConfig, cache_dir: Optional[str] = None, rebuild: bo
     meta = {"cache_version": CACHE_VERSION, "config": dataclasses.asdict(cfg),
             "n_train": len(train_rows), "n_poisoned": len(idx), "checks": checks,
             "history": history, "train_log": tlog, "seconds": round(seconds, 1)}
-    tmp = path + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    with open(os.path.join(tmp, "poison.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, path)  # atomic: a half-written folder never looks like a cache hit
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "poison.json").write_text(json.dumps(meta, indent=1))
+
+    # atomic (rora_fast.atomic): a half-written folder never looks like a cache hit
+    atomic_write_dir(path, write)
     log(f"poisoned model saved to {path} after {seconds:.0f}s: {checks}")
     meta["cached"] = False
     meta["path"] = path

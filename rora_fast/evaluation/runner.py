@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import block_index
+from ..atomic import atomic_write_file, save_figure
 from ..data import load_dataset
 from .attacks import get_attack, triggered_test_set
 from .defences import (DefenceConfig, adapter_layers, build_defence, finish_defence,
@@ -220,11 +221,9 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
     state_dir = adapter_dir or (os.path.join(cache_dir, "defended") if cache_dir else None)
     if save_state and state_dir is not None and method.kind != "fft":
         from safetensors.torch import save_file
-        os.makedirs(state_dir, exist_ok=True)
         state_path = os.path.join(state_dir, rid + ".safetensors")
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()},
-                  state_path + ".tmp")
-        os.replace(state_path + ".tmp", state_path)
+        state = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()}
+        atomic_write_file(state_path, lambda p: save_file(state, str(p)))
         if adapter_dir is not None:
             result["adapter"] = os.path.relpath(state_path, out_dir)
     if method.kind == "rora" and method.pt:
@@ -342,7 +341,7 @@ def plot_results(runs: List[Dict], path: str, title: str = "Results") -> bool:
     ax.set_title("\n".join(textwrap.wrap(full, int(fig.get_size_inches()[0] * 11))), fontsize=9)
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
 
@@ -499,9 +498,7 @@ def reuse_run(spec: RunSpec, out_dir: str, reuse: Sequence[str], log=print,
     for folder in reuse:
         src = os.path.join(folder, "runs", rid + ".json")
         if not os.path.exists(dst) and os.path.exists(src):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copyfile(src, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
+            atomic_write_file(dst, lambda p: shutil.copyfile(src, p))
             log(f"{label}: reusing {src} (same run id)")
             return True
     return False

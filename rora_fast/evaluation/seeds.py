@@ -43,6 +43,8 @@ import math
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..atomic import save_figure, write_json, write_text
+
 __all__ = ["POSTHOC", "t_quantile_975", "mean_ci", "run_seeds", "run_posthoc",
            "rescale_peft_lora_", "aggregate", "write_aggregate", "parse_seeds"]
 
@@ -403,7 +405,7 @@ def plot_aggregate(agg: Dict, path: str, title: str) -> bool:
     axes[0].set_ylabel("%")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -412,17 +414,8 @@ def write_aggregate(out_dir: str, title: Optional[str] = None) -> Dict:
     agg = aggregate(out_dir)
     s = agg["setting"]
     title = title or f"{s.get('task')} ← {s.get('attack')}: seeds"
-    os.makedirs(out_dir, exist_ok=True)
-    pid = os.getpid()  # two writers (seeds.sh, seeds_post.py) never share a temporary file
-    tmp = os.path.join(out_dir, f"seeds.json.{pid}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(agg, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "seeds.json"))
-    tmp_png = os.path.join(out_dir, f"seeds.{pid}.tmp.png")
-    if plot_aggregate(agg, tmp_png, title):
-        os.replace(tmp_png, os.path.join(out_dir, "seeds.png"))
-    tmp = os.path.join(out_dir, f"seeds.md.{pid}.tmp")
-    with open(tmp, "w") as f:
-        f.write(aggregate_markdown(agg, title))
-    os.replace(tmp, os.path.join(out_dir, "seeds.md"))
+    # atomic writes: two writers (seeds.sh, seeds_post.py) never share a temporary file
+    write_json(os.path.join(out_dir, "seeds.json"), agg)
+    plot_aggregate(agg, os.path.join(out_dir, "seeds.png"), title)
+    write_text(os.path.join(out_dir, "seeds.md"), aggregate_markdown(agg, title))
     return agg

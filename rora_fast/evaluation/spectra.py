@@ -9,11 +9,11 @@
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Dict, List, Sequence
 
 import torch
+
+from ..atomic import save_figure, write_json as _write_json
 
 __all__ = ["delta_stats", "plot_layer_stats", "plot_scale_sweep"]
 
@@ -78,7 +78,7 @@ def plot_layer_stats(stats: Dict[str, List[Dict]], path: str, key: str, ylabel: 
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -101,7 +101,7 @@ def plot_ca_asr_curves(sweeps: Dict[str, List[Dict]], path: str, title: str, x: 
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -112,8 +112,6 @@ def plot_scale_sweep(sweeps: Dict[str, List[Dict]], path: str, title: str) -> No
 
 
 def write_json(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
+    """The harness's result files: :func:`rora_fast.atomic.write_json` (atomic), numpy
+    and torch scalars written as floats."""
+    _write_json(path, obj, indent=1, default=float)

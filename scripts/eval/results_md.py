@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from rora_fast.atomic import save_figure, write_json, write_text
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EVAL = "benchmarks/results/eval"
 SETTINGS = [("sst2_sentence", "SST-2 ← IMDB, BadNet"), ("cr", "CR ← MR, BadNet")]
@@ -141,9 +143,7 @@ def balance():
     rows.sort(key=lambda r: (r["preset"] != "small", r["task"], r["attack"],
                              str(r["target_modules"]), r["method"], r["seed"]))
     out = os.path.join(ROOT, BAL)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "balance.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json(os.path.join(out, "balance.json"), rows)
     md = ["| setting | method | targets | preset | seed | CA before → after | predicted target, % of "
           "clean rows (true) before → after | ASR floor before → after | target-class recall "
           "before → after | file |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -184,7 +184,7 @@ def balance():
                  "black bar: true target share)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "balance.png"), dpi=110)
+    save_figure(fig, os.path.join(out, "balance.png"), dpi=110)
     plt.close(fig)
     return "\n".join(md).replace("](../", "](../")
 
@@ -194,9 +194,7 @@ def _replace(path, text):
     if BEGIN not in doc or END not in doc:
         sys.exit(f"{path}: markers {BEGIN} / {END} missing")
     a, b = doc.index(BEGIN) + len(BEGIN), doc.index(END)
-    with open(path + ".tmp", "w") as f:
-        f.write(doc[:a] + "\n" + text + "\n" + doc[b:])
-    os.replace(path + ".tmp", path)
+    write_text(path, doc[:a] + "\n" + text + "\n" + doc[b:])
     print(f"rewrote the generated part of {os.path.relpath(path, ROOT)}")
 
 

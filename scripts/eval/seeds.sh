@@ -36,7 +36,7 @@ commit() {  # folder message
   local dir=$1 msg=$2
   if [ "$RUN_TREE" != "$RESULT_TREE" ]; then
     mkdir -p "$RESULT_TREE/$dir"
-    (cd "$RUN_TREE/$dir" && find . -type f ! -name '*.tmp' ! -name '*.tmp.png' -print0 \
+    (cd "$RUN_TREE/$dir" && find . -type f ! -name '.*.rora-tmp-*' -print0 \
       | xargs -0 -I{} cp --parents {} "$RESULT_TREE/$dir/")
   fi
   if [ "${COMMIT:-0}" = "1" ] && [ -n "$(cd "$RESULT_TREE" && git status --porcelain -- "$dir")" ]; then

@@ -43,7 +43,7 @@ def commit(rel):
     if src != dst:
         for dp, _, files in os.walk(src):
             for fn in files:
-                if fn.endswith(".tmp") or fn.endswith(".tmp.png"):
+                if ".rora-tmp-" in fn:  # a rora_fast.atomic write in progress
                     continue
                 s = os.path.join(dp, fn)
                 d = os.path.join(dst, os.path.relpath(s, src))
