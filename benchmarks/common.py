@@ -302,21 +302,32 @@ def adapted_layers(model: nn.Module, variant: str) -> int:
     return len(list(rora_layers(model)))
 
 
-def aten_ops_per_adapted_layer(model: nn.Module, step, variant: str) -> float:
-    """Ops dispatched in one iteration (TorchDispatchMode: what reaches kernels, views
-    included) divided by the adapted layers."""
+def count_aten_ops(step) -> Dict[str, int]:
+    """The ops dispatched by one call of ``step`` (TorchDispatchMode: what reaches
+    kernels, after composite ops are decomposed; views included), by op name."""
+    import collections
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        n = 0
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
+            self.ops[str(func.overloadpacket.__name__)] += 1
             return func(*args, **(kwargs or {}))
 
-    with Count():
+    with Count() as c:
         step()
-    return round(Count.n / max(1, adapted_layers(model, variant)), 2)
+    return c.ops
+
+
+def aten_ops_per_adapted_layer(model: nn.Module, step, variant: str) -> float:
+    """Ops dispatched in one iteration (:func:`count_aten_ops`) divided by the adapted
+    layers."""
+    n = sum(count_aten_ops(step).values())
+    return round(n / max(1, adapted_layers(model, variant)), 2)
 
 
 # ----------------------------------------------------------------------------- layers

@@ -44,21 +44,10 @@ import sys
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import common
 
 NAME = "launch-bound"
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def build(variant: str, device: str):
@@ -69,9 +58,7 @@ def build(variant: str, device: str):
 
 def count_ops(step) -> collections.Counter:
     step()  # warm
-    with _Count() as c:
-        step()
-    return c.ops
+    return common.count_aten_ops(step)
 
 
 def time_penalty_step(step, device: str, n: int = 50) -> dict:
