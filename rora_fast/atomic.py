@@ -1,5 +1,6 @@
-"""Atomic, verified adapter folders: the file-level machinery under
-:mod:`rora_fast.persistence` (what the folders hold is decided there).
+"""Atomic, verified writes: the adapter folders under :mod:`rora_fast.persistence` (what
+they hold is decided there) and every single file rora-fast writes (results, plots,
+cache entries).
 
 **Atomic.** :func:`atomic_write_dir` writes the whole folder into a temporary sibling
 (``.<name>.rora-tmp-<pid>-<rand>``, same parent directory), fsyncs every file and the
