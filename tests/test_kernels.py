@@ -302,7 +302,7 @@ def test_effective_weight_bit_identical_to_reference(shape, seed):
     for bn, bk in ((32, 128), (16, 8), (64, 64)):
         got = mask.effective_weight(w, seed, 0.2, B, A, 0.75, block_n=bn, block_k=bk)
         if CUDA:  # FMA contraction on the GPU: equal to rounding, not bit for bit
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(got, want), (bn, bk)
     t_seed = torch.tensor([seed], device=DEVICE)
