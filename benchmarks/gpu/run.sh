@@ -7,8 +7,8 @@
 # Steps, each time-boxed so the whole run ends within RORA_GPU_BUDGET_S (default 470 s):
 #   0. preflight: one clear line and exit 3 when there is no CUDA device;
 #   1. install the checkout (pip -e, no deps, no network), else a PYTHONPATH fallback;
-#   2. tests/test_kernels.py on CUDA (fp32, fp16, bf16; 2x-error rule), tests/test_compile.py
-#      (torch.compile; on CUDA the device seed and CUDA graphs under reduce-overhead);
+#   2. tests/test_kernels.py on CUDA (fp32, fp16, bf16; 2x-error rule), then the CUDA tests
+#      of tests/test_compile.py (the device seed, CUDA graphs under reduce-overhead);
 #   3. one-layer forward+backward benchmark at LLaMA-7B shapes (bf16, 8192 tokens, r=16):
 #      base GEMMs, PEFT LoRA (dropout 0.1), RoRA reference, fused RoRA;
 #      writes benchmarks/results/<date>-<device>.json and .md;
@@ -177,7 +177,7 @@ if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     [ -n "$TABLE" ] && [ -f "$TABLE" ] && cp "$TABLE" "$OUT/"
     say "results archived to \$OUT/gpu-results.tgz (unpack in the repository root)"
 fi
-say "done in $((SECONDS - START))s; kernel tests: $(grep -E '(passed|failed|error)' "$TESTLOG" | tail -n 1); exit status $status"
+say "done in $((SECONDS - START))s; kernel tests: $(grep -E '^[0-9]+ [a-z]+.* in [0-9.]+s' "$TESTLOG" | head -n 1); compile tests: $(grep -E '^[0-9]+ [a-z]+.* in [0-9.]+s' "$TESTLOG" | sed -n 2p); exit status $status"
 if [ -n "$TABLE" ] && [ -f "$TABLE" ]; then
     echo
     cat "$TABLE"
