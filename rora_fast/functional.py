@@ -105,6 +105,15 @@ def _masked_eager(weight: torch.Tensor, seed: int, p: float, scratch: bool) -> t
 
 
 # ---------------------------------------------------------------------- custom op
+def _kernel_seed(seed: torch.Tensor, weight: torch.Tensor):
+    """The seed as the Triton kernels take it: the tensor itself when it lives on the
+    weight's CUDA device (the kernel reads it: no host sync), else its value, read on
+    the host."""
+    if seed.is_cuda and seed.device == weight.device:
+        return seed.reshape(1)
+    return int(seed.reshape(()).item())
+
+
 @torch.library.custom_op("rora_fast::masked_weight", mutates_args=())
 def masked_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """``(M ⊙ W)/(1 − p_eff)`` with the seed read from a one-element int64 tensor: the
@@ -118,10 +127,7 @@ def masked_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float) -> torc
     if weight.is_cuda:
         kernels = _kernels_module()
         if kernels is not None:
-            if not (seed.is_cuda and seed.device == weight.device):
-                seed = int(seed.reshape(()).item())
-            out = kernels.masked_copy(weight, seed.reshape(1) if isinstance(seed, torch.Tensor)
-                                      else seed, p)
+            out = kernels.masked_copy(weight, _kernel_seed(seed, weight), p)
             return out.clone() if out is weight else out
     out = ref.masked_weight(weight, int(seed.reshape(()).item()), p)
     return out.clone() if out is weight else out
@@ -143,10 +149,8 @@ def effective_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float,
     if weight.is_cuda:
         kernels = _kernels_module()
         if kernels is not None:
-            if not (seed.is_cuda and seed.device == weight.device):
-                seed = int(seed.reshape(()).item())
-            return kernels.effective_weight(weight, seed.reshape(1) if isinstance(
-                seed, torch.Tensor) else seed, p, lora_B, lora_A, scaling)
+            return kernels.effective_weight(weight, _kernel_seed(seed, weight), p, lora_B,
+                                            lora_A, scaling)
     return ref.effective_weight(weight, int(seed.reshape(()).item()), p, lora_B, lora_A,
                                 scaling)
 
