@@ -16,8 +16,8 @@ swap would drop them). Saves hold an exclusive ``flock`` on the parent folder, l
 shared one: concurrent writers and readers are serialised.
 
 **Single files** (results, plots, cache entries): :func:`atomic_write_file` writes into a
-unique temporary sibling (``.<name>.rora-tmp-<pid>-<rand><ext>``: the extension is kept,
-so writers that infer the format from it still can), fsyncs it and renames it over the
+unique hidden temporary sibling (``.<name>.rora-tmp-<pid>-<rand>``, without the target's
+extension, so that readers listing ``*.json`` never see a write in progress), fsyncs it and renames it over the
 target, so a reader sees the old file or the new one, never a part; a failed write
 removes its temporary and leaves the old file. :func:`write_text`, :func:`write_json` and
 :func:`save_figure` are the common cases.
@@ -288,7 +288,7 @@ def _read_locked(path: Path, read: Callable[[Path], object]):
 # ---------------------------------------------------------------------- atomic files
 def atomic_write_file(target: Union[str, Path], write: Callable[[Path], None]) -> Path:
     """Write one file atomically: ``write(tmp)`` writes a temporary sibling of ``target``
-    (same folder, same extension), which is fsynced and renamed over ``target``. Creates
+    (same folder, hidden, no extension), which is fsynced and renamed over ``target``. Creates
     the parent folder. On any exception the temporary is removed and ``target`` is left
     as it was. Concurrent writers of one target each use their own temporary; the last
     rename wins. Temporaries left by killed writers of the same target are removed."""
@@ -300,8 +300,9 @@ def atomic_write_file(target: Union[str, Path], write: Callable[[Path], None]) -
         if pid.isdigit() and not _pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.unlink(target.parent / entry)
-    tmp = target.with_name(f".{target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-                           f"{target.suffix}")
+    # hidden, and without the target's extension: a reader listing "*.json" (say)
+    # never picks up a write in progress
+    tmp = target.with_name(f".{target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         write(tmp)
         _fsync_path(tmp)
@@ -329,6 +330,9 @@ def write_json(target: Union[str, Path], obj, **dump_kwargs) -> Path:
 
 
 def save_figure(fig, target: Union[str, Path], **savefig_kwargs) -> Path:
-    """``fig.savefig(target, ...)`` written atomically (the format still follows the
-    target's extension)."""
+    """``fig.savefig(target, ...)`` written atomically; the format follows the target's
+    extension, as with a plain ``savefig``."""
+    fmt = Path(target).suffix.lstrip(".")
+    if fmt and "format" not in savefig_kwargs:
+        savefig_kwargs["format"] = fmt
     return atomic_write_file(target, lambda p: fig.savefig(p, **savefig_kwargs))

@@ -542,3 +542,18 @@ def test_atomic_file_sigkill_never_leaves_a_part(tmp_path):
         assert target.read_text() in texts
         A.write_text(target, texts[0])
         assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_atomic_file_temporary_is_hidden_from_extension_listings(tmp_path):
+    """Readers list "*.json" (run folders, aggregates): a write in progress must not
+    show up there."""
+    seen = []
+
+    def spy(p):
+        seen.append(p.name)
+        assert not p.name.endswith(".json") and p.name.startswith(".")
+        assert [n for n in os.listdir(tmp_path) if n.endswith(".json")] == []
+        p.write_text("{}")
+
+    A.atomic_write_file(tmp_path / "run.json", spy)
+    assert seen and os.listdir(tmp_path) == ["run.json"]
