@@ -21,7 +21,8 @@ from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: p
 from .config import RoraConfig
 from .layer import RoraLinear
 from .linalg import rescale_factor
-from .targets import check_rora_target, is_rora_target, make_rora_layer  # bnb, Conv1D
+from .targets import (check_rora_target, compute_dtype_of, is_rora_target,  # bnb, Conv1D
+                      make_rora_layer)
 # rora_penalty / attach_penalty live in penalty.py (re-exported here for compatibility).
 from .penalty import attach_penalty, rora_penalty  # noqa: E402,F401
 
@@ -214,16 +215,28 @@ def plan_rora(model: nn.Module, config: RoraConfig) -> Tuple[List[str], List[str
 
 
 def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
-               progress: bool = False) -> nn.Module:
+               progress: bool = False, *, autocast_adapter_dtype: bool = True) -> nn.Module:
     """Replace the target ``nn.Linear`` modules of ``model`` with :class:`RoraLinear`,
     in place, and freeze everything else except ``config.modules_to_save``.
+
+    ``autocast_adapter_dtype`` (as PEFT's ``get_peft_model`` argument): True keeps the
+    adapters of a float16/bfloat16 base in float32 (each training call casts them to the
+    compute dtype); False stores them in the base's compute dtype (no casts; half-precision
+    adapters and SVD bases). Not a ``RoraConfig`` field: it says how this model's
+    parameters are stored, not what is trained (``load_rora`` casts to the model's
+    dtypes).
 
     Returns the model. Everything is checked first (:func:`plan_rora`); if wrapping
     still fails on some layer, the model is restored exactly (nothing wrapped, nothing
     frozen) and the error names the layer.
     """
     config = RoraConfig() if config is None else config
+    if not isinstance(autocast_adapter_dtype, bool):
+        raise TypeError(f"autocast_adapter_dtype must be a bool, got {autocast_adapter_dtype!r}")
     chosen, save = plan_rora(model, config)
+    extra = {} if autocast_adapter_dtype else {
+        name: dict(adapter_dtype=compute_dtype_of(model.get_submodule(name), name))
+        for name in chosen}
     # PiSSA/OLoRA rewrite the base weight in place: keep copies to undo that
     rewritten = [model.get_submodule(n).weight for n in chosen] \
         if config.init in ("pissa", "olora") else []
@@ -238,7 +251,7 @@ def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
         for name in iterator:
             linear = model.get_submodule(name)
             try:
-                layer = make_rora_layer(linear, name, config)
+                layer = make_rora_layer(linear, name, config, **extra.get(name, {}))
             except Exception as e:
                 _reraise_named(e, name)
             _set_submodule(model, name, layer)

@@ -16,7 +16,8 @@ from .conv1d import RoraConv1D
 from .layer import RoraLinear, register_base_builder
 from .quantized import QUANT_INSTALL_HINT, QuantRoraLinear, base_kind, require_bitsandbytes
 
-__all__ = ["is_rora_target", "target_dims", "check_rora_target", "make_rora_layer"]
+__all__ = ["is_rora_target", "target_dims", "check_rora_target", "make_rora_layer",
+           "compute_dtype_of"]
 
 
 def is_rora_target(module: nn.Module) -> bool:
@@ -61,6 +62,23 @@ def check_rora_target(module: nn.Module, config, name: str) -> None:
                         "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports bitsandbytes "
                         f"bases: {QUANT_INSTALL_HINT})")
     V.check_base_weight(w, name=name)
+
+
+def compute_dtype_of(module: nn.Module, name: str = "") -> torch.dtype:
+    """The dtype a RoRA layer over ``module`` computes in: the weight's for ``nn.Linear``
+    and ``Conv1D``, bitsandbytes' ``compute_dtype`` for a 4-bit base. ValueError for a
+    base that has none (an 8-bit base computes in its input's dtype, unknown before the
+    first call)."""
+    kind = base_kind(module)
+    if kind in ("linear", "conv1d"):
+        return module.weight.dtype
+    cd = getattr(module, "compute_dtype", None)
+    if kind == "4bit" and cd is not None:
+        return cd
+    label = f"{name!r}: " if name else ""
+    raise ValueError(f"{label}autocast_adapter_dtype=False needs the base's compute dtype, "
+                     f"which a {type(module).__name__} does not fix (it computes in its "
+                     "input's dtype); keep autocast_adapter_dtype=True (float32 adapters)")
 
 
 def make_rora_layer(module: nn.Module, name: str = "", config=None, **kwargs) -> RoraLinear:

@@ -96,6 +96,44 @@ def test_all_linear_list_and_regex_targets():
     assert [n for n, _ in rora_layers(m)] == ["model.layers.1.mlp.up_proj"]
 
 
+def test_autocast_adapter_dtype_false_keeps_bf16_adapters_without_casts(tmp_path):
+    """As PEFT's get_peft_model(autocast_adapter_dtype=...): by default a bf16 base gets
+    float32 adapters (cast per call); False stores them in bf16, so a training forward
+    casts nothing; a save of either loads into the other (cast to the model's dtypes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy":
+                Casts.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts, models = {}, {}
+    for auto in (True, False):
+        m = apply_rora(tiny_llama(2).to(torch.bfloat16), cfg(), autocast_adapter_dtype=auto)
+        lay = m.get_submodule("model.layers.0.self_attn.q_proj")
+        want = torch.float32 if auto else torch.bfloat16
+        assert lay.lora_A.dtype == lay.lora_B.dtype == lay.ortho_U.dtype == want
+        m.train()
+        Casts.n = 0
+        with Casts():
+            m(input_ids=IDS).logits.float().square().mean().backward()
+        counts[auto] = Casts.n
+        assert lay.lora_A.grad is not None and lay.lora_A.grad.dtype == want
+        models[auto] = m
+    # 4 adapted layers, each casting A and B forward and their grads back
+    assert counts[True] - counts[False] >= 4 * 4, counts
+    randomize_adapters(models[False])
+    save_rora(models[False], tmp_path / "bf16")
+    load_rora(models[True], tmp_path / "bf16")
+    for (_, a), (_, b) in zip(rora_layers(models[False]), rora_layers(models[True])):
+        assert torch.equal(a.lora_A.float(), b.lora_A)
+    with pytest.raises(TypeError, match="autocast_adapter_dtype must be a bool"):
+        apply_rora(tiny_llama(1), cfg(), autocast_adapter_dtype="no")
+
+
 def test_apply_twice_refused():
     m = apply_rora(tiny_llama(2), cfg())
     with pytest.raises(ValueError, match="already has RoRA layers"):

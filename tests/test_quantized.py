@@ -522,3 +522,20 @@ def test_apply_rora_refusals_leave_the_model_unchanged(tiny_llama, monkeypatch):
         rora_fast.apply_rora(model, rora_fast.RoraConfig(r=4, ortho_rank=8))
     assert {n: type(m) for n, m in model.named_modules()} == before
     assert not hasattr(model, "rora_config")
+
+
+def test_autocast_adapter_dtype_false_on_quantized_bases(tiny_llama):
+    """A 4-bit base computes in its bitsandbytes compute dtype: the adapters take it. An
+    8-bit base has none (it computes in its input's dtype): a clear error, model unchanged."""
+    m = _load(tiny_llama, "nf4-dq", torch.bfloat16)
+    rora_fast.apply_rora(m, rora_fast.RoraConfig(r=4, ortho_rank=4, target_modules=["q_proj"]),
+                         autocast_adapter_dtype=False)
+    lay = m.get_submodule("model.layers.0.self_attn.q_proj")
+    assert lay.lora_A.dtype == lay.lora_B.dtype == torch.bfloat16
+    m8 = _load(tiny_llama, "int8")
+    before = [type(x) for x in m8.modules()]
+    with pytest.raises(ValueError, match="q_proj.*autocast_adapter_dtype=False needs"):
+        rora_fast.apply_rora(m8, rora_fast.RoraConfig(r=4, ortho_rank=4,
+                                                      target_modules=["q_proj"]),
+                             autocast_adapter_dtype=False)
+    assert [type(x) for x in m8.modules()] == before
