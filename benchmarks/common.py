@@ -201,10 +201,11 @@ def wrap_model(model: nn.Module, name: str, variant: str) -> Tuple[nn.Module, st
         cfg = lora_config(r, 0.0 if variant == "lora-nodrop" else 0.1)
         return get_peft_model(model, cfg,
                               autocast_adapter_dtype=variant != "lora-adapter-dtype"), "peft"
-    if variant in ("rora", "rora-ref"):
+    if variant in ("rora", "rora-ref", "rora-adapter-dtype"):
         from rora_fast import apply_rora, rora_layers
 
-        model = apply_rora(model, rora_config(r, ORTHO_RANK.get(name, 32)))
+        model = apply_rora(model, rora_config(r, ORTHO_RANK.get(name, 32)),
+                           autocast_adapter_dtype=variant != "rora-adapter-dtype")
         if variant == "rora-ref":
             for _, layer in rora_layers(model):
                 layer.backend = "reference"

@@ -159,6 +159,7 @@ def model_section(benches, device, include_tiny):
     if not models:
         return "", []
     has_ref = any(k[1] == "rora-ref" for k in cases)
+    has_rad = any(k[1] == "rora-adapter-dtype" for k in cases)
     extra_lora = [v for v in ("lora-adapter-dtype", "lora-nodrop")
                   if any(k[1] == v for k in cases)]
     target = MODEL_TARGET.get(device, 1.10)
@@ -169,6 +170,9 @@ def model_section(benches, device, include_tiny):
     header += [{"lora-adapter-dtype": "PEFT LoRA, adapters in base dtype (ms)",
                 "lora-nodrop": "PEFT LoRA, no dropout (ms)"}[v] for v in extra_lora]
     header += [f"RoRA / {v}" for v in extra_lora]
+    if has_rad:
+        header += ["ours RoRA, adapters in base dtype (ms)",
+                   "RoRA / PEFT, both adapters in base dtype"]
     header += ["ours overhead", "paired ratio", f"target ≤ {target:.2f}×",
                "size (layers × batch × seq)", "aten ops / adapted layer LoRA → RoRA",
                "rounds LoRA/RoRA", "load avg (1 min)"]
@@ -189,6 +193,10 @@ def model_section(benches, device, include_tiny):
         extra = [cases.get((m, v)) for v in extra_lora]
         row += [fmt_ms(c.ms if c else None) for c in extra]
         row += [f"{ro.median / c.median:.2f}×" if (c and ro) else "–" for c in extra]
+        if has_rad:
+            rad, lad = cases.get((m, "rora-adapter-dtype")), cases.get((m, "lora-adapter-dtype"))
+            row += [fmt_ms(rad.ms if rad else None),
+                    f"{rad.median / lad.median:.2f}×" if (rad and lad) else "–"]
         pr = paired_ratio(ro, lo) if lo and ro else None
         row += [f"{100 * (ratio - 1):+.0f} % ({ratio:.2f}×)" if ratio else "–",
                 f"{pr:.2f}×" if pr else "–",
