@@ -17,9 +17,9 @@ shared one: concurrent writers and readers are serialised.
 
 **Single files** (results, plots, cache entries): :func:`atomic_write_file` writes into a
 unique hidden temporary sibling (``.<name>.rora-tmp-<pid>-<rand>``, without the target's
-extension, so that readers listing ``*.json`` never see a write in progress), fsyncs it and renames it over the
-target, so a reader sees the old file or the new one, never a part; a failed write
-removes its temporary and leaves the old file. :func:`write_text`, :func:`write_json` and
+extension, so that readers listing ``*.json`` never see a write in progress), fsyncs it
+and renames it over the target, so a reader sees the old file or the new one, never a
+part; a failed write removes its temporary and leaves the old file. :func:`write_text`, :func:`write_json` and
 :func:`save_figure` are the common cases.
 
 **Verified.** :func:`tensor_checksum` (XXH3-64 over dtype, shape and bytes) and the
@@ -288,16 +288,15 @@ def _read_locked(path: Path, read: Callable[[Path], object]):
 # ---------------------------------------------------------------------- atomic files
 def atomic_write_file(target: Union[str, Path], write: Callable[[Path], None]) -> Path:
     """Write one file atomically: ``write(tmp)`` writes a temporary sibling of ``target``
-    (same folder, hidden, no extension), which is fsynced and renamed over ``target``. Creates
-    the parent folder. On any exception the temporary is removed and ``target`` is left
+    (same folder, hidden, no extension), which is fsynced and renamed over ``target``.
+    Creates the parent folder. On any exception the temporary is removed and ``target`` is left
     as it was. Concurrent writers of one target each use their own temporary; the last
     rename wins. Temporaries left by killed writers of the same target are removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}{_TMP_TAG}"
     for entry in os.listdir(target.parent):  # temporaries of writers that were killed
-        pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        kind = _temp_kind(target, entry)
+        if kind is not None and kind[0] == "tmp" and not _pid_alive(kind[1]):
             with contextlib.suppress(OSError):
                 os.unlink(target.parent / entry)
     # hidden, and without the target's extension: a reader listing "*.json" (say)

@@ -45,26 +45,23 @@ def main(argv=None) -> int:
             failures.append(label)
             print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
 
+    # the masked copy's constants; each variant below changes what it names
+    copy = dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False, LOWRANK=False)
     for dt in ("bf16", "fp16", "fp32"):
         ptr = "*" + dt
         compile_one(f"masked_copy {dt}", mask._mask_apply_kernel,
-                    {"W": ptr, "OUT": ptr, "scale": "fp32", "seed": "i64"},
-                    dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False, LOWRANK=False),
-                    num_warps=4)
+                    {"W": ptr, "OUT": ptr, "scale": "fp32", "seed": "i64"}, copy, num_warps=4)
     compile_one("masked_copy bf16, seed read from the device (graph capture)",
                 mask._mask_apply_kernel,
                 {"W": "*bf16", "OUT": "*bf16", "scale": "fp32", "seed": "*i64"},
-                dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=True, LOWRANK=False),
-                num_warps=4)
+                dict(copy, SEED_PTR=True), num_warps=4)
     compile_one("effective_weight bf16 (c·M⊙W + s·BA)", mask._mask_apply_kernel,
                 {"W": "*bf16", "OUT": "*bf16", "LB": "*bf16", "LA": "*bf16", "scale": "fp32",
                  "lr_scale": "fp32", "seed": "i64"},
-                dict(WRITE_MASK=False, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False, LOWRANK=True),
-                num_warps=4)
+                dict(copy, LOWRANK=True), num_warps=4)
     compile_one("keep_mask", mask._mask_apply_kernel,
                 {"W": "*i8", "OUT": "*i8", "scale": "fp32"},
-                dict(WRITE_MASK=True, BLOCK_N=32, BLOCK_K=128, SEED_PTR=False, LOWRANK=False),
-                num_warps=4)
+                dict(copy, WRITE_MASK=True), num_warps=4)
     compile_one("keep_mask_transposed", mask._keep_kn_kernel, {"OUT": "*i8"},
                 dict(BLOCK_K=16, BLOCK_N=16), num_warps=4)
     if failures:
