@@ -41,8 +41,10 @@ _ENV = "RORA_FAST_BACKEND"
 
 _SCRATCH = threading.local()
 _NATIVE = ref._native
-#: Weights with at most this many elements keep their masked copy from forward to
-#: backward (reference path); larger ones regenerate it from the seed in backward.
+#: Frozen weights with at most this many elements keep their masked copy from forward
+#: to backward (:func:`_rora_linear_small`, torch's own autograd nodes); larger ones go
+#: through :class:`RoraLinearFunction`, which regenerates the mask from the seed in
+#: backward and saves nothing weight-sized.
 SAVE_MASKED_MAX = 1 << 16
 _MASK_PARAMS: dict = {}
 _SHAPES_OK: set = set()
@@ -170,10 +172,8 @@ class RoraLinearFunction(torch.autograd.Function):
     """Reference autograd Function for the RoRA linear op.
 
     Forward: ``y = x (M ⊙ W)ᵀ / (1-p) + b + s (x̃ Aᵀ) Bᵀ`` with ``M`` regenerated from
-    ``seed`` in backward (nothing of size ``out x in`` is saved), except for weights of
-    at most :data:`SAVE_MASKED_MAX` elements, whose masked copy (<= 256 KiB in float32)
-    is kept from forward to backward (regenerating it would cost more than it saves;
-    not under saved-tensor hooks: checkpointing, offloading, quantized bases).
+    ``seed`` in backward (nothing of size ``out x in`` is saved). (Small frozen weights
+    take :func:`_rora_linear_small` instead, see :func:`rora_linear`.)
 
     Backward, with ``G = dY`` flattened to ``(tokens, out)``::
 
@@ -190,25 +190,14 @@ class RoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
-        compiling = torch.compiler.is_compiling()
-        # A small masked weight is kept for backward instead of regenerated: up to
-        # SAVE_MASKED_MAX elements (256 KiB in float32) the regeneration is mostly fixed
-        # per-call cost, and the copy is negligible next to the activations.
-        # Not under saved-tensor hooks (activation checkpointing, offloading, the
-        # quantized layers' recompute of W): there the weight is what must be saved.
-        keep = (not compiling and not isinstance(seed, torch.Tensor)
-                and weight.numel() <= SAVE_MASKED_MAX and _mask_params(p)[0] != 0
-                and _no_saved_tensor_hooks())
-        w = _masked(weight, seed, p, not (compiling or keep))
+        w = _masked(weight, seed, p, not torch.compiler.is_compiling())
         y, s_mat = ref._forward(x, x if x_lora is None else x_lora, weight, bias,
                                 lora_A, lora_B, scaling, w)
         seed_t = seed if isinstance(seed, torch.Tensor) else None
-        ctx.save_for_backward(x, x_lora, w if keep else weight, lora_A, lora_B, s_mat,
-                              seed_t)
+        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, s_mat, seed_t)
         ctx.scaling, ctx.p = scaling, p
         ctx.seed = None if seed_t is not None else seed
         ctx.has_bias = bias is not None
-        ctx.kept_masked = keep
         return y
 
     @staticmethod
@@ -216,9 +205,7 @@ class RoraLinearFunction(torch.autograd.Function):
         x, x_lora, weight, lora_A, lora_B, s_mat, seed_t = ctx.saved_tensors
         needs = ctx.needs_input_grad
         seed = seed_t if seed_t is not None else ctx.seed
-        if ctx.kept_masked:
-            w = weight  # the forward's masked weight (small weights only)
-        elif needs[0]:
+        if needs[0]:
             w = _masked(weight, seed, ctx.p, not torch.compiler.is_compiling())
         else:
             w = None
@@ -232,6 +219,40 @@ class RoraLinearFunction(torch.autograd.Function):
             g = grad_out.reshape(-1, grad_out.shape[-1])
             dW = _masked(g.t() @ x.reshape(-1, x.shape[-1]), seed, ctx.p, False)
         return dx, dx_lora, dW, db, dA, dB, None, None, None
+
+
+def _small_frozen(weight: torch.Tensor, p: float, seed) -> bool:
+    """Whether :func:`_rora_linear_small` takes the call: a frozen weight of at most
+    :data:`SAVE_MASKED_MAX` elements, a mask to draw (``p_eff`` > 0), an eager int seed,
+    and no saved-tensor hooks (activation checkpointing, offloading, the quantized
+    layers' recompute of W: there the weight itself is what must be saved)."""
+    return (type(seed) is int and not weight.requires_grad
+            and weight.numel() <= SAVE_MASKED_MAX and _mask_params(p)[0] != 0
+            and _no_saved_tensor_hooks())
+
+
+def _rora_linear_small(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
+    """The RoRA op for a small frozen weight, in torch's own differentiable ops:
+    ``linear(x, M ⊙ W/(1 − p_eff), b) + s · linear(linear(x̃, A), B)`` on the inputs
+    flattened to ``(tokens, in)``, torch's C++ autograd nodes doing the backward.
+
+    The masked copy (at most 256 KiB in float32) is kept from forward to backward by
+    autograd instead of regenerated. On these small, launch-bound layers the custom
+    Function's Python forward and backward cost more than the computation itself, and
+    every autograd node counts: the inputs are flattened once (three ``linear`` calls on
+    3-d inputs would add two view nodes each) and the scale rides on the ``add``
+    (docs/performance.md#launch-bound-case-cpu-measured-2026-11-30)."""
+    w = _masked_eager(weight, seed, p, False)
+    shape = x.shape
+    if len(shape) != 2:
+        x = x.reshape(-1, shape[-1])
+        if x_lora is not None:
+            x_lora = x_lora.reshape(-1, shape[-1])
+    y = torch.nn.functional.linear(x, w, bias)
+    lora = torch.nn.functional.linear(
+        torch.nn.functional.linear(x if x_lora is None else x_lora, lora_A), lora_B)
+    out = y.add(lora, alpha=scaling)
+    return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
 
 def resolve_backend(backend: Optional[str] = None) -> str:
@@ -293,8 +314,7 @@ def rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.T
     if name is not None:
         name = resolve_backend(name)
         if name == "reference":
-            return RoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B,
-                                            scaling, p, seed)
+            return _reference(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
         if name == "triton" and not x.is_cuda:
             raise RuntimeError("RORA_FAST_BACKEND=triton needs CUDA tensors; got "
                                f"x on {x.device}")
@@ -308,5 +328,13 @@ def rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.T
                 "RORA_FAST_BACKEND=triton but the fused kernels cannot take these "
                 f"inputs (x {tuple(x.shape)} {x.dtype} on {x.device}, weight "
                 f"{tuple(weight.shape)}); use backend 'auto' to fall back to the reference")
+    return _reference(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
+
+
+def _reference(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
+    """The reference backend: :func:`_rora_linear_small` for small frozen weights,
+    :class:`RoraLinearFunction` for the rest."""
+    if _small_frozen(weight, p, seed):
+        return _rora_linear_small(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
     return RoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B,
                                     scaling, p, seed)

@@ -413,11 +413,12 @@ class RoraLinear(nn.Module):
             dev = device if device is not None and device.type == "cuda" else "cpu"
             return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=dev)
         # Eager: the same draw (``randint`` is ``random_`` on a fresh tensor) into a
-        # per-thread buffer, saving the allocation and argument parsing per call.
+        # per-thread buffer, saving the allocation and argument parsing per call; read
+        # with ``tolist`` (a plain memory read, where ``item`` dispatches one more op).
         buf = getattr(_SEED_BUFFER, "t", None)
         if buf is None:
             buf = _SEED_BUFFER.t = torch.empty(1, dtype=torch.int64)
-        return buf.random_(0, 2**62).item()
+        return buf.random_(0, 2**62).tolist()[0]
 
     def _dora_output(self, y, b, x, x_lora, W, A, B, cdtype, seed):
         """DoRA on top of ``y = x Ŵᵀ + s x̃ AᵀBᵀ`` (no bias), as PEFT's DoRA layer:

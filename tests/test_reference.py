@@ -1,6 +1,7 @@
 """The torch reference (rora_fast.reference and RoraLinearFunction) against an
 independent float64 autograd computation, and the Philox weight-mask generator."""
 
+import contextlib
 import math
 
 import pytest
@@ -268,31 +269,117 @@ def test_function_saves_no_weight_sized_mask():
     assert len(big) == 1 and big[0].data_ptr() == W.data_ptr()
 
 
-def test_function_keeps_a_small_masked_weight_and_backward_is_unchanged():
-    """Small weights keep their masked copy (no regeneration in backward); the
-    gradients are the same as with regeneration."""
+def _grad_node_objects(y):
+    """The autograd nodes reachable from ``y``."""
+    seen, todo = [], [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.append(fn)
+        todo.extend(f for f, _ in fn.next_functions)
+    return seen
+
+
+def _grad_nodes(y):
+    """Names of the autograd nodes reachable from ``y``."""
+    return {type(f).__name__ for f in _grad_node_objects(y)}
+
+
+@pytest.mark.parametrize("lead", [(), (7,), (2, 3)])
+@pytest.mark.parametrize("lora_input", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_small_frozen_weight_path_vs_autograd(lead, lora_input, with_bias):
+    """Small frozen weights take torch's own autograd nodes (no custom Function, the
+    masked copy kept by autograd): the same forward and gradients as the independent
+    float64 computation, for 1-d, 2-d and 3-d inputs, x̃ = x or not, with or without
+    a bias."""
+    from rora_fast import functional as F_rora
+
+    x, W, b, A, B, U, V, gy = _problem(lead=lead, in_f=64, out_f=48)
+    assert W.numel() <= F_rora.SAVE_MASKED_MAX
+    s, p, seed, lora_p = 1.5, 0.3, 4242, 0.25
+    mask = None
+    if lora_input:
+        mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) >= lora_p)
+        mask = mask.to(x.dtype)
+    y_auto, (xa, Aa, Ba, ba), _ = _autograd_reference(x, mask, W, b, A, B, s, p, seed,
+                                                      lora_p=lora_p)
+    if not with_bias:
+        y_auto = y_auto - ba
+    (y_auto * gy).sum().backward()
+
+    xf = x.clone().requires_grad_(True)
+    Af, Bf, bf = (t.clone().requires_grad_(True) for t in (A, B, b))
+    xl = None if mask is None else xf * mask / (1 - lora_p)
+    y = rora_linear(xf, xl, W, bf if with_bias else None, Af, Bf, s, p, seed,
+                    backend="reference")
+    assert "RoraLinearFunctionBackward" not in _grad_nodes(y)
+    assert y.shape == y_auto.shape
+    torch.testing.assert_close(y, y_auto.detach(), rtol=1e-12, atol=1e-12)
+    y.backward(gy)
+    pairs = [(xf.grad, xa.grad), (Af.grad, Aa.grad), (Bf.grad, Ba.grad)]
+    if with_bias:
+        pairs.append((bf.grad, ba.grad))
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_small_frozen_weight_path_only_where_it_applies():
+    """The custom Function (mask regenerated in backward, nothing weight-sized saved)
+    keeps every case the small-weight path does not take: a weight above
+    SAVE_MASKED_MAX elements, a trainable weight, p = 0 (no mask), a tensor seed (graph
+    capture), saved-tensor hooks (checkpointing, offloading); the small path keeps
+    exactly one masked copy, equal to the reference's."""
     from rora_fast import functional as F_rora
 
     x, W, b, A, B, U, V, gy = _problem(lead=(4,), in_f=64, out_f=48)
+
+    def run(weight, p=0.5, seed=9, hooks=False):
+        xf = x.clone().requires_grad_(True)
+        Af = A.clone().requires_grad_(True)
+        if hooks:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                return rora_linear(xf, None, weight, b, Af, B, 1.0, p, seed,
+                                   backend="reference")
+        return rora_linear(xf, None, weight, b, Af, B, 1.0, p, seed, backend="reference")
+
+    small = run(W)
+    assert "RoraLinearFunctionBackward" not in _grad_nodes(small)
+    saved = []
+    for node in _grad_node_objects(small):
+        for name in dir(node):
+            if name.startswith("_saved_") and isinstance(getattr(node, name, None),
+                                                          torch.Tensor):
+                saved.append(getattr(node, name))
+    masked = [t for t in saved if t.shape in (W.shape, W.t().shape)
+              and not torch.equal(t.reshape(-1), W.reshape(-1))]
+    want = ref.masked_weight(W, 9, 0.5)
+    assert masked and all(torch.equal(t if t.shape == W.shape else t.t(), want)
+                          for t in masked)
+
+    old = F_rora.SAVE_MASKED_MAX
+    try:
+        F_rora.SAVE_MASKED_MAX = W.numel() - 1
+        assert "RoraLinearFunctionBackward" in _grad_nodes(run(W))
+    finally:
+        F_rora.SAVE_MASKED_MAX = old
+    for y in (run(W.clone().requires_grad_(True)), run(W, p=0.0),
+              run(W, seed=torch.tensor([9])), run(W, hooks=True)):
+        assert "RoraLinearFunctionBackward" in _grad_nodes(y)
+    # the two mechanisms compute the same gradients
     grads = []
-    for limit in (F_rora.SAVE_MASKED_MAX, 0):
-        old, F_rora.SAVE_MASKED_MAX = F_rora.SAVE_MASKED_MAX, limit
-        try:
-            xf = x.clone().requires_grad_(True)
-            Af = A.clone().requires_grad_(True)
-            y = RoraLinearFunction.apply(xf, None, W, b, Af, B, 1.0, 0.5, 9)
-            saved = [t for t in y.grad_fn.saved_tensors if t is not None]
-            masked = [t for t in saved if t.shape == W.shape and t.data_ptr() != W.data_ptr()]
-            assert len(masked) == (1 if limit else 0)
-            if limit:
-                torch.testing.assert_close(masked[0], ref.masked_weight(W, 9, 0.5), rtol=0,
-                                           atol=0)
-            y.backward(gy)
-            grads.append((xf.grad, Af.grad))
-        finally:
-            F_rora.SAVE_MASKED_MAX = old
+    for hooks in (False, True):
+        xf = x.clone().requires_grad_(True)
+        Af = A.clone().requires_grad_(True)
+        ctx = (torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks
+               else contextlib.nullcontext())
+        with ctx:
+            y = rora_linear(xf, None, W, b, Af, B, 1.0, 0.5, 9, backend="reference")
+        y.backward(gy)
+        grads.append((y.detach(), xf.grad, Af.grad))
     for a, b_ in zip(*grads):
-        assert torch.equal(a, b_)
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
 
 
 def test_reference_backend_env_and_errors(monkeypatch):
