@@ -47,9 +47,12 @@ def build(model_name, layers):
     return model, cfg
 
 
-def measure(model, batch, seq, ckpt, vocab, steps=2):
+def measure(model, batch, seq, ckpt, vocab, steps=2, ckpt_kwargs=None):
+    """Peak ``torch.cuda.max_memory_allocated`` over ``steps`` AdamW steps of a causal LM
+    on random ids (``ckpt``: activation checkpointing, with ``ckpt_kwargs`` for
+    transformers' ``gradient_checkpointing_enable``). Also used by qlora_check.py."""
     if ckpt:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     else:
         model.gradient_checkpointing_disable()
     model.train()
@@ -103,7 +106,7 @@ def main(argv=None):
     total = torch.cuda.get_device_properties(0).total_memory
     print(f"# memory_check: {a.model} ({shape.layers} blocks), {torch.cuda.get_device_name(0)}, "
           f"backend {backend}, built in {time.time() - t0:.0f}s\n")
-    rows, results = [], []
+    results = []
     print("| batch x seq | ckpt | predicted GiB | measured GiB | measured/predicted |")
     print("|---|---|---|---|---|")
     for item in a.configs.split(","):

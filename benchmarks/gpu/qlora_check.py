@@ -22,7 +22,6 @@ CUDA device (unless --cpu-smoke).
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import re
@@ -139,6 +138,7 @@ def memory_case(layers, batch, seq):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import rora_fast
+    from memory_check import cleanup, measure  # (benchmarks/gpu, the script's folder)
     from rora_fast.memory import PRESETS, ModelShape, plan_memory
 
     h, f, L, a, kv, V, tied = PRESETS["llama-7b"]
@@ -161,21 +161,8 @@ def memory_case(layers, batch, seq):
     model = model.to("cuda")
     rora_fast.apply_rora(model, rora_fast.RoraConfig(target_modules=["q_proj", "v_proj"],
                                                      svd_method="randomized"))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    ids = torch.randint(0, V, (batch, seq), device="cuda")
-    for _ in range(2):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    cleanup()
+    peak = measure(model, batch, seq, True, V, ckpt_kwargs={"use_reentrant": False})
     shape = ModelShape(h, f, layers, a, kv, V, tied)
     plan = plan_memory(shape, batch=batch, seq=seq, checkpointing=True, base_dtype="nf4")
     return {"layers": layers, "batch": batch, "seq": seq, "measured_peak_bytes": peak,
