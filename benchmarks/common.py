@@ -129,6 +129,23 @@ def _merge(dst: dict, src: dict) -> dict:
     return dst
 
 
+def git_state() -> Optional[dict]:
+    """Commit and dirtiness of rora_fast/, kernels/ and setup.py now (the code the
+    benchmarks import), or None outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rora_fast", "kernels",
+                                "setup.py"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "library_dirty": bool(dirty), "dirty_files": dirty.splitlines()}
+
+
 def sizes(device: Optional[str] = None) -> dict:
     device = device or bench_device()
     s = copy.deepcopy(_SIZES[device])

@@ -34,7 +34,7 @@ def pytest_configure(config):
     _STATE["loadavg_start"] = common.loadavg()
     _STATE["t0"] = time.time()
     _STATE["cache"] = tempfile.mkdtemp(prefix="rora-bench-svd-")
-    _STATE["git_start"] = _git_state()
+    _STATE["git_start"] = common.git_state()
     os.environ["RORA_FAST_CACHE_DIR"] = _STATE["cache"]
     os.environ.pop("RORA_FAST_CACHE", None)
 
@@ -65,23 +65,6 @@ def bench_device():
 @pytest.fixture(scope="session")
 def bench_sizes(bench_device):
     return common.sizes(bench_device)
-
-
-def _git_state():
-    """Commit and dirtiness of rora_fast/ and kernels/ when the run starts (the code
-    the benchmarks import; pytest-benchmark's own commit_info is taken at the end)."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rora_fast", "kernels",
-                                "setup.py"], cwd=root, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": head, "library_dirty": bool(dirty), "dirty_files": dirty.splitlines()}
 
 
 def _native_mask():

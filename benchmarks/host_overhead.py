@@ -26,10 +26,18 @@ Reported, per variant:
   shared machine);
 * **the penalty step** (RoRA): the optimizer step pre-hook alone, for all 48 layers.
 
+``--repeats N`` repeats the interleaved timing and the single-layer timing N times in
+the same process (the models built once): each repetition's ratios are kept
+(``repetitions``), the top-level ratios are over all repetitions' iterations pooled, and
+``across_repetitions`` gives each ratio's minimum, median and maximum over the
+repetitions (on a shared machine one repetition's ratio moves by several percent). The
+file records the library's git commit (``git``).
+
 CUDA: ``--device cuda`` also counts kernel launches per adapted layer and splits one
 iteration into GPU kernel time and wall time (``torch.profiler``). Usage::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.host_overhead [--blocks 20] [--block 10] [--json F]
+    OMP_NUM_THREADS=1 python -m benchmarks.host_overhead [--blocks 20] [--block 10] \
+        [--repeats 1] [--json F]
 """
 
 from __future__ import annotations
@@ -181,14 +189,42 @@ def _q(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def run(device: str = "cpu", blocks: int = 20, block: int = 10) -> dict:
+def _ratios(t: dict, block: int) -> dict:
+    """RoRA / LoRA of the iteration times ``t`` (variant -> list): the ratio of medians,
+    of the 10th percentiles (the least-disturbed iterations), the median of the paired
+    ratios, the ratio of the medians of per-block minima."""
+    paired = [r / l for r, l in zip(t["rora"], t["lora"])]
+    return {"ratio_of_medians": round(statistics.median(t["rora"])
+                                      / statistics.median(t["lora"]), 3),
+            "ratio_of_p10": round(_q(t["rora"], 0.1) / _q(t["lora"], 0.1), 3),
+            "median_paired_ratio": round(statistics.median(paired), 3),
+            "ratio_of_block_minima": round(_block_minima(t["rora"], block)
+                                           / _block_minima(t["lora"], block), 3)}
+
+
+def run(device: str = "cpu", blocks: int = 20, block: int = 10, repeats: int = 1) -> dict:
     steps, infos, ops = {}, {}, {}
     for variant in ("lora", "rora"):
         steps[variant], infos[variant] = build(variant, device)
         ops[variant] = count_ops(steps[variant])
     out = {"case": __doc__.split("\n\n")[1].strip(), "device": device,
-           "torch": torch.__version__, "blocks": blocks, "block": block, "variants": {}}
-    times, cpu = time_interleaved(steps, blocks, block, device)
+           "torch": torch.__version__, "git": common.git_state(), "blocks": blocks,
+           "block": block, "repeats": repeats, "variants": {}}
+    times = {v: [] for v in steps}
+    cpu = {v: [] for v in steps}
+    reps = []
+    for _ in range(repeats):
+        t, c = time_interleaved(steps, blocks, block, device)
+        layer = time_layer(device)
+        reps.append({"time_ratio_rora_over_lora": _ratios(t, block),
+                     "cpu_time_ratio_rora_over_lora": _ratios(c, block),
+                     "ms_per_iter_median": {v: round(1e3 * statistics.median(t[v]), 3)
+                                            for v in t},
+                     "single_layer": layer,
+                     "loadavg": common.loadavg()})
+        for v in steps:
+            times[v] += t[v]
+            cpu[v] += c[v]
     for v in steps:
         n = infos[v]["adapted_layers"]
         total = sum(ops[v].values())
@@ -206,16 +242,25 @@ def run(device: str = "cpu", blocks: int = 20, block: int = 10) -> dict:
             entry["kernels_per_layer"] = round(prof["kernels"] / n, 2)
             entry["profile"] = prof
         out["variants"][v] = entry
-    for key, t in (("time_ratio_rora_over_lora", times), ("cpu_time_ratio_rora_over_lora", cpu)):
-        paired = [r / l for r, l in zip(t["rora"], t["lora"])]
-        out[key] = {"ratio_of_medians": round(statistics.median(t["rora"])
-                                              / statistics.median(t["lora"]), 3),
-                    # the 10th percentiles: the least-disturbed iterations (robust to load)
-                    "ratio_of_p10": round(_q(t["rora"], 0.1) / _q(t["lora"], 0.1), 3),
-                    "median_paired_ratio": round(statistics.median(paired), 3),
-                    "ratio_of_block_minima": round(_block_minima(t["rora"], block)
-                                                   / _block_minima(t["lora"], block), 3)}
-    out["single_layer"] = time_layer(device)
+    # pooled over the repetitions (per-block minima: blocks of ``block`` iterations, in order)
+    out["time_ratio_rora_over_lora"] = _ratios(times, block)
+    out["cpu_time_ratio_rora_over_lora"] = _ratios(cpu, block)
+    out["single_layer"] = reps[-1]["single_layer"] if repeats == 1 else {
+        "ratio_rora_over_lora": round(statistics.median(
+            r["single_layer"]["ratio_rora_over_lora"] for r in reps), 3),
+        "note": "median over the repetitions; each repetition's figures in repetitions"}
+    if repeats > 1:
+        out["repetitions"] = reps
+        out["across_repetitions"] = {
+            key: {stat: [min(vals), round(statistics.median(vals), 3), max(vals)]
+                  for stat in reps[0][key]
+                  for vals in [[r[key][stat] for r in reps]]}
+            for key in ("time_ratio_rora_over_lora", "cpu_time_ratio_rora_over_lora")}
+        out["across_repetitions"]["single_layer_ratio"] = [
+            min(r["single_layer"]["ratio_rora_over_lora"] for r in reps),
+            out["single_layer"]["ratio_rora_over_lora"],
+            max(r["single_layer"]["ratio_rora_over_lora"] for r in reps)]
+        out["across_repetitions"]["format"] = "[min, median, max] over the repetitions"
     out["loadavg"] = common.loadavg()
     out["ops_ratio_rora_over_lora"] = round(
         out["variants"]["rora"]["aten_ops_per_iter"] / out["variants"]["lora"]["aten_ops_per_iter"],
@@ -234,11 +279,13 @@ def main(argv=None) -> int:
                     help="alternating blocks per variant (default 20)")
     ap.add_argument("--block", type=int, default=10,
                     help="timed iterations per block (default 10)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="repetitions of the timing, models built once (default 1)")
     ap.add_argument("--json", default=None, help="write the result here too")
     a = ap.parse_args(argv)
-    if a.blocks < 1 or a.block < 1:
-        ap.error("--blocks and --block must be >= 1")
-    res = run(a.device, a.blocks, a.block)
+    if a.blocks < 1 or a.block < 1 or a.repeats < 1:
+        ap.error("--blocks, --block and --repeats must be >= 1")
+    res = run(a.device, a.blocks, a.block, a.repeats)
     text = json.dumps(res, indent=1)
     print(text)
     if a.json:

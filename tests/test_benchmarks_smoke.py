@@ -56,3 +56,25 @@ def test_tiny_benchmark_and_report(tmp_path):
     assert float(cells[3].replace(",", "")) > 0 and float(cells[4].replace(",", "")) > 0
     assert "pytest benchmarks/bench_layer.py" in text  # the command is recorded
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_host_overhead_case_counts_fewer_ops_than_peft(monkeypatch):
+    """benchmarks/host_overhead.py end to end on the CPU with the fewest iterations (its
+    timings are not checked: one iteration per block says nothing), two repetitions;
+    and issue 11's op target on the launch-bound 24-layer BERT, which does not depend on
+    timing: RoRA dispatches no more aten ops per iteration than PEFT LoRA."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import host_overhead
+
+    fast_layer = host_overhead.time_layer
+    monkeypatch.setattr(host_overhead, "time_layer",
+                        lambda device: fast_layer(device, rounds=2, reps=2))
+    res = host_overhead.run("cpu", blocks=2, block=1, repeats=2)
+    assert res["ops_ratio_rora_over_lora"] <= 1.0, res["op_difference_rora_minus_lora"]
+    for v in ("lora", "rora"):
+        assert res["variants"][v]["adapted_layers"] == 48
+    assert len(res["repetitions"]) == 2
+    lo, mid, hi = res["across_repetitions"]["time_ratio_rora_over_lora"]["ratio_of_medians"]
+    assert 0 < lo <= mid <= hi
+    assert res["variants"]["rora"]["penalty_step"]["median_ms"] > 0
+    json.dumps(res)  # what --json writes
