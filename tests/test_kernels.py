@@ -402,15 +402,29 @@ def test_matches_reference_autograd_function():
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
 
 
-def test_enclosing_autocast_does_not_change_the_op():
-    """Under torch.autocast the op still computes in its inputs' dtype."""
+@pytest.mark.parametrize("lora_input", ["x_lora", "x"])
+def test_enclosing_autocast_does_not_change_the_op(lora_input):
+    """Under torch.autocast the op still computes in its inputs' dtype, forward and
+    backward (a backward run inside the autocast region too); without it, the op does
+    not enter an autocast context at all."""
     t = cast(make_case((37,), 33, 19, 4, seed=12), torch.float32)
-    ins = [t[k] for k in ("x", "x_lora", "weight", "bias", "lora_A", "lora_B")]
-    y0 = K.fused_rora_linear(*ins, 0.5, 0.1, 3)
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        y1 = K.fused_rora_linear(*ins, 0.5, 0.1, 3)
-    assert y1.dtype == torch.float32
+
+    def run(autocast: bool):
+        ins = [t[k].detach().clone().requires_grad_(k in ("x", "lora_A", "lora_B"))
+               for k in ("x", "x_lora", "weight", "bias", "lora_A", "lora_B")]
+        if lora_input == "x":
+            ins[1] = None
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            y = K.fused_rora_linear(*ins, 0.5, 0.1, 3)
+            y.backward(torch.ones_like(y))
+        return y, [ins[i].grad for i in (0, 4, 5)]
+
+    y0, g0 = run(False)
+    y1, g1 = run(True)
+    assert y1.dtype == torch.float32 and all(g.dtype == torch.float32 for g in g1)
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_nothing_weight_sized_saved():
