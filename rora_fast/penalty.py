@@ -47,6 +47,7 @@ detached (for logging), so adding it to a loss by mistake changes nothing.
 
 from __future__ import annotations
 
+import operator
 import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
@@ -95,9 +96,9 @@ _STACKS: Dict[tuple, Tuple[list, torch.Tensor]] = {}
 def _stacked(tensors: List[torch.Tensor], lams=None, dtype=None) -> torch.Tensor:
     """``stack([sqrt(2λ_i)·t_i])`` (or ``stack(t_i)`` without ``lams``) in ``dtype``,
     cached while the same (constant) tensors, λ and dtype are asked for."""
-    key = (tuple(id(t) for t in tensors), None if lams is None else tuple(lams), dtype)
+    key = (tuple(map(id, tensors)), None if lams is None else tuple(lams), dtype)
     hit = _STACKS.get(key)
-    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)):
+    if hit is not None and all(map(operator.is_, map(weakref.ref.__call__, hit[0]), tensors)):
         return hit[1]
     for k in [k for k, (refs, _) in _STACKS.items() if any(r() is None for r in refs)]:
         del _STACKS[k]
@@ -111,7 +112,9 @@ def _stacked(tensors: List[torch.Tensor], lams=None, dtype=None) -> torch.Tensor
 
 
 def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+    cls = type(t)
+    return (cls is not nn.Parameter and cls is not torch.Tensor
+            and cls.__name__ == "DTensor" and hasattr(t, "full_tensor"))
 
 
 def _penalty_grad_one(kind: str, P: torch.Tensor, q: torch.Tensor,
@@ -143,22 +146,30 @@ _COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 def _apply(terms, scale: Optional[torch.Tensor] = None) -> None:
     """Add the penalty gradient of every ``(param, kind, basis, start, lam)`` term to
     ``param.grad``, equal shapes batched."""
-    groups: Dict[tuple, list] = {}
+    # (the per-term loop is the hook's host cost: one key and four appends per term)
+    groups: Dict[tuple, tuple] = {}
     for _, (p, kind, Q, start, lam) in terms:
-        cdtype = _COMPUTE_DTYPE.get(p.dtype, p.dtype)
+        dtype = p.dtype
         if _is_dtensor(p):
-            _add_dtensor(p, kind, _scaled(Q, lam, cdtype), start, scale)
+            _add_dtensor(p, kind, _scaled(Q, lam, _COMPUTE_DTYPE.get(dtype, dtype)), start,
+                         scale)
             continue
-        key = (kind, p.shape, Q.shape, p.dtype, cdtype, p.device, start is not None)
-        groups.setdefault(key, []).append((p, Q, lam, start))
-    for (kind, _, _, dtype, cdtype, _, has_start), items in groups.items():
-        ps = [it[0] for it in items]
-        qs = _stacked([it[1] for it in items], [it[2] for it in items], cdtype)
+        key = (kind, p.shape, Q.shape, dtype, p.device, start is not None)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = ([], [], [], [])
+        g[0].append(p)
+        g[1].append(Q)
+        g[2].append(lam)
+        g[3].append(start)
+    for (kind, _, _, dtype, _, has_start), (ps, bases, lams, starts) in groups.items():
+        cdtype = _COMPUTE_DTYPE.get(dtype, dtype)
+        qs = _stacked(bases, lams, cdtype)
         X = torch.stack(ps)  # (under no_grad)
         if X.dtype != cdtype:
             X = X.to(cdtype)
         if has_start:
-            X = X.sub_(_stacked([it[3] for it in items], None, cdtype))
+            X = X.sub_(_stacked(starts, None, cdtype))
         if kind == "A":   # (P − P₀) Q' Q'ᵀ
             G = torch.bmm(torch.bmm(X, qs), qs.transpose(1, 2))
         else:             # Q' Q'ᵀ (P − P₀)
@@ -176,8 +187,12 @@ def _due_terms(layers, held: Optional[set]):
     out = []
     for layer in layers:
         terms = layer._penalty_terms()
-        if held is not None and not any(id(t[0]) in held for t in terms):
-            continue
+        if held is not None:
+            for t in terms:
+                if id(t[0]) in held:
+                    break
+            else:  # (no term held, or no terms)
+                continue
         layer.__dict__["_penalty_forwards"] = 0
         for t in terms:
             p = t[0]
