@@ -6,7 +6,9 @@ once per optimizer step for all layers, see :mod:`rora_fast.penalty`). Two backe
 implement the same math:
 
 * ``reference``: :class:`RoraLinearFunction` below, built on
-  :mod:`rora_fast.reference`; any device, any floating dtype.
+  :mod:`rora_fast.reference`; any device, any floating dtype. Small frozen weights
+  (at most :data:`SAVE_MASKED_MAX` elements) take :func:`_rora_linear_small`, the same
+  math in torch's own differentiable ops (launch-bound layers: no Python in backward).
 * ``triton``: the fused kernels of :mod:`rora_fast.kernels` (CUDA tensors only).
 
 ``backend="auto"`` (the default) takes the kernels for CUDA tensors they support and
