@@ -69,17 +69,8 @@ class FusedRoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
-        # The op computes in its inputs' dtype (the kernels see those dtypes): an
-        # enclosing autocast must not recast the torch GEMMs around them. The context
-        # is entered only when autocast is on (entering it costs ~7 µs of host time per
-        # call; RoraLinear has already left autocast before it calls the op).
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            with torch.autocast(dev, enabled=False):
-                return FusedRoraLinearFunction._forward(
-                    ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
-        return FusedRoraLinearFunction._forward(
-            ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
+        return _autocast_off(x.device.type, FusedRoraLinearFunction._forward,
+                             ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
 
     @staticmethod
     def _forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
@@ -120,11 +111,8 @@ class FusedRoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        dev = grad_out.device.type  # (autocast on in backward: see forward)
-        if torch.is_autocast_enabled(dev):
-            with torch.autocast(dev, enabled=False):
-                return FusedRoraLinearFunction._backward(ctx, grad_out)
-        return FusedRoraLinearFunction._backward(ctx, grad_out)
+        return _autocast_off(grad_out.device.type, FusedRoraLinearFunction._backward,
+                             ctx, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out):
@@ -173,6 +161,18 @@ class FusedRoraLinearFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------
 # Validation, supports, entry point
 # ---------------------------------------------------------------------------------
+
+def _autocast_off(dev: str, fn, *args):
+    """``fn(*args)`` with autocast off on ``dev``: the op computes in its inputs' dtype
+    (the kernels see those dtypes), so an enclosing autocast must not recast the torch
+    GEMMs around them. The context is entered only when autocast is on: entering it
+    costs ~7 µs of host time, and RoraLinear has already left autocast before it calls
+    the op (a backward run inside an autocast region still needs it)."""
+    if torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            return fn(*args)
+    return fn(*args)
+
 
 def _mask(weight, seed, p):
     """The masked copy; ``seed`` an int, or a one-element tensor (graph capture: through
