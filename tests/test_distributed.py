@@ -36,6 +36,25 @@ def _init(rank, port):
     return dist
 
 
+def _shutdown(dist):
+    """Leave a worker cleanly once its results are on disk.
+
+    Both ranks meet at a barrier, the group is destroyed, and the process exits
+    without interpreter finalisation: gloo's worker threads, torn down during
+    finalisation, can abort the process ("terminate called without an active
+    exception", SIGABRT) after the test's work is done (seen once in CI).
+    """
+    import gc
+    import sys
+
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 # ---------------------------------------------------------------------- DDP
 def _mlp(p):
     torch.manual_seed(0)
@@ -95,7 +114,8 @@ def _ddp_worker(rank, port, p, out):
 
     state["_rng_in_sync"] = torch.tensor(rng_in_sync())
     torch.save(state, os.path.join(out, f"ddp{rank}.pt"))
-    dist.destroy_process_group()
+    del model
+    _shutdown(dist)
 
 
 @pytest.mark.timeout(120)
@@ -183,7 +203,8 @@ def _fsdp_worker(rank, port, out):
     full_w = q.weight.full_tensor()
     if rank == 0:
         torch.save({"penalty": pen, "q0_weight": full_w}, os.path.join(out, "fsdp.pt"))
-    dist.destroy_process_group()
+    del model, q
+    _shutdown(dist)
 
 
 @pytest.mark.timeout(180)
