@@ -112,6 +112,7 @@ def main(argv=None):
                           "first_loss": losses[0], "last_loss": losses[-1],
                           "rescaled": len(scales),
                           "saved": os.path.join(args.output_dir, "rora_adapter")}))
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
     return 0
 
