@@ -11,7 +11,10 @@ figures of the one it beat, is recorded in ``kernels/_common.py``). When the LoR
 input is ``x`` itself (no LoRA input dropout) and W is masked, the same pass over W
 writes the effective weight ``W_eff = c · (M ⊙ W) + s · B A`` instead
 (``mask.effective_weight``), and ``y = x W_effᵀ + b``, ``dX = dY W_eff`` are single
-GEMMs: no LoRA update pass over y (T x out) nor over dX (T x in).
+GEMMs: no LoRA update pass over y (T x out) nor over dX (T x in). With the op's own LoRA
+input dropout (``lora_p``), ``x̃`` is the same mask kernel applied to ``x`` (another
+Philox key, ``reference.lora_input``), made in forward and again in backward: only
+``x`` is kept.
 """
 
 from __future__ import annotations
@@ -63,22 +66,30 @@ class FusedRoraLinearFunction(torch.autograd.Function):
     likewise in forward; ``S = X Aᵀ`` is then computed only for dB). Without a mask the
     LoRA term is one addmm onto ``dY W``, as the masked copy would be ``W`` itself.
 
-    Saved for backward: ``x̃`` (for dA), ``S`` (T x r, for dB), ``x`` only when W
-    is trainable; W, A, B are parameters (no copy).
+    ``lora_p`` > 0 (``x_lora`` None): ``X̃ = c_x · M_x ⊙ X`` is drawn by the mask kernel
+    from the seed (``reference.lora_input``); backward regenerates it for dA and takes
+    ``dX += c_x · M_x ⊙ dX̃``.
+
+    Saved for backward: ``x̃`` (for dA; ``x`` instead with ``lora_p``), ``S`` (T x r,
+    for dB), ``x`` when W is trainable; W, A, B are parameters (no copy).
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, lora_p=0.0):
         return _autocast_off(x.device.type, FusedRoraLinearFunction._forward,
-                             ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
+                             ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
+                             lora_p)
 
     @staticmethod
-    def _forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
+    def _forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, lora_p):
         in_f = x.shape[-1]
         out_f = weight.shape[0]
-        lora_input_is_x = x_lora is None
+        lora_input_is_x = x_lora is None and not lora_p
         x2 = x.reshape(-1, in_f)
-        xl2 = x2 if lora_input_is_x else x_lora.reshape(-1, in_f)
+        if lora_p:
+            xl2 = _mask(x2, ref.lora_seed(seed), lora_p)
+        else:
+            xl2 = x2 if lora_input_is_x else x_lora.reshape(-1, in_f)
         needs = ctx.needs_input_grad
         need_xl = needs[4]  # dA needs x̃
         need_s = needs[5]   # dB needs S
@@ -97,11 +108,16 @@ class FusedRoraLinearFunction(torch.autograd.Function):
             del wm
             y2.addmm_(s_mat, lora_B.t(), alpha=scaling)
         seed_t = seed if isinstance(seed, torch.Tensor) else None
-        ctx.save_for_backward(x2 if needs[2] else None,
-                              xl2 if need_xl else None,
-                              weight, lora_A, lora_B,
-                              s_mat if need_s else None, seed_t)
-        ctx.scaling, ctx.p = scaling, p
+        if lora_p:  # x is kept instead of x̃ (regenerated in backward)
+            ctx.save_for_backward(x2 if needs[2] or need_xl else None, None,
+                                  weight, lora_A, lora_B, s_mat if need_s else None, seed_t)
+        else:
+            ctx.save_for_backward(x2 if needs[2] else None,
+                                  xl2 if need_xl else None,
+                                  weight, lora_A, lora_B,
+                                  s_mat if need_s else None, seed_t)
+        del xl2
+        ctx.scaling, ctx.p, ctx.lora_p = scaling, p, lora_p
         ctx.seed = None if seed_t is not None else seed
         ctx.lora_input_is_x = lora_input_is_x
         ctx.eff = eff
@@ -118,15 +134,17 @@ class FusedRoraLinearFunction(torch.autograd.Function):
     def _backward(ctx, grad_out):
         x2, xl2, weight, lora_A, lora_B, s_mat, seed_t = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        s, p = ctx.scaling, ctx.p
+        s, p, lora_p = ctx.scaling, ctx.p, ctx.lora_p
         seed = seed_t if seed_t is not None else ctx.seed
+        if lora_p and needs[4]:
+            xl2 = _mask(x2, ref.lora_seed(seed), lora_p)
         out_f = weight.shape[0]
         g = grad_out.reshape(-1, out_f)
         if g.stride(-1) != 1:
             g = g.contiguous()
         lora_input_is_x = ctx.lora_input_is_x
         need_dx = needs[0]
-        need_dxl = needs[1] and not lora_input_is_x
+        need_dxl = (needs[1] and not lora_input_is_x) or (lora_p and need_dx)
         eff = ctx.eff
         lora_in_dx = lora_input_is_x and need_dx and not eff
         need_dyb = needs[4] or need_dxl or lora_in_dx
@@ -146,7 +164,12 @@ class FusedRoraLinearFunction(torch.autograd.Function):
                     dx.addmm_(dyb, lora_A, alpha=s)
             dx = dx.reshape(ctx.x_shape)
         if need_dxl:
-            dx_lora = torch.mm(dyb, lora_A).mul_(s).reshape(ctx.x_shape)
+            dx_lora = torch.mm(dyb, lora_A).mul_(s)
+            if lora_p:  # dX += c_x · M_x ⊙ dX̃ (the same mask as x̃)
+                dx.add_(_mask(dx_lora, ref.lora_seed(seed), lora_p).view(ctx.x_shape))
+                dx_lora = None
+            else:
+                dx_lora = dx_lora.reshape(ctx.x_shape)
         if needs[4]:
             dA = torch.mm(dyb.t(), xl2).mul_(s)
         if needs[5]:
@@ -155,7 +178,7 @@ class FusedRoraLinearFunction(torch.autograd.Function):
             db = g.sum(0)
         if needs[2]:
             dW = _mask(g.t() @ x2, seed, p)
-        return (dx, dx_lora, dW, db, dA, dB) + (None,) * 3
+        return (dx, dx_lora, dW, db, dA, dB) + (None,) * 4
 
 
 # ---------------------------------------------------------------------------------
@@ -275,13 +298,16 @@ def supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool:
 def fused_rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor,
                       bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                       lora_B: torch.Tensor, scaling: float, p: float, seed, *,
-                      validate: bool = True) -> torch.Tensor:
+                      validate: bool = True, lora_p: float = 0.0) -> torch.Tensor:
     """Training forward of a RoRA linear layer through the fused kernels.
 
     Same arguments and semantics as ``rora_fast.functional.rora_linear`` (minus
     ``backend``): ``x_lora`` None (or ``x`` itself) when the LoRA input is ``x``;
     ``seed`` an int or a one-element int64 tensor. See
     :class:`FusedRoraLinearFunction` for the math.
+
+    ``lora_p``: the op's own LoRA input dropout (``x_lora`` must then be None), as in
+    ``rora_fast.functional.rora_linear``.
 
     ``validate=False`` skips the argument checks (for callers that ran :func:`supports`).
 
@@ -295,5 +321,14 @@ def fused_rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: t
         scaling, p = float(scaling), float(p)
         if not isinstance(seed, torch.Tensor):
             seed = int(seed)
+        if (isinstance(lora_p, bool) or not isinstance(lora_p, Real)
+                or not 0.0 <= lora_p < 1.0):
+            raise ValueError(f"lora_p (LoRA input dropout) must be a real number in [0, 1), "
+                             f"got {lora_p!r}")
+        lora_p = float(lora_p)
+        if lora_p and x_lora is not None:
+            raise ValueError("pass a LoRA input x_lora or a LoRA dropout lora_p, not both")
+    if lora_p and x.shape[-1]:
+        ref.check_counter_range(x.numel() // x.shape[-1], x.shape[-1])
     return FusedRoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B,
-                                         scaling, p, seed)
+                                         scaling, p, seed, lora_p)

@@ -36,7 +36,7 @@ import torch
 from . import reference as ref
 
 __all__ = ["RoraLinearFunction", "rora_linear", "resolve_backend", "masked_weight_op",
-           "effective_weight_op", "SAVE_MASKED_MAX"]
+           "effective_weight_op", "lora_dropout_input", "SAVE_MASKED_MAX"]
 
 _BACKENDS = ("auto", "reference", "triton")
 _ENV = "RORA_FAST_BACKEND"
@@ -170,6 +170,44 @@ def _masked(weight, seed, p, scratch: bool):
     return _masked_eager(weight, seed, p, scratch)
 
 
+def _lora_in(t: torch.Tensor, seed, p: float) -> torch.Tensor:
+    """:func:`rora_fast.reference.lora_input` of ``t`` (``x`` in forward, ``dX̃`` in
+    backward: the same mask and scale), not differentiable; int or tensor seed."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return _masked(t2, ref.lora_seed(seed), p, False).view(t.shape)
+
+
+def _keep_mask_eager(rows: int, cols: int, seed: int, p: float, device) -> torch.Tensor:
+    """The bool keep-mask of :func:`rora_fast.reference.weight_keep_mask` (the C kernel
+    on the CPU, the per-value validation of :func:`_mask_params` hoisted)."""
+    thr = _mask_params(p)[0]
+    if _NATIVE is not None and device.type == "cpu" and rows * cols:
+        ref.check_counter_range(rows, cols)
+        out = torch.empty(rows, cols, dtype=torch.bool)
+        _NATIVE.keep_mask(seed, out.data_ptr(), rows, cols, thr, torch.get_num_threads())
+        return out
+    return ref.weight_keep_mask(seed, rows, cols, p, device)
+
+
+def lora_dropout_input(x: torch.Tensor, seed, p: float) -> torch.Tensor:
+    """The LoRA input dropout ``x̃`` of :func:`rora_fast.reference.lora_input`,
+    differentiable in ``x`` (``dX = M_x ⊙ dX̃ / (1 − p_eff)``): ``x · M_x`` then the
+    scale, autograd keeping the bool mask (as ``nn.Dropout`` keeps its own). For
+    callers that need ``x̃`` itself (DoRA); :func:`rora_linear` with ``lora_p`` draws
+    it inside the op and keeps nothing of it. ``seed``: an int, or a one-element int64
+    tensor (graph capture: the mask comes from :func:`masked_weight_op` of ones)."""
+    thr, scale = _mask_params(p)
+    if thr == 0:
+        return x
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if isinstance(seed, torch.Tensor):
+        m = masked_weight_op(torch.ones_like(x2), ref.lora_seed(seed), p)  # c or 0
+        return (x2 * m).view(shape)
+    keep = _keep_mask_eager(x2.shape[0], x2.shape[1], ref.lora_seed(seed), p, x.device)
+    return x2.mul(keep).mul_(scale).view(shape)
+
+
 class RoraLinearFunction(torch.autograd.Function):
     """Reference autograd Function for the RoRA linear op.
 
@@ -187,17 +225,22 @@ class RoraLinearFunction(torch.autograd.Function):
         dW  = (Gᵀ x) ⊙ M / (1-p)                      (only if the weight is trainable)
 
     ``x_lora`` None: ``x̃`` is ``x`` itself (no LoRA input dropout); ``dX + dX̃`` is then
-    returned once, for ``x``.
+    returned once, for ``x``. ``lora_p`` > 0 (``x_lora`` None): ``x̃`` is
+    :func:`rora_fast.reference.lora_input` of ``x``, drawn here and regenerated in
+    backward for ``dA`` (only ``x`` is kept, as without LoRA dropout), and ``dX`` gets
+    ``dX̃`` through the same mask.
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, lora_p=0.0):
         w = _masked(weight, seed, p, not torch.compiler.is_compiling())
-        y, s_mat = ref._forward(x, x if x_lora is None else x_lora, weight, bias,
+        xl = _lora_in(x, seed, lora_p) if lora_p else x_lora
+        y, s_mat = ref._forward(x, x if xl is None else xl, weight, bias,
                                 lora_A, lora_B, scaling, w)
+        del xl
         seed_t = seed if isinstance(seed, torch.Tensor) else None
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, s_mat, seed_t)
-        ctx.scaling, ctx.p = scaling, p
+        ctx.scaling, ctx.p, ctx.lora_p = scaling, p, lora_p
         ctx.seed = None if seed_t is not None else seed
         ctx.has_bias = bias is not None
         return y
@@ -211,16 +254,27 @@ class RoraLinearFunction(torch.autograd.Function):
             w = _masked(weight, seed, ctx.p, not torch.compiler.is_compiling())
         else:
             w = None
-        dx, dx_lora, dA, dB = ref._backward(grad_out, x, x_lora, w, lora_A, lora_B,
-                                            ctx.scaling, s_mat,
-                                            (needs[0], needs[1], needs[4], needs[5]))
+        lora_p = ctx.lora_p
+        if lora_p:  # x̃ regenerated for dA (else x stands in: only its shape is read)
+            xl = _lora_in(x, seed, lora_p) if needs[4] else x
+            dx, dx_lora, dA, dB = ref._backward(grad_out, x, xl, w, lora_A, lora_B,
+                                                ctx.scaling, s_mat,
+                                                (needs[0], needs[0], needs[4], needs[5]))
+            del xl
+            if dx is not None:
+                dx = dx.add_(_lora_in(dx_lora, seed, lora_p))
+            dx_lora = None
+        else:
+            dx, dx_lora, dA, dB = ref._backward(grad_out, x, x_lora, w, lora_A, lora_B,
+                                                ctx.scaling, s_mat,
+                                                (needs[0], needs[1], needs[4], needs[5]))
         db = dW = None
         if ctx.has_bias and needs[3]:
             db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if needs[2]:
             g = grad_out.reshape(-1, grad_out.shape[-1])
             dW = _masked(g.t() @ x.reshape(-1, x.shape[-1]), seed, ctx.p, False)
-        return dx, dx_lora, dW, db, dA, dB, None, None, None
+        return dx, dx_lora, dW, db, dA, dB, None, None, None, None
 
 
 def _small_frozen(weight: torch.Tensor, p: float, seed) -> bool:
@@ -233,7 +287,7 @@ def _small_frozen(weight: torch.Tensor, p: float, seed) -> bool:
             and _no_saved_tensor_hooks())
 
 
-def _rora_linear_small(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
+def _rora_linear_small(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, lora_p):
     """The RoRA op for a small frozen weight, in torch's own differentiable ops:
     ``linear(x, M ⊙ W/(1 − p_eff), b) + s · linear(linear(x̃, A), B)`` on the inputs
     flattened to ``(tokens, in)``, torch's C++ autograd nodes doing the backward.
@@ -250,6 +304,8 @@ def _rora_linear_small(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed
         x = x.reshape(-1, shape[-1])
         if x_lora is not None:
             x_lora = x_lora.reshape(-1, shape[-1])
+    if lora_p:
+        x_lora = lora_dropout_input(x, seed, lora_p)
     y = torch.nn.functional.linear(x, w, bias)
     lora = torch.nn.functional.linear(
         torch.nn.functional.linear(x if x_lora is None else x_lora, lora_A), lora_B)
@@ -300,23 +356,30 @@ def _fused_ok(kernels, x, x_lora, weight, bias, lora_A, lora_B) -> bool:
 def rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor,
                 bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
                 scaling: float, p: float, seed: Union[int, torch.Tensor],
-                backend: Optional[str] = None) -> torch.Tensor:
+                backend: Optional[str] = None, lora_p: float = 0.0) -> torch.Tensor:
     """Training forward of a RoRA linear layer; see :class:`RoraLinearFunction`.
 
-    ``x_lora`` is the input of the LoRA path: ``lora_dropout(x)``, or None (or ``x``
-    itself) when it is ``x``. ``seed``: an int in ``[0, 2**63)`` or a one-element int64
-    tensor holding one (graph capture). ``scaling``, ``p``: Python floats. Arguments
-    are not validated here (:class:`rora_fast.RoraLinear` checks them once, at
+    ``x_lora`` is the input of the LoRA path: a given ``x̃`` (any dropout module's
+    output), or None (or ``x`` itself) when it is ``x``. ``lora_p`` > 0 (with ``x_lora``
+    None): the op draws ``x̃`` itself, the LoRA input dropout of
+    :func:`rora_fast.reference.lora_input` keyed by the same ``seed``, and regenerates it
+    in backward (nothing of ``x̃``'s size, nor a dropout mask, is kept). ``seed``: an int
+    in ``[0, 2**63)`` or a one-element int64 tensor holding one (graph capture).
+    ``scaling``, ``p``, ``lora_p``: Python floats. Arguments are not validated here (:class:`rora_fast.RoraLinear` checks them once, at
     construction); the fused kernels' :func:`~rora_fast.kernels.supports` decides
     which CUDA inputs they take.
     """
     if x_lora is x:
         x_lora = None
+    if lora_p and x_lora is not None:
+        raise ValueError("rora_linear takes a LoRA input x_lora or a LoRA dropout lora_p, "
+                         "not both")
     name = backend if backend is not None else os.environ.get(_ENV)
     if name is not None:
         name = resolve_backend(name)
         if name == "reference":
-            return _reference(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
+            return _reference(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
+                              lora_p)
         if name == "triton" and not x.is_cuda:
             raise RuntimeError("RORA_FAST_BACKEND=triton needs CUDA tensors; got "
                                f"x on {x.device}")
@@ -324,19 +387,21 @@ def rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.T
         kernels = _kernels_module()
         if kernels is not None and _fused_ok(kernels, x, x_lora, weight, bias, lora_A, lora_B):
             return kernels.fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B,
-                                             scaling, p, seed, validate=False)
+                                             scaling, p, seed, validate=False,
+                                             lora_p=lora_p)
         if name == "triton":
             raise RuntimeError(
                 "RORA_FAST_BACKEND=triton but the fused kernels cannot take these "
                 f"inputs (x {tuple(x.shape)} {x.dtype} on {x.device}, weight "
                 f"{tuple(weight.shape)}); use backend 'auto' to fall back to the reference")
-    return _reference(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
+    return _reference(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, lora_p)
 
 
-def _reference(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed):
+def _reference(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, lora_p):
     """The reference backend: :func:`_rora_linear_small` for small frozen weights,
     :class:`RoraLinearFunction` for the rest."""
     if _small_frozen(weight, p, seed):
-        return _rora_linear_small(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed)
+        return _rora_linear_small(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed,
+                                  lora_p)
     return RoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B,
-                                    scaling, p, seed)
+                                    scaling, p, seed, lora_p)

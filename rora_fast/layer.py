@@ -64,17 +64,34 @@ def count_training_forward(layer: nn.Module) -> None:
 def training_forward(layer: nn.Module, x: torch.Tensor, lora_dropout: nn.Module,
                      W: torch.Tensor, b: Optional[torch.Tensor], A: torch.Tensor,
                      B: torch.Tensor, scaling: float, p: float,
-                     backend: Optional[str] = None):
+                     backend: Optional[str] = None, need_x_lora: bool = False):
     """The training forward of every RoRA layer (:class:`RoraLinear`, its quantized and
     ``Conv1D`` subclasses, the PEFT layers of :mod:`rora_fast.peft_integration`), all
-    tensors already in the compute dtype: the LoRA input ``x̃ = lora_dropout(x)``, then the
-    weight mask's seed (:meth:`RoraLinear._draw_seed`; none when ``p`` is 0), the forward
-    count of :func:`count_training_forward`, and the RoRA op ``x (M ⊙ W)ᵀ/(1−p) + b +
-    s x̃ AᵀBᵀ``. Returns ``(y, x̃ or None, seed)`` (DoRA needs the last two)."""
-    x_lora = None if type(lora_dropout) is nn.Identity else lora_dropout(x)
-    seed = RoraLinear._draw_seed(W.device) if p else 0
+    tensors already in the compute dtype: the seed of the call's masks
+    (:meth:`RoraLinear._draw_seed`; none when there is no mask to draw), the forward count
+    of :func:`count_training_forward`, and the RoRA op ``x (M ⊙ W)ᵀ/(1−p) + b +
+    s x̃ AᵀBᵀ``.
+
+    The LoRA input ``x̃``: an ``nn.Dropout`` (what RoRA and PEFT layers hold) is drawn by
+    the op itself from the call's seed (:func:`rora_fast.reference.lora_input`, the
+    ``nn.Dropout`` distribution; nothing of ``x̃`` is kept for backward), or, with
+    ``need_x_lora`` (DoRA needs ``x̃`` itself), returned as a differentiable tensor by
+    :func:`rora_fast.functional.lora_dropout_input`; ``nn.Identity`` gives ``x̃ = x``;
+    any other module is called. Returns ``(y, x̃ or None, seed)``."""
+    kind = type(lora_dropout)
+    x_lora = None
+    lora_p = 0.0
+    if kind is nn.Dropout:
+        if lora_dropout.training:
+            lora_p = lora_dropout.p
+    elif kind is not nn.Identity:
+        x_lora = lora_dropout(x)
+    seed = RoraLinear._draw_seed(W.device) if p or lora_p else 0
+    if lora_p and need_x_lora:
+        x_lora, lora_p = F_rora.lora_dropout_input(x, seed, lora_p), 0.0
     count_training_forward(layer)
-    y = F_rora.rora_linear(x, x_lora, W, b, A, B, scaling, p, seed, backend=backend)
+    y = F_rora.rora_linear(x, x_lora, W, b, A, B, scaling, p, seed, backend=backend,
+                           lora_p=lora_p)
     return y, x_lora, seed
 
 
@@ -108,7 +125,10 @@ class RoraLinear(nn.Module):
         r: adapter rank, ``1 <= r <= min(in, out)``.
         alpha: LoRA alpha; ``scaling = alpha / r`` until rescaled.
         weight_dropout: ``p`` of the weight dropout, in ``[0, 1)`` (paper: 0.1).
-        lora_dropout: PEFT-style dropout on the adapter's input, in ``[0, 1)``.
+        lora_dropout: PEFT-style dropout on the adapter's input, in ``[0, 1)``: the
+            ``nn.Dropout`` distribution, drawn from the call's seed with the weight mask
+            (:func:`rora_fast.reference.lora_input`), so that backward regenerates it
+            instead of keeping ``x̃`` and a mask per layer.
         ortho_rank: ``k``, number of singular vectors of ``W_pre`` penalised.
         ortho_lambda: ``λ`` (paper: 10); 0 turns the penalty off.
         penalty_mode: ``"optimizer"`` (``λ∇Ω`` added to the adapter gradients at each
@@ -395,7 +415,8 @@ class RoraLinear(nn.Module):
         W = self._base_weight(cdtype)
         y, x_lora, seed = training_forward(self, x, self.lora_dropout, W,
                                            None if self.use_dora else b, A, B, self.scaling,
-                                           self.weight_dropout, backend=self.backend)
+                                           self.weight_dropout, backend=self.backend,
+                                           need_x_lora=self.use_dora)
         if self.use_dora:
             y = self._dora_output(y, b, x, x if x_lora is None else x_lora, W, A, B,
                                   cdtype, seed)

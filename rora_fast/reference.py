@@ -12,7 +12,8 @@ Notation (one adapted linear layer, ``W`` frozen with shape ``out x in``)::
     Ω  = ‖Uₖᵀ B‖²_F + ‖A Vₖ‖²_F     ∇_B Ω = 2 Uₖ (Uₖᵀ B)     ∇_A Ω = 2 (A Vₖ) Vₖᵀ
 
 ``M`` is a Bernoulli keep-mask over the weight elements, one per call, shared by
-every row of the batch. ``x̃`` is the (optional) LoRA input dropout of ``x``.
+every row of the batch. ``x̃`` is the (optional) LoRA input dropout of ``x``: either
+given (any module's output), or drawn by :func:`lora_input` from the same seed (below).
 
 The weight mask
 ---------------
@@ -30,6 +31,15 @@ identical mask from one integer ``seed``, whatever their tile shapes:
 One Philox call therefore yields eight mask bits, and the effective drop
 probability is ``p_eff = round(p * 65536) / 65536`` (``|p_eff - p| <= 7.7e-6``);
 kept weights are scaled by ``1 / (1 - p_eff)`` so the expectation is exactly ``W``.
+
+The LoRA input mask
+-------------------
+RoRA layers draw their LoRA input dropout (``nn.Dropout(p)`` semantics: keep with
+probability ``1 - p``, scale kept elements by ``1 / (1 - p)``) from the same scheme:
+:func:`lora_input` applies the mask above to ``x`` viewed as ``(tokens, in)``, with key
+``lora_seed(seed) = seed XOR LORA_STREAM`` (another Philox key: a stream independent of
+the weight mask's, from the one seed a call draws). Forward and backward regenerate it
+from the seed, so ``x̃`` (and torch's bool dropout mask) need not be kept for backward.
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ __all__ = [
     "check_seed",
     "check_counter_range",
     "masked_weight",
+    "LORA_STREAM",
+    "lora_seed",
+    "lora_input",
     "effective_weight",
     "rora_linear_forward",
     "rora_linear_backward",
@@ -218,6 +231,31 @@ def masked_weight(weight: torch.Tensor, seed: int, p: float,
     keep = weight_keep_mask(seed, weight.shape[0], weight.shape[1], p, weight.device)
     return torch.where(keep, weight * scale, torch.zeros((), dtype=weight.dtype,
                                                          device=weight.device))
+
+
+#: XOR-ed into a call's seed to key the LoRA input mask (< 2**62: the key stays in
+#: ``[0, 2**63)``).
+LORA_STREAM = 0x3C6EF372FE94F82B
+
+
+def lora_seed(seed):
+    """The LoRA input mask's key for a call's ``seed`` (an int, or a one-element int64
+    tensor under graph capture: then a tensor, computed on its device)."""
+    if isinstance(seed, torch.Tensor):
+        return torch.bitwise_xor(seed, LORA_STREAM)
+    return seed ^ LORA_STREAM
+
+
+def lora_input(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """The LoRA input dropout ``x̃ = (M_x ⊙ x) / (1 - p_eff)`` (``x`` itself when
+    ``p_eff == 0``): ``M_x`` the keep-mask of :func:`weight_keep_mask` over ``x`` viewed
+    as ``(tokens, in)`` (row-major over the leading dimensions), keyed by
+    :func:`lora_seed`. Not differentiable (the masks are data): ``dX`` gets the LoRA
+    path's gradient through the same mask, ``lora_input(dX̃, seed, p)``."""
+    if keep_threshold(p) == 0:
+        return x
+    x2 = x.reshape(-1, x.shape[-1])
+    return masked_weight(x2, lora_seed(seed), p).view(x.shape)
 
 
 def effective_weight(weight: torch.Tensor, seed: int, p: float, lora_B: torch.Tensor,

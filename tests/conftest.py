@@ -91,3 +91,45 @@ def train_lm():
             losses.append(loss.item())
         return losses
     return train
+
+
+class SharedLoraDropout:
+    """RoRA draws its LoRA input dropout from the call's seed
+    (``reference.lora_input``), PEFT from torch's generator. To compare the two exactly,
+    RoRA layers' seeds (``RoraLinear._draw_seed``) and the PEFT layers' dropout modules
+    take the same numbered seeds, by call order from the last :meth:`restart`; the PEFT
+    modules apply RoRA's mask (``functional.lora_dropout_input``)."""
+
+    def __init__(self, monkeypatch):
+        from rora_fast import RoraLinear
+
+        self.n = 0
+        monkeypatch.setattr(RoraLinear, "_draw_seed", staticmethod(self._next))
+
+    def _next(self, device=None):
+        self.n += 1
+        return 7919 * self.n
+
+    def restart(self) -> None:
+        self.n = 0
+
+    def peft_dropout(self, p: float) -> torch.nn.Module:
+        from rora_fast import functional as F_rora
+
+        shared = self
+
+        class _Dropout(torch.nn.Module):
+            def forward(self, x):
+                return F_rora.lora_dropout_input(x, shared._next(), p) if self.training else x
+
+        return _Dropout()
+
+    def patch_peft(self, peft_layers, p: float) -> None:
+        """Replace the ``default`` LoRA dropout of these PEFT layers."""
+        for layer in peft_layers:
+            layer.lora_dropout["default"] = self.peft_dropout(p)
+
+
+@pytest.fixture
+def shared_lora_dropout(monkeypatch):
+    return SharedLoraDropout(monkeypatch)

@@ -16,13 +16,15 @@ from rora_fast import reference as ref
 transformers = pytest.importorskip("transformers")
 
 
-def _bert(p, seed=0):
+def _bert(p, seed=0, lora_dropout=0.0, use_dora=False):
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=64, num_labels=2,
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(seed)
     model = transformers.BertForSequenceClassification(cfg)
     rora_fast.apply_rora(model, rora_fast.RoraConfig(r=4, ortho_rank=4, weight_dropout=p,
+                                                     lora_dropout=lora_dropout,
+                                                     use_dora=use_dora,
                                                      ortho_lambda=10.0, svd_method="exact"))
     with torch.no_grad():
         for _, lay in rora_fast.rora_layers(model):
@@ -52,12 +54,17 @@ def _train(model, compiled: bool, steps=3):
     return torch.stack(losses)
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_tiny_bert_fullgraph_trains_like_eager(p):
+@pytest.mark.parametrize("p,lora_dropout,use_dora", [(0.0, 0.0, False), (0.1, 0.0, False),
+                                                     (0.0, 0.2, False), (0.1, 0.2, False),
+                                                     (0.1, 0.2, True)])
+def test_tiny_bert_fullgraph_trains_like_eager(p, lora_dropout, use_dora):
     """fullgraph=True raises on any graph break. aot_eager runs the captured aten graph
-    with the default generator, so even at p > 0 the masks (and the run) equal eager's."""
+    with the default generator, so even at p > 0 the masks (the weight's and the LoRA
+    input's, drawn from the same seed; DoRA's differentiable x̃ too) and the run equal
+    eager's."""
     torch._dynamo.reset()
-    eager, comp = _bert(p), _bert(p)
+    eager = _bert(p, lora_dropout=lora_dropout, use_dora=use_dora)
+    comp = _bert(p, lora_dropout=lora_dropout, use_dora=use_dora)
     l_e = _train(eager, compiled=False)
     l_c = _train(comp, compiled=True)
     torch.testing.assert_close(l_c, l_e, rtol=1e-6, atol=1e-7)
@@ -67,22 +74,24 @@ def test_tiny_bert_fullgraph_trains_like_eager(p):
     assert l_c[-1] < l_c[0]  # it trains
 
 
-def _layer(p):
+def _layer(p, lora_dropout=0.0):
     torch.manual_seed(0)
     lay = rora_fast.RoraLinear.from_linear(nn.Linear(40, 24), r=4, ortho_rank=4,
-                                           weight_dropout=p, svd_cache=None)
+                                           weight_dropout=p, lora_dropout=lora_dropout,
+                                           svd_cache=None)
     with torch.no_grad():
         lay.lora_B.normal_()
     return lay
 
 
-def test_inductor_same_masks_as_eager_with_fallback_random():
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.3])
+def test_inductor_same_masks_as_eager_with_fallback_random(lora_dropout):
     """Inductor with torch._inductor.config.fallback_random=True draws the seeds from
     torch's generator like eager: output and gradients are eager's, bit for bit."""
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    lay = _layer(0.25)
+    lay = _layer(0.25, lora_dropout)
     x = torch.randn(6, 40, requires_grad=True)
     with inductor_config.patch(fallback_random=True):
         comp = torch.compile(lay, fullgraph=True)

@@ -228,6 +228,56 @@ def test_lora_input_is_x(p):
     check_against_reference(case, torch.float32, 2.0, p, 99, lora_is_x=True)
 
 
+def run_fused_lora_p(t, scaling, p, seed, lora_p):
+    """The fused op drawing its own LoRA input dropout (``lora_p``)."""
+    x = t["x"].clone().requires_grad_(True)
+    b = t["bias"].clone().requires_grad_(True) if t["bias"] is not None else None
+    A = t["lora_A"].clone().requires_grad_(True)
+    B = t["lora_B"].clone().requires_grad_(True)
+    y = K.fused_rora_linear(x, None, t["weight"], b, A, B, scaling, p, seed, lora_p=lora_p)
+    y.backward(t["grad"])
+    out = dict(y=y.detach(), dx=x.grad, dA=A.grad, dB=B.grad)
+    if b is not None:
+        out["db"] = b.grad
+    return out
+
+
+def run_reference_lora_p(t, scaling, p, seed, lora_p):
+    """The reference with ``x̃ = lora_input(x)`` given, and ``dX`` = the base path's
+    gradient + ``lora_input(dX̃)`` (the chain rule through the same mask)."""
+    t = dict(t, x_lora=ref.lora_input(t["x"], seed, lora_p))
+    out = run_reference(t, scaling, p, seed)
+    out["dx"] = out["dx"] + ref.lora_input(out.pop("dxl"), seed, lora_p)
+    return out
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_own_lora_dropout_matches_reference(p):
+    """``lora_p``: x̃ drawn by the mask kernel from the seed (another Philox key) in
+    forward and again in backward; only x is kept."""
+    case = make_case((3, 5), 33, 19, 4, seed=21)
+    seed, lora_p = 2**40 + 11, 0.3
+    t = cast(case, torch.float32)
+    got = run_fused_lora_p(t, 0.75, p, seed, lora_p)
+    lo = run_reference_lora_p(t, 0.75, p, seed, lora_p)
+    hi = run_reference_lora_p(cast(case, torch.float64), 0.75, p, seed, lora_p)
+    assert set(got) == set(hi)
+    for name in hi:
+        assert_2x_rule(got[name], lo[name], hi[name], torch.float32, name)
+    # the LoRA path really saw a dropped input: dA differs from the one with x̃ = x
+    plain = run_reference(dict(t, x_lora=t["x"]), 0.75, p, seed)
+    assert not torch.allclose(got["dA"], plain["dA"], rtol=1e-3, atol=1e-4)
+
+
+def test_own_lora_dropout_argument_errors():
+    case = cast(make_case((4,), 16, 8, 2, seed=1), torch.float32)
+    args = (case["x"], None, case["weight"], None, case["lora_A"], case["lora_B"], 1.0, 0.1, 3)
+    with pytest.raises(ValueError, match="lora_p"):
+        K.fused_rora_linear(*args, lora_p=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        K.fused_rora_linear(case["x"], case["x_lora"], *args[2:], lora_p=0.2)
+
+
 def test_leading_dims_and_non_contiguous():
     in_f, out_f, r, p, seed = 33, 19, 8, 0.2, 31337
     case = make_case((2, 3), in_f, out_f, r, seed=11)
@@ -551,10 +601,11 @@ def _route_layer_to_kernels(monkeypatch):
     from rora_fast import functional as F_rora
     calls = []
 
-    def fused(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, backend=None):
+    def fused(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, backend=None,
+              lora_p=0.0):
         calls.append(1)
         return K.fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B, scaling, p,
-                                   seed)
+                                   seed, lora_p=lora_p)
 
     monkeypatch.setattr(F_rora, "rora_linear", fused)
     return calls

@@ -56,7 +56,8 @@ def autograd_objective(layer, x, gy, seed, lora_mask=None, lam=0.0):
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)
     Wm = masked_w(layer, seed)
-    xl = xa if lora_mask is None else xa * lora_mask / (1 - layer.lora_dropout.p)
+    xl = xa if lora_mask is None else xa * lora_mask / (1 - ref.effective_drop_prob(
+        layer.lora_dropout.p))
     y = xa @ Wm.t() + layer.bias.detach() + layer.scaling * (xl @ A.t()) @ B.t()
     obj = (y * gy).sum()
     if lam:
@@ -132,20 +133,26 @@ def test_layer_trainable_bias_gets_gradient(monkeypatch):
     torch.testing.assert_close(layer.bias.grad, gy.sum(0))
 
 
+def lora_mask(seed, x, p):
+    """The LoRA input keep-mask the layer drew for ``x`` (reference.lora_input's)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = ref.weight_keep_mask(ref.lora_seed(seed), x2.shape[0], x2.shape[1], p)
+    return keep.to(x.dtype).view(x.shape)
+
+
 @pytest.mark.parametrize("lam", [0.0, 1.5])
-def test_layer_with_lora_dropout_vs_autograd(monkeypatch, lam):
-    layer = make_layer(weight_dropout=0.15, lora_dropout=0.3, ortho_lambda=lam)
+@pytest.mark.parametrize("in_f,out_f", [(24, 20), (320, 300)])  # small path, Function
+def test_layer_with_lora_dropout_vs_autograd(monkeypatch, lam, in_f, out_f):
+    layer = make_layer(in_f, out_f, weight_dropout=0.15, lora_dropout=0.3, ortho_lambda=lam)
+    assert F_rora._small_frozen(layer.weight, 0.15, 1) == (in_f * out_f <= F_rora.SAVE_MASKED_MAX)
     rec = CallRecorder(monkeypatch)
-    captured = {}
-    layer.lora_dropout.register_forward_hook(
-        lambda m, inp, out: captured.__setitem__("x_lora", out.detach().clone()))
-    x = torch.randn(4, 7, 24, dtype=torch.float64, requires_grad=True)
-    gy = torch.randn(4, 7, 20, dtype=torch.float64)
+    x = torch.randn(4, 7, in_f, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(4, 7, out_f, dtype=torch.float64)
     y = layer(x)
     y.backward(gy)
     rora_fast.add_penalty_grads(layer)  # what an optimizer's step adds (λ∇Ω)
-    mask = (captured["x_lora"] != 0).to(x.dtype)
-    assert 0.1 < 1 - mask.mean().item() < 0.5  # dropout really happened
+    mask = lora_mask(rec.seed, x, 0.3)
+    assert 0.2 < 1 - mask.mean().item() < 0.4  # dropout really happened
     y_ref, dx, dA, dB = autograd_objective(layer, x, gy, rec.seed, lora_mask=mask, lam=lam)
     torch.testing.assert_close(y.detach(), y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, dx, rtol=1e-12, atol=1e-12)
@@ -310,7 +317,9 @@ class Tiny(nn.Module):
 
 
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.3])
-def test_zero_dropout_zero_lambda_is_exactly_peft_lora(lora_dropout):
+def test_zero_dropout_zero_lambda_is_exactly_peft_lora(lora_dropout, shared_lora_dropout):
+    """With LoRA dropout, PEFT's dropout modules are given RoRA's mask (the same seeds):
+    then the outputs and gradients are equal, as without it."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -329,6 +338,9 @@ def test_zero_dropout_zero_lambda_is_exactly_peft_lora(lora_dropout):
             pl.lora_A["default"].weight.copy_(lay.lora_A)
             pl.lora_B["default"].weight.copy_(lay.lora_B)
             assert pl.scaling["default"] == lay.scaling
+    if lora_dropout:
+        shared_lora_dropout.patch_peft([getattr(peft_model.base_model.model, n)
+                                        for n in ("lin1", "lin2")], lora_dropout)
     x0 = torch.randn(5, 12, dtype=torch.float64)
     for train in (True, False):
         rora.train(train)
@@ -338,6 +350,7 @@ def test_zero_dropout_zero_lambda_is_exactly_peft_lora(lora_dropout):
             m.zero_grad(set_to_none=True)
             x = x0.clone().requires_grad_(True)
             torch.manual_seed(99)
+            shared_lora_dropout.restart()
             y = m(x)
             y.sin().sum().backward()
             grads = [x.grad]

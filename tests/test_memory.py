@@ -60,23 +60,17 @@ def test_static_bytes_exact(targets):
     assert plan.adapter_params == sum(p.numel() for p in train)
 
 
-@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
-def test_block_activation_formula_matches_saved_tensors(targets):
-    """Per-token bytes autograd saves for one bf16 LLaMA block (SDPA) vs the formula."""
-    cfg = _small_cfg()
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    rora_fast.apply_rora(model, rora_fast.RoraConfig(
-        r=4, ortho_rank=8, target_modules=list(targets) if targets != "all-linear" else targets))
+def _block_saved_bytes_per_token(model, cfg, B=4, S=128) -> float:
+    """Bytes per token that autograd saves for block 0 of a bf16 LLaMA (parameters,
+    buffers and the block's input not counted; each storage once)."""
     model.train()
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    B, S = 4, 128
     x = torch.randn(B, S, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     skip.add(x.untyped_storage().data_ptr())
     pos = torch.arange(S).unsqueeze(0)
-    pe = model.model.rotary_emb(x, pos)
+    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    pe = inner.rotary_emb(x, pos)
     saved = {}
 
     def pack(t):
@@ -86,13 +80,50 @@ def test_block_activation_formula_matches_saved_tensors(targets):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model.layers[0](x, position_embeddings=pe, attention_mask=None, position_ids=pos)
-    measured = sum(saved.values()) / (B * S)
+        inner.layers[0](x, position_embeddings=pe, attention_mask=None, position_ids=pos)
+    return sum(saved.values()) / (B * S)
+
+
+def _llama(cfg):
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
+def test_block_activation_formula_matches_saved_tensors(targets, lora_dropout):
+    """Per-token bytes autograd saves for one bf16 LLaMA block (SDPA) vs the formula;
+    with LoRA input dropout too (x̃ is regenerated in backward, nothing more is kept)."""
+    cfg = _small_cfg()
+    model = _llama(cfg)
+    rora_fast.apply_rora(model, rora_fast.RoraConfig(
+        r=4, ortho_rank=8, lora_dropout=lora_dropout,
+        target_modules=list(targets) if targets != "all-linear" else targets))
+    measured = _block_saved_bytes_per_token(model, cfg)
     tm = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") \
         if targets == "all-linear" else targets
     want = activation_bytes_per_token_block(model_shape(cfg), 2, tm)
     # the rest is per-block constants (RoPE cos/sin, bf16 copies of A and B)
     assert want <= measured <= want * 1.03, (measured, want)
+
+
+def test_lora_dropout_keeps_less_than_peft():
+    """q_proj and v_proj with LoRA dropout 0.1: PEFT LoRA keeps each layer's x̃ and
+    torch's bool dropout mask for backward; RoRA keeps the shared input x once (it
+    regenerates x̃ from the seed), so it saves at least 2·x̃ + 2 masks − x = 4 bytes per
+    hidden unit per token less (more with PEFT's fp32 x̃)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = _small_cfg()
+    rora = _llama(cfg)
+    rora_fast.apply_rora(rora, rora_fast.RoraConfig(
+        r=4, ortho_rank=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    peft = get_peft_model(_llama(cfg), LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1,
+                                                  target_modules=["q_proj", "v_proj"]))
+    saved_rora = _block_saved_bytes_per_token(rora, cfg)
+    saved_peft = _block_saved_bytes_per_token(peft, cfg)
+    assert saved_peft - saved_rora >= 4 * cfg.hidden_size, (saved_peft, saved_rora)
 
 
 def test_plan_is_consistent():

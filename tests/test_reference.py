@@ -418,3 +418,25 @@ def test_fused_support_check_is_remembered_per_input_kind():
     assert _fused_ok(FakeKernels, torch.randn(0, 5), None, W, None, A, B)  # empty: new kind
     assert _fused_ok(FakeKernels, torch.randn(3, 5), torch.randn(3, 5), W, None, A, B)
     assert len(calls) == 4
+
+
+def test_lora_input_mask_statistics_and_independent_stream():
+    """reference.lora_input: nn.Dropout's distribution (drop rate p, kept values scaled
+    by 1/(1 − p_eff)) over x viewed as (tokens, in), keyed by seed XOR LORA_STREAM: not
+    the weight mask of the same seed, and a fresh mask per seed."""
+    p, seed = 0.3, 4242
+    x = torch.randn(8, 16, 64, dtype=torch.float64)
+    xl = ref.lora_input(x, seed, p)
+    kept = xl != 0
+    drop = 1 - kept.double().mean().item()
+    assert abs(drop - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    torch.testing.assert_close(xl[kept], x[kept] / (1 - ref.effective_drop_prob(p)))
+    want = ref.weight_keep_mask(ref.lora_seed(seed), 128, 64, p).view(x.shape)
+    assert torch.equal(kept, want)
+    assert not torch.equal(kept.view(128, 64), ref.weight_keep_mask(seed, 128, 64, p))
+    assert not torch.equal(kept, ref.lora_input(x, seed + 1, p) != 0)
+    assert ref.lora_input(x, seed, 0.0) is x
+    # float32 (the C path) and float64 (torch) draw the same mask
+    assert torch.equal(ref.lora_input(x.float(), seed, p) != 0, kept)
+    # the graph-capture key is the same number, as a tensor
+    assert int(ref.lora_seed(torch.tensor([seed]))) == ref.lora_seed(seed)
