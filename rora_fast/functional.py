@@ -177,35 +177,47 @@ def _lora_in(t: torch.Tensor, seed, p: float) -> torch.Tensor:
     return _masked(t2, ref.lora_seed(seed), p, False).view(t.shape)
 
 
-def _keep_mask_eager(rows: int, cols: int, seed: int, p: float, device) -> torch.Tensor:
-    """The bool keep-mask of :func:`rora_fast.reference.weight_keep_mask` (the C kernel
-    on the CPU, the per-value validation of :func:`_mask_params` hoisted)."""
-    thr = _mask_params(p)[0]
-    if _NATIVE is not None and device.type == "cpu" and rows * cols:
+def _scale_mask(rows: int, cols: int, seed: int, p: float, dtype) -> torch.Tensor:
+    """``(M ⊙ 1)/(1 − p_eff)`` as a ``(rows, cols)`` CPU tensor in ``dtype`` (float32 or
+    float64): the mask of :func:`rora_fast.reference.masked_weight` applied to ones, by
+    the C kernel for float32 (reading a per-thread buffer of ones)."""
+    if _NATIVE is not None and dtype is torch.float32 and rows * cols:
         ref.check_counter_range(rows, cols)
-        out = torch.empty(rows, cols, dtype=torch.bool)
-        _NATIVE.keep_mask(seed, out.data_ptr(), rows, cols, thr, torch.get_num_threads())
+        ones = getattr(_SCRATCH, "ones", None)
+        if ones is None or ones.numel() < rows * cols:
+            ones = _SCRATCH.ones = torch.ones(rows * cols, dtype=torch.float32)
+        thr, scale = _mask_params(p)
+        out = torch.empty(rows, cols, dtype=torch.float32)
+        _NATIVE.masked_f32(seed, ones.data_ptr(), out.data_ptr(), rows, cols, thr, scale,
+                           torch.get_num_threads())
         return out
-    return ref.weight_keep_mask(seed, rows, cols, p, device)
+    return ref.masked_weight(torch.ones(rows, cols, dtype=dtype), seed, p)
 
 
 def lora_dropout_input(x: torch.Tensor, seed, p: float) -> torch.Tensor:
-    """The LoRA input dropout ``x̃`` of :func:`rora_fast.reference.lora_input`,
-    differentiable in ``x`` (``dX = M_x ⊙ dX̃ / (1 − p_eff)``): ``x · M_x`` then the
-    scale, autograd keeping the bool mask (as ``nn.Dropout`` keeps its own). For
-    callers that need ``x̃`` itself (DoRA); :func:`rora_linear` with ``lora_p`` draws
-    it inside the op and keeps nothing of it. ``seed``: an int, or a one-element int64
-    tensor (graph capture: the mask comes from :func:`masked_weight_op` of ones)."""
-    thr, scale = _mask_params(p)
-    if thr == 0:
+    """The LoRA input dropout ``x̃`` of :func:`rora_fast.reference.lora_input` (the same
+    values), differentiable in ``x`` (``dX = M_x ⊙ dX̃ / (1 − p_eff)``): ``x · m`` with
+    ``m = M_x/(1 − p_eff)`` in float32 (float64 for a float64 ``x``), which autograd keeps,
+    as torch's CPU dropout keeps its own scaled mask. For callers that need ``x̃`` itself
+    (DoRA, the small-weight path); :func:`rora_linear` with ``lora_p`` draws it inside
+    the op and keeps nothing of it. ``seed``: an int, or a one-element int64 tensor
+    (graph capture: ``m`` from :func:`masked_weight_op` of ones, on ``x``'s device)."""
+    if _mask_params(p)[0] == 0:
         return x
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    mdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    key = ref.lora_seed(seed)
     if isinstance(seed, torch.Tensor):
-        m = masked_weight_op(torch.ones_like(x2), ref.lora_seed(seed), p)  # c or 0
-        return (x2 * m).view(shape)
-    keep = _keep_mask_eager(x2.shape[0], x2.shape[1], ref.lora_seed(seed), p, x.device)
-    return x2.mul(keep).mul_(scale).view(shape)
+        m = masked_weight_op(torch.ones(x2.shape, dtype=mdtype, device=x.device), key, p)
+    elif x.device.type == "cpu":
+        m = _scale_mask(x2.shape[0], x2.shape[1], key, p, mdtype)
+    else:
+        m = ref.masked_weight(torch.ones(x2.shape, dtype=mdtype, device=x.device), key, p)
+    out = x2 * m  # (a half-precision x: in float32, rounded once below, as lora_input)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    return out.view(shape)
 
 
 class RoraLinearFunction(torch.autograd.Function):

@@ -440,3 +440,20 @@ def test_lora_input_mask_statistics_and_independent_stream():
     assert torch.equal(ref.lora_input(x.float(), seed, p) != 0, kept)
     # the graph-capture key is the same number, as a tensor
     assert int(ref.lora_seed(torch.tensor([seed]))) == ref.lora_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_differentiable_lora_input_equals_reference(dtype):
+    """functional.lora_dropout_input (the x̃ DoRA and the small-weight path use) has
+    reference.lora_input's values bit for bit, and the gradient x · m implies."""
+    from rora_fast import functional as F_rora
+
+    x = torch.randn(3, 7, 40, dtype=torch.float64).to(dtype).requires_grad_(True)
+    for seed in (5, 2**62 + 1):
+        xl = F_rora.lora_dropout_input(x, seed, 0.25)
+        assert xl.dtype == dtype and xl.shape == x.shape
+        assert torch.equal(xl.detach(), ref.lora_input(x.detach(), seed, 0.25))
+    g = torch.randn(3, 7, 40, dtype=torch.float64).to(dtype)
+    xl.backward(g)
+    want = ref.lora_input(g.double(), seed, 0.25).to(dtype)
+    torch.testing.assert_close(x.grad, want)
