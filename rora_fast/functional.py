@@ -205,7 +205,7 @@ def lora_dropout_input(x: torch.Tensor, seed, p: float) -> torch.Tensor:
     if _mask_params(p)[0] == 0:
         return x
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])  # (no view nodes for 2-d x)
     mdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     key = ref.lora_seed(seed)
     if isinstance(seed, torch.Tensor):
@@ -217,7 +217,7 @@ def lora_dropout_input(x: torch.Tensor, seed, p: float) -> torch.Tensor:
     out = x2 * m  # (a half-precision x: in float32, rounded once below, as lora_input)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
-    return out.view(shape)
+    return out if len(shape) == 2 else out.view(shape)
 
 
 class RoraLinearFunction(torch.autograd.Function):
