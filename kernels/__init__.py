@@ -4,9 +4,10 @@ Public API, used by ``rora_fast.functional.rora_linear`` for CUDA tensors:
 
 * ``supports(x, weight, lora_A, lora_B=None, bias=None, x_lora=None) -> bool``
 * ``fused_rora_linear(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed, *,
-  validate=True) -> y`` (``x_lora`` None: the LoRA input is
-  ``x``; ``seed`` an int or a one-element int64 tensor; no penalty work: its gradient is
-  added at the optimizer step, ``rora_fast.penalty``)
+  validate=True, lora_p=0.0) -> y`` (``x_lora`` None: the LoRA input is ``x``, or, with
+  ``lora_p``, its LoRA input dropout drawn by the mask kernel from the seed; ``seed`` an
+  int or a one-element int64 tensor; no penalty work: its gradient is added at the
+  optimizer step, ``rora_fast.penalty``)
 
 Files, one op each (its autograd Function and backward derivation inside):
 

@@ -59,7 +59,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 __all__ = ["PRESETS", "ModelShape", "MemoryPlan", "model_shape", "plan_memory",
            "quantized_linear_bytes",
            "activation_bytes_per_token_block", "max_batch", "fits_table", "parse_size",
-           "main"]
+           "saved_tensor_bytes", "main"]
 
 GiB = 1024 ** 3
 
@@ -288,6 +288,28 @@ def plan_memory(model: Union[str, ModelShape, object] = "llama-7b", *, batch: in
                       base_weights=base, adapters_and_optimizer=adapters, svd_bases=bases,
                       activations=acts, backward_workspace=workspace, logits=logits,
                       masked_weight=masked, peak=peak, overhead=overhead_gb * GiB)
+
+
+def saved_tensor_bytes(fn, exclude: Iterable = ()) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs: the
+    activation memory a forward leaves for its backward, on any device. Each storage is
+    counted once (a tensor saved by two ops, or two views of one storage, once);
+    storages of the ``exclude`` tensors (parameters, buffers, the input) are not
+    counted. What validates :func:`activation_bytes_per_token_block` on the CPU."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: Dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
 
 
 def max_batch(model, seq: int, gpu_bytes: float, limit: int = 256, **kw) -> int:

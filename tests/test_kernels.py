@@ -251,20 +251,26 @@ def run_reference_lora_p(t, scaling, p, seed, lora_p):
     return out
 
 
+def check_own_lora_dropout(case, dtype, scaling, p, seed, lora_p):
+    t = cast(case, dtype)
+    got = run_fused_lora_p(t, scaling, p, seed, lora_p)
+    lo = run_reference_lora_p(t, scaling, p, seed, lora_p)
+    hi = run_reference_lora_p(cast(case, torch.float64), scaling, p, seed, lora_p)
+    assert set(got) == set(hi)
+    for name in hi:
+        assert_2x_rule(got[name], lo[name], hi[name], dtype, name)
+    return got
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_own_lora_dropout_matches_reference(p):
     """``lora_p``: x̃ drawn by the mask kernel from the seed (another Philox key) in
     forward and again in backward; only x is kept."""
     case = make_case((3, 5), 33, 19, 4, seed=21)
     seed, lora_p = 2**40 + 11, 0.3
-    t = cast(case, torch.float32)
-    got = run_fused_lora_p(t, 0.75, p, seed, lora_p)
-    lo = run_reference_lora_p(t, 0.75, p, seed, lora_p)
-    hi = run_reference_lora_p(cast(case, torch.float64), 0.75, p, seed, lora_p)
-    assert set(got) == set(hi)
-    for name in hi:
-        assert_2x_rule(got[name], lo[name], hi[name], torch.float32, name)
+    got = check_own_lora_dropout(case, torch.float32, 0.75, p, seed, lora_p)
     # the LoRA path really saw a dropped input: dA differs from the one with x̃ = x
+    t = cast(case, torch.float32)
     plain = run_reference(dict(t, x_lora=t["x"]), 0.75, p, seed)
     assert not torch.allclose(got["dA"], plain["dA"], rtol=1e-3, atol=1e-4)
 
@@ -566,6 +572,7 @@ def test_cuda_dtypes_2x_rule(dtype, shape):
     check_against_reference(case, dtype, 0.5, 0.1, 4242)
     check_against_reference(case, dtype, 2.0, 0.0, 7, lora_is_x=True)
     check_against_reference(case, dtype, 2.0, 0.1, 7, lora_is_x=True)  # effective weight
+    check_own_lora_dropout(case, dtype, 0.5, 0.1, 4242, 0.1)  # x̃ drawn from the seed
 
 
 @needs_cuda

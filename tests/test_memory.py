@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rora_fast
 from rora_fast.memory import (GiB, PRESETS, activation_bytes_per_token_block, fits_table,
-                              main, max_batch, model_shape, parse_size, plan_memory)
+                              main, max_batch, model_shape, parse_size, plan_memory,
+                              saved_tensor_bytes)
 from tiny import tiny_llama_config  # examples/tiny.py
 
 
@@ -62,26 +63,16 @@ def test_static_bytes_exact(targets):
 
 def _block_saved_bytes_per_token(model, cfg, B=4, S=128) -> float:
     """Bytes per token that autograd saves for block 0 of a bf16 LLaMA (parameters,
-    buffers and the block's input not counted; each storage once)."""
+    buffers and the block's input not counted)."""
     model.train()
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     x = torch.randn(B, S, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    skip.add(x.untyped_storage().data_ptr())
     pos = torch.arange(S).unsqueeze(0)
     inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     pe = inner.rotary_emb(x, pos)
-    saved = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        inner.layers[0](x, position_embeddings=pe, attention_mask=None, position_ids=pos)
-    return sum(saved.values()) / (B * S)
+    exclude = [*model.parameters(), *model.buffers(), x]
+    return saved_tensor_bytes(
+        lambda: inner.layers[0](x, position_embeddings=pe, attention_mask=None,
+                                position_ids=pos), exclude) / (B * S)
 
 
 def _llama(cfg):
