@@ -24,7 +24,13 @@ Reported, per variant:
   the fastest call of each of 30 interleaved rounds (see :func:`time_layer`): the
   per-layer host cost without the rest of the model (it too moves between runs on a
   shared machine);
-* **the penalty step** (RoRA): the optimizer step pre-hook alone, for all 48 layers.
+* **the penalty step** (RoRA): the optimizer step pre-hook alone, for all 48 layers;
+* **paired single iterations** (``--pairs N``, default 800): the two variants' iterations
+  alternating one by one (A B, B A, ...), each RoRA iteration divided by the LoRA
+  iteration beside it, N such ratios: their median with a 95 % bootstrap interval. Two
+  iterations ~0.1 s apart see the same machine speed, so this ratio does not move with
+  the load of other jobs the way the block statistics do (on this shared 2-core machine
+  a block's median moves by ±20 % from minute to minute; whole-run ratios by ±5 %).
 
 ``--repeats N`` repeats the interleaved timing and the single-layer timing N times in
 the same process (the models built once): each repetition's ratios are kept
@@ -179,6 +185,40 @@ def time_layer(device: str, rounds: int = 30, reps: int = 50) -> dict:
     return out
 
 
+def time_paired(steps: dict, n: int, device: str, seed: int = 0) -> dict:
+    """``n`` RoRA / LoRA ratios of single iterations run back to back (the order flips
+    every pair; the garbage collector off, run every 50 pairs): the median ratio, its
+    95 % bootstrap interval (2,000 resamples), the quartiles, and both variants' median
+    and fastest iteration in ms."""
+    import random
+
+    ratios, t_l, t_r = [], [], []
+    for step in steps.values():
+        step()
+    with _gc_paused():
+        for i in range(n):
+            t = {}
+            for v in (("lora", "rora") if i % 2 == 0 else ("rora", "lora")):
+                common.sync(device)
+                t0 = time.perf_counter()
+                steps[v]()
+                common.sync(device)
+                t[v] = time.perf_counter() - t0
+            ratios.append(t["rora"] / t["lora"])
+            t_l.append(t["lora"])
+            t_r.append(t["rora"])
+            if i % 50 == 49:
+                gc.collect()
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(ratios, k=n)) for _ in range(2000))
+    return {"pairs": n, "median_ratio": round(statistics.median(ratios), 4),
+            "ci95": [round(boot[49], 4), round(boot[1949], 4)],
+            "quartiles": [round(_q(ratios, 0.25), 4), round(_q(ratios, 0.75), 4)],
+            "ms_median": {"lora": round(1e3 * statistics.median(t_l), 3),
+                          "rora": round(1e3 * statistics.median(t_r), 3)},
+            "ms_min": {"lora": round(1e3 * min(t_l), 3), "rora": round(1e3 * min(t_r), 3)}}
+
+
 def _block_minima(xs, block: int) -> float:
     """The median over blocks of each block's fastest iteration."""
     return statistics.median(min(xs[i:i + block]) for i in range(0, len(xs), block))
@@ -202,14 +242,15 @@ def _ratios(t: dict, block: int) -> dict:
                                            / _block_minima(t["lora"], block), 3)}
 
 
-def run(device: str = "cpu", blocks: int = 20, block: int = 10, repeats: int = 1) -> dict:
+def run(device: str = "cpu", blocks: int = 20, block: int = 10, repeats: int = 1,
+        pairs: int = 800) -> dict:
     steps, infos, ops = {}, {}, {}
     for variant in ("lora", "rora"):
         steps[variant], infos[variant] = build(variant, device)
         ops[variant] = count_ops(steps[variant])
     out = {"case": __doc__.split("\n\n")[1].strip(), "device": device,
            "torch": torch.__version__, "git": common.git_state(), "blocks": blocks,
-           "block": block, "repeats": repeats, "variants": {}}
+           "block": block, "repeats": repeats, "pairs": pairs, "variants": {}}
     times = {v: [] for v in steps}
     cpu = {v: [] for v in steps}
     reps = []
@@ -242,6 +283,8 @@ def run(device: str = "cpu", blocks: int = 20, block: int = 10, repeats: int = 1
             entry["kernels_per_layer"] = round(prof["kernels"] / n, 2)
             entry["profile"] = prof
         out["variants"][v] = entry
+    if pairs:
+        out["paired_iterations"] = time_paired(steps, pairs, device)
     # pooled over the repetitions (per-block minima: blocks of ``block`` iterations, in order)
     out["time_ratio_rora_over_lora"] = _ratios(times, block)
     out["cpu_time_ratio_rora_over_lora"] = _ratios(cpu, block)
@@ -281,11 +324,13 @@ def main(argv=None) -> int:
                     help="timed iterations per block (default 10)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="repetitions of the timing, models built once (default 1)")
+    ap.add_argument("--pairs", type=int, default=800,
+                    help="paired single iterations (0: none; default 800)")
     ap.add_argument("--json", default=None, help="write the result here too")
     a = ap.parse_args(argv)
-    if a.blocks < 1 or a.block < 1 or a.repeats < 1:
-        ap.error("--blocks, --block and --repeats must be >= 1")
-    res = run(a.device, a.blocks, a.block, a.repeats)
+    if a.blocks < 1 or a.block < 1 or a.repeats < 1 or a.pairs < 0:
+        ap.error("--blocks, --block and --repeats must be >= 1, --pairs >= 0")
+    res = run(a.device, a.blocks, a.block, a.repeats, a.pairs)
     text = json.dumps(res, indent=1)
     print(text)
     if a.json:

@@ -69,7 +69,7 @@ def test_host_overhead_case_counts_fewer_ops_than_peft(monkeypatch):
     fast_layer = host_overhead.time_layer
     monkeypatch.setattr(host_overhead, "time_layer",
                         lambda device: fast_layer(device, rounds=2, reps=2))
-    res = host_overhead.run("cpu", blocks=2, block=1, repeats=2)
+    res = host_overhead.run("cpu", blocks=2, block=1, repeats=2, pairs=4)
     assert res["ops_ratio_rora_over_lora"] <= 1.0, res["op_difference_rora_minus_lora"]
     for v in ("lora", "rora"):
         assert res["variants"][v]["adapted_layers"] == 48
@@ -77,4 +77,6 @@ def test_host_overhead_case_counts_fewer_ops_than_peft(monkeypatch):
     lo, mid, hi = res["across_repetitions"]["time_ratio_rora_over_lora"]["ratio_of_medians"]
     assert 0 < lo <= mid <= hi
     assert res["variants"]["rora"]["penalty_step"]["median_ms"] > 0
+    paired = res["paired_iterations"]
+    assert paired["pairs"] == 4 and paired["ci95"][0] <= paired["median_ratio"] <= paired["ci95"][1]
     json.dumps(res)  # what --json writes

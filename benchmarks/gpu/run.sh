@@ -125,7 +125,7 @@ fi
 # time ratios (benchmarks/host_overhead.py)
 if [ "$SMOKE" -eq 0 ] && [ "$(left)" -ge 150 ]; then
     say "host overhead (issue 11) (limit 60s)"
-    (cd "$ROOT" && timeout -k 5 60 "$PY" -m benchmarks.host_overhead --device cuda --blocks 6 \
+    (cd "$ROOT" && timeout -k 5 60 "$PY" -m benchmarks.host_overhead --device cuda --blocks 6 --pairs 150 \
         --json "$RESULTS/$STAMP-host-overhead.json") >"$RESULTS/$STAMP-host-overhead.log" 2>&1 \
         || say "host overhead step failed or timed out (log: $RESULTS/$STAMP-host-overhead.log)"
 fi
