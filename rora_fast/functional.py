@@ -100,6 +100,8 @@ def _masked_eager(weight: torch.Tensor, seed: int, p: float, scratch: bool) -> t
         shape = weight.shape
         if shape not in _SHAPES_OK:
             ref.check_counter_range(*shape)
+            if len(_SHAPES_OK) > 1024:  # (activations' shapes vary with the batch)
+                _SHAPES_OK.clear()
             _SHAPES_OK.add(shape)
         out = _weight_scratch(weight) if scratch else torch.empty_like(weight)
         _NATIVE.masked_f32(seed, weight.data_ptr(), out.data_ptr(), shape[0], shape[1], thr,
@@ -212,8 +214,11 @@ def lora_dropout_input(x: torch.Tensor, seed, p: float) -> torch.Tensor:
         m = masked_weight_op(torch.ones(x2.shape, dtype=mdtype, device=x.device), key, p)
     elif x.device.type == "cpu":
         m = _scale_mask(x2.shape[0], x2.shape[1], key, p, mdtype)
-    else:
-        m = ref.masked_weight(torch.ones(x2.shape, dtype=mdtype, device=x.device), key, p)
+    else:  # CUDA: the kernels' mask (bit-identical) where they run, else the reference
+        ones = torch.ones(x2.shape, dtype=mdtype, device=x.device)
+        kernels = _kernels_module() if x.is_cuda and mdtype is torch.float32 else None
+        m = (kernels.masked_copy(ones, key, p) if kernels is not None
+             else ref.masked_weight(ones, key, p))
     out = x2 * m  # (a half-precision x: in float32, rounded once below, as lora_input)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
@@ -377,9 +382,9 @@ def rora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.T
     :func:`rora_fast.reference.lora_input` keyed by the same ``seed``, and regenerates it
     in backward (nothing of ``x̃``'s size, nor a dropout mask, is kept). ``seed``: an int
     in ``[0, 2**63)`` or a one-element int64 tensor holding one (graph capture).
-    ``scaling``, ``p``, ``lora_p``: Python floats. Arguments are not validated here (:class:`rora_fast.RoraLinear` checks them once, at
-    construction); the fused kernels' :func:`~rora_fast.kernels.supports` decides
-    which CUDA inputs they take.
+    ``scaling``, ``p``, ``lora_p``: Python floats. Arguments are not validated here
+    (:class:`rora_fast.RoraLinear` checks them once, at construction); the fused
+    kernels' :func:`~rora_fast.kernels.supports` decides which CUDA inputs they take.
     """
     if x_lora is x:
         x_lora = None

@@ -576,6 +576,24 @@ def test_cuda_dtypes_2x_rule(dtype, shape):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_differentiable_lora_input_equals_reference(dtype):
+    """functional.lora_dropout_input on CUDA (DoRA's x̃: the mask kernel applied to ones)
+    has reference.lora_input's values bit for bit, and x · m's gradient."""
+    from rora_fast import functional as F_rora
+
+    x = torch.randn(6, 40, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    x.requires_grad_(True)
+    xl = F_rora.lora_dropout_input(x, 2**40 + 3, 0.25)
+    assert xl.dtype == dtype
+    assert torch.equal(xl.detach().cpu(), ref.lora_input(x.detach().cpu(), 2**40 + 3, 0.25))
+    g = torch.randn(6, 40, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    xl.backward(g)
+    torch.testing.assert_close(x.grad.cpu(), ref.lora_input(g.cpu().double(), 2**40 + 3,
+                                                            0.25).to(dtype))
+
+
+@needs_cuda
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_functional_dispatch_to_kernels(backend, monkeypatch):
     from rora_fast.functional import rora_linear
