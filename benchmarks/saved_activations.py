@@ -1,7 +1,7 @@
 """Activation memory of the LoRA path: bytes per token that autograd keeps for backward
 in one bf16 LLaMA block, RoRA vs PEFT LoRA, with and without LoRA input dropout.
 
-Counted with :func:`rora_fast.memory.saved_tensor_bytes` (every tensor saved for
+Counted with :func:`rora_fast.memory.llama_block_saved_bytes_per_token` (every tensor saved for
 backward, each storage once; parameters, buffers and the block's input excluded), on
 any device; random weights (the bytes do not depend on them). Variants:
 
@@ -71,17 +71,9 @@ def _model(cfg, variant: str, lora_dropout: float):
 
 
 def bytes_per_token(cfg, variant: str, lora_dropout: float, batch=4, seq=128) -> float:
-    from rora_fast.memory import saved_tensor_bytes
+    from rora_fast.memory import llama_block_saved_bytes_per_token
 
-    model = _model(cfg, variant, lora_dropout)
-    model.train()
-    x = torch.randn(batch, seq, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    pos = torch.arange(seq).unsqueeze(0)
-    pe = model.model.rotary_emb(x, pos)
-    exclude = [*model.parameters(), *model.buffers(), x]
-    n = saved_tensor_bytes(lambda: model.model.layers[0](
-        x, position_embeddings=pe, attention_mask=None, position_ids=pos), exclude)
-    return n / (batch * seq)
+    return llama_block_saved_bytes_per_token(_model(cfg, variant, lora_dropout), batch, seq)
 
 
 VARIANTS = ("rora", "rora-given-x_lora", "lora")

@@ -59,7 +59,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 __all__ = ["PRESETS", "ModelShape", "MemoryPlan", "model_shape", "plan_memory",
            "quantized_linear_bytes",
            "activation_bytes_per_token_block", "max_batch", "fits_table", "parse_size",
-           "saved_tensor_bytes", "main"]
+           "saved_tensor_bytes", "llama_block_saved_bytes_per_token", "main"]
 
 GiB = 1024 ** 3
 
@@ -310,6 +310,27 @@ def saved_tensor_bytes(fn, exclude: Iterable = ()) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(saved.values())
+
+
+def llama_block_saved_bytes_per_token(model, batch: int = 4, seq: int = 128) -> float:
+    """:func:`saved_tensor_bytes` of the first block of a transformers LLaMA model (its
+    ``.model.layers``; a PEFT-wrapped one through ``get_base_model()``) in training mode,
+    per token, for a random input in the model's dtype; parameters, buffers and the
+    block's input not counted. The measurement :func:`activation_bytes_per_token_block`
+    is checked against."""
+    import torch
+
+    model.train()
+    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    dtype = inner.embed_tokens.weight.dtype
+    x = torch.randn(batch, seq, model.config.hidden_size, dtype=dtype, requires_grad=True)
+    pos = torch.arange(seq).unsqueeze(0)
+    pe = inner.rotary_emb(x, pos)
+    exclude = [*model.parameters(), *model.buffers(), x]
+    n = saved_tensor_bytes(lambda: inner.layers[0](x, position_embeddings=pe,
+                                                   attention_mask=None, position_ids=pos),
+                           exclude)
+    return n / (batch * seq)
 
 
 def max_batch(model, seq: int, gpu_bytes: float, limit: int = 256, **kw) -> int:

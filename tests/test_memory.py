@@ -8,8 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rora_fast
 from rora_fast.memory import (GiB, PRESETS, activation_bytes_per_token_block, fits_table,
-                              main, max_batch, model_shape, parse_size, plan_memory,
-                              saved_tensor_bytes)
+                              llama_block_saved_bytes_per_token, main, max_batch, model_shape,
+                              parse_size, plan_memory)
 from tiny import tiny_llama_config  # examples/tiny.py
 
 
@@ -61,20 +61,6 @@ def test_static_bytes_exact(targets):
     assert plan.adapter_params == sum(p.numel() for p in train)
 
 
-def _block_saved_bytes_per_token(model, cfg, B=4, S=128) -> float:
-    """Bytes per token that autograd saves for block 0 of a bf16 LLaMA (parameters,
-    buffers and the block's input not counted)."""
-    model.train()
-    x = torch.randn(B, S, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    pos = torch.arange(S).unsqueeze(0)
-    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-    pe = inner.rotary_emb(x, pos)
-    exclude = [*model.parameters(), *model.buffers(), x]
-    return saved_tensor_bytes(
-        lambda: inner.layers[0](x, position_embeddings=pe, attention_mask=None,
-                                position_ids=pos), exclude) / (B * S)
-
-
 def _llama(cfg):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -91,7 +77,7 @@ def test_block_activation_formula_matches_saved_tensors(targets, lora_dropout):
     rora_fast.apply_rora(model, rora_fast.RoraConfig(
         r=4, ortho_rank=8, lora_dropout=lora_dropout,
         target_modules=list(targets) if targets != "all-linear" else targets))
-    measured = _block_saved_bytes_per_token(model, cfg)
+    measured = llama_block_saved_bytes_per_token(model)
     tm = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") \
         if targets == "all-linear" else targets
     want = activation_bytes_per_token_block(model_shape(cfg), 2, tm)
@@ -112,8 +98,8 @@ def test_lora_dropout_keeps_less_than_peft():
         r=4, ortho_rank=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     peft = get_peft_model(_llama(cfg), LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1,
                                                   target_modules=["q_proj", "v_proj"]))
-    saved_rora = _block_saved_bytes_per_token(rora, cfg)
-    saved_peft = _block_saved_bytes_per_token(peft, cfg)
+    saved_rora = llama_block_saved_bytes_per_token(rora)
+    saved_peft = llama_block_saved_bytes_per_token(peft)
     assert saved_peft - saved_rora >= 4 * cfg.hidden_size, (saved_peft, saved_rora)
 
 
