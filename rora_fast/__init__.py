@@ -14,11 +14,11 @@ import sys as _sys
 class _SourceKernelsFinder(_abc.MetaPathFinder):
     """``rora_fast.kernels`` in a source checkout that was not installed.
 
-    setup.py installs the top-level ``kernels/`` folder as ``rora_fast.kernels``
-    (``package_dir``). Run from the repository root without an install (``PYTHONPATH=.``,
-    or a machine where ``pip install -e`` is impossible), ``rora_fast`` is imported from
+    setup.py installs the folder ``kernels/src/`` as ``rora_fast.kernels`` (``package_dir``;
+    kernels/README.md says why). Run from the repository root without an install
+    (``PYTHONPATH=.``, or a machine where ``pip install -e`` is impossible), ``rora_fast`` is imported from
     ``./rora_fast`` and the kernels sit beside it, not inside: this finder, consulted
-    after every other one, maps the name to ``./kernels``. Installed copies never reach it.
+    after every other one, maps the name to ``./kernels/src``. Installed copies never reach it.
     """
 
     def __init__(self, root: str):
@@ -27,7 +27,7 @@ class _SourceKernelsFinder(_abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != __name__ + ".kernels":
             return None
-        init = _os.path.join(self.root, "kernels", "__init__.py")
+        init = _os.path.join(self.root, "kernels", "src", "__init__.py")
         return _util.spec_from_file_location(
             fullname, init, submodule_search_locations=[_os.path.dirname(init)])
 
@@ -36,7 +36,7 @@ def _register_source_kernels() -> None:
     here = _os.path.dirname(_os.path.abspath(__file__))
     root = _os.path.dirname(here)
     if (not _os.path.isdir(_os.path.join(here, "kernels"))
-            and _os.path.isfile(_os.path.join(root, "kernels", "__init__.py"))
+            and _os.path.isfile(_os.path.join(root, "kernels", "src", "__init__.py"))
             and _os.path.isfile(_os.path.join(root, "setup.py"))
             and not any(isinstance(f, _SourceKernelsFinder) for f in _sys.meta_path)):
         _sys.meta_path.append(_SourceKernelsFinder(root))

@@ -1,8 +1,33 @@
 #!/usr/bin/env bash
-# Installs rora-fast with its test tools and runs the test suite (README quickstart, command 2).
-# torch is installed first, pinned, so that pip takes the CPU wheel instead of a CUDA build.
+# README quickstart, command 2 (and CI: .ci/run): install rora-fast with its test tools into
+# a virtual environment this script creates afresh, then run the test suite in it.
+#
+#   bash scripts/test.sh            the newest releases setup.py allows     (venv: .venv)
+#   bash scripts/test.sh --lowest   every requirement at its floor in setup.py (.venv-lowest)
+#
+# A new venv each time: nothing installed by hand on the machine can hide a missing or
+# broken dependency. torch is installed first, pinned, so that pip takes the CPU wheel
+# instead of a multi-GB CUDA build. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=newest
+if [ "${1:-}" = "--lowest" ]; then MODE=lowest; shift; fi
+VENV=${RORA_TEST_VENV:-.venv}
+[ "$MODE" = lowest ] && VENV=${RORA_TEST_VENV:-.venv-lowest}
+PY=${PYTHON:-python3}
+
+echo "== scripts/test.sh ($MODE): new venv $VENV"
+"$PY" -m venv --clear "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[dev]'
-python -m pytest tests -q
+if [ "$MODE" = lowest ]; then
+    python scripts/ci/lowest_constraints.py > "$VENV/constraints.txt"
+    python -m pip install -q -c "$VENV/constraints.txt" -e '.[dev]'
+else
+    python -m pip install -q -e '.[dev]'
+fi
+python -m pip freeze --exclude-editable > "$VENV/tested-with.txt"
+echo "== tested with: $(grep -iE '^(torch|transformers|peft|accelerate|bitsandbytes|kernels|triton|safetensors|numpy)==' "$VENV/tested-with.txt" | tr '\n' ' ')"
+python -m pytest tests -q "$@"

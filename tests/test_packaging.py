@@ -35,8 +35,8 @@ def test_source_checkout_without_install_finds_kernels():
     assert out.returncode == 0, out.stderr[-2000:]
     pkg, kern, sub = out.stdout.split()[-3:]
     assert pkg == os.path.join(ROOT, "rora_fast", "__init__.py")
-    assert kern == os.path.join(ROOT, "kernels", "__init__.py")
-    assert sub == os.path.join(ROOT, "kernels", "mask.py")
+    assert kern == os.path.join(ROOT, "kernels", "src", "__init__.py")
+    assert sub == os.path.join(ROOT, "kernels", "src", "mask.py")
 
 
 def test_source_finder_ignores_other_names():
@@ -44,7 +44,7 @@ def test_source_finder_ignores_other_names():
     assert finder.find_spec("kernels") is None
     assert finder.find_spec("rora_fast.other") is None
     spec = finder.find_spec("rora_fast.kernels")
-    assert spec.origin == os.path.join(ROOT, "kernels", "__init__.py")
+    assert spec.origin == os.path.join(ROOT, "kernels", "src", "__init__.py")
 
 
 def test_core_works_without_extras():
@@ -73,3 +73,64 @@ def test_core_works_without_extras():
                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[-2] == "ok []"
+
+
+# What a user runs from the clone (python -m pytest, python -c, a notebook): the repository
+# root first on sys.path. transformers imports the hub package ``kernels``; the repository's
+# kernels/ folder must never stand in for it (kernels/README.md).
+_FROM_ROOT = textwrap.dedent("""
+    import importlib.machinery, importlib.metadata, sys
+    ROOT = sys.argv[1]
+    if sys.argv[2] == "without-hub":
+        # the hub package hidden: its metadata, and its folder in site-packages (what
+        # Python finds then is this repository's kernels/ alone)
+        real_version = importlib.metadata.version
+        def version(name):
+            if name == "kernels":
+                raise importlib.metadata.PackageNotFoundError(name)
+            return real_version(name)
+        importlib.metadata.version = version
+        class OnlyRepo:
+            def find_spec(self, name, path=None, target=None):
+                if name == "kernels":
+                    return importlib.machinery.PathFinder.find_spec(name, [ROOT])
+        sys.meta_path.insert(0, OnlyRepo())
+    assert sys.path[0] in ("", ROOT), sys.path[:2]
+    from transformers import BertForSequenceClassification, LlamaForCausalLM  # noqa: F401
+    from transformers.utils import import_utils
+    import peft, rora_fast, rora_fast.kernels as K, kernels
+    assert K.__file__.startswith(ROOT) and hasattr(K, "fused_rora_linear")
+    hub = import_utils.is_kernels_available()
+    print("hub" if hub else "none", getattr(kernels, "__file__", None) or "namespace")
+""")
+
+
+def _run_from_root(mode):
+    out = subprocess.run([sys.executable, "-c", _FROM_ROOT, ROOT, mode], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()[-2:]
+
+
+def test_repo_root_never_shadows_hub_kernels():
+    try:
+        import importlib.metadata
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        has_hub = False
+    else:
+        has_hub = True
+    if has_hub:
+        avail, where = _run_from_root("with-hub")
+        assert avail == "hub" and "site-packages" in where and not where.startswith(ROOT)
+    avail, where = _run_from_root("without-hub")
+    assert (avail, where) == ("none", "namespace")
+
+
+def test_kernels_folder_is_not_a_regular_package():
+    """The mechanism: kernels/ has no __init__.py (nor a kernels.py beside it), so it is at
+    most a namespace portion, which any installed regular package named kernels beats."""
+    assert not os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))
+    assert not os.path.exists(os.path.join(ROOT, "kernels.py"))
+    assert os.path.isfile(os.path.join(ROOT, "kernels", "src", "__init__.py"))

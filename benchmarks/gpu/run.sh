@@ -52,14 +52,14 @@ elif "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >/tmp/ror
         && import_ok; then
     say "installed this checkout with pip -e"
 else
-    # kernels/ is installed as rora_fast.kernels (setup.py package_dir): rebuild that
+    # kernels/src/ is installed as rora_fast.kernels (setup.py package_dir): rebuild that
     # layout with symlinks in a temporary site folder.
     SITE=$(mktemp -d /tmp/rora_site.XXXXXX)
     mkdir -p "$SITE/rora_fast"
     for entry in "$ROOT"/rora_fast/* "$ROOT"/rora_fast/.[!.]*; do
         [ -e "$entry" ] && ln -s "$entry" "$SITE/rora_fast/$(basename "$entry")"
     done
-    ln -s "$ROOT/kernels" "$SITE/rora_fast/kernels"
+    ln -s "$ROOT/kernels/src" "$SITE/rora_fast/kernels"
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     if import_ok; then
         say "pip -e failed; using PYTHONPATH=$SITE (last lines of /tmp/rora_run_pip.log:)"

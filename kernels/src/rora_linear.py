@@ -7,7 +7,7 @@ scaling, ``M`` the weight keep-mask of :mod:`rora_fast.reference`, ``c = 1/(1-p_
 
 ``W' = c · (M ⊙ W)`` is made once per call by ``mask.masked_copy`` (a transient buffer,
 freed when the call returns), then cuBLAS does the GEMMs (why this strategy, with the
-figures of the one it beat, is recorded in ``kernels/_common.py``). When the LoRA
+figures of the one it beat, is recorded in ``kernels/src/_common.py``). When the LoRA
 input is ``x`` itself (no LoRA input dropout) and W is masked, the same pass over W
 writes the effective weight ``W_eff = c · (M ⊙ W) + s · B A`` instead
 (``mask.effective_weight``), and ``y = x W_effᵀ + b``, ``dX = dY W_eff`` are single
