@@ -158,7 +158,16 @@ def main(argv=None):
             del again
             pm = peft.PeftModel.from_pretrained(load_quantized(args, path), peft_dir).eval()
             d_peft = (pm(input_ids=ids).logits.float() - ref).abs().max().item()
-        summary["reload_max_abs_diff"] = {"load_rora": d_rora, "peft_from_pretrained": d_peft}
+            # PEFT's layer runs bitsandbytes' own forward (on the CPU: bf16 activations),
+            # RoRA's multiplies by the dequantized weight: what that alone changes, on the
+            # base model (a fresh RoRA model has B = 0)
+            fresh = rora_fast.apply_rora(load_quantized(args, path),
+                                         common.rora_config(args)).eval()
+            with pm.disable_adapter():
+                d_base = (pm(input_ids=ids).logits.float()
+                          - fresh(input_ids=ids).logits.float()).abs().max().item()
+        summary["reload_max_abs_diff"] = {"load_rora": d_rora, "peft_from_pretrained": d_peft,
+                                          "bnb_forward_on_base": d_base}
     if cuda:
         summary["max_memory_allocated"] = torch.cuda.max_memory_allocated()
     summary["seconds"] = round(time.time() - t0, 1)

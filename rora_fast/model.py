@@ -21,8 +21,9 @@ from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: p
 from .config import RoraConfig
 from .layer import RoraLinear
 from .linalg import rescale_factor
-from .targets import (check_rora_target, compute_dtype_of, is_rora_target,  # bnb, Conv1D
-                      make_rora_layer)
+from .quantized import cpu_repack_switches
+from .targets import (check_rora_target, compute_dtype_of,  # bnb, Conv1D
+                      default_target_modules, is_rora_target, make_rora_layer)
 # rora_penalty / attach_penalty live in penalty.py (re-exported here for compatibility).
 from .penalty import attach_penalty, rora_penalty  # noqa: E402,F401
 
@@ -126,17 +127,6 @@ def _reraise_named(e: Exception, name: str):
 
 
 # ---------------------------------------------------------------------- targets
-def default_target_modules(model: nn.Module) -> List[str]:
-    """PEFT's default LoRA targets for the model's architecture."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in M:
-        raise ValueError(f"no default target modules for model_type {model_type!r}; pass "
-                         "RoraConfig(target_modules=[...]) or target_modules='all-linear'")
-    return list(M[model_type])
-
-
 def _matches(name: str, target) -> bool:
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
@@ -240,7 +230,11 @@ def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
     # PiSSA/OLoRA rewrite the base weight in place: keep copies to undo that
     rewritten = [model.get_submodule(n).weight for n in chosen] \
         if config.init in ("pissa", "olora") else []
-    with all_or_nothing(model, rewritten, [(model, "rora_config")]):
+    # bitsandbytes must not rewrite the frozen 4-bit layers at an eval forward (on the CPU)
+    repack = cpu_repack_switches(model)
+    with all_or_nothing(model, rewritten, [(model, "rora_config"), *repack]):
+        for m, attr in repack:
+            setattr(m, attr, False)
         for p in model.parameters():
             p.requires_grad_(False)
         iterator: Iterable[str] = chosen

@@ -17,8 +17,13 @@ weight stays quantized in memory (its state-dict entries are bitsandbytes' own, 
   the quantized weight only (plus the token), like bitsandbytes' own ``MatMul4Bit``.
   With ``RORA_FAST_NF4_KERNEL=1`` a 4-bit base takes the masked weight from one Triton
   kernel (``rora_fast.kernels.nf4``: dequantize + mask in one pass, CUDA), bit-identical.
-* eval: the base output is bitsandbytes' own matmul (``base_layer(x)``), the adapter
-  added on top, exactly what PEFT's QLoRA layer computes.
+* eval: ``x Wᵀ + b`` on the same dequantized ``W`` plus the adapter, so eval equals
+  training without dropout exactly. bitsandbytes' own forward is not called: on the CPU
+  it rewrites the weight into an inference layout at the first eval call (which would
+  change the layer under the next training step) and it fails on output sizes that are
+  not multiples of 32. (PEFT's QLoRA layer calls it: its outputs differ from ours by
+  bitsandbytes' rounding of the activations.) :func:`dequantize_base` reads a weight
+  bitsandbytes has already repacked, so a model evaluated before wrapping works too.
 * SVD bases and ``σ_max(W_pre)`` come from the dequantized ``W_pre`` and are cached on
   disk like dense ones: the cache key is the fingerprint of the dequantized matrix, which
   is a deterministic function of the quantized bytes and the quant state (absmax blocks,
@@ -54,7 +59,7 @@ from torch import nn
 from . import reference as ref
 from .layer import RoraLinear
 
-__all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind",
+__all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "cpu_repack_switches",
            "check_saved_quantization", "QuantRoraLinear", "dequantize_base",
            "dequantize_4bit_masked_base",
            "quant_descriptor", "check_quant_descriptor"]
@@ -97,6 +102,23 @@ def base_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+def cpu_repack_switches(model: nn.Module) -> list:
+    """The switches that let bitsandbytes repack the model's 4-bit weights at an eval
+    forward: :func:`rora_fast.apply_rora` sets them False.
+
+    On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) switches a ``Linear4bit`` weight to a
+    CPU inference layout at its first no-grad eval forward: the layer then computes with
+    bfloat16 absmax scales and activations, and converting back (when the model is saved)
+    requantizes the scales. In a model being fine-tuned that changes the frozen layers
+    RoRA does not wrap under the next training step (train -> evaluate -> train loops).
+    ``support_avx512bf16_for_cpu`` is the per-layer switch bitsandbytes reads for it.
+    Returns ``(layer, attribute)`` for every 4-bit layer that has it (none where
+    bitsandbytes has no such switch); the layers RoRA wraps are never called through
+    bitsandbytes' forward anyway."""
+    return [(m, "support_avx512bf16_for_cpu") for m in model.modules()
+            if base_kind(m) == "4bit" and hasattr(m, "support_avx512bf16_for_cpu")]
+
+
 def check_saved_quantization(model: nn.Module, names, meta: dict) -> None:
     """Before loading adapters: every layer's base must be quantized as when they were
     saved (``meta[name]["quantization"]``, absent for a dense base)."""
@@ -106,8 +128,46 @@ def check_saved_quantization(model: nn.Module, names, meta: dict) -> None:
 
 
 # ---------------------------------------------------------------------- bitsandbytes
+def _cpu_packed(qs) -> bool:
+    """Whether bitsandbytes has repacked a 4-bit weight into its CPU inference layout.
+
+    bitsandbytes >= 0.49 does so at the first no-grad eval forward of a ``Linear4bit`` on a
+    CPU with AVX512-BF16 (``_convert_weight_packed_for_cpu``): ``weight`` becomes
+    ``(out, in/2)`` with the rows interleaved in blocks of 32, the absmax scales are
+    dequantized (double quantization folded) into a bfloat16 ``(in/blocksize, out)``
+    matrix and ``quant_state.dtype`` becomes bfloat16. ``dequantize_4bit`` does not know
+    that layout (it returns wrong values), so :func:`dequantize_base` reads it itself."""
+    return bool(getattr(qs, "packing_format_for_cpu", False))
+
+
+def _dequantize_cpu_packed(packed: torch.Tensor, qs, block_n: int = 32) -> torch.Tensor:
+    """The float32 ``(out, in)`` weight of a 4-bit weight in bitsandbytes' CPU packed
+    layout (see :func:`_cpu_packed`): code-book value of each nibble times its block's
+    absmax, exactly what bitsandbytes' packed matmul multiplies by (in float32)."""
+    n_out, n_in = (int(d) for d in qs.shape)
+    half = n_in // 2
+    if (packed.dtype != torch.uint8 or tuple(packed.shape) != (n_out, half)
+            or n_out % block_n or n_in % qs.blocksize):
+        raise ValueError(f"unrecognised bitsandbytes CPU-packed 4-bit weight: "
+                         f"{tuple(packed.shape)} {packed.dtype} for a {n_out}x{n_in} layer")
+    # the inverse of the packing permutation: 32 low nibbles then 32 high nibbles per
+    # 32-byte group, groups ordered (row block, column pair, row in block)
+    p = packed.reshape(-1, block_n)
+    codes = torch.cat([p & 0xF, p >> 4], dim=-1)
+    codes = codes.reshape(n_out // block_n, half, block_n, 2).transpose(1, 2)
+    codes = codes.reshape(n_out, n_in).long()
+    scale = qs.absmax.t().to(torch.float32)                  # (out, in / blocksize)
+    W = qs.code.to(torch.float32)[codes].view(n_out, n_in // qs.blocksize, qs.blocksize)
+    return (W * scale.unsqueeze(-1)).view(n_out, n_in)
+
+
 def dequantize_base(base: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The dense ``(out, in)`` weight of a bitsandbytes 4-bit or 8-bit linear."""
+    """The dense ``(out, in)`` weight of a bitsandbytes 4-bit or 8-bit linear: the one
+    place a quantized base is dequantized (training, eval, bases, merging all read it).
+
+    It reads the weight in whatever layout bitsandbytes keeps it, including the CPU
+    inference layout bitsandbytes switches a 4-bit weight to at an eval forward
+    (:func:`_cpu_packed`). ``dtype`` None: the dtype the layer was quantized from."""
     bnb = require_bitsandbytes()
     kind = base_kind(base)
     w = base.weight
@@ -116,6 +176,11 @@ def dequantize_base(base: nn.Module, dtype: Optional[torch.dtype] = None) -> tor
         if qs is None:
             raise ValueError("the Linear4bit weight is not quantized yet (no quant_state): "
                              "move the layer to its device (bitsandbytes quantizes on .to())")
+        if _cpu_packed(qs):
+            W = _dequantize_cpu_packed(w.data, qs)
+            if dtype is None:  # the dtype it was quantized from, as dequantize_4bit's
+                dtype = getattr(qs, "original_dtype", None) or torch.float32
+            return W.to(dtype)
         W = bnb.functional.dequantize_4bit(w.data, qs)
     elif kind == "8bit":
         if w.dtype != torch.int8:
@@ -141,6 +206,8 @@ def dequantize_4bit_masked_base(base: nn.Module, dtype: torch.dtype, seed: int,
 
     w = base.weight
     qs = w.quant_state
+    if _cpu_packed(qs):  # bitsandbytes' CPU layout (the kernel reads the standard one)
+        return ref.masked_weight(dequantize_base(base, dtype), seed, p)
     packed = w.data.reshape(-1).view(torch.uint8)  # any bnb_4bit_quant_storage dtype
     kw = dict(nested_code=qs.state2.code, nested_absmax=qs.state2.absmax,
               nested_blocksize=qs.state2.blocksize, offset=qs.offset) if qs.nested else {}
@@ -154,14 +221,19 @@ def dequantize_4bit_masked_base(base: nn.Module, dtype: torch.dtype, seed: int,
 
 def quant_descriptor(layer: nn.Module) -> Optional[dict]:
     """How a layer's base is quantized (``None`` for a dense base): saved with an adapter
-    so that loading it onto a base quantized differently is an error."""
+    so that loading it onto a base quantized differently is an error.
+
+    It holds what the user's ``BitsAndBytesConfig`` decides (quant type, block size,
+    double quantization: the ``Params4bit`` attributes bitsandbytes sets from it, also
+    for pre-quantized checkpoints), never the quant state, which bitsandbytes rewrites at
+    run time (its CPU eval layout folds the double quantization, makes the dtype
+    bfloat16)."""
     base = getattr(layer, "base_layer", layer)
     kind = base_kind(base)
     if kind == "4bit":
-        qs = base.weight.quant_state
-        return {"kind": "bnb-4bit", "quant_type": str(qs.quant_type),
-                "blocksize": int(qs.blocksize), "double_quant": bool(qs.nested),
-                "quant_dtype": str(qs.dtype).replace("torch.", "")}
+        w = base.weight
+        return {"kind": "bnb-4bit", "quant_type": str(w.quant_type),
+                "blocksize": int(w.blocksize), "double_quant": bool(w.compress_statistics)}
     if kind == "8bit":
         return {"kind": "bnb-8bit"}
     return None
@@ -169,9 +241,13 @@ def quant_descriptor(layer: nn.Module) -> Optional[dict]:
 
 def check_quant_descriptor(name: str, layer: nn.Module, saved: Optional[dict]) -> None:
     """Raise a ValueError when an adapter saved on one base quantization is loaded onto a
-    layer quantized differently (or dense vs quantized)."""
+    layer quantized differently (or dense vs quantized). Keys a save has beyond
+    :func:`quant_descriptor`'s (``quant_dtype``, written before 2026-12) are ignored."""
     have = quant_descriptor(layer)
-    if have != saved:
+    same = (have is None and saved is None) or (
+        have is not None and isinstance(saved, dict)
+        and all(saved.get(k) == v for k, v in have.items()))
+    if not same:
         def show(d):
             return "a dense (unquantized) base" if d is None else \
                 ", ".join(f"{k}={v}" for k, v in d.items())
@@ -296,13 +372,13 @@ class QuantRoraLinear(RoraLinear):
             W = dequantize_4bit_masked_base(self.base_layer, cdtype, *fused)
         else:
             W = dequantize_base(self.base_layer, cdtype)
-        self.__dict__["_rora_dense"] = W  # recognised by the saved-tensor hook
+        if self.training:  # recognised by the saved-tensor hook (reset when the call ends)
+            self.__dict__["_rora_dense"] = W
         return W
 
-    def _base_eval_output(self, x: torch.Tensor, b: Optional[torch.Tensor],
-                          cdtype: torch.dtype) -> torch.Tensor:
-        # bitsandbytes' own matmul (and the base layer's own bias, which is ``b``)
-        return self.base_layer(x).to(cdtype)
+    # eval: the inherited ``x Wᵀ + b`` on this dequantized W. bitsandbytes' own forward is
+    # never called: on the CPU it would switch the weight to its inference layout, and it
+    # asserts on shapes that layout cannot hold (out_features % 32 != 0).
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -367,7 +443,8 @@ class QuantRoraLinear(RoraLinear):
                       if not k.startswith("_") and k not in ("data", "quant_state", "module")}
                 kw["bnb_quantized"] = False
                 kw["requires_grad"] = False
-                dtype = w.quant_state.dtype
+                qs = w.quant_state  # (original_dtype: set when bitsandbytes repacked it)
+                dtype = getattr(qs, "original_dtype", None) or qs.dtype
                 new = bnb.nn.Params4bit(merged.to(dtype).cpu(), **kw).to(dev)
                 new.module = base
                 base.weight = new

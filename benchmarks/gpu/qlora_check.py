@@ -84,7 +84,7 @@ def layer_case(out_f, in_f, tokens, r, reps, dev, dtype):
     out = {}
     for name, layer in (("peft_qlora", peft_layer), ("rora_nf4", rora),
                         ("rora_nf4_kernel", rora)):
-        # rora_nf4_kernel: the masked weight from kernels/nf4.py (RORA_FAST_NF4_KERNEL=1)
+        # rora_nf4_kernel: the masked weight from kernels/src/nf4.py (RORA_FAST_NF4_KERNEL=1)
         os.environ["RORA_FAST_NF4_KERNEL"] = "1" if name.endswith("_kernel") else "0"
 
         def step(layer=layer):
