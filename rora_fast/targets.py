@@ -17,7 +17,56 @@ from .layer import RoraLinear, register_base_builder
 from .quantized import QUANT_INSTALL_HINT, QuantRoraLinear, base_kind, require_bitsandbytes
 
 __all__ = ["is_rora_target", "target_dims", "check_rora_target", "make_rora_layer",
-           "compute_dtype_of"]
+           "compute_dtype_of", "default_target_modules", "DEFAULT_TARGET_MODULES"]
+
+#: PEFT's default LoRA targets by ``config.model_type`` (a list of module-name suffixes,
+#: or one regular expression), as in peft 0.21.2 ``utils/constants.py``
+#: (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``). Kept here so that
+#: ``apply_rora`` on a dense model does not import peft, whose import pulls in
+#: bitsandbytes (and its hub-kernel probe) when that is installed;
+#: tests/test_model.py checks it against the installed peft's table.
+DEFAULT_TARGET_MODULES = {
+    't5': ['q', 'v'],
+    'mt5': ['q', 'v'],
+    'bart': ['q_proj', 'v_proj'],
+    'gpt2': ['c_attn'],
+    'bloom': ['query_key_value'],
+    'blip-2': ['q', 'v', 'q_proj', 'v_proj'],
+    'opt': ['q_proj', 'v_proj'],
+    'gptj': ['q_proj', 'v_proj'],
+    'gpt_neox': ['query_key_value'],
+    'gpt_neo': ['q_proj', 'v_proj'],
+    'bert': ['query', 'value'],
+    'roberta': ['query', 'value'],
+    'xlm-roberta': ['query', 'value'],
+    'electra': ['query', 'value'],
+    'deberta-v2': ['query_proj', 'value_proj'],
+    'deberta': ['in_proj'],
+    'layoutlm': ['query', 'value'],
+    'llama': ['q_proj', 'v_proj'],
+    'llama4': ['q_proj', 'v_proj'],
+    'chatglm': ['query_key_value'],
+    'gpt_bigcode': ['c_attn'],
+    'mpt': ['Wqkv'],
+    'RefinedWebModel': ['query_key_value'],
+    'RefinedWeb': ['query_key_value'],
+    'falcon': ['query_key_value'],
+    'btlm': ['c_proj', 'c_attn'],
+    'codegen': ['qkv_proj'],
+    'mistral': ['q_proj', 'v_proj'],
+    'mixtral': ['q_proj', 'v_proj'],
+    'stablelm': ['q_proj', 'v_proj'],
+    'phi': ['q_proj', 'v_proj', 'fc1', 'fc2'],
+    'gemma': ['q_proj', 'v_proj'],
+    'gemma2': ['q_proj', 'v_proj'],
+    'gemma3_text': ['q_proj', 'v_proj'],
+    'gemma4': '.*language_model\\..*\\.(q_proj|v_proj)',
+    'qwen2': ['q_proj', 'v_proj'],
+    'qwen3': ['q_proj', 'v_proj'],
+    'nemotron_h': ['q_proj', 'k_proj', 'v_proj', 'o_proj'],
+    'rwkv': ['key', 'value', 'receptance', 'output'],
+    'rwkv7': ['r_proj', 'k_proj', 'v_proj', 'o_proj', 'key', 'value'],
+}
 
 
 def is_rora_target(module: nn.Module) -> bool:
@@ -106,6 +155,21 @@ def make_rora_layer(module: nn.Module, name: str = "", config=None, **kwargs) ->
     label = f"{name!r}: " if name else ""
     raise TypeError(f"{label}RoRA adapts nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and "
                     f"transformers Conv1D layers, got {type(module).__name__}")
+
+
+def default_target_modules(model: nn.Module):
+    """PEFT's default LoRA targets for the model's architecture (``config.model_type``):
+    :data:`DEFAULT_TARGET_MODULES`, or, for a type newer than that table, the installed
+    peft's."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = DEFAULT_TARGET_MODULES.get(model_type)
+    if targets is None and model_type is not None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+        targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if targets is None:
+        raise ValueError(f"no default target modules for model_type {model_type!r}; pass "
+                         "RoraConfig(target_modules=[...]) or target_modules='all-linear'")
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def _build_other_base(module: nn.Module, **kwargs) -> Optional[RoraLinear]:

@@ -404,3 +404,36 @@ def test_export_peft_adapter_classifier(tmp_path, minilm_path):
     with torch.no_grad():
         got = pm(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_default_targets_match_peft_and_dense_apply_does_not_import_bitsandbytes():
+    """rora_fast's copy of PEFT's default-target table equals the installed peft's on
+    every architecture both know, and apply_rora on a dense model with those defaults
+    imports neither peft nor bitsandbytes (peft's import pulls bitsandbytes in)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M
+
+    from rora_fast.targets import DEFAULT_TARGET_MODULES as D
+
+    common = set(D) & set(M)
+    assert len(common) >= 30 and {"bert", "roberta", "llama"} <= common
+    for k in common:
+        assert D[k] == M[k], k
+    code = textwrap.dedent("""
+        import sys, torch, rora_fast
+        from transformers import BertConfig, BertForSequenceClassification
+        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64)
+        m = rora_fast.apply_rora(BertForSequenceClassification(cfg),
+                                 rora_fast.RoraConfig(r=2, ortho_rank=2))
+        print(len(dict(rora_fast.rora_layers(m))),
+              sorted(n for n in ("peft", "bitsandbytes") if n in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == "4 []"
+    assert "kernels-community" not in out.stderr
