@@ -31,6 +31,12 @@ from .atomic import write_json
 __all__ = ["main", "build_parser"]
 
 
+
+#: ``rora-fast demo --help``; the time is the one README states (tests/test_docs.py)
+DEMO_DESCRIPTION = ("Poison MiniLM-L6 with BadNet on IMDB, fine-tune it on SST-2 with LoRA and "
+                    "with RoRA, print CA / ASR / Δ next to the paper. Takes about 13 min on 2 "
+                    "CPU cores (measured: scripts/demo.sh, see docs/results.md).")
+
 #: where results go when --out is not given (git-ignored: see .gitignore)
 OUT_ROOT = "runs"
 
@@ -106,11 +112,14 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rora-fast", description=__doc__,
+                                 usage="rora-fast [-h] <subcommand> [options]",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    # the subcommands are listed once, in the description (argparse's own list hidden)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="<subcommand>",
+                            help=argparse.SUPPRESS)
     p = sub.add_parser("demo", help="poison MiniLM with BadNet on IMDB, defend on SST-2 with "
-                                    "LoRA and RoRA, print CA/ASR/Δ next to the paper (≈15 min "
-                                    "on 2 CPU cores)")
+                                    "LoRA and RoRA, print CA/ASR/Δ next to the paper",
+                       description=DEMO_DESCRIPTION)
     _common(p, "lora,rora")
     p.add_argument("--full", action="store_true", help="the paper's sizes (preset full; GPU)")
     p.add_argument("--with-fft", action="store_true", help="also run full fine-tuning")
@@ -189,25 +198,28 @@ def _spec(args, method: str):
     return RunSpec(method=method, repair=bool(getattr(args, "repair", False)), **kw)
 
 
-def _check_model(name: str) -> None:
-    """A clear one-line error for a model that cannot be loaded, before any download:
-    a path that does not exist, a folder without config.json, or a bare name that is
-    neither the embedded model nor a local folder nor a hub name ``org/name``."""
+def _check_model(name: Optional[str], option: str = "--model", hub: bool = True) -> None:
+    """The one check of a model argument, for every subcommand, before anything is loaded
+    or downloaded: a clear one-line error for a path that does not exist, a folder without
+    config.json, or (``hub``) a bare name that is neither the embedded model nor a local
+    folder nor a hub name ``org/name``. ``hub=False``: a local folder only (``evaluate
+    PATH``, a saved model)."""
     from .evaluation.training import DEFAULT_MODEL
-    if name in (None, "", DEFAULT_MODEL, "default"):
+    if name in (None, "") or (hub and name in (DEFAULT_MODEL, "default")):
         return
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         if not os.path.exists(os.path.join(expanded, "config.json")):
-            raise ValueError(f"--model {name!r}: the folder has no config.json (not a "
+            raise ValueError(f"{option} {name!r}: the folder has no config.json (not a "
                              f"transformers model folder)")
         return
-    looks_local = (os.path.isabs(expanded) or name.startswith((".", "~")) or
+    looks_local = (not hub or os.path.isabs(expanded) or name.startswith((".", "~")) or
                    os.path.exists(expanded) or name.count("/") != 1)
     if looks_local:
-        raise FileNotFoundError(f"--model {name!r}: no such model folder (give a local folder "
-                                f"with config.json, a hub name org/name, or omit --model for "
-                                f"the embedded {DEFAULT_MODEL})")
+        hint = (f"give a local folder with config.json, a hub name org/name, or omit "
+                f"{option} for the embedded {DEFAULT_MODEL}") if hub else \
+            "give a saved model folder with config.json"
+        raise FileNotFoundError(f"{option} {name!r}: no such model folder ({hint})")
 
 
 def _check_eval_extra() -> None:
@@ -233,6 +245,8 @@ def _setup(args) -> None:
     if not hasattr(args, "task"):  # bias: the settings come from the run files
         return
     _check_model(args.model)
+    if getattr(args, "path", None) is not None:  # evaluate PATH: a saved model folder
+        _check_model(args.path, "PATH", hub=False)
     if args.task not in DATASETS:
         raise ValueError(f"unknown dataset {args.task!r}; choose one of {', '.join(DATASETS)}")
     get_attack(args.attack, args.trigger)

@@ -217,6 +217,7 @@ def test_top_level_help_lists_every_subcommand_plainly(capsys):
     for cmd in ("demo", "poison", "defend", "evaluate", "spectra", "rescale-sweep", "sweep",
                 "seeds", "bias", "report", "plan-memory"):
         assert f"\n  {cmd} " in out, cmd
+        assert out.count(f"\n  {cmd} ") + out.count(f"\n    {cmd} ") == 1, cmd  # listed once
     assert "``" not in out
     assert "runs/" in out  # where results go by default
 
@@ -252,6 +253,16 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
     assert main(["defend", "--model", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # every subcommand that takes a model checks it the same way (evaluate's PATH is a
+    # saved folder: a hub-looking name is not accepted there either)
+    for argv in (["evaluate", "/nonexistent/model"], ["evaluate", "org/name"],
+                 ["poison", "--model", "/nonexistent/model"],
+                 ["evaluate", "--model", "/nonexistent/model"]):
+        assert main(argv + ["--out", str(tmp_path / "o")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "no such model folder" in err and "\n" not in err and "Traceback" not in err
+    assert main(["evaluate", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
 
 
 def test_default_output_folder_is_git_ignored():

@@ -16,6 +16,8 @@ Method names (``--method``):
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -101,7 +103,13 @@ def build_defence(model, method: Method, cfg: DefenceConfig):
             kw["use_dora"] = True
         pcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=_targets(cfg), task_type="SEQ_CLS", **kw)
-        return get_peft_model(model, pcfg)
+        with warnings.catch_warnings():
+            # PeftModel.__init__ (peft 0.21) reads transformers' deprecated
+            # ``is_gradient_checkpointing`` (a FutureWarning in transformers >= 5.2x); the
+            # harness does not use checkpointing, and the read is PEFT's, not ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                    category=FutureWarning)
+            return get_peft_model(model, pcfg)
     import rora_fast
     rcfg = rora_fast.RoraConfig(
         r=cfg.r, alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
