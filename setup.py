@@ -72,7 +72,7 @@ setup(
     packages=["rora_fast", "rora_fast.kernels", "rora_fast.evaluation"],
     package_dir={"rora_fast": "rora_fast", "rora_fast.kernels": "kernels/src"},
     package_data={"rora_fast": ["datasets/*/*.tsv", "datasets/*/*.txt", "datasets/SOURCES.md"]},
-    include_package_data=True,
+    include_package_data=False,  # package_data lists what is installed; MANIFEST.in the sdist
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     ext_modules=[philox_ext, linalg_ext],
