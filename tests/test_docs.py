@@ -50,3 +50,12 @@ def test_named_results_exist(doc):
 def test_readme_is_short():
     size = (ROOT / "README.md").stat().st_size
     assert size <= 12 * 1024, f"README.md is {size} bytes; keep it under 12 KB (details go to docs/)"
+
+
+def test_demo_time_is_one_figure():
+    """README and `rora-fast demo --help` state the same measured demo time."""
+    from rora_fast.cli import DEMO_DESCRIPTION, __doc__ as cli_doc
+
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    times = set(re.findall(r"about (\d+) min", readme + " " + DEMO_DESCRIPTION + " " + cli_doc))
+    assert len(times) == 1, times
