@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from .layer import RoraLinear
-from .quantized import base_kind
+from .bases import base_kind
 
 __all__ = ["RoraConv1D"]
 
@@ -22,6 +22,8 @@ __all__ = ["RoraConv1D"]
 class RoraConv1D(RoraLinear):
     """RoRA over a transformers ``Conv1D`` (GPT-2's linear, ``y = x W + b`` with ``W``
     stored ``(in, out)``). ``weight`` is the ``(out, in)`` view of the Conv1D's storage."""
+
+    BASE_KINDS = ("conv1d",)
 
     @classmethod
     def from_conv1d(cls, conv: nn.Module, r: int = 8, alpha: float = 16,
@@ -41,6 +43,8 @@ class RoraConv1D(RoraLinear):
                     ortho_rank=ortho_rank, ortho_lambda=ortho_lambda, _base=view, **kwargs)
         layer._conv_cls = type(conv)
         return layer
+
+    from_base = from_conv1d
 
     # The state dict keeps Conv1D's (in, out) layout, so checkpoints stay interchangeable.
     def _save_to_state_dict(self, destination, prefix, keep_vars):

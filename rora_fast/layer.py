@@ -26,9 +26,10 @@ from . import functional as F_rora
 from . import reference as ref
 from .linalg import rescale_factor, sigma_max_lowrank, spectral_basis
 from . import penalty as _penalty
+from .bases import base_kind
 
 __all__ = ["RoraLinear", "PENALTY_MODES", "INITS", "training_forward",
-           "count_training_forward", "add_scaled_product_", "register_base_builder"]
+           "count_training_forward", "add_scaled_product_"]
 
 
 # The argument rules live in rora_fast/validation.py (shared with RoraConfig).
@@ -97,17 +98,10 @@ def training_forward(layer: nn.Module, x: torch.Tensor, lora_dropout: nn.Module,
 
 _SEED_BUFFER = threading.local()
 
-#: Builders of RoRA layers for bases that are not a dense ``nn.Linear``, tried in order by
-#: :meth:`RoraLinear.from_linear`: ``build(module, **layer_kwargs)`` returns the layer, or
-#: None for a base it does not handle. :mod:`rora_fast.quantized` (bitsandbytes 4/8-bit,
-#: transformers ``Conv1D``), whose layer classes subclass RoraLinear, registers its own.
-_OTHER_BASE_BUILDERS: list = []
-
-
-def register_base_builder(build) -> None:
-    """Let :meth:`RoraLinear.from_linear` wrap another kind of base (see above)."""
-    if build not in _OTHER_BASE_BUILDERS:
-        _OTHER_BASE_BUILDERS.append(build)
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
 
 
 class RoraLinear(nn.Module):
@@ -144,6 +138,10 @@ class RoraLinear(nn.Module):
         svd_method, svd_cache: see :func:`rora_fast.linalg.spectral_basis`.
         backend: ``None`` (``RORA_FAST_BACKEND`` or auto), ``"reference"``, ``"triton"``.
     """
+
+    #: the :func:`rora_fast.bases.base_kind` values this class wraps; a subclass for
+    #: another kind of base declares its own and a ``from_base`` constructor
+    BASE_KINDS: tuple = ("linear",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  r: int = 8, alpha: float = 16, weight_dropout: float = 0.1,
@@ -228,14 +226,16 @@ class RoraLinear(nn.Module):
 
         A bitsandbytes ``Linear4bit``/``Linear8bitLt`` or a transformers ``Conv1D`` gets its
         own layer class (:class:`rora_fast.quantized.QuantRoraLinear`,
-        :class:`rora_fast.conv1d.RoraConv1D`; chosen by :mod:`rora_fast.targets`)."""
-        if cls is RoraLinear:  # construction hook for non-dense bases (issue 13)
-            for build in _OTHER_BASE_BUILDERS:
-                layer = build(linear, r=r, alpha=alpha, weight_dropout=weight_dropout,
-                              lora_dropout=lora_dropout, ortho_rank=ortho_rank,
-                              ortho_lambda=ortho_lambda, **kwargs)
-                if layer is not None:
-                    return layer
+        :class:`rora_fast.conv1d.RoraConv1D`): the subclass whose ``BASE_KINDS`` holds the
+        base's :func:`rora_fast.bases.base_kind` builds it (``from_base``)."""
+        kind = base_kind(linear)
+        if cls is RoraLinear and kind not in ("linear", None):
+            for sub in _subclasses(RoraLinear):
+                if kind in sub.BASE_KINDS:
+                    return sub.from_base(linear, r=r, alpha=alpha,
+                                         weight_dropout=weight_dropout,
+                                         lora_dropout=lora_dropout, ortho_rank=ortho_rank,
+                                         ortho_lambda=ortho_lambda, **kwargs)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         return cls(linear.in_features, linear.out_features, linear.bias is not None,
@@ -317,6 +317,9 @@ class RoraLinear(nn.Module):
             return self.ortho_lambda * ref.ortho_penalty(self.lora_A, self.lora_B,
                                                          self.ortho_U, self.ortho_V,
                                                          *self._start_factors())
+
+    #: the name every RoRA layer (this class and the PEFT layers) answers to
+    rora_penalty = penalty
 
     def _penalty_terms(self):
         """What the optimizer step hook adds (see :mod:`rora_fast.penalty`). Read

@@ -21,30 +21,22 @@ from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: p
 from .config import RoraConfig
 from .layer import RoraLinear
 from .linalg import rescale_factor
-from .quantized import cpu_repack_switches
+from .bases import cpu_repack_switches
 from .targets import (check_rora_target, compute_dtype_of,  # bnb, Conv1D
                       default_target_modules, is_rora_target, make_rora_layer)
-# rora_penalty / attach_penalty live in penalty.py (re-exported here for compatibility).
-from .penalty import attach_penalty, rora_penalty  # noqa: E402,F401
 
 __all__ = [
     "RoraConfig",
     "apply_rora",
     "rora_layers",
-    "rora_penalty",
-    "attach_penalty",
     "spectral_rescale_",
     "merge_rora",
-    "save_rora",
-    "load_rora",
-    "export_peft_adapter",
-    "verify_adapter",
     "block_index",
     "default_target_modules",
     "ModelState",
 ]
 
-_HEAD_NAMES = ("classifier", "score")
+HEAD_NAMES = ("classifier", "score")
 _OUTPUT_NAMES = ("lm_head", "classifier", "score", "cls", "qa_outputs", "output_layer")
 _MISSING = object()
 
@@ -113,7 +105,7 @@ def all_or_nothing(model: nn.Module, tensors: Iterable[torch.Tensor] = (),
         raise
 
 
-def _layer_attrs(layer) -> List[Tuple[object, str]]:
+def layer_attrs(layer) -> List[Tuple[object, str]]:
     return [(layer, n) for n in ("scaling", "rescaled", "init_scaling")]
 
 
@@ -154,11 +146,11 @@ def rora_layers(model: nn.Module) -> Iterator[Tuple[str, RoraLinear]]:
             yield name, module
 
 
-def _resolve_modules_to_save(model: nn.Module, config: RoraConfig) -> List[str]:
+def resolve_modules_to_save(model: nn.Module, config: RoraConfig) -> List[str]:
     if config.modules_to_save is not None:
         return list(config.modules_to_save)
     names = dict(model.named_children())
-    return [n for n in _HEAD_NAMES if n in names]
+    return [n for n in HEAD_NAMES if n in names]
 
 
 def plan_rora(model: nn.Module, config: RoraConfig) -> Tuple[List[str], List[str]]:
@@ -175,7 +167,7 @@ def plan_rora(model: nn.Module, config: RoraConfig) -> Tuple[List[str], List[str
     target = config.target_modules
     if target is None:
         target = default_target_modules(model)
-    save = _resolve_modules_to_save(model, config)
+    save = resolve_modules_to_save(model, config)
     chosen: List[str] = []
     for name, module in model.named_modules():
         if not name:
@@ -279,7 +271,7 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
     for n in names:  # check every layer before changing any
         rescale_factor(rl[n].sigma_pre, rl[n].sigma_delta(), n)
     rewritten = [rl[n].weight for n in names if getattr(rl[n], "lora_A0", None) is not None]
-    attrs = [a for n in names for a in _layer_attrs(rl[n])]
+    attrs = [a for n in names for a in layer_attrs(rl[n])]
     out = {}
     with all_or_nothing(model, rewritten, attrs):
         for n in names:
@@ -309,19 +301,3 @@ def merge_rora(model: nn.Module) -> nn.Module:
         if hasattr(model, "rora_config"):
             del model.rora_config
     return model
-
-
-# ---------------------------------------------------------------------- save / load
-# In rora_fast/persistence.py (atomic, checksummed), which builds on this module. The old
-# import path ``rora_fast.model.save_rora`` (and the others below) still works, resolved
-# on first use (an import at module level would make the two modules import each other).
-_PERSISTENCE_NAMES = ("CONFIG_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "export_peft_adapter",
-                      "load_rora", "save_rora", "verify_adapter")
-
-
-def __getattr__(name: str):
-    if name in _PERSISTENCE_NAMES:
-        import importlib
-
-        return getattr(importlib.import_module(__package__ + ".persistence"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,8 @@ from . import reference as ref
 from .blocks import select_top_blocks
 from .layer import training_forward
 from .linalg import rescale_factor, sigma_max_lowrank, spectral_basis
-from .quantized import _compute_dtype, _saved_as_recompute, dequantize_base
+from .bases import dense_weight as dequantize_base
+from .quantized import _compute_dtype, _saved_as_recompute
 from .targets import is_rora_target
 
 __all__ = ["register_rora", "make_peft_rora_linear", "peft_custom_modules",

@@ -44,9 +44,9 @@ from .atomic import (AdapterIntegrityError, _bytes_checksum, _prepare_read,  # n
                      recover, tensor_checksum)
 from .config import RoraConfig
 from .layer import RoraLinear
-from .quantized import check_saved_quantization, quant_descriptor
+from .bases import check_saved_quantization, quant_descriptor
 from .targets import target_dims
-from .model import (_HEAD_NAMES, _layer_attrs, _resolve_modules_to_save, all_or_nothing,
+from .model import (HEAD_NAMES, layer_attrs, resolve_modules_to_save, all_or_nothing,
                     apply_rora, plan_rora, rora_layers)
 
 __all__ = ["save_rora", "load_rora", "export_peft_adapter", "verify_adapter",
@@ -258,7 +258,7 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     params = dict(model.named_parameters())  # names of non-RoRA modules survive wrapping
     written += [params[k[len("extra."):]] for k in tensors
                 if k.startswith("extra.") and k[len("extra."):] in params]
-    attrs = [a for lay in existing.values() for a in _layer_attrs(lay)]
+    attrs = [a for lay in existing.values() for a in layer_attrs(lay)]
     with all_or_nothing(model, written, attrs + [(model, "rora_config")]):
         if have is None:
             apply_rora(model, saved_cfg)
@@ -330,13 +330,13 @@ def export_peft_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
         if layer.use_dora:
             tensors[f"{prefix}.lora_magnitude_vector"] = \
                 layer.lora_magnitude.detach().float().contiguous()
-    save = _resolve_modules_to_save(model, config)
+    save = resolve_modules_to_save(model, config)
     for name, p in _extra_trainable(model).items():
         tensors[f"base_model.model.{name}"] = p.detach().float().contiguous()
     tensors = {k: v.cpu() for k, v in tensors.items()}
     target = "^(" + "|".join(re.escape(n) for n in sorted(layers)) + ")$"
     task_type = None
-    if save and any(s in _HEAD_NAMES for s in save):
+    if save and any(s in HEAD_NAMES for s in save):
         task_type = "SEQ_CLS"
     lcfg = LoraConfig(r=r_out, lora_alpha=alpha_out, target_modules=target,
                       modules_to_save=save or None, use_dora=config.use_dora,

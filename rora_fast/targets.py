@@ -13,8 +13,9 @@ from torch import nn
 
 from . import validation as V
 from .conv1d import RoraConv1D
-from .layer import RoraLinear, register_base_builder
-from .quantized import QUANT_INSTALL_HINT, QuantRoraLinear, base_kind, require_bitsandbytes
+from .layer import RoraLinear
+from .bases import QUANT_INSTALL_HINT, base_dims, base_kind, require_bitsandbytes
+from .quantized import QuantRoraLinear
 
 __all__ = ["is_rora_target", "target_dims", "check_rora_target", "make_rora_layer",
            "compute_dtype_of", "default_target_modules", "DEFAULT_TARGET_MODULES"]
@@ -75,12 +76,8 @@ def is_rora_target(module: nn.Module) -> bool:
     return base_kind(module) is not None
 
 
-def target_dims(module: nn.Module) -> tuple:
-    """``(in_features, out_features)`` of a RoRA target (a ``Conv1D`` stores ``nx``/``nf``)."""
-    if base_kind(module) == "conv1d":
-        n_in, n_out = module.weight.shape
-        return int(n_in), int(n_out)
-    return int(module.in_features), int(module.out_features)
+#: ``(in_features, out_features)`` of a RoRA target (:func:`rora_fast.bases.base_dims`)
+target_dims = base_dims
 
 
 def check_rora_target(module: nn.Module, config, name: str) -> None:
@@ -170,13 +167,3 @@ def default_target_modules(model: nn.Module):
         raise ValueError(f"no default target modules for model_type {model_type!r}; pass "
                          "RoraConfig(target_modules=[...]) or target_modules='all-linear'")
     return targets if isinstance(targets, str) else list(targets)
-
-
-def _build_other_base(module: nn.Module, **kwargs) -> Optional[RoraLinear]:
-    """``RoraLinear.from_linear``'s hook: the layer for a bitsandbytes or ``Conv1D`` base."""
-    if base_kind(module) in ("4bit", "8bit", "conv1d"):
-        return make_rora_layer(module, **kwargs)
-    return None
-
-
-register_base_builder(_build_other_base)
