@@ -47,11 +47,11 @@ _register_source_kernels()
 from .functional import rora_linear  # noqa: E402
 from .layer import RoraLinear  # noqa: E402
 from .linalg import sigma_max, sigma_max_lowrank, spectral_basis  # noqa: E402
-from .model import (RoraConfig, apply_rora, attach_penalty, block_index,  # noqa: E402
-                    merge_rora, rora_layers, rora_penalty, spectral_rescale_)
+from .model import (RoraConfig, apply_rora, block_index, merge_rora,  # noqa: E402
+                    rora_layers, spectral_rescale_)
 from .persistence import export_peft_adapter, load_rora, save_rora  # noqa: E402
 from .peft_integration import register_rora, spectral_rescale_peft_  # noqa: E402
-from .penalty import add_penalty_grads  # noqa: E402
+from .penalty import add_penalty_grads, attach_penalty, rora_penalty  # noqa: E402
 from .reference import effective_drop_prob, weight_keep_mask  # noqa: E402
 
 __version__ = "0.1.0"

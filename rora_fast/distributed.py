@@ -44,16 +44,12 @@ from typing import Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .model import spectral_rescale_
+from .penalty import is_dtensor, rora_penalty  # noqa: F401 (is_dtensor: public here too)
+from .persistence import save_rora
+
 __all__ = ["is_dtensor", "full_adapters", "penalty_value", "save_rora_distributed",
            "spectral_rescale_distributed_", "rng_in_sync", "is_main_process"]
-
-
-def is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
 
 
 def is_main_process() -> bool:
@@ -97,8 +93,6 @@ def full_adapters(model: nn.Module) -> Iterator[nn.Module]:
 def penalty_value(model: nn.Module) -> float:
     """``λ Σ Ω`` as a float, for logging; works on plain, DDP and FSDP2 models
     (collective under FSDP2: call on every rank)."""
-    from .model import rora_penalty
-
     inner = getattr(model, "module", model)
     if _sharded_trainables(inner):
         with full_adapters(inner):
@@ -109,8 +103,6 @@ def penalty_value(model: nn.Module) -> float:
 def spectral_rescale_distributed_(model: nn.Module, layers=None):
     """:func:`rora_fast.spectral_rescale_` for plain, DDP and FSDP2 models (every rank
     computes the same scales from the gathered adapters)."""
-    from .model import spectral_rescale_
-
     inner = getattr(model, "module", model)
     with full_adapters(inner):
         return spectral_rescale_(inner, layers)
@@ -119,8 +111,6 @@ def spectral_rescale_distributed_(model: nn.Module, layers=None):
 def save_rora_distributed(model: nn.Module, path: Union[str, Path]) -> Optional[Path]:
     """:func:`rora_fast.save_rora` for plain, DDP and FSDP2 models: gathers the full
     adapters on every rank (collective), rank 0 writes. Returns the path on rank 0."""
-    from .persistence import save_rora
-
     inner = getattr(model, "module", model)
     with full_adapters(inner):
         if is_main_process():

@@ -6,7 +6,9 @@ start factors otherwise), so ``∇_A λΩ = 2λ ((A − A₀) Vₖ) Vₖᵀ`` an
 
 How the gradient reaches the optimizer (``penalty_mode="optimizer"``, the default; the
 deprecated name ``"backward"`` is read as ``"optimizer"``): one global torch optimizer step pre-hook
-(:func:`torch.optim.optimizer.register_optimizer_step_pre_hook`, installed on import).
+(:func:`torch.optim.optimizer.register_optimizer_step_pre_hook`, installed when the first
+RoRA layer registers, :func:`register_penalty_layer`: importing rora_fast changes no
+optimizer).
 Before every ``step()`` of every ``torch.optim.Optimizer`` it adds ``λ∇Ω`` to the
 adapter gradients of the RoRA layers whose adapters that optimizer holds, for all
 layers at once: layers of equal shapes are stacked into two batched matmuls per
@@ -76,9 +78,13 @@ _WARNED = [False]
 
 
 def register_penalty_layer(layer: nn.Module) -> None:
-    """Let the optimizer step hook add this layer's penalty gradient (see module doc)."""
+    """Let the optimizer step hook add this layer's penalty gradient (see module doc);
+    the first call installs the hook."""
+    global _HOOK
     layer.__dict__["_penalty_forwards"] = 0
     _LAYERS[layer] = None
+    if _HOOK is None:
+        _HOOK = register_optimizer_step_pre_hook(_step_pre_hook)
 
 
 # ---------------------------------------------------------------------- the grouped math
@@ -111,10 +117,18 @@ def _stacked(tensors: List[torch.Tensor], lams=None, dtype=None) -> torch.Tensor
     return out
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's parameters); a
+    plain tensor or parameter answers without touching ``torch.distributed`` (the step
+    hook asks for every adapter)."""
     cls = type(t)
-    return (cls is not nn.Parameter and cls is not torch.Tensor
-            and cls.__name__ == "DTensor" and hasattr(t, "full_tensor"))
+    if cls is nn.Parameter or cls is torch.Tensor:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _penalty_grad_one(kind: str, P: torch.Tensor, q: torch.Tensor,
@@ -150,7 +164,7 @@ def _apply(terms, scale: Optional[torch.Tensor] = None) -> None:
     groups: Dict[tuple, tuple] = {}
     for _, (p, kind, Q, start, lam) in terms:
         dtype = p.dtype
-        if _is_dtensor(p):
+        if is_dtensor(p):
             _add_dtensor(p, kind, _scaled(Q, lam, _COMPUTE_DTYPE.get(dtype, dtype)), start,
                          scale)
             continue
@@ -218,11 +232,11 @@ def _step_pre_hook(optimizer, args, kwargs):
 
 
 def _penalty_of(layers) -> Optional[torch.Tensor]:
-    """``λ Σ Ω`` of registered layers (``RoraLinear.penalty()``, the PEFT layers'
-    ``rora_penalty()``); None for no layers."""
+    """``λ Σ Ω`` of registered layers (their ``rora_penalty()``, the one name every RoRA
+    layer answers to); None for no layers."""
     total = None
     for layer in layers:
-        v = layer.penalty() if hasattr(layer, "penalty") else layer.rora_penalty()
+        v = layer.rora_penalty()
         total = v if total is None else total + v.to(total.device)
     return total
 
@@ -251,7 +265,8 @@ def _wrap_closure(optimizer, held, closure, args, kwargs):
     return args, kwargs
 
 
-_HOOK = register_optimizer_step_pre_hook(_step_pre_hook)
+#: the handle of the global step pre-hook, None until a RoRA layer registers
+_HOOK = None
 
 
 def _model_layers(model: nn.Module):

@@ -463,3 +463,28 @@ def test_attach_penalty_is_a_deprecated_no_op_and_bad_input_errors():
     with pytest.raises(TypeError, match="nn.Module"):
         rora_fast.add_penalty_grads(opt)
     assert rora_fast.add_penalty_grads(nn.Linear(2, 2)) == 0
+
+
+def test_import_installs_no_optimizer_hook():
+    """Importing rora_fast (and transformers, peft through it) changes no optimizer: the
+    global step pre-hook is installed when the first RoRA layer registers."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from torch.optim import optimizer as O
+        before = len(O._global_optimizer_pre_hooks)
+        import rora_fast, rora_fast.peft_integration, rora_fast.trainer
+        from rora_fast import penalty
+        assert penalty._HOOK is None and len(O._global_optimizer_pre_hooks) == before
+        rora_fast.RoraLinear(8, 8, r=2, ortho_rank=2, svd_cache=None)
+        rora_fast.RoraLinear(8, 8, r=2, ortho_rank=2, svd_cache=None)
+        assert penalty._HOOK is not None
+        print(len(O._global_optimizer_pre_hooks) - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"  # installed once
