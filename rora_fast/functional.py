@@ -48,7 +48,6 @@ _NATIVE = ref._native
 #: through :class:`RoraLinearFunction`, which regenerates the mask from the seed in
 #: backward and saves nothing weight-sized.
 SAVE_MASKED_MAX = 1 << 16
-_MASK_PARAMS: dict = {}
 _SHAPES_OK: set = set()
 
 
@@ -58,15 +57,6 @@ _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", Non
 def _no_saved_tensor_hooks() -> bool:
     """True when no ``torch.autograd.graph.saved_tensors_hooks`` context is active."""
     return _top_hooks is not None and _top_hooks(False) is None
-
-
-def _mask_params(p: float):
-    """``(thr, 1/(1 − p_eff))`` of a drop probability, validated once per value."""
-    v = _MASK_PARAMS.get(p)
-    if v is None:
-        thr = ref.keep_threshold(p)
-        v = _MASK_PARAMS[p] = (thr, 1.0 / (1.0 - thr / 65536.0))
-    return v
 
 
 def _weight_scratch(weight: torch.Tensor) -> torch.Tensor:
@@ -92,7 +82,7 @@ def _masked_eager(weight: torch.Tensor, seed: int, p: float, scratch: bool) -> t
     """:func:`rora_fast.reference.masked_weight` with the per-call checks hoisted: the
     drop probability is validated once per value, the counter range once per shape,
     and a float32 CPU weight goes straight to the C kernel (bit-identical)."""
-    thr, scale = _mask_params(p)
+    thr, scale = ref.mask_params(p)
     if thr == 0:
         return weight
     if (_NATIVE is not None and weight.dtype is torch.float32 and weight.device.type == "cpu"
@@ -188,7 +178,7 @@ def _scale_mask(rows: int, cols: int, seed: int, p: float, dtype) -> torch.Tenso
         ones = getattr(_SCRATCH, "ones", None)
         if ones is None or ones.numel() < rows * cols:
             ones = _SCRATCH.ones = torch.ones(rows * cols, dtype=torch.float32)
-        thr, scale = _mask_params(p)
+        thr, scale = ref.mask_params(p)
         out = torch.empty(rows, cols, dtype=torch.float32)
         _NATIVE.masked_f32(seed, ones.data_ptr(), out.data_ptr(), rows, cols, thr, scale,
                            torch.get_num_threads())
@@ -204,7 +194,7 @@ def lora_dropout_input(x: torch.Tensor, seed, p: float) -> torch.Tensor:
     (DoRA, the small-weight path); :func:`rora_linear` with ``lora_p`` draws it inside
     the op and keeps nothing of it. ``seed``: an int, or a one-element int64 tensor
     (graph capture: ``m`` from :func:`masked_weight_op` of ones, on ``x``'s device)."""
-    if _mask_params(p)[0] == 0:
+    if ref.mask_params(p)[0] == 0:
         return x
     shape = x.shape
     x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])  # (no view nodes for 2-d x)
@@ -300,7 +290,7 @@ def _small_frozen(weight: torch.Tensor, p: float, seed) -> bool:
     and no saved-tensor hooks (activation checkpointing, offloading, the quantized
     layers' recompute of W: there the weight itself is what must be saved)."""
     return (type(seed) is int and not weight.requires_grad
-            and weight.numel() <= SAVE_MASKED_MAX and _mask_params(p)[0] != 0
+            and weight.numel() <= SAVE_MASKED_MAX and ref.mask_params(p)[0] != 0
             and _no_saved_tensor_hooks())
 
 

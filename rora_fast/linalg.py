@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .atomic import atomic_write_file
+from .atomic import atomic_write_file, tensor_checksum
 
 __all__ = [
     "sigma_max",
@@ -286,17 +286,9 @@ def _entry_key(fp: str, k: int, method: str, W: torch.Tensor) -> dict:
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach().cpu().contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
-    head = f"{t.dtype}|{tuple(t.shape)}|".encode()
-    try:
-        import xxhash
-    except ImportError:  # pragma: no cover - xxhash is a dependency
-        return "b2-" + hashlib.blake2b(head + bytes(data), digest_size=16).hexdigest()
-    h = xxhash.xxh3_64()
-    h.update(head)
-    h.update(data)
-    return "x3-" + h.hexdigest()
+    """The checksum a cache entry stores per tensor: :func:`rora_fast.atomic.tensor_checksum`
+    (the one checksum of saved tensors), tagged with its algorithm."""
+    return "x3-" + tensor_checksum(t)
 
 
 def _save_basis(path: Path, basis: SpectralBasis, key: dict) -> None:

@@ -154,6 +154,20 @@ def effective_drop_prob(p: float) -> float:
     return keep_threshold(p) / 65536.0
 
 
+_MASK_PARAMS: dict = {}
+
+
+def mask_params(p: float):
+    """``(thr, scale)`` of a drop probability: the 16-bit keep threshold
+    (:func:`keep_threshold`) and ``1 / (1 - p_eff)``, the factor of the kept elements.
+    The one definition every backend uses; validated once per value (cached)."""
+    v = _MASK_PARAMS.get(p)
+    if v is None:
+        thr = keep_threshold(p)  # validates p, raises ValueError with a clear message
+        v = _MASK_PARAMS[p] = (thr, 1.0 / (1.0 - thr / 65536.0))
+    return v
+
+
 try:  # optional C fast path, bit-identical to the torch code below (tests check it)
     from . import _philox_cpu as _native
 except ImportError:  # not built: the torch implementation serves every device
@@ -215,7 +229,7 @@ def masked_weight(weight: torch.Tensor, seed: int, p: float,
     """
     if keep_threshold(p) == 0:
         return weight
-    scale = 1.0 / (1.0 - effective_drop_prob(p))
+    scale = mask_params(p)[1]
     if (_native is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
             and weight.dim() == 2 and weight.numel()):
         # C fast path: one pass, bit-identical to the torch expression below.
@@ -268,7 +282,7 @@ def effective_weight(weight: torch.Tensor, seed: int, p: float, lora_B: torch.Te
     to ``y`` and ``dX`` afterwards. The low-rank sum is accumulated in float32 one rank
     at a time (``j = 0 .. r-1``), the order the kernel uses."""
     keep = weight_keep_mask(seed, weight.shape[0], weight.shape[1], p, weight.device)
-    scale = 1.0 / (1.0 - effective_drop_prob(p))
+    scale = mask_params(p)[1]
     val = torch.where(keep, weight.float() * scale, torch.zeros((), device=weight.device))
     B, A = lora_B.float(), lora_A.float()
     acc = torch.zeros_like(val)

@@ -159,8 +159,6 @@ def test_keep_mask_bit_identical_to_reference(seed):
             for bn, bk in blocks:  # tiny tiles are slow in the interpreter: one shape only
                 got = K.keep_mask(seed, out_f, in_f, p, DEVICE, block_n=bn, block_k=bk).cpu()
                 assert torch.equal(got, expected), (seed, out_f, in_f, p, bn, bk)
-            got_t = mask.keep_mask_transposed(seed, out_f, in_f, p, DEVICE).cpu()
-            assert torch.equal(got_t, expected), ("transposed layout", seed, out_f, in_f, p)
 
 
 def test_keep_mask_statistics_and_seed_dependence():
@@ -186,8 +184,6 @@ def test_keep_mask_threshold_boundary():
         got = K.keep_mask(seed, 3, 8, p, DEVICE).cpu()
         assert got[0, j], f"lane {j} equal to the threshold must be kept"
         assert torch.equal(got, ref.weight_keep_mask(seed, 3, 8, p))
-        got_t = mask.keep_mask_transposed(seed, 3, 8, p, DEVICE).cpu()
-        assert torch.equal(got_t, ref.weight_keep_mask(seed, 3, 8, p))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.float16, torch.bfloat16] if CUDA else []))

@@ -6,7 +6,7 @@ of the ``out x in`` weight uses Philox counter ``g = n * ceil(in / 8) + k // 8``
 ``(c[j // 2] >> (16 * (j % 2))) & 0xFFFF`` and the element is kept when that lane is
 ``>= thr = round(p * 65536)``.
 
-``_keep_nk`` / ``_keep_kn`` draw that mask for one tile. A tile of ``BLOCK_K``
+``_keep_nk`` draws that mask for one tile. A tile of ``BLOCK_K``
 columns starting at a multiple of 8 covers whole counter groups (a group never
 straddles two rows, because each row starts a new group), so each tile makes one
 ``randint4x`` call per 8 elements on a ``[rows, BLOCK_K // 8]`` counter block and
@@ -40,13 +40,8 @@ _COPY_BLOCK_N = 32
 _COPY_BLOCK_K = 128
 
 
-def mask_params(p: float):
-    """``(thr, scale)``: the 16-bit keep threshold and ``1 / (1 - p_eff)`` for drop prob ``p``."""
-    thr = ref.keep_threshold(p)  # validates p, raises ValueError with a clear message
-    return thr, 1.0 / (1.0 - thr / 65536.0)
-
-
-# The range checks live once, in the reference (which defines the mask).
+# The mask's parameters and range checks live once, in the reference (which defines it).
+mask_params = ref.mask_params
 check_counter_range = ref.check_counter_range
 
 
@@ -73,24 +68,6 @@ def _keep_nk(seed, row0, col0, n_groups, thr, BLOCK_N: tl.constexpr, BLOCK_K: tl
     c0, c1, c2, c3 = tl.randint4x(seed, ctr)
     half = _lanes(c0, c1, c2, c3)  # [BLOCK_N, BLOCK_K // 8, 8]
     return tl.reshape(half, (BLOCK_N, BLOCK_K)) >= thr
-
-
-@triton.jit
-def _keep_kn(seed, row0, col0, n_groups, thr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The same bits as :func:`_keep_nk`, laid out transposed: ``[BLOCK_K, BLOCK_N]``
-    (column index of W first), the layout of the ``Wᵀ`` tile of the forward GEMM."""
-    rows = row0 + tl.arange(0, BLOCK_N)
-    grp = col0 // 8 + tl.arange(0, BLOCK_K // 8)
-    ctr = grp[:, None] + rows[None, :] * n_groups  # int32 [BLOCK_K // 8, BLOCK_N]
-    c0, c1, c2, c3 = tl.randint4x(seed, ctr)
-    lane = tl.arange(0, 8)[None, :, None]
-    w0 = c0[:, None, :]
-    w1 = c1[:, None, :]
-    w2 = c2[:, None, :]
-    w3 = c3[:, None, :]
-    word = tl.where(lane < 2, w0, tl.where(lane < 4, w1, tl.where(lane < 6, w2, w3)))
-    half = (word >> ((lane % 2) * 16)) & 0xFFFF  # [BLOCK_K // 8, 8, BLOCK_N]
-    return tl.reshape(half, (BLOCK_K, BLOCK_N)) >= thr
 
 
 @triton.jit(do_not_specialize=["N", "K", "seed", "thr", "n_groups", "R"])
@@ -227,31 +204,3 @@ def keep_mask(seed, out_features: int, in_features: int, p: float, device=None, 
     if out.numel() == 0:
         return out.bool()
     return _launch(None, out, seed, thr, 1.0, True, block_n, block_k).bool()
-
-
-def keep_mask_transposed(seed: int, out_features: int, in_features: int, p: float,
-                         device=None, *, block_n: int = 16, block_k: int = 16) -> torch.Tensor:
-    """The mask as drawn by :func:`_keep_kn` (the forward GEMM's layout), returned as a
-    bool ``(out, in)`` tensor. For tests."""
-    thr, _ = mask_params(p)
-    seed = _check_seed(seed)
-    _check_blocks(block_n, block_k)
-    groups = check_counter_range(out_features, in_features)
-    out = torch.empty(in_features, out_features, dtype=torch.int8, device=device)
-    grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
-    _keep_kn_kernel[grid](out, out_features, in_features, out.stride(0), out.stride(1),
-                          seed, thr, groups, BLOCK_K=block_k, BLOCK_N=block_n)
-    return out.t().bool()
-
-
-@triton.jit
-def _keep_kn_kernel(OUT, N, K, stride_ok, stride_on, seed, thr, n_groups,
-                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep_kn(seed, pid_n * BLOCK_N, pid_k * BLOCK_K, n_groups, thr, BLOCK_K, BLOCK_N)
-    inb = (rk[:, None] < K) & (rn[None, :] < N)
-    tl.store(OUT + rk[:, None].to(tl.int64) * stride_ok + rn[None, :] * stride_on,
-             keep.to(tl.int8), mask=inb)
