@@ -71,7 +71,8 @@ setup(
     python_requires=">=3.10",
     packages=["rora_fast", "rora_fast.kernels", "rora_fast.evaluation"],
     package_dir={"rora_fast": "rora_fast", "rora_fast.kernels": "kernels/src"},
-    package_data={"rora_fast": ["datasets/*/*.tsv", "datasets/*/*.txt", "datasets/SOURCES.md"]},
+    package_data={"rora_fast": ["datasets/*/*.tsv", "datasets/*/*.txt", "datasets/SOURCES.md",
+                                "evaluation/reference_runs.json"]},
     include_package_data=False,  # package_data lists what is installed; MANIFEST.in the sdist
     install_requires=REQUIRES,
     extras_require=EXTRAS,

@@ -286,6 +286,11 @@ def cmd_demo(args) -> int:
     md = _run_methods(args, out, "rora-fast demo: BadNet on IMDB → defend on SST-2")
     wall = time.time() - t0
     print(md)
+    # one run is one draw: beside it, the spread of the same configuration over seeds
+    from .evaluation.reference_runs import format_reference, reference_for
+    print("Over seeds (each seed its own poisoned model, data order, initialisation, masks):")
+    for m in args.methods.split(","):
+        print("  " + format_reference(m, reference_for(_spec(args, m).resolved())))
     print(f"wall time {wall:.0f} s; results in {out}/ (results.md, runs/*.json)")
     return 0
 

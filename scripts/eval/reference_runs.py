@@ -1,0 +1,64 @@
+"""Write rora_fast/evaluation/reference_runs.json from committed `rora-fast seeds` folders.
+
+    python scripts/eval/reference_runs.py benchmarks/results/eval/seeds-demo-sst2_sentence-badnet [...]
+
+For every trained method of each folder's seeds.json (post-hoc variants are skipped: their
+run files carry the trained run's spec), the per-seed run files are read, their specs must
+agree apart from the seed (else an error), and the entry records the seeds and each
+metric's mean, 95 % t-interval (rora_fast.evaluation.seeds.mean_ci), minimum and maximum.
+The file is written atomically.
+"""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def entries_of(folder: str):
+    from rora_fast.evaluation.reference_runs import METRICS, setting_key
+    from rora_fast.evaluation.seeds import mean_ci
+
+    with open(os.path.join(folder, "seeds.json"), encoding="utf-8") as f:
+        agg = json.load(f)
+    for method, m in agg["methods"].items():
+        runs = []
+        for seed, row in sorted(m["per_seed"].items(), key=lambda kv: int(kv[0])):
+            with open(os.path.join(folder, row["file"]), encoding="utf-8") as f:
+                run = json.load(f)
+            if run.get("kind") == "posthoc" or "from_run" in run:
+                runs = None
+                break
+            runs.append(run)
+        if not runs:
+            continue
+        keys = {setting_key(r["spec"]) for r in runs}
+        if len(keys) != 1:
+            raise SystemExit(f"{folder} {method}: the seeds' specs differ beyond the seed")
+        metrics = {}
+        for k in METRICS:
+            xs = [float(r["metrics"][k]) for r in runs]
+            s = mean_ci(xs)
+            metrics[k] = {"mean": s["mean"], "ci95_half": s["ci95_half"], "sd": s["sd"],
+                          "min": min(xs), "max": max(xs), "n": s["n"]}
+        spec = {k: v for k, v in runs[0]["spec"].items() if k != "seed"}
+        yield {"setting_key": keys.pop(), "method": method, "spec": spec,
+               "seeds": [int(r["spec"]["seed"]) for r in runs], "metrics": metrics,
+               "source": os.path.relpath(os.path.abspath(folder), ROOT)}
+
+
+def main(argv) -> int:
+    from rora_fast.atomic import write_json
+    from rora_fast.evaluation.reference_runs import REFERENCE_FILE
+
+    entries = [e for folder in argv for e in entries_of(folder)]
+    write_json(REFERENCE_FILE, {"written_by": "scripts/eval/reference_runs.py " + " ".join(argv),
+                                "entries": entries})
+    for e in entries:
+        print(e["method"], e["source"], e["seeds"],
+              {k: (v["mean"], v["ci95_half"]) for k, v in e["metrics"].items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,75 @@
+"""The multi-seed results the demo shows beside its single run (rora_fast/evaluation/
+reference_runs.py, scripts/eval/reference_runs.py)."""
+import json
+import os
+import subprocess
+import sys
+
+from rora_fast.evaluation import reference_runs as R
+from rora_fast.evaluation.runner import RunSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _seeds_folder(tmp_path, specs, metrics):
+    runs = tmp_path / "runs"
+    runs.mkdir(parents=True)
+    per_seed = {}
+    for spec, met in zip(specs, metrics):
+        name = f"runs/r{spec['seed']}.json"
+        (tmp_path / name).write_text(json.dumps({"kind": "defence", "spec": spec,
+                                                 "metrics": met}))
+        per_seed[str(spec["seed"])] = {"file": name}
+    (tmp_path / "seeds.json").write_text(json.dumps({"methods": {"rora": {"per_seed":
+                                                                           per_seed}}}))
+    return tmp_path
+
+
+def test_key_ignores_only_the_seed():
+    a = RunSpec(method="rora", seed=0).resolved()
+    b = RunSpec(method="rora", seed=3).resolved()
+    c = RunSpec(method="rora", seed=0, ortho_lambda=5.0).resolved()
+    assert R.setting_key(a) == R.setting_key(b) != R.setting_key(c)
+
+
+def test_generator_and_lookup(tmp_path, monkeypatch):
+    specs = [dict(RunSpec(method="rora", seed=s).resolved()) for s in range(3)]
+    mets = [{"CA": 80.0 + s, "ASR": 10.0 * s, "ASR_floor": 5.0} for s in range(3)]
+    folder = _seeds_folder(tmp_path / "seeds", specs, mets)
+    out = tmp_path / "ref.json"
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "eval"))
+    try:
+        import reference_runs as gen
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(R, "REFERENCE_FILE", str(out))
+    entries = list(gen.entries_of(str(folder)))
+    assert len(entries) == 1 and entries[0]["seeds"] == [0, 1, 2]
+    ca = entries[0]["metrics"]["CA"]
+    assert (ca["mean"], ca["min"], ca["max"], ca["n"]) == (81.0, 80.0, 82.0, 3)
+    out.write_text(json.dumps({"entries": entries}))
+    hit = R.reference_for(RunSpec(method="rora", seed=7).resolved(), str(out))
+    assert hit is not None and hit["method"] == "rora"
+    assert R.reference_for(RunSpec(method="rora", seed=0, r=4).resolved(), str(out)) is None
+    line = R.format_reference("rora", hit)
+    assert "3 seeds (0,1,2)" in line and "CA 81.00 ± " in line and "range 80.00–82.00" in line
+    assert "no multi-seed result" in R.format_reference("lora", None)
+
+
+def test_generator_refuses_seeds_of_different_settings(tmp_path):
+    specs = [dict(RunSpec(method="rora", seed=0).resolved()),
+             dict(RunSpec(method="rora", seed=1, ortho_lambda=1.0).resolved())]
+    mets = [{"CA": 80.0, "ASR": 10.0, "ASR_floor": 5.0}] * 2
+    folder = _seeds_folder(tmp_path / "seeds", specs, mets)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import reference_runs as g; "
+            "list(g.entries_of(sys.argv[2]))")
+    p = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "scripts", "eval"),
+                        str(folder)], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "differ beyond the seed" in p.stderr
+
+
+def test_shipped_file_parses_and_names_committed_sources():
+    data = R._load()
+    for e in data["entries"]:
+        assert os.path.isdir(os.path.join(ROOT, e["source"])), e["source"]
+        assert set(e["metrics"]) == set(R.METRICS)
