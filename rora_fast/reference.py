@@ -139,13 +139,14 @@ def check_counter_range(out_features: int, in_features: int) -> int:
     return groups
 
 
-def keep_threshold(p: float) -> int:
-    """16-bit threshold: an element is kept when its lane value is >= this."""
+def keep_threshold(p: float, name: str = "weight_dropout") -> int:
+    """16-bit threshold: an element is kept when its lane value is >= this. ``name``: the
+    hyperparameter ``p`` is, for the error message."""
     if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-        raise ValueError(f"weight_dropout must be in [0, 1), got {p!r}")
+        raise ValueError(f"{name} must be in [0, 1), got {p!r}")
     thr = int(round(p * 65536))
     if thr >= 65536:
-        raise ValueError(f"weight_dropout={p} is too close to 1 (keeps no weight)")
+        raise ValueError(f"{name}={p} is too close to 1 (keeps no element)")
     return thr
 
 
@@ -266,7 +267,7 @@ def lora_input(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     as ``(tokens, in)`` (row-major over the leading dimensions), keyed by
     :func:`lora_seed`. Not differentiable (the masks are data): ``dX`` gets the LoRA
     path's gradient through the same mask, ``lora_input(dX̃, seed, p)``."""
-    if keep_threshold(p) == 0:
+    if keep_threshold(p, "lora_dropout") == 0:
         return x
     x2 = x.reshape(-1, x.shape[-1])
     return masked_weight(x2, lora_seed(seed), p).view(x.shape)

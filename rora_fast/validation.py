@@ -112,6 +112,7 @@ def check_hparams(*, r=8, alpha=16, weight_dropout=0.1, lora_dropout=0.0, ortho_
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
     keep_threshold(float(weight_dropout))  # p that rounds to "drop everything"
+    keep_threshold(float(lora_dropout), "lora_dropout")
     return mode
 
 
