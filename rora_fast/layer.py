@@ -332,23 +332,6 @@ class RoraLinear(nn.Module):
         return [(P["lora_A"], "A", Bf["ortho_V"], Bf.get("lora_A0"), lam),
                 (P["lora_B"], "B", Bf["ortho_U"], Bf.get("lora_B0"), lam)]
 
-    def add_penalty_grad_(self) -> None:
-        """Add ``λ∇Ω`` to ``lora_A.grad``/``lora_B.grad`` now, whatever ``penalty_mode``
-        (a gradient that is None becomes ``λ∇Ω``). :func:`rora_fast.add_penalty_grads` is
-        the model-level call for hand-written updates."""
-        if not self.ortho_lambda:
-            return
-        with torch.no_grad():
-            gA, gB = ref.ortho_penalty_grads(self.lora_A, self.lora_B, self.ortho_U,
-                                             self.ortho_V, *self._start_factors())
-            for p_, g in ((self.lora_A, gA), (self.lora_B, gB)):
-                if not p_.requires_grad:
-                    continue
-                if p_.grad is None:
-                    p_.grad = self.ortho_lambda * g
-                else:
-                    p_.grad.add_(g, alpha=self.ortho_lambda)
-
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
