@@ -524,7 +524,7 @@ def plot_aggregate(agg: Dict, path: str) -> None:
     if not cells:
         return
     nv = max(len(c["variants"]) for c in agg["cells"].values())
-    fig, axes = plt.subplots(len(cells), 3, figsize=(max(12, 0.75 * nv * 3), 4.3 * len(cells)),
+    fig, axes = plt.subplots(len(cells), 3, figsize=(max(12, 0.45 * nv * 3), 4.6 * len(cells)),
                              squeeze=False)
     for row, cell in enumerate(cells):
         c = agg["cells"][cell]
@@ -548,6 +548,7 @@ def plot_aggregate(agg: Dict, path: str) -> None:
             ax.set_title(f"{c['title']}: {label} (mean ± 95 % t-CI; seeds grey; "
                          f"dashed = LoRA)", fontsize=8)
             ax.grid(axis="y", alpha=0.3)
+            ax.set_ylim(-3, 103)  # n = 2 intervals (t = 12.7) are cut at the axis
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     plt.close(fig)
