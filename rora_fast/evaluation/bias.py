@@ -169,16 +169,12 @@ def analyse_run(run: Dict, seeds_dir: str, cache_dir: Optional[str], log=print) 
 def run_bias_analysis(seeds_dir: str, out_dir: str, cache_dir: Optional[str],
                       methods=("rora", "lora"), log=print) -> Dict:
     from .spectra import write_json
-    runs = []
-    folder = os.path.join(seeds_dir, "runs")
-    for fn in sorted(os.listdir(folder)):
-        if not fn.endswith(".json"):
-            continue
-        with open(os.path.join(folder, fn)) as f:
-            r = json.load(f)
-        if r.get("kind") == "defence" and r.get("adapter") and r["spec"]["method"] in methods \
-                and os.path.exists(os.path.join(seeds_dir, r["adapter"])):
-            runs.append(r)
+    from .seeds import run_files
+    if not os.path.isdir(os.path.join(seeds_dir, "runs")):
+        raise FileNotFoundError(f"{seeds_dir}: no runs/ folder (not a `rora-fast seeds` folder)")
+    runs = [r for _, r in run_files(seeds_dir)
+            if r.get("kind") == "defence" and r.get("adapter") and r["spec"]["method"] in methods
+            and os.path.exists(os.path.join(seeds_dir, r["adapter"]))]
     results = []
     for r in sorted(runs, key=lambda r: (r["spec"]["seed"], r["spec"]["method"])):
         path = os.path.join(out_dir, "per_run", r["run_id"] + ".json")

@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..atomic import save_figure, write_json, write_text
 
 __all__ = ["POSTHOC", "t_quantile_975", "mean_ci", "run_seeds", "run_posthoc",
-           "rescale_peft_lora_", "aggregate", "write_aggregate", "parse_seeds"]
+           "rescale_peft_lora_", "aggregate", "write_aggregate", "parse_seeds", "run_files"]
 
 #: post-hoc variant -> (trained method it starts from, description)
 POSTHOC = {
@@ -255,16 +255,21 @@ def run_seeds(base, methods: Sequence[str], seeds: Sequence[int], out_dir: str,
 
 
 # ----------------------------------------------------------------------------- aggregate
-def _load(out_dir: str) -> List[Dict]:
+def run_files(out_dir: str):
+    """``(file name, record)`` of every run JSON in ``<out_dir>/runs`` (a ``rora-fast seeds``
+    or ``defend`` folder), in name order; nothing when the folder does not exist."""
     folder = os.path.join(out_dir, "runs")
-    rows = []
     if not os.path.isdir(folder):
-        return rows
+        return
     for fn in sorted(os.listdir(folder)):
-        if not fn.endswith(".json"):
-            continue
-        with open(os.path.join(folder, fn)) as f:
-            r = json.load(f)
+        if fn.endswith(".json"):
+            with open(os.path.join(folder, fn)) as f:
+                yield fn, json.load(f)
+
+
+def _load(out_dir: str) -> List[Dict]:
+    rows = []
+    for fn, r in run_files(out_dir):
         if r.get("kind") == "defence":
             rows.append({"method": r["spec"]["method"], "seed": r["spec"]["seed"],
                          "metrics": r["metrics"], "file": f"runs/{fn}",

@@ -205,13 +205,10 @@ def refit_head_on_clean_(model, tok, rows, max_length: int, head, seed: int,
 # ----------------------------------------------------------------------------- runs
 def committed_runs(seeds_dir: str, seed: int) -> Dict[str, Dict]:
     """The committed ``lora`` / ``rora`` defence runs of ``seed`` with a saved adapter."""
+    from rora_fast.evaluation.seeds import run_files
+
     out = {}
-    folder = os.path.join(seeds_dir, "runs")
-    for fn in sorted(os.listdir(folder)):
-        if not fn.endswith(".json"):
-            continue
-        with open(os.path.join(folder, fn)) as f:
-            r = json.load(f)
+    for _, r in run_files(seeds_dir):
         if r.get("kind") == "defence" and r["spec"]["seed"] == seed and \
                 r["spec"]["method"] in ("lora", "rora") and r.get("adapter"):
             if r["spec"]["method"] in out:
