@@ -137,9 +137,8 @@ def _dequantize_cpu_packed(packed: torch.Tensor, qs, block_n: int = 32) -> torch
 
 
 def dense_weight(base: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The dense ``(out, in)`` weight of a base: the one place a quantized base is
-    dequantized (training, eval, SVD bases, merging all read it); a ``Conv1D``'s is the
-    transposed view of its ``(in, out)`` storage, an ``nn.Linear``'s its weight.
+    """The dense ``(out, in)`` weight of a bitsandbytes 4-bit or 8-bit base: the one place
+    a quantized base is dequantized (training, eval, SVD bases, merging all read it).
 
     It reads the weight in whatever layout bitsandbytes keeps it, including the CPU
     inference layout bitsandbytes switches a 4-bit weight to at an eval forward
@@ -168,14 +167,9 @@ def dense_weight(base: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.
         if scb is None:
             raise ValueError("the Linear8bitLt weight has no SCB scales")
         W = bnb.functional.int8_vectorwise_dequant(w.data, scb)
-    elif kind == "conv1d":
-        W = w.t()
-    elif kind == "linear":
-        W = w
     else:
-        raise TypeError(f"not a RoRA base (nn.Linear, Conv1D, bitsandbytes Linear4bit/"
-                        f"Linear8bitLt): {type(base).__name__}")
-    return W if dtype is None or W.dtype == dtype else W.to(dtype)
+        raise TypeError(f"not a bitsandbytes 4-bit/8-bit linear: {type(base).__name__}")
+    return W if dtype is None else W.to(dtype)
 
 
 def quant_descriptor(layer: nn.Module) -> Optional[dict]:

@@ -37,7 +37,7 @@ from . import reference as ref
 from .blocks import select_top_blocks
 from .layer import training_forward
 from .linalg import rescale_factor, sigma_max_lowrank, spectral_basis
-from .bases import dense_weight as dequantize_base
+from .bases import dense_weight
 from .quantized import _compute_dtype, _saved_as_recompute
 from .targets import is_rora_target
 
@@ -200,12 +200,12 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
                 kwargs.setdefault("compute_dtype", base.compute_dtype)
                 kwargs.setdefault("compress_statistics", base.weight.compress_statistics)
                 kwargs.setdefault("quant_type", base.weight.quant_type)
-                basis = self._rora_basis(dequantize_base(base, torch.float32))
+                basis = self._rora_basis(dense_weight(base, torch.float32))
                 super().__init__(base_layer, adapter_name, **kwargs)
                 self._rora_setup(basis)
 
             def _rora_dense_weight(self, dtype):
-                return dequantize_base(self.get_base_layer(), dtype)
+                return dense_weight(self.get_base_layer(), dtype)
 
         class PeftRoraLinear8bitLt(_PeftRoraMixin, peft_bnb.Linear8bitLt):
             """PEFT's 8-bit LoRA layer trained with RoRA."""
@@ -217,12 +217,12 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
                 kwargs.setdefault("has_fp16_weights", base.state.has_fp16_weights)
                 kwargs.setdefault("threshold", base.state.threshold)
                 kwargs.setdefault("index", getattr(base, "index", None))
-                basis = self._rora_basis(dequantize_base(base, torch.float32))
+                basis = self._rora_basis(dense_weight(base, torch.float32))
                 super().__init__(base_layer, adapter_name, **kwargs)
                 self._rora_setup(basis)
 
             def _rora_dense_weight(self, dtype):
-                return dequantize_base(self.get_base_layer(), dtype)
+                return dense_weight(self.get_base_layer(), dtype)
 
         out[bnb.nn.Linear4bit] = _bind(PeftRoraLinear4bit, *hp)
         out[bnb.nn.Linear8bitLt] = _bind(PeftRoraLinear8bitLt, *hp)
