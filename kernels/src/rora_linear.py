@@ -197,22 +197,51 @@ def _autocast_off(dev: str, fn, *args):
     return fn(*args)
 
 
+def _seed_arg(seed: torch.Tensor, weight: torch.Tensor):
+    """A tensor seed as the kernels take it: the tensor itself on the weight's CUDA device
+    (the kernel reads it: no host sync), else its value, read on the host."""
+    if seed.is_cuda and seed.device == weight.device:
+        return seed.reshape(1)
+    return int(seed.reshape(()).item())
+
+
+# Graph capture (torch.compile) of a tensor seed: the masked copies go through these
+# registered ops, so that the compiler sees no host read of the seed.
+@torch.library.custom_op("rora_fast_kernels::masked_copy", mutates_args=())
+def masked_copy_op(weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    out = masked_copy(weight, _seed_arg(seed, weight), p)
+    return out.clone() if out is weight else out
+
+
+@masked_copy_op.register_fake
+def _(weight, seed, p):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("rora_fast_kernels::effective_weight", mutates_args=())
+def effective_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float,
+                        lora_B: torch.Tensor, lora_A: torch.Tensor,
+                        scaling: float) -> torch.Tensor:
+    return effective_weight(weight, _seed_arg(seed, weight), p, lora_B, lora_A, scaling)
+
+
+@effective_weight_op.register_fake
+def _(weight, seed, p, lora_B, lora_A, scaling):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 def _mask(weight, seed, p):
     """The masked copy; ``seed`` an int, or a one-element tensor (graph capture: through
-    the registered custom op, so that the compiler sees no host read of the seed)."""
+    the registered op :func:`masked_copy_op`)."""
     if isinstance(seed, torch.Tensor):
-        from rora_fast.functional import masked_weight_op
-
-        return masked_weight_op(weight, seed, p)
+        return masked_copy_op(weight, seed, p)
     return masked_copy(weight, seed, p)
 
 
 def _effective(weight, seed, p, lora_B, lora_A, scaling):
     """``c·(M ⊙ W) + s·B A`` (see ``mask.effective_weight``); a tensor seed through the
-    registered custom op, as :func:`_mask`."""
+    registered op :func:`effective_weight_op`, as :func:`_mask`."""
     if isinstance(seed, torch.Tensor):
-        from rora_fast.functional import effective_weight_op
-
         return effective_weight_op(weight, seed, p, lora_B, lora_A, scaling)
     return effective_weight(weight, seed, p, lora_B, lora_A, scaling)
 
