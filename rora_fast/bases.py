@@ -14,9 +14,17 @@ layer is recognised, and a clear install error given, without importing bitsandb
 SVD bases, merging); :func:`quant_descriptor` is what an adapter saved on a quantized base
 records and :func:`check_quant_descriptor` compares on load.
 
-A new kind of base (say an fp8 weight) adds its recognition to :func:`base_kind`, its
-dequantization to :func:`dense_weight` and its descriptor here, and its layer class
-(construction, merge) beside :mod:`rora_fast.quantized`.
+Each kind has a strategy (:class:`Base`, one instance per kind in :data:`BASES`): its
+dims, its dense weight for a call, its compute dtype, the one-pass masked weight where it
+has a kernel, its descriptor and how a merged weight is stored back. Every RoRA layer
+(:class:`rora_fast.RoraLinear`, its Conv1D and quantized subclasses, the PEFT layers) runs
+its one forward (:func:`rora_fast.forward.layer_forward`) and its merge on it.
+
+A new kind of base (say an fp8 weight) touches this file only, plus its tests: its
+recognition in :func:`base_kind` and a :class:`Base` subclass (dequantization, compute
+dtype, target checks, merge; ``child = True`` to be kept as the layer's ``base_layer``
+like a bitsandbytes layer, which :class:`rora_fast.quantized.QuantRoraLinear` then
+wraps) in :data:`BASES`.
 """
 
 from __future__ import annotations
@@ -26,9 +34,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import reference as ref
+from . import validation as V
+
 __all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "base_dims",
            "dense_weight", "quant_descriptor", "check_quant_descriptor",
-           "check_saved_quantization", "cpu_repack_switches"]
+           "check_saved_quantization", "cpu_repack_switches", "Base", "LinearBase",
+           "Conv1DBase", "BnbBase", "Bnb4bitBase", "Bnb8bitBase", "BASES", "base_for",
+           "base_for_kind", "dequantize_4bit_masked"]
 
 QUANT_INSTALL_HINT = "pip install 'rora-fast[quant]'"
 
@@ -88,10 +101,7 @@ def cpu_repack_switches(model: nn.Module) -> list:
 def base_dims(module: nn.Module) -> tuple:
     """``(in_features, out_features)`` of a base (a ``Conv1D`` stores ``nx``/``nf`` and an
     ``(in, out)`` weight)."""
-    if base_kind(module) == "conv1d":
-        n_in, n_out = module.weight.shape
-        return int(n_in), int(n_out)
-    return int(module.in_features), int(module.out_features)
+    return base_for(module).dims(module)
 
 
 def check_saved_quantization(model: nn.Module, names, meta: dict) -> None:
@@ -207,3 +217,235 @@ def check_quant_descriptor(name: str, layer: nn.Module, saved: Optional[dict]) -
         raise ValueError(f"{name}: the adapter was trained on {show(saved)}, but the model's "
                          f"layer has {show(have)}; load the model quantized the same way "
                          "(same BitsAndBytesConfig)")
+
+
+# ---------------------------------------------------------------------- strategies
+class Base:
+    """How a RoRA layer uses one kind of base: the strategy every layer class (and every
+    PEFT layer) runs its one forward (:func:`rora_fast.forward.layer_forward`) and its merge
+    on. Stateless: each method takes the module that holds the weight and bias (the
+    *holder*: the layer itself for a dense :class:`rora_fast.RoraLinear`, the wrapped
+    module otherwise). One instance per kind, :func:`base_for`.
+
+    A new kind of base (say an fp8 weight) is one subclass here, its entry in
+    :data:`BASES` and its recognition in :func:`base_kind`."""
+
+    kind: str = ""
+    #: the dense weight is rebuilt for backward instead of being saved (quantized bases)
+    recompute = False
+    #: an input in another dtype than the compute dtype is an error (as for nn.Linear)
+    strict = False
+    #: kept as the layer's child module ``base_layer`` (its state-dict entries its own,
+    #: under ``base_layer.``), not shared as the layer's own ``weight``/``bias``
+    child = False
+
+    def __reduce__(self):  # copies (deepcopy, pickle) are the same singleton
+        return (base_for_kind, (self.kind,))
+
+    def __repr__(self):
+        return f"<rora_fast base {self.kind!r}>"
+
+    def dims(self, module: nn.Module) -> tuple:
+        """``(in_features, out_features)``."""
+        return int(module.in_features), int(module.out_features)
+
+    def dense_weight(self, holder: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """The dense ``(out, in)`` weight in ``dtype`` for one call."""
+        raise NotImplementedError
+
+    def compute_dtype(self, holder: nn.Module, x: torch.Tensor) -> torch.dtype:
+        """The dtype the layer computes in for input ``x`` outside autocast."""
+        return holder.weight.dtype
+
+    def fixed_compute_dtype(self, module: nn.Module) -> Optional[torch.dtype]:
+        """The compute dtype known before any call (None: it follows the input)."""
+        return module.weight.dtype
+
+    def check_target(self, module: nn.Module, config, name: str) -> None:
+        """Refuse, naming the module, a base this kind cannot adapt with ``config``."""
+        w = module.weight
+        if w.dtype in (torch.uint8, torch.int8):
+            raise TypeError(f"{name!r}: the weight is {w.dtype}, a quantized layer that is not "
+                            "a bitsandbytes Linear4bit/Linear8bitLt (RoRA supports "
+                            f"bitsandbytes bases: {QUANT_INSTALL_HINT})")
+        V.check_base_weight(w.detach().t() if self.kind == "conv1d" else w, name=name)
+
+    def masked_weight_fn(self, holder: nn.Module, x: torch.Tensor, dtype: torch.dtype):
+        """``(seed, p) -> (M ⊙ W)/(1−p)`` in one pass where the base has such a kernel for
+        this input, else None (the op masks the dense weight itself)."""
+        return None
+
+    def descriptor(self, holder: nn.Module) -> Optional[dict]:
+        """How the base is quantized, as saved with an adapter (None: dense)."""
+        return None
+
+    def store_merged(self, holder: nn.Module, merged: torch.Tensor) -> nn.Module:
+        """The plain module computing ``x mergedᵀ + b`` (``merged``: the ``(out, in)``
+        merged weight in float64), built from the holder's storage."""
+        raise NotImplementedError
+
+
+class LinearBase(Base):
+    """``nn.Linear``: weight ``(out, in)`` (also a Conv1D's ``(out, in)`` view)."""
+
+    kind = "linear"
+    strict = True
+
+    def dense_weight(self, holder, dtype):
+        w = holder.weight
+        return w if w.dtype == dtype else w.to(dtype)
+
+    def store_merged(self, holder, merged):
+        """In place: the same storage as before, rounded once to its dtype."""
+        with torch.no_grad():
+            holder.weight.copy_(merged)
+        n_out, n_in = holder.weight.shape
+        lin = nn.Linear(n_in, n_out, bias=holder.bias is not None, device="meta")
+        lin.weight = holder.weight
+        lin.bias = holder.bias
+        return lin
+
+
+class Conv1DBase(Base):
+    """transformers' GPT-2 ``Conv1D`` held as a module: weight stored ``(in, out)``."""
+
+    kind = "conv1d"
+
+    def dims(self, module):
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+
+    def dense_weight(self, holder, dtype):
+        return holder.weight.t().to(dtype)
+
+    def store_merged(self, holder, merged):
+        with torch.no_grad():
+            holder.weight.copy_(merged.t())
+        return holder
+
+
+class BnbBase(Base):
+    """bitsandbytes ``Linear4bit``/``Linear8bitLt``, kept quantized: each call dequantizes
+    (:func:`dense_weight`), backward dequantizes again instead of keeping the dense weight,
+    and the layer computes in bitsandbytes' ``compute_dtype`` (4-bit, when set) or the
+    input's dtype, as bitsandbytes does."""
+
+    recompute = True
+    child = True
+
+    def dense_weight(self, holder, dtype):
+        return dense_weight(holder, dtype)
+
+    def fixed_compute_dtype(self, module):
+        return getattr(module, "compute_dtype", None)
+
+    def check_target(self, module, config, name):
+        """bitsandbytes importable, the weight quantized already, and neither PiSSA/OLoRA
+        (they rewrite the base) nor DoRA."""
+        require_bitsandbytes()
+        if config.init in ("pissa", "olora") or config.use_dora:
+            what = "use_dora=True" if config.use_dora else f"init={config.init!r}"
+            raise NotImplementedError(f"{name!r}: {what} is not supported on a quantized "
+                                      "(bitsandbytes) base (PiSSA/OLoRA rewrite the base, "
+                                      "DoRA is not implemented for it); use a bf16 base")
+        w = module.weight
+        if (self.kind == "4bit" and getattr(w, "quant_state", None) is None) or \
+                (self.kind == "8bit" and w.dtype != torch.int8):
+            raise ValueError(f"{name!r}: the bitsandbytes weight is not quantized yet "
+                             "(load the model with BitsAndBytesConfig or move it to its device)")
+
+    def compute_dtype(self, holder, x):
+        cd = getattr(holder, "compute_dtype", None)
+        return cd if cd is not None else x.dtype
+
+    def descriptor(self, holder):
+        return quant_descriptor(holder)
+
+
+class Bnb4bitBase(BnbBase):
+    kind = "4bit"
+
+    def masked_weight_fn(self, holder, x, dtype):
+        """The one-pass dequantize+mask kernel (``rora_fast.kernels.nf4``): opt-in with
+        ``RORA_FAST_NF4_KERNEL=1``, on CUDA (or on CPU tensors under
+        ``TRITON_INTERPRET=1``, for tests); bit-identical to dequantize then mask."""
+        import os
+
+        if os.environ.get("RORA_FAST_NF4_KERNEL", "0") != "1":
+            return None
+        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            return None
+        return lambda seed, p: dequantize_4bit_masked(holder, dtype, seed, p)
+
+    def store_merged(self, holder, merged):
+        """Requantized with the same settings (what PEFT's ``merge_and_unload`` does)."""
+        bnb = require_bitsandbytes()
+        w = holder.weight
+        kw = {k: v for k, v in w.__dict__.items()
+              if not k.startswith("_") and k not in ("data", "quant_state", "module")}
+        kw["bnb_quantized"] = False
+        kw["requires_grad"] = False
+        qs = w.quant_state  # (original_dtype: set when bitsandbytes repacked it)
+        dtype = getattr(qs, "original_dtype", None) or qs.dtype
+        new = bnb.nn.Params4bit(merged.to(torch.float32).to(dtype).cpu(), **kw).to(w.device)
+        new.module = holder
+        holder.weight = new
+        return holder
+
+
+class Bnb8bitBase(BnbBase):
+    kind = "8bit"
+
+    def store_merged(self, holder, merged):
+        bnb = require_bitsandbytes()
+        dev = holder.weight.device
+        holder.weight = bnb.nn.Int8Params(merged.to(torch.float32).to(torch.float16).cpu(),
+                                          requires_grad=False,
+                                          has_fp16_weights=False).to(dev)
+        state = getattr(holder, "state", None)
+        if state is not None:
+            state.CB = None
+            state.SCB = None
+        return holder
+
+
+#: one strategy per kind of base
+BASES = {b.kind: b for b in (LinearBase(), Conv1DBase(), Bnb4bitBase(), Bnb8bitBase())}
+
+
+def base_for_kind(kind: str) -> Base:
+    try:
+        return BASES[kind]
+    except KeyError:
+        raise TypeError(f"no RoRA base of kind {kind!r} (kinds: {sorted(BASES)})") from None
+
+
+def base_for(module: nn.Module) -> Base:
+    """The strategy for ``module`` (TypeError for a module RoRA cannot adapt)."""
+    kind = base_kind(module)
+    if kind is None:
+        raise TypeError(f"RoRA adapts nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and "
+                        f"transformers Conv1D layers, got {type(module).__name__}")
+    return BASES[kind]
+
+
+def dequantize_4bit_masked(base: nn.Module, dtype: torch.dtype, seed: int,
+                           p: float) -> torch.Tensor:
+    """``(M ⊙ W) / (1 - p)`` of a bitsandbytes 4-bit layer in one Triton kernel
+    (:func:`rora_fast.kernels.nf4.dequantize_4bit_masked`); equal to
+    ``reference.masked_weight(dense_weight(base, dtype), seed, p)``."""
+    from .kernels.nf4 import dequantize_4bit_masked as kernel  # optional: needs triton
+
+    w = base.weight
+    qs = w.quant_state
+    if _cpu_packed(qs):  # bitsandbytes' CPU layout (the kernel reads the standard one)
+        return ref.masked_weight(dense_weight(base, dtype), seed, p)
+    packed = w.data.reshape(-1).view(torch.uint8)  # any bnb_4bit_quant_storage dtype
+    kw = dict(nested_code=qs.state2.code, nested_absmax=qs.state2.absmax,
+              nested_blocksize=qs.state2.blocksize, offset=qs.offset) if qs.nested else {}
+    if qs.dtype != dtype:  # dense_weight rounds to the quant dtype first, then casts
+        W = kernel(packed, qs.code, qs.absmax, qs.blocksize, qs.shape,
+                   out_dtype=qs.dtype, **kw).to(dtype)
+        return ref.masked_weight(W, seed, p)
+    return kernel(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, seed=seed, p=p,
+                  out_dtype=dtype, **kw)

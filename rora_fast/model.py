@@ -20,8 +20,8 @@ from torch import nn
 from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: public)
 from .config import RoraConfig
 from .layer import RoraLinear
-from .linalg import rescale_factor
-from .bases import cpu_repack_switches
+from .linalg import rescale_factor, sigma_max_lowrank
+from .bases import base_for, cpu_repack_switches
 from .targets import (check_rora_target, compute_dtype_of,  # bnb, Conv1D
                       default_target_modules, is_rora_target, make_rora_layer)
 
@@ -30,6 +30,7 @@ __all__ = [
     "apply_rora",
     "rora_layers",
     "spectral_rescale_",
+    "peft_lora_layers",
     "merge_rora",
     "block_index",
     "default_target_modules",
@@ -250,35 +251,84 @@ def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
     return model
 
 
-def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] = None
-                      ) -> Dict[str, float]:
-    """Post-training spectral rescaling: ``scaling = σ_max(W_pre) / σ_max(BA)``.
+def peft_lora_layers(model: nn.Module, adapter_name: str = "default"
+                     ) -> Iterator[Tuple[str, nn.Module]]:
+    """Iterate ``(name, layer)`` over the PEFT LoRA layers of a model that hold the adapter
+    ``adapter_name`` (the RoRA layers :func:`rora_fast.register_rora` makes, and plain
+    PEFT LoRA layers); recognised by their ``lora_A`` module dict, without importing
+    PEFT."""
+    for name, m in model.named_modules():
+        lora_A = getattr(m, "lora_A", None)
+        if (isinstance(lora_A, nn.ModuleDict) and adapter_name in lora_A
+                and hasattr(m, "get_base_layer")):
+            yield name, m
 
-    ``layers``: an int ``n`` rescales the RoRA layers of the last ``n`` transformer
-    blocks (block index read from module names; default ``config.rescale_layers`` or
-    3); a list of module names rescales exactly those. Returns ``{name: s}``.
+
+def _peft_sigma_pre(layer: nn.Module) -> float:
+    """σ_max(W_pre) of a PEFT layer: the RoRA basis's (register_rora's layers, taken before
+    any init rewrote the base), else exactly from the base weight (plain PEFT LoRA)."""
+    s = getattr(layer, "rora_sigma_pre", None)
+    if s is not None:
+        return s
+    base = layer.get_base_layer()
+    W = base_for(base).dense_weight(base, torch.float32)
+    return float(torch.linalg.matrix_norm(W.detach(), 2))
+
+
+def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] = None,
+                      adapter_name: str = "default") -> Dict[str, float]:
+    """Post-training spectral rescaling: ``scaling = σ_max(W_pre) / σ_max(update)``, the
+    one rescale of every RoRA layer.
+
+    The layers: rora_fast's (:func:`apply_rora`; the update is ``BA``, or ``BA − B₀A₀``
+    for PiSSA/OLoRA, whose base absorbs the change of scale,
+    :meth:`RoraLinear.spectral_rescale_`) and PEFT LoRA layers holding the adapter
+    ``adapter_name`` (those :func:`rora_fast.register_rora` makes, and plain PEFT LoRA:
+    ``scaling[adapter_name]`` set, σ_max(W_pre) computed exactly from the base weight).
+
+    ``layers``: an int ``n`` rescales those of the last ``n`` transformer blocks (block
+    index read from module names; default ``config.rescale_layers`` or 3); a list of
+    module names rescales exactly those. Returns ``{name: s}``.
 
     All or nothing: every chosen layer's new scale is computed and checked (finite,
     > 0: a zero update is an error naming the layer) before any layer changes; a
     failure while applying them restores every scale and weight.
     """
     rl = dict(rora_layers(model))
-    if not rl:
-        raise ValueError("the model has no RoRA layers")
+    pl = dict(peft_lora_layers(model, adapter_name))
+    if not rl and not pl:
+        raise ValueError("the model has no RoRA layers (apply_rora, or register_rora before "
+                         "get_peft_model) and no PEFT LoRA layers with the adapter "
+                         f"{adapter_name!r}")
     if layers is None:
         layers = getattr(getattr(model, "rora_config", None), "rescale_layers", 3)
-    names = select_top_blocks(model, list(rl), layers)
+    names = select_top_blocks(model, list(rl) + list(pl), layers)
+    new = {}
     for n in names:  # check every layer before changing any
-        rescale_factor(rl[n].sigma_pre, rl[n].sigma_delta(), n)
-    rewritten = [rl[n].weight for n in names if getattr(rl[n], "lora_A0", None) is not None]
-    attrs = [a for n in names for a in layer_attrs(rl[n])]
+        if n in rl:
+            new[n] = rescale_factor(rl[n].sigma_pre, rl[n].sigma_delta(), n)
+        else:
+            A, B = pl[n].lora_A[adapter_name].weight, pl[n].lora_B[adapter_name].weight
+            new[n] = rescale_factor(_peft_sigma_pre(pl[n]), sigma_max_lowrank(B, A), n)
+    ours = [n for n in names if n in rl]
+    rewritten = [rl[n].weight for n in ours if getattr(rl[n], "lora_A0", None) is not None]
+    attrs = [a for n in ours for a in layer_attrs(rl[n])]
+    old_peft = {n: pl[n].scaling[adapter_name] for n in names if n not in rl}
     out = {}
     with all_or_nothing(model, rewritten, attrs):
-        for n in names:
-            try:
-                out[n] = rl[n].spectral_rescale_()
-            except ValueError as e:
-                raise ValueError(f"{n}: {e}") from None
+        try:
+            for n in names:
+                if n in rl:
+                    try:
+                        out[n] = rl[n].spectral_rescale_()
+                    except ValueError as e:
+                        raise ValueError(f"{n}: {e}") from None
+                else:
+                    pl[n].scaling[adapter_name] = out[n] = new[n]
+        except BaseException:
+            for n, s in old_peft.items():
+                pl[n].scaling[adapter_name] = s
+            raise
     return out
 
 

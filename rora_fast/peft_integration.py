@@ -3,8 +3,9 @@
 PEFT lets a ``LoraConfig`` map a layer type to a custom LoRA layer class
 (``LoraConfig._register_custom_module``). :func:`register_rora` registers a subclass
 of PEFT's own ``lora.Linear`` whose training forward is the RoRA op (weight dropout,
-penalty gradient at the optimizer step): the one training forward of
-:class:`rora_fast.RoraLinear`, :func:`rora_fast.layer.training_forward`. Everything else
+penalty gradient at the optimizer step): the one forward of
+:class:`rora_fast.RoraLinear`, :func:`rora_fast.forward.layer_forward`, on the base
+strategies of :mod:`rora_fast.bases`. Everything else
 stays PEFT's: adapter names,
 ``merge_and_unload``, ``disable_adapter``, saving (only ``lora_``-prefixed tensors are
 saved; the SVD bases are non-persistent buffers). Eval, merged and disabled paths
@@ -25,7 +26,6 @@ as a plain LoRA adapter (RoRA changes training, not the adapter format).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Dict, Sequence, Union
 
@@ -34,11 +34,11 @@ from torch import nn
 
 from . import penalty as _penalty
 from . import reference as ref
-from .blocks import select_top_blocks
-from .layer import training_forward
-from .linalg import rescale_factor, sigma_max_lowrank, spectral_basis
-from .bases import dense_weight
-from .quantized import _compute_dtype, _saved_as_recompute
+from . import validation as V
+from .bases import BASES, dense_weight
+from .forward import layer_forward
+from .linalg import spectral_basis
+from .model import spectral_rescale_ as _rescale
 from .targets import is_rora_target
 
 __all__ = ["register_rora", "make_peft_rora_linear", "peft_custom_modules",
@@ -58,25 +58,20 @@ def _bind(cls, weight_dropout, ortho_rank, ortho_lambda):
 
 class _PeftRoraMixin:
     """RoRA for a PEFT LoRA layer (one active vanilla-LoRA adapter): the training forward
-    is :func:`rora_fast.layer.training_forward`, as for :class:`rora_fast.RoraLinear`; the
-    eval, merged, disabled and multi-adapter paths are PEFT's. The subclass gives
-    ``_rora_dense_weight(dtype)``, the base's dense ``(out, in)`` weight; with
-    ``_rora_recompute`` (quantized bases) that weight is not kept for backward but
-    dequantized again (:func:`rora_fast.quantized._saved_as_recompute`)."""
+    is :func:`rora_fast.forward.layer_forward`, as for :class:`rora_fast.RoraLinear`, on
+    the subclass's base strategy ``_rora_base`` (:mod:`rora_fast.bases`; quantized bases
+    dequantize for each call and again for backward); the eval, merged, disabled and
+    multi-adapter paths are PEFT's."""
 
     rora_weight_dropout = 0.1
     rora_ortho_rank = 32
     rora_ortho_lambda = 10.0
-    _rora_recompute = False
+    _rora_base = BASES["linear"]
 
     def _rora_basis(self, W: torch.Tensor):
         """Bases and σ_max of the original weight (before any init rewrites it)."""
-        k = self.rora_ortho_rank
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"ortho_rank must be an int >= 1, got {k!r}")
-        if k > min(W.shape):
-            raise ValueError(f"ortho_rank {k} exceeds min(in, out) = {min(W.shape)}")
-        return spectral_basis(W, k)
+        V.check_layer_shape(None, self.rora_ortho_rank, W.shape[1], W.shape[0])
+        return spectral_basis(W, self.rora_ortho_rank)
 
     def _rora_setup(self, basis) -> None:
         self.register_buffer("rora_U", basis.U, persistent=False)
@@ -119,27 +114,10 @@ class _PeftRoraMixin:
                 or len(active) != 1 or active[0] in self.lora_variant):
             return super().forward(x, *args, **kwargs)
         name = active[0]
-        base = self.get_base_layer()
-        dev = x.device.type
-        autocast = torch.is_autocast_enabled(dev)
-        in_dtype = x.dtype
-        if autocast:
-            dtype = torch.get_autocast_dtype(dev)
-        else:
-            dtype = _compute_dtype(base, x) if self._rora_recompute else base.weight.dtype
-        x = x.to(dtype)
-        b = base.bias.to(dtype) if base.bias is not None else None
-        A = self.lora_A[name].weight.to(dtype)
-        B = self.lora_B[name].weight.to(dtype)
-        ctx = (_saved_as_recompute(self, lambda: self._rora_dense_weight(dtype))
-               if self._rora_recompute else contextlib.nullcontext())
-        with torch.autocast(dev, enabled=False), ctx:
-            W = self._rora_dense_weight(dtype)
-            if self._rora_recompute:
-                self.__dict__["_rora_dense"] = W  # recognised by the saved-tensor hook
-            y, _, _ = training_forward(self, x, self.lora_dropout[name], W, b, A, B,
-                                       self.scaling[name], self.rora_weight_dropout)
-        return y if autocast else y.to(in_dtype)
+        return layer_forward(self, self._rora_base, self.get_base_layer(), x,
+                             self.lora_A[name].weight, self.lora_B[name].weight,
+                             self.scaling[name], self.rora_weight_dropout,
+                             self.lora_dropout[name], training=True)
 
 
 def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
@@ -147,11 +125,7 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
     """A PEFT LoRA ``Linear`` subclass bound to these RoRA hyper-parameters."""
     from peft.tuners.lora.layer import Linear as PeftLinear
 
-    ref.keep_threshold(weight_dropout)
-    if ortho_lambda < 0:
-        raise ValueError(f"ortho_lambda must be >= 0, got {ortho_lambda}")
-    if isinstance(ortho_rank, bool) or not isinstance(ortho_rank, int) or ortho_rank < 1:
-        raise ValueError(f"ortho_rank must be an int >= 1, got {ortho_rank!r}")
+    V.check_rora_hparams(weight_dropout, ortho_rank, ortho_lambda)
 
     class PeftRoraLinear(_PeftRoraMixin, PeftLinear):
         """PEFT ``lora.Linear`` trained with RoRA (one active vanilla-LoRA adapter)."""
@@ -163,10 +137,6 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
             basis = self._rora_basis(base.weight)
             super().__init__(base_layer, adapter_name, **kwargs)
             self._rora_setup(basis)
-
-        def _rora_dense_weight(self, dtype):
-            w = self.get_base_layer().weight
-            return w if w.dtype == dtype else w.to(dtype)
 
     return _bind(PeftRoraLinear, weight_dropout, ortho_rank, ortho_lambda)
 
@@ -181,7 +151,7 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
     from peft.tuners.lora.layer import Linear as PeftLinear
     from transformers.pytorch_utils import Conv1D
 
-    ref.keep_threshold(weight_dropout)
+    V.check_rora_hparams(weight_dropout, ortho_rank, ortho_lambda)
     hp = (weight_dropout, ortho_rank, ortho_lambda)
     out: Dict[type, type] = {}
     try:
@@ -193,7 +163,7 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
         class PeftRoraLinear4bit(_PeftRoraMixin, peft_bnb.Linear4bit):
             """PEFT's QLoRA 4-bit layer trained with RoRA."""
 
-            _rora_recompute = True
+            _rora_base = BASES["4bit"]
 
             def __init__(self, base_layer, adapter_name, **kwargs):
                 base = _peft_base(base_layer)
@@ -204,13 +174,10 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
                 super().__init__(base_layer, adapter_name, **kwargs)
                 self._rora_setup(basis)
 
-            def _rora_dense_weight(self, dtype):
-                return dense_weight(self.get_base_layer(), dtype)
-
         class PeftRoraLinear8bitLt(_PeftRoraMixin, peft_bnb.Linear8bitLt):
             """PEFT's 8-bit LoRA layer trained with RoRA."""
 
-            _rora_recompute = True
+            _rora_base = BASES["8bit"]
 
             def __init__(self, base_layer, adapter_name, **kwargs):
                 base = _peft_base(base_layer)
@@ -221,15 +188,14 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
                 super().__init__(base_layer, adapter_name, **kwargs)
                 self._rora_setup(basis)
 
-            def _rora_dense_weight(self, dtype):
-                return dense_weight(self.get_base_layer(), dtype)
-
         out[bnb.nn.Linear4bit] = _bind(PeftRoraLinear4bit, *hp)
         out[bnb.nn.Linear8bitLt] = _bind(PeftRoraLinear8bitLt, *hp)
 
     class PeftRoraConv1D(_PeftRoraMixin, PeftLinear):
         """PEFT's LoRA over a GPT-2 ``Conv1D`` (``fan_in_fan_out``) trained with RoRA; the
         mask is on the ``(out, in)`` view of the weight."""
+
+        _rora_base = BASES["conv1d"]
 
         def __init__(self, base_layer, adapter_name, **kwargs):
             base = _peft_base(base_layer)
@@ -244,9 +210,6 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
             basis = self._rora_basis(base.weight.detach().t())
             super().__init__(base_layer, adapter_name, **kwargs)
             self._rora_setup(basis)
-
-        def _rora_dense_weight(self, dtype):
-            return self.get_base_layer().weight.t().to(dtype)
 
     out[Conv1D] = _bind(PeftRoraConv1D, *hp)
     return out
@@ -281,11 +244,7 @@ def register_rora(lora_config, weight_dropout: float = 0.1, ortho_rank: int = 32
     (and bitsandbytes ``Linear4bit``/``Linear8bitLt``, transformers ``Conv1D``).
     Returns the layer class. The values follow :mod:`rora_fast.validation` (finite,
     ``0 <= weight_dropout < 1``, ``ortho_rank >= 1``, ``ortho_lambda >= 0``)."""
-    from . import validation as V
-
-    V.check_number("weight_dropout", weight_dropout, lo=0, hi=1, hi_open=True)
-    V.check_int("ortho_rank", ortho_rank, lo=1)
-    V.check_number("ortho_lambda", ortho_lambda, lo=0)
+    V.check_rora_hparams(weight_dropout, ortho_rank, ortho_lambda)
     cls = make_peft_rora_linear(weight_dropout, ortho_rank, ortho_lambda)
     # bitsandbytes and Conv1D first: PEFT takes the first isinstance match, and
     # bitsandbytes layers are nn.Linear subclasses
@@ -307,30 +266,17 @@ def peft_rora_layers(model: nn.Module):
 def spectral_rescale_peft_(model: nn.Module, layers: Union[int, Sequence[str]] = 3,
                            adapter_name: str = "default") -> Dict[str, float]:
     """Spectral rescaling for a PEFT model built with :func:`register_rora`: sets
-    ``scaling[adapter] = σ_max(W_pre) / σ_max(BA)`` for the chosen layers.
-
-    All or nothing: every chosen layer's scale is computed and checked (the adapter
-    exists, the product is non-zero and finite) before any layer changes; a failure
-    while setting them puts every scale back."""
+    ``scaling[adapter] = σ_max(W_pre) / σ_max(BA)`` for the chosen layers. The same rescale
+    as :func:`rora_fast.spectral_rescale_` (all or nothing), refusing a model without
+    PEFT RoRA layers."""
     rl = dict(peft_rora_layers(model))
     if not rl:
         raise ValueError("the model has no PEFT RoRA layers (use register_rora)")
-    names = select_top_blocks(model, list(rl), layers)
-    new = {}
-    for n in names:
-        layer = rl[n]
-        if adapter_name not in layer.lora_A:
-            raise ValueError(f"{n}: no adapter named {adapter_name!r} (has "
-                             f"{sorted(layer.lora_A.keys())})")
-        sd = sigma_max_lowrank(layer.lora_B[adapter_name].weight,
-                               layer.lora_A[adapter_name].weight)
-        new[n] = rescale_factor(layer.rora_sigma_pre, sd, n)
-    old = {n: rl[n].scaling[adapter_name] for n in names}
-    try:
-        for n, s in new.items():
-            rl[n].scaling[adapter_name] = s
-    except BaseException:
-        for n, s in old.items():
-            rl[n].scaling[adapter_name] = s
-        raise
-    return dict(new)
+    if not any(adapter_name in lay.lora_A for lay in rl.values()):
+        raise ValueError(f"no adapter named {adapter_name!r} in the PEFT RoRA layers")
+    if not isinstance(layers, (int, str)):
+        for n in layers:
+            if n in rl and adapter_name not in rl[n].lora_A:
+                raise ValueError(f"{n}: no adapter named {adapter_name!r} (has "
+                                 f"{sorted(rl[n].lora_A.keys())})")
+    return _rescale(model, layers, adapter_name=adapter_name)

@@ -1,5 +1,4 @@
-"""RoRA over quantized bases (bitsandbytes ``Linear4bit``/``Linear8bitLt``), and the
-recognition of non-dense bases by class name (:func:`base_kind`).
+"""RoRA over quantized bases (bitsandbytes ``Linear4bit``/``Linear8bitLt``).
 
 Quantized bases (QLoRA-style)
 -----------------------------
@@ -41,115 +40,55 @@ Without bitsandbytes, a quantized layer raises ``ImportError`` telling to
 The GPT-2 ``Conv1D`` layer class is in :mod:`rora_fast.conv1d`; which layer class wraps
 which base, and the per-target checks, in :mod:`rora_fast.targets`.
 
-Through PEFT, :func:`rora_fast.register_rora` maps bitsandbytes and ``Conv1D`` bases to
-the layer classes of :func:`rora_fast.peft_integration.peft_custom_modules`, built on the
-helpers here (:func:`dequantize_base`, the saved-weight recompute).
+What a bitsandbytes base is to RoRA (its dequantization, compute dtype, one-pass masked
+weight, descriptor, requantizing merge) is its strategy in :mod:`rora_fast.bases`
+(:class:`~rora_fast.bases.Bnb4bitBase`, :class:`~rora_fast.bases.Bnb8bitBase`); the
+forward and the saved-weight recompute are :mod:`rora_fast.forward`'s, shared with every
+RoRA layer. This module holds the layer class only. Through PEFT,
+:func:`rora_fast.register_rora` maps bitsandbytes and ``Conv1D`` bases to the layer
+classes of :func:`rora_fast.peft_integration.peft_custom_modules`, on the same strategies.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
-from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from . import reference as ref
-from .bases import (QUANT_INSTALL_HINT, _cpu_packed, base_kind,  # noqa: F401 (also public here)
+from .bases import (BASES, QUANT_INSTALL_HINT, base_for, base_kind,  # noqa: F401 (public)
                     check_quant_descriptor, check_saved_quantization, cpu_repack_switches,
-                    quant_descriptor, require_bitsandbytes)
+                    dequantize_4bit_masked, quant_descriptor, require_bitsandbytes)
 from .bases import dense_weight as dequantize_base
 from .layer import RoraLinear
 
 __all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "cpu_repack_switches",
            "check_saved_quantization", "QuantRoraLinear", "dequantize_base",
-           "dequantize_4bit_masked_base",
-           "quant_descriptor", "check_quant_descriptor"]
+           "dequantize_4bit_masked_base", "quant_descriptor", "check_quant_descriptor"]
 
-def dequantize_4bit_masked_base(base: nn.Module, dtype: torch.dtype, seed: int,
-                                p: float) -> torch.Tensor:
-    """``(M ⊙ W) / (1 - p)`` of a bitsandbytes 4-bit layer in one Triton kernel
-    (:func:`rora_fast.kernels.nf4.dequantize_4bit_masked`); equal to
-    ``reference.masked_weight(dequantize_base(base, dtype), seed, p)``."""
-    from .kernels.nf4 import dequantize_4bit_masked
+#: the one-pass dequantize+mask of a 4-bit base (:func:`rora_fast.bases.dequantize_4bit_masked`)
+dequantize_4bit_masked_base = dequantize_4bit_masked
 
-    w = base.weight
-    qs = w.quant_state
-    if _cpu_packed(qs):  # bitsandbytes' CPU layout (the kernel reads the standard one)
-        return ref.masked_weight(dequantize_base(base, dtype), seed, p)
-    packed = w.data.reshape(-1).view(torch.uint8)  # any bnb_4bit_quant_storage dtype
-    kw = dict(nested_code=qs.state2.code, nested_absmax=qs.state2.absmax,
-              nested_blocksize=qs.state2.blocksize, offset=qs.offset) if qs.nested else {}
-    if qs.dtype != dtype:  # dequantize_base rounds to the quant dtype first, then casts
-        W = dequantize_4bit_masked(packed, qs.code, qs.absmax, qs.blocksize, qs.shape,
-                                   out_dtype=qs.dtype, **kw).to(dtype)
-        return ref.masked_weight(W, seed, p)
-    return dequantize_4bit_masked(packed, qs.code, qs.absmax, qs.blocksize, qs.shape,
-                                  seed=seed, p=p, out_dtype=dtype, **kw)
-
-
-class _RecomputeSaved:
-    """Token saved by autograd instead of a dense weight; unpacked by recomputing it."""
-
-    __slots__ = ("fn", "size", "stride", "offset")
-
-    def __init__(self, fn, t: torch.Tensor):
-        self.fn = fn
-        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
-
-
-@contextlib.contextmanager
-def _saved_as_recompute(owner, recompute: Callable[[], torch.Tensor]):
-    """While active, any tensor autograd saves that shares storage with the dense weight
-    produced by ``owner._rora_dense`` (set by the owner's weight hook) is saved as a token,
-    and rebuilt by ``recompute()`` when backward needs it."""
-    def pack(t):
-        W = owner.__dict__.get("_rora_dense")
-        if (W is not None and t.device == W.device and t.dtype == W.dtype
-                and t.untyped_storage().data_ptr() == W.untyped_storage().data_ptr()):
-            return _RecomputeSaved(recompute, t)
-        return t
-
-    def unpack(obj):
-        if isinstance(obj, _RecomputeSaved):
-            W = obj.fn()
-            return W.as_strided(obj.size, obj.stride, obj.offset)
-        return obj
-
-    owner.__dict__["_rora_dense"] = None
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
-    finally:
-        owner.__dict__["_rora_dense"] = None
-
-
-def _compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The dtype a bitsandbytes layer computes in for input ``x`` (as bitsandbytes:
-    ``compute_dtype`` of a Linear4bit when set, else the input's dtype)."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    cd = getattr(base, "compute_dtype", None)
-    return cd if cd is not None else x.dtype
+_SHAPE_ARGS = ("in_features", "out_features", "bias", "_base", "device", "dtype")
 
 
 class QuantRoraLinear(RoraLinear):
-    """RoRA over a bitsandbytes ``Linear4bit`` (NF4/FP4, double quantization on or off)
-    or ``Linear8bitLt`` base, kept quantized (see the module docstring).
+    """RoRA over a base kept as a child module ``base_layer``, quantized: a bitsandbytes
+    ``Linear4bit`` (NF4/FP4, double quantization on or off) or ``Linear8bitLt`` (any
+    :class:`rora_fast.bases.Base` with ``child = True``), see the module docstring.
 
     Build it with :meth:`from_quantized` (or :func:`rora_fast.apply_rora` on a model
     loaded with ``BitsAndBytesConfig``). ``weight``/``bias`` are the base layer's.
     """
 
+    BASE_KINDS = tuple(k for k, b in BASES.items() if b.child)
+
     def __init__(self, base: nn.Module, **kwargs):
-        require_bitsandbytes()
         kind = base_kind(base)
-        if kind not in ("4bit", "8bit"):
+        if kind not in self.BASE_KINDS:
             raise TypeError(f"QuantRoraLinear wraps a bitsandbytes Linear4bit or Linear8bitLt, "
                             f"got {type(base).__name__}")
+        require_bitsandbytes()
         init = kwargs.get("init", "default")
         if init in ("pissa", "olora"):
             raise NotImplementedError(
@@ -159,26 +98,26 @@ class QuantRoraLinear(RoraLinear):
         if kwargs.get("use_dora"):
             raise NotImplementedError("use_dora=True is not supported on a quantized base "
                                       "(use a bf16 base for RoRA-DoRA)")
-        for k in ("in_features", "out_features", "bias", "_base", "device", "dtype"):
+        for k in _SHAPE_ARGS:
             if k in kwargs:
                 raise TypeError(f"QuantRoraLinear takes its shape from the base layer; "
                                 f"unexpected argument {k!r}")
-        # RoraLinear's construction (checks, SVD bases and σ_max of the dequantized W_pre,
-        # adapter init) runs on a transient dense copy, freed on return; afterwards the
-        # layer reads its weight only through the quantized base.
-        W = dequantize_base(base, torch.float32)
-        dense = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
-        dense.weight = nn.Parameter(W, requires_grad=False)
-        super().__init__(W.shape[1], W.shape[0], False, _base=dense, **kwargs)
-        del dense, W
-        del self.weight   # the transient dense parameter
-        del self.bias     # None; both now resolve to the base layer's (see __getattr__)
+        kw = dict(r=8, alpha=16, weight_dropout=0.1, lora_dropout=0.0, ortho_rank=32,
+                  ortho_lambda=10.0, penalty_mode="optimizer", init="default",
+                  use_dora=False, adapter_dtype=None, svd_method="auto",
+                  svd_cache="default", backend=None)
+        unknown = set(kwargs) - set(kw)
+        if unknown:
+            raise TypeError(f"QuantRoraLinear got unexpected arguments {sorted(unknown)}")
+        kw.update(kwargs)
+        nn.Module.__init__(self)
+        self._base = base_for(base)
         self.base_layer = base
-        self.quant_kind = kind
         for p in base.parameters():
             p.requires_grad_(False)
-
-    BASE_KINDS = ("4bit", "8bit")
+        # SVD bases, σ_max and the adapter init from the dequantized W_pre (float32, freed
+        # on return); afterwards the layer reads its weight only through the base layer.
+        self._setup(dequantize_base(base, torch.float32), **kw)
 
     @classmethod
     def from_quantized(cls, layer: nn.Module, r: int = 8, alpha: float = 16,
@@ -193,105 +132,33 @@ class QuantRoraLinear(RoraLinear):
 
     from_base = from_quantized
 
-    def __getattr__(self, name):
-        if name in ("weight", "bias"):
-            base = self.__dict__.get("_modules", {}).get("base_layer")
-            if base is not None:
-                return getattr(base, name)
-        return super().__getattr__(name)
+    @property
+    def base_module(self) -> nn.Module:
+        return self._modules["base_layer"]
+
+    @property
+    def weight(self):
+        """The base layer's (quantized) weight."""
+        return self._modules["base_layer"].weight
+
+    @property
+    def bias(self):
+        """The base layer's bias."""
+        return self._modules["base_layer"].bias
+
+    @property
+    def quant_kind(self) -> str:
+        """``"4bit"`` or ``"8bit"`` (the same as :attr:`base_kind`)."""
+        return self._base.kind
 
     def extra_repr(self) -> str:
-        return f"quant={self.quant_kind}, " + super().extra_repr()
+        return f"quant={self._base.kind}, " + super().extra_repr()
 
-    # ------------------------------------------------------------------ the two hooks
-    def _base_weight(self, cdtype: torch.dtype) -> torch.Tensor:
-        fused = self.__dict__.get("_rora_premask")
-        if fused is not None:  # (seed, p): the masked weight, one kernel (see _quant_forward)
-            W = dequantize_4bit_masked_base(self.base_layer, cdtype, *fused)
-        else:
-            W = dequantize_base(self.base_layer, cdtype)
-        if self.training:  # recognised by the saved-tensor hook (reset when the call ends)
-            self.__dict__["_rora_dense"] = W
-        return W
-
-    # eval: the inherited ``x Wᵀ + b`` on this dequantized W. bitsandbytes' own forward is
-    # never called: on the CPU it would switch the weight to its inference layout, and it
-    # asserts on shapes that layout cannot hold (out_features % 32 != 0).
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        dev = x.device.type
-        cdtype = _compute_dtype(self.base_layer, x)
-        if torch.is_autocast_enabled(dev):
-            with torch.autocast(dev, enabled=False):
-                return self._quant_forward(x.to(cdtype), cdtype)
-        return self._quant_forward(x.to(cdtype), cdtype).to(x.dtype)
-
-    def _use_nf4_kernel(self, x: torch.Tensor) -> bool:
-        """The one-pass dequantize+mask kernel (``rora_fast.kernels.nf4``): opt-in with
-        ``RORA_FAST_NF4_KERNEL=1``, for 4-bit bases with weight dropout, on CUDA (or on
-        CPU tensors under ``TRITON_INTERPRET=1``, for tests)."""
-        if (os.environ.get("RORA_FAST_NF4_KERNEL", "0") != "1" or self.quant_kind != "4bit"
-                or not ref.keep_threshold(self.weight_dropout)):
-            return False
-        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-    def _quant_forward(self, x: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
-        if not self.training:
-            return self._forward(x, cdtype)
-        if not self._use_nf4_kernel(x):
-            with _saved_as_recompute(self, lambda: dequantize_base(self.base_layer, cdtype)):
-                return self._forward(x, cdtype)
-        # The kernel writes the masked weight M ⊙ W / (1 - p) directly: draw the seed as
-        # the layer would, hand the op the masked weight with p = 0 for this call (so it
-        # masks nothing itself and draws no seed), and rebuild it from the same seed in
-        # backward. Bit-identical to the default path (kernel == dequantize + mask).
-        p = self.weight_dropout
-        seed = RoraLinear._draw_seed()  # (p > 0: the kernel is used only with a mask)
-        premask = (seed, p)
-        self.__dict__["_rora_premask"] = premask
-        self.weight_dropout = 0.0
-        try:
-            with _saved_as_recompute(self, lambda: dequantize_4bit_masked_base(
-                    self.base_layer, cdtype, *premask)):
-                return self._forward(x, cdtype)
-        finally:
-            self.weight_dropout = p
-            self.__dict__["_rora_premask"] = None
-
-    # ------------------------------------------------------------------ merging
     def merged_linear(self) -> nn.Module:
         """The base layer with ``s·BA`` merged in and requantized with the same settings
         (PEFT's ``merge_and_unload`` for bitsandbytes layers): rounding changes the
         outputs slightly, and a warning says so."""
-        bnb = require_bitsandbytes()
-        base = self.base_layer
-        warnings.warn(f"merging RoRA into a {self.quant_kind} bitsandbytes layer requantizes "
+        warnings.warn(f"merging RoRA into a {self._base.kind} bitsandbytes layer requantizes "
                       "the weight: outputs may differ slightly due to rounding errors",
                       UserWarning, stacklevel=2)
-        with torch.no_grad():
-            W = dequantize_base(base, torch.float32)
-            merged = (W.to(torch.float64) + self.scaling * (
-                self.lora_B.detach().to(torch.float64, copy=False)
-                @ self.lora_A.detach().to(torch.float64, copy=False))).to(torch.float32)
-            w = base.weight
-            dev = w.device
-            if self.quant_kind == "4bit":
-                kw = {k: v for k, v in w.__dict__.items()
-                      if not k.startswith("_") and k not in ("data", "quant_state", "module")}
-                kw["bnb_quantized"] = False
-                kw["requires_grad"] = False
-                qs = w.quant_state  # (original_dtype: set when bitsandbytes repacked it)
-                dtype = getattr(qs, "original_dtype", None) or qs.dtype
-                new = bnb.nn.Params4bit(merged.to(dtype).cpu(), **kw).to(dev)
-                new.module = base
-                base.weight = new
-            else:
-                new = bnb.nn.Int8Params(merged.to(torch.float16).cpu(), requires_grad=False,
-                                        has_fp16_weights=False).to(dev)
-                base.weight = new
-                state = getattr(base, "state", None)
-                if state is not None:
-                    state.CB = None
-                    state.SCB = None
-        return base
+        return super().merged_linear()

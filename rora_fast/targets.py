@@ -6,15 +6,13 @@ on every target before changing the model."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from . import validation as V
 from .conv1d import RoraConv1D
 from .layer import RoraLinear
-from .bases import QUANT_INSTALL_HINT, base_dims, base_kind, require_bitsandbytes
+from .bases import QUANT_INSTALL_HINT, base_dims, base_for, base_kind
 from .quantized import QuantRoraLinear
 
 __all__ = ["is_rora_target", "target_dims", "check_rora_target", "make_rora_layer",
@@ -86,28 +84,9 @@ def check_rora_target(module: nn.Module, config, name: str) -> None:
     ``Conv1D``'s on its ``(out, in)`` view); a quantized layer needs bitsandbytes
     importable (the install hint otherwise), is quantized already, and uses neither
     PiSSA/OLoRA nor DoRA."""
-    kind = base_kind(module)
     n_in, n_out = target_dims(module)
     V.check_layer_shape(config.r, config.ortho_rank, n_in, n_out, name=name)
-    if kind in ("4bit", "8bit"):
-        require_bitsandbytes()
-        if config.init in ("pissa", "olora") or config.use_dora:
-            what = "use_dora=True" if config.use_dora else f"init={config.init!r}"
-            raise NotImplementedError(f"{name!r}: {what} is not supported on a quantized "
-                                      "(bitsandbytes) base (PiSSA/OLoRA rewrite the base, "
-                                      "DoRA is not implemented for it); use a bf16 base")
-        w = module.weight
-        if (kind == "4bit" and getattr(w, "quant_state", None) is None) or \
-                (kind == "8bit" and w.dtype != torch.int8):
-            raise ValueError(f"{name!r}: the bitsandbytes weight is not quantized yet "
-                             "(load the model with BitsAndBytesConfig or move it to its device)")
-        return
-    w = module.weight.detach().t() if kind == "conv1d" else module.weight
-    if w.dtype in (torch.uint8, torch.int8):
-        raise TypeError(f"{name!r}: the weight is {w.dtype}, a quantized layer that is not a "
-                        "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports bitsandbytes "
-                        f"bases: {QUANT_INSTALL_HINT})")
-    V.check_base_weight(w, name=name)
+    base_for(module).check_target(module, config, name)
 
 
 def compute_dtype_of(module: nn.Module, name: str = "") -> torch.dtype:
@@ -115,11 +94,8 @@ def compute_dtype_of(module: nn.Module, name: str = "") -> torch.dtype:
     and ``Conv1D``, bitsandbytes' ``compute_dtype`` for a 4-bit base. ValueError for a
     base that has none (an 8-bit base computes in its input's dtype, unknown before the
     first call)."""
-    kind = base_kind(module)
-    if kind in ("linear", "conv1d"):
-        return module.weight.dtype
-    cd = getattr(module, "compute_dtype", None)
-    if kind == "4bit" and cd is not None:
+    cd = base_for(module).fixed_compute_dtype(module)
+    if cd is not None:
         return cd
     label = f"{name!r}: " if name else ""
     raise ValueError(f"{label}autocast_adapter_dtype=False needs the base's compute dtype, "

@@ -1,5 +1,8 @@
 """One home for the argument checks of RoRA, shared by :class:`rora_fast.RoraConfig`
-(run in ``__post_init__``, before any model is touched) and :class:`rora_fast.RoraLinear`.
+(run in ``__post_init__``, before any model is touched), :class:`rora_fast.RoraLinear`
+(built directly: the same :func:`check_hparams`), the PEFT entry points
+(:func:`check_rora_hparams`) and the model surgery (:func:`check_layer_shape`,
+:func:`check_base_weight`, per target). The per-call paths trust them.
 
 Rules (a wrong type is a ``TypeError``, a value out of range a ``ValueError``, each
 naming the argument and the value):
@@ -33,7 +36,7 @@ import torch
 
 __all__ = ["PENALTY_MODES", "PENALTY_MODE_ALIASES", "INITS", "SVD_METHODS", "FLOAT_DTYPES", "check_int",
            "check_number", "check_choice", "check_penalty_mode", "check_hparams", "check_layer_shape",
-           "check_base_weight"]
+           "check_base_weight", "check_rora_hparams"]
 
 PENALTY_MODES = ("optimizer", "loss")
 #: Deprecated names still accepted (old saved adapter configs): name -> canonical name.
@@ -116,14 +119,26 @@ def check_hparams(*, r=8, alpha=16, weight_dropout=0.1, lora_dropout=0.0, ortho_
     return mode
 
 
+def check_rora_hparams(weight_dropout, ortho_rank, ortho_lambda) -> None:
+    """The RoRA hyper-parameters of a PEFT layer class (:func:`rora_fast.register_rora`,
+    whose ``LoraConfig`` carries the LoRA ones): the rules of :func:`check_hparams`."""
+    from .reference import keep_threshold
+
+    check_number("weight_dropout", weight_dropout, lo=0, hi=1, hi_open=True)
+    check_int("ortho_rank", ortho_rank, lo=1)
+    check_number("ortho_lambda", ortho_lambda, lo=0)
+    keep_threshold(float(weight_dropout))
+
+
 def check_layer_shape(r, ortho_rank, in_features: int, out_features: int,
                       name: Optional[str] = None) -> None:
-    """``1 <= r <= min(in, out)`` and ``1 <= ortho_rank <= min(in, out)``; ``name`` (a
-    module name) prefixes the message."""
-    check_int("r", r)
-    check_int("ortho_rank", ortho_rank)
+    """``1 <= r <= min(in, out)`` and ``1 <= ortho_rank <= min(in, out)`` (``r`` None:
+    only ``ortho_rank``); ``name`` (a module name) prefixes the message."""
+    pairs = [("ortho_rank", ortho_rank)] if r is None else [("r", r), ("ortho_rank", ortho_rank)]
+    for arg, v in pairs:
+        check_int(arg, v)
     top = min(in_features, out_features)
-    for arg, v in (("r", r), ("ortho_rank", ortho_rank)):
+    for arg, v in pairs:
         if not 1 <= v <= top:
             raise ValueError(f"{_where(name)}{arg} must be in [1, min(in_features, "
                              f"out_features)] = [1, {top}], got {v} (layer shape "

@@ -96,15 +96,15 @@ def train_lm():
 class SharedLoraDropout:
     """RoRA draws its LoRA input dropout from the call's seed
     (``reference.lora_input``), PEFT from torch's generator. To compare the two exactly,
-    RoRA layers' seeds (``RoraLinear._draw_seed``) and the PEFT layers' dropout modules
+    RoRA layers' seeds (``rora_fast.forward.draw_seed``) and the PEFT layers' dropout modules
     take the same numbered seeds, by call order from the last :meth:`restart`; the PEFT
     modules apply RoRA's mask (``functional.lora_dropout_input``)."""
 
     def __init__(self, monkeypatch):
-        from rora_fast import RoraLinear
+        from rora_fast import forward
 
         self.n = 0
-        monkeypatch.setattr(RoraLinear, "_draw_seed", staticmethod(self._next))
+        monkeypatch.setattr(forward, "draw_seed", self._next)
 
     def _next(self, device=None):
         self.n += 1

@@ -15,6 +15,7 @@ peft = pytest.importorskip("peft")
 
 import rora_fast  # noqa: E402
 from rora_fast import conv1d as C  # noqa: E402
+from rora_fast import bases as B  # noqa: E402
 from rora_fast import quantized as Q  # noqa: E402
 from rora_fast import targets as T  # noqa: E402
 from rora_fast.linalg import weight_fingerprint  # noqa: E402
@@ -116,13 +117,13 @@ def test_layer_equals_dense_rora_on_dequantized_weight(kind):
 def test_no_dense_weight_kept_backward_dequantizes_again(kind, monkeypatch):
     layer = Q.QuantRoraLinear.from_quantized(_quant_layer(kind), r=4, ortho_rank=8)
     calls = []
-    real = Q.dequantize_base
+    real = B.dense_weight
 
     def counting(base, dtype=None):
         calls.append(dtype)
         return real(base, dtype)
 
-    monkeypatch.setattr(Q, "dequantize_base", counting)
+    monkeypatch.setattr(B, "dense_weight", counting)  # the one dequantization
     layer.train()
     x = torch.randn(4, 64, requires_grad=True)
     y = layer(x)
@@ -495,14 +496,15 @@ def test_layer_with_the_nf4_kernel_equals_the_default_path(kind, monkeypatch):
     res = []
     for flag in ("0", "1"):
         monkeypatch.setenv("RORA_FAST_NF4_KERNEL", flag)
-        assert layer._use_nf4_kernel(x) == (flag == "1")
+        kernel = layer._base.masked_weight_fn(layer.base_module, x, torch.float32)
+        assert (kernel is not None) == (flag == "1")
         layer.zero_grad()
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(21)
         y = layer(xi)
         y.square().sum().backward()
         res.append((y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
-        assert layer.weight_dropout == 0.2 and layer.__dict__.get("_rora_premask") is None
+        assert layer.weight_dropout == 0.2
     for a, b in zip(*res):
         assert torch.equal(a, b)
 
@@ -580,7 +582,7 @@ def _bnb_repacks_on_this_cpu() -> bool:
     lin.eval()
     with torch.no_grad():
         lin(torch.randn(2, 64))
-    return Q._cpu_packed(lin.weight.quant_state)
+    return B._cpu_packed(lin.weight.quant_state)
 
 
 @pytest.mark.parametrize("kind", ["nf4-dq", "nf4", "fp4-dq", "int8"])
@@ -626,7 +628,7 @@ def test_weight_repacked_by_bitsandbytes_is_read_correctly():
         x = torch.randn(5, 128)
         with torch.no_grad():
             y_bnb = base(x)
-        assert Q._cpu_packed(base.weight.quant_state)
+        assert B._cpu_packed(base.weight.quant_state)
         W1 = Q.dequantize_base(base, torch.float32)
         assert W1.shape == W0.shape
         assert (W1 - W0).abs().max() <= 2 ** -7 * W0.abs().max()  # bf16 absmax

@@ -123,36 +123,14 @@ def parse_seeds(text: str) -> List[int]:
 # ----------------------------------------------------------------------------- post-hoc
 def rescale_peft_lora_(model, layers: int) -> Dict[str, float]:
     """Spectral rescaling of a trained **PEFT** LoRA model, in place: for every LoRA layer of
-    the last ``layers`` transformer blocks, ``scaling = σ_max(W_pre) / σ_max(BA)`` (exact
-    σ_max: ``torch.linalg.matrix_norm(·, 2)`` for the base weight,
-    :func:`rora_fast.sigma_max_lowrank` for the adapter). Returns ``{name: s}``."""
-    import torch
+    the last ``layers`` transformer blocks, ``scaling = σ_max(W_pre) / σ_max(BA)``, by
+    :func:`rora_fast.spectral_rescale_` (σ_max(W_pre) exact from the base weight). Returns
+    ``{name: s}``."""
     import rora_fast
     layers = int(layers)
     if layers < 0:
         raise ValueError(f"layers must be >= 0, got {layers}")
-    mods = [(n, m) for n, m in model.named_modules()
-            if hasattr(m, "lora_A") and hasattr(m, "base_layer") and "default" in m.lora_A]
-    if not mods:
-        raise ValueError("the model has no PEFT LoRA layers")
-    idx = [i for i in (rora_fast.block_index(n) for n, _ in model.named_modules()) if i is not None]
-    if not idx:
-        raise ValueError("cannot find transformer block indices in the module names")
-    first = max(idx) - layers + 1
-    out = {}
-    for n, m in mods:
-        b = rora_fast.block_index(n)
-        if b is None or b < first or layers == 0:
-            continue
-        W = m.base_layer.weight.detach().float()
-        sd = rora_fast.sigma_max_lowrank(m.lora_B["default"].weight.detach().float(),
-                                         m.lora_A["default"].weight.detach().float())
-        if not sd > 0:
-            raise ValueError(f"{n}: cannot rescale, the adapter product BA is zero")
-        s = float(torch.linalg.matrix_norm(W, 2)) / sd
-        m.scaling["default"] = s
-        out[n] = s
-    return out
+    return rora_fast.spectral_rescale_(model, layers, adapter_name="default")
 
 
 def _adapter_path(out_dir: str, rid: str) -> str:

@@ -1,0 +1,233 @@
+"""The one forward of every RoRA layer: :class:`rora_fast.RoraLinear` and its Conv1D and
+quantized subclasses, and the PEFT layers of :mod:`rora_fast.peft_integration`.
+
+:func:`layer_forward` takes the layer's parts as arguments: its *base* (a
+:class:`rora_fast.bases.Base` strategy and the module holding the weight), its adapter
+factors and scale, the weight-dropout ``p``, the LoRA input dropout module and, for DoRA,
+the magnitude. It decides the compute dtype (autocast's, else the base's), runs the eval
+output or the RoRA training op, and casts back. The training op itself is
+:func:`training_forward`: the call's mask seed, the forward count of the penalty hook, and
+:func:`rora_fast.functional.rora_linear`. A base whose dense weight is not kept between
+calls (bitsandbytes) has it rebuilt for backward instead of saved
+(:func:`saved_as_recompute`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import functional as F_rora
+from . import penalty as _penalty
+
+__all__ = ["layer_forward", "training_forward", "count_training_forward", "draw_seed",
+           "saved_as_recompute", "dora_output", "weight_norm"]
+
+_SEED_BUFFER = threading.local()
+
+
+def draw_seed(device: Optional[torch.device] = None):
+    """The seed of one call's masks. Eager: an int from torch's default CPU generator (no
+    device work, no sync). Under ``torch.compile``: a one-element int64 tensor drawn in the
+    graph (no host read, no graph break; see :mod:`rora_fast.functional`), on ``device``
+    when that is a CUDA device (the weight's: then the graph has no CPU op and CUDA graphs
+    can capture it; the seed comes from that device's generator, so compiled and eager
+    masks differ on CUDA), else from the CPU generator like eager."""
+    if torch.compiler.is_compiling():
+        dev = device if device is not None and device.type == "cuda" else "cpu"
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=dev)
+    # Eager: the same draw (``randint`` is ``random_`` on a fresh tensor) into a
+    # per-thread buffer, saving the allocation and argument parsing per call; read
+    # with ``tolist`` (a plain memory read, where ``item`` dispatches one more op).
+    buf = getattr(_SEED_BUFFER, "t", None)
+    if buf is None:
+        buf = _SEED_BUFFER.t = torch.empty(1, dtype=torch.int64)
+    return buf.random_(0, 2**62).tolist()[0]
+
+
+def count_training_forward(layer: nn.Module) -> None:
+    """Count a training forward of a RoRA layer since the last optimizer step; at
+    :data:`rora_fast.penalty.WARN_AFTER_FORWARDS` the penalty hook warns (once) that no
+    optimizer step holds the layer's adapters."""
+    if torch.compiler.is_compiling():
+        return
+    d = layer.__dict__  # (nn.Module.__setattr__ is slow)
+    n = d["_penalty_forwards"] = d.get("_penalty_forwards", 0) + 1
+    if n == _penalty.WARN_AFTER_FORWARDS:
+        _penalty._warn_no_step(layer)
+
+
+class _RecomputeSaved:
+    """Token saved by autograd instead of a dense weight; unpacked by recomputing it."""
+
+    __slots__ = ("fn", "size", "stride", "offset")
+
+    def __init__(self, fn, t: torch.Tensor):
+        self.fn = fn
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+
+
+@contextlib.contextmanager
+def saved_as_recompute(owner, recompute: Callable[[], torch.Tensor]):
+    """While active, any tensor autograd saves that shares storage with the dense weight
+    of this call (``owner.__dict__["_rora_dense"]``, set by :func:`training_forward`) is
+    saved as a token, and rebuilt by ``recompute()`` when backward needs it: what lives
+    between forward and backward is then the quantized weight only."""
+    def pack(t):
+        W = owner.__dict__.get("_rora_dense")
+        if (W is not None and t.device == W.device and t.dtype == W.dtype
+                and t.untyped_storage().data_ptr() == W.untyped_storage().data_ptr()):
+            return _RecomputeSaved(recompute, t)
+        return t
+
+    def unpack(obj):
+        if isinstance(obj, _RecomputeSaved):
+            W = obj.fn()
+            return W.as_strided(obj.size, obj.stride, obj.offset)
+        return obj
+
+    owner.__dict__["_rora_dense"] = None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        owner.__dict__["_rora_dense"] = None
+
+
+def training_forward(layer: nn.Module, x: torch.Tensor, lora_dropout: nn.Module,
+                     weight: Callable[[], torch.Tensor], b: Optional[torch.Tensor],
+                     A: torch.Tensor, B: torch.Tensor, scaling: float, p: float,
+                     backend: Optional[str] = None, need_x_lora: bool = False,
+                     masked_weight: Optional[Callable] = None, recompute: bool = False):
+    """The RoRA training op of one call, all tensors in the compute dtype:
+    ``x (M ⊙ W)ᵀ/(1−p) + b + s x̃ AᵀBᵀ``.
+
+    ``weight()`` gives the dense base weight ``W``; ``masked_weight(seed, p)``, where a base
+    has one (a 4-bit base's one-pass dequantize+mask kernel), gives ``(M ⊙ W)/(1−p)``
+    directly, and the op is then called with ``p = 0`` on it (bit-identical). With
+    ``recompute`` that weight is rebuilt for backward instead of saved.
+
+    The LoRA input ``x̃``: an ``nn.Dropout`` (what RoRA and PEFT layers hold) is drawn by
+    the op itself from the call's seed (:func:`rora_fast.reference.lora_input`, the
+    ``nn.Dropout`` distribution; nothing of ``x̃`` is kept for backward), or, with
+    ``need_x_lora`` (DoRA needs ``x̃`` itself), returned as a differentiable tensor by
+    :func:`rora_fast.functional.lora_dropout_input`; ``nn.Identity`` gives ``x̃ = x``;
+    any other module is called. Returns ``(y, x̃ or None, seed, W)``."""
+    kind = type(lora_dropout)
+    x_lora = None
+    lora_p = 0.0
+    if kind is nn.Dropout:
+        if lora_dropout.training:
+            lora_p = lora_dropout.p
+    elif kind is not nn.Identity:
+        x_lora = lora_dropout(x)
+    if masked_weight is not None and p:
+        seed = draw_seed()
+        get_w = _bind_masked(masked_weight, seed, p)
+        p = 0.0
+    else:
+        get_w = weight
+        seed = draw_seed(x.device) if p or lora_p else 0
+    if lora_p and need_x_lora:
+        x_lora, lora_p = F_rora.lora_dropout_input(x, seed, lora_p), 0.0
+    count_training_forward(layer)
+    if not recompute:
+        W = get_w()
+        y = F_rora.rora_linear(x, x_lora, W, b, A, B, scaling, p, seed, backend=backend,
+                               lora_p=lora_p)
+        return y, x_lora, seed, W
+    with saved_as_recompute(layer, get_w):
+        W = layer.__dict__["_rora_dense"] = get_w()  # recognised by the saved-tensor hook
+        y = F_rora.rora_linear(x, x_lora, W, b, A, B, scaling, p, seed, backend=backend,
+                               lora_p=lora_p)
+    return y, x_lora, seed, W
+
+
+def _bind_masked(masked_weight, seed, p):
+    return lambda: masked_weight(seed, p)
+
+
+def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Row norms of ``W + ΔW`` (DoRA's ‖·‖_c for an out x in weight)."""
+    return torch.linalg.norm(weight.to(delta.dtype) + delta, dim=1)
+
+
+def dora_output(y, b, x, x_lora, W, A, B, scaling, magnitude, cdtype, p, seed, backend):
+    """DoRA on top of ``y = x Ŵᵀ + s x̃ AᵀBᵀ`` (no bias), as PEFT's DoRA layer:
+    ``g = m / ‖W + s·BA‖_row`` (norm detached, undropped ``W``), and
+    ``out = y + (g − 1) ⊙ (x̃ Ŵᵀ + s x̃ AᵀBᵀ) + b``; when ``x̃`` is ``x`` this is
+    ``g ⊙ y + b``. In eval, ``p = 0``."""
+    with torch.no_grad():
+        norm = weight_norm(W, scaling * (B @ A)).to(cdtype)
+    g = magnitude.to(cdtype) / norm
+    if x_lora is x:
+        out = g * y
+    else:
+        inner = F_rora.rora_linear(x_lora, None, W, None, A, B, scaling, p, seed,
+                                   backend=backend)
+        out = y + (g - 1) * inner
+    return out + b if b is not None else out
+
+
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def layer_forward(layer: nn.Module, base, holder: nn.Module, x: torch.Tensor,
+                  A: torch.Tensor, B: torch.Tensor, scaling: float, p: float,
+                  lora_dropout: nn.Module, *, training: bool,
+                  magnitude: Optional[torch.Tensor] = None, strict: bool = False,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """The forward of a RoRA layer: ``base`` (a :class:`rora_fast.bases.Base`) reads the
+    weight and bias of ``holder`` (the layer itself for a dense ``RoraLinear``, the wrapped
+    module otherwise); ``magnitude`` is DoRA's (None: no DoRA).
+
+    Compute dtype: autocast's when autocast is on (the output stays in it), else the
+    base's (:meth:`~rora_fast.bases.Base.compute_dtype`); the input is cast to it and the
+    output cast back to the input's dtype, except with ``strict`` (a dense
+    ``RoraLinear``, like ``nn.Linear``), where an input of another dtype is an error."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        cdtype = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _compute(layer, base, holder, _cast(x, cdtype), A, B, scaling, p,
+                            lora_dropout, training, magnitude, backend, cdtype)
+    cdtype = base.compute_dtype(holder, x)
+    in_dtype = x.dtype
+    if in_dtype != cdtype:
+        if not x.is_floating_point():
+            raise TypeError(f"unsupported input dtype {in_dtype}; expected float32, float16, "
+                            "bfloat16 or float64")
+        if strict:
+            raise TypeError(f"input dtype {in_dtype} does not match the layer's dtype "
+                            f"{cdtype} (cast the input or use torch.autocast)")
+        x = x.to(cdtype)
+    y = _compute(layer, base, holder, x, A, B, scaling, p, lora_dropout, training,
+                 magnitude, backend, cdtype)
+    return y if y.dtype == in_dtype else y.to(in_dtype)
+
+
+def _compute(layer, base, holder, x, A, B, scaling, p, lora_dropout, training, magnitude,
+             backend, cdtype):
+    b = _cast(holder.bias, cdtype)
+    A, B = _cast(A, cdtype), _cast(B, cdtype)
+    if not training:
+        lora = scaling * ((x @ A.t()) @ B.t())
+        W = base.dense_weight(holder, cdtype)
+        if magnitude is None:
+            return nn.functional.linear(x, W, b) + lora
+        y = nn.functional.linear(x, W) + lora
+        return dora_output(y, b, x, x, W, A, B, scaling, magnitude, cdtype, 0.0, 0, backend)
+    dora = magnitude is not None
+    y, x_lora, seed, W = training_forward(
+        layer, x, lora_dropout, lambda: base.dense_weight(holder, cdtype),
+        None if dora else b, A, B, scaling, p, backend=backend, need_x_lora=dora,
+        masked_weight=base.masked_weight_fn(holder, x, cdtype), recompute=base.recompute)
+    if dora:
+        y = dora_output(y, b, x, x if x_lora is None else x_lora, W, A, B, scaling,
+                        magnitude, cdtype, p, seed, backend)
+    return y
