@@ -261,8 +261,9 @@ class Base:
         """The compute dtype known before any call (None: it follows the input)."""
         return module.weight.dtype
 
-    def check_target(self, module: nn.Module, config, name: str) -> None:
-        """Refuse, naming the module, a base this kind cannot adapt with ``config``."""
+    def check_target(self, module: nn.Module, name: str, init: str = "default",
+                     use_dora: bool = False) -> None:
+        """Refuse, naming the module, a base this kind cannot adapt with this variant."""
         w = module.weight
         if w.dtype in (torch.uint8, torch.int8):
             raise TypeError(f"{name!r}: the weight is {w.dtype}, a quantized layer that is not "
@@ -339,12 +340,12 @@ class BnbBase(Base):
     def fixed_compute_dtype(self, module):
         return getattr(module, "compute_dtype", None)
 
-    def check_target(self, module, config, name):
-        """bitsandbytes importable, the weight quantized already, and neither PiSSA/OLoRA
-        (they rewrite the base) nor DoRA."""
+    def check_target(self, module, name, init="default", use_dora=False):
+        """bitsandbytes importable, neither PiSSA/OLoRA (they rewrite the base into a
+        residual, which would have to be requantized) nor DoRA, the weight quantized."""
         require_bitsandbytes()
-        if config.init in ("pissa", "olora") or config.use_dora:
-            what = "use_dora=True" if config.use_dora else f"init={config.init!r}"
+        if init in ("pissa", "olora") or use_dora:
+            what = "use_dora=True" if use_dora else f"init={init!r}"
             raise NotImplementedError(f"{name!r}: {what} is not supported on a quantized "
                                       "(bitsandbytes) base (PiSSA/OLoRA rewrite the base, "
                                       "DoRA is not implemented for it); use a bf16 base")

@@ -21,6 +21,7 @@ from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: p
 from .config import RoraConfig
 from .layer import RoraLinear
 from .linalg import rescale_factor, sigma_max_lowrank
+from .variants import START_INITS, has_start_factors
 from .bases import base_for, cpu_repack_switches
 from .targets import (check_rora_target, compute_dtype_of,  # bnb, Conv1D
                       default_target_modules, is_rora_target, make_rora_layer)
@@ -222,7 +223,7 @@ def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
         for name in chosen}
     # PiSSA/OLoRA rewrite the base weight in place: keep copies to undo that
     rewritten = [model.get_submodule(n).weight for n in chosen] \
-        if config.init in ("pissa", "olora") else []
+        if config.init in START_INITS else []
     # bitsandbytes must not rewrite the frozen 4-bit layers at an eval forward (on the CPU)
     repack = cpu_repack_switches(model)
     with all_or_nothing(model, rewritten, [(model, "rora_config"), *repack]):
@@ -311,7 +312,7 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
             A, B = pl[n].lora_A[adapter_name].weight, pl[n].lora_B[adapter_name].weight
             new[n] = rescale_factor(_peft_sigma_pre(pl[n]), sigma_max_lowrank(B, A), n)
     ours = [n for n in names if n in rl]
-    rewritten = [rl[n].weight for n in ours if getattr(rl[n], "lora_A0", None) is not None]
+    rewritten = [rl[n].weight for n in ours if has_start_factors(rl[n])]
     attrs = [a for n in ours for a in layer_attrs(rl[n])]
     old_peft = {n: pl[n].scaling[adapter_name] for n in names if n not in rl}
     out = {}

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from . import validation as V
+from . import variants
 from .atomic import (AdapterIntegrityError, _bytes_checksum, _prepare_read,  # noqa: F401
                      _read_locked, _read_safetensors, _verify_checksums, atomic_write_dir,
                      recover, tensor_checksum)
@@ -76,7 +77,7 @@ def _layer_tensors(layer: RoraLinear) -> Dict[str, torch.Tensor]:
     t = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
     if layer.lora_magnitude is not None:
         t["lora_magnitude"] = layer.lora_magnitude
-    if getattr(layer, "lora_A0", None) is not None:
+    if variants.has_start_factors(layer):
         t["lora_A0"] = layer.lora_A0
         t["lora_B0"] = layer.lora_B0
     return t
@@ -102,7 +103,7 @@ def save_rora(model: nn.Module, path: Union[str, Path]) -> Path:
                       "rescaled": layer.rescaled}
         if quant_descriptor(layer) is not None:  # bitsandbytes base: checked on load
             meta[name]["quantization"] = quant_descriptor(layer)
-        if getattr(layer, "lora_A0", None) is not None:
+        if variants.has_start_factors(layer):
             # PiSSA/OLoRA: the base is W_pre − init_scaling·B₀A₀ (moves when rescaled)
             meta[name]["init_scaling"] = layer.init_scaling
     for name, p in _extra_trainable(model).items():
@@ -228,7 +229,7 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
             out = {"lora_A": (r, fin), "lora_B": (fout, r)}
             if saved_cfg.use_dora:
                 out["lora_magnitude"] = (fout,)
-            if saved_cfg.init in ("pissa", "olora"):
+            if saved_cfg.init in variants.START_INITS:
                 out["lora_A0"], out["lora_B0"] = (r, fin), (fout, r)
             return out
 
@@ -251,8 +252,8 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     existing = dict(rora_layers(model))
     written = [t for lay in existing.values() for t in _layer_tensors(lay).values()]
     written += [lay.weight for lay in existing.values()
-                if getattr(lay, "lora_A0", None) is not None]
-    if have is None and saved_cfg.init in ("pissa", "olora"):
+                if variants.has_start_factors(lay)]
+    if have is None and saved_cfg.init in variants.START_INITS:
         # apply_rora below rewrites these base weights in place (PiSSA/OLoRA residual)
         written += [getattr(model.get_submodule(n), "weight", None) for n in chosen]
     params = dict(model.named_parameters())  # names of non-RoRA modules survive wrapping
@@ -282,7 +283,7 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                     dst.copy_(tensors[f"rora.{name}.{k}"])
                 layer.scaling = float(m["scaling"])
                 layer.rescaled = bool(m["rescaled"])
-                if getattr(layer, "lora_A0", None) is not None and "init_scaling" in m:
+                if variants.has_start_factors(layer) and "init_scaling" in m:
                     # rebuild the saved base W_pre − s₀'·B₀A₀ from this one, W_pre − s₀·B₀A₀
                     layer._refold_start_(float(m["init_scaling"]))
             for key, src in tensors.items():
@@ -310,7 +311,7 @@ def export_peft_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     layers = dict(rora_layers(model))
     if config is None or not layers:
         raise ValueError("the model has no RoRA layers (call apply_rora first)")
-    variant = config.init in ("pissa", "olora")
+    variant = config.init in variants.START_INITS
     if variant and config.use_dora:
         raise NotImplementedError("export of DoRA combined with PiSSA/OLoRA init is not "
                                   "supported")
@@ -318,12 +319,7 @@ def export_peft_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     alpha_out = float(r_out)  # PEFT scaling 1; the real scale is folded into lora_B
     tensors = {}
     for name, layer in layers.items():
-        with torch.no_grad():
-            A = layer.lora_A.detach().float()
-            B = layer.lora_B.detach().float() * layer.scaling
-            if variant:
-                A = torch.cat([A, layer.lora_A0.float()], 0)
-                B = torch.cat([B, -layer.init_scaling * layer.lora_B0.float()], 1)
+        A, B = variants.export_factors(layer)
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = A.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B.contiguous()

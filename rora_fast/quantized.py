@@ -88,16 +88,8 @@ class QuantRoraLinear(RoraLinear):
         if kind not in self.BASE_KINDS:
             raise TypeError(f"QuantRoraLinear wraps a bitsandbytes Linear4bit or Linear8bitLt, "
                             f"got {type(base).__name__}")
-        require_bitsandbytes()
-        init = kwargs.get("init", "default")
-        if init in ("pissa", "olora"):
-            raise NotImplementedError(
-                f"init={init!r} is not supported on a quantized base: it rewrites the base "
-                "weight into a residual, which would have to be requantized (use "
-                "init='default' or 'gaussian', or a bf16 base)")
-        if kwargs.get("use_dora"):
-            raise NotImplementedError("use_dora=True is not supported on a quantized base "
-                                      "(use a bf16 base for RoRA-DoRA)")
+        base_for(base).check_target(base, type(base).__name__, kwargs.get("init", "default"),
+                                    kwargs.get("use_dora", False))
         for k in _SHAPE_ARGS:
             if k in kwargs:
                 raise TypeError(f"QuantRoraLinear takes its shape from the base layer; "

@@ -26,7 +26,8 @@ from torch import nn
 from .forward import weight_norm
 from .linalg import sigma_max_lowrank
 
-__all__ = ["START_INITS", "init_factors_", "start_factors", "update_factors",
+__all__ = ["START_INITS", "init_factors_", "init_magnitude", "has_start_factors",
+           "export_factors", "start_factors", "update_factors",
            "sigma_update", "refold_start_", "delta_weight", "merged_weight",
            "add_scaled_product_"]
 
@@ -87,6 +88,24 @@ def init_magnitude(layer: nn.Module, W: torch.Tensor) -> Optional[nn.Parameter]:
     with torch.no_grad():
         norm = weight_norm(W, layer.scaling * (layer.lora_B @ layer.lora_A).detach())
     return nn.Parameter(norm.to(layer.lora_A.dtype))
+
+
+def has_start_factors(layer: nn.Module) -> bool:
+    """Whether the layer started from PiSSA/OLoRA factors (its base is the residual)."""
+    return getattr(layer, "lora_A0", None) is not None
+
+
+def export_factors(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(A', B')`` in float32 with ``B'A'`` the layer's whole change to ``W_pre`` and its
+    scale folded into ``B'``: ``(A, s·B)``, or, for PiSSA/OLoRA (whose base is the
+    residual), the rank-2r ``([A; A₀], [s·B, −s₀·B₀])`` = ``s·BA − s₀·B₀A₀``."""
+    with torch.no_grad():
+        A = layer.lora_A.detach().float()
+        B = layer.lora_B.detach().float() * layer.scaling
+        if has_start_factors(layer):
+            A = torch.cat([A, layer.lora_A0.float()], 0)
+            B = torch.cat([B, -layer.init_scaling * layer.lora_B0.float()], 1)
+    return A, B
 
 
 def start_factors(layer: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

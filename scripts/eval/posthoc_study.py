@@ -245,9 +245,12 @@ def rescale_state_(model, depth: int, modules: str) -> Dict[str, float]:
 
 def run_cell_seed(cell: str, seed: int, variants: Sequence[str], out_dir: str,
                   cache_dir: Optional[str], seeds_dir: str, harness_check: bool = True,
-                  on_result=None, task: Optional[str] = None) -> List[Dict]:
+                  on_result=None, task: Optional[str] = None,
+                  rora_dir: Optional[str] = None) -> List[Dict]:
     """Every not yet finished ``variant`` of (cell, seed): loads each base adapter once,
-    then one encoder state (depth, modules) at a time; writes one JSON per variant."""
+    then one encoder state (depth, modules) at a time; writes one JSON per variant.
+    ``rora_dir``: take the ``rora`` run from this seeds folder instead (a retrained
+    variant, e.g. ``retrain-study/ep12-sst2_sentence``); ``lora`` stays ``seeds_dir``'s."""
     import rora_fast
     from rora_fast.evaluation.attacks import get_attack
     from rora_fast.evaluation.bias import _spec_from
@@ -260,11 +263,13 @@ def run_cell_seed(cell: str, seed: int, variants: Sequence[str], out_dir: str,
     if not todo:
         log(f"{cell} seed {seed}: all {len(variants)} variants finished, skipped")
         return done
-    runs = committed_runs(seeds_dir, seed)
+    dirs = {"lora": seeds_dir, "rora": rora_dir or seeds_dir}
     for base in ("lora", "rora"):
         vs = [v for v in todo if VARIANTS[v]["base"] == base]
         if not vs:
             continue
+        seeds_dir = dirs[base]
+        runs = committed_runs(seeds_dir, seed)
         if base not in runs:
             raise ValueError(f"{seeds_dir}: no committed {base} run of seed {seed} with an adapter")
         run = runs[base]
@@ -587,6 +592,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="all")
     ap.add_argument("--out", default=os.path.join(ROOT, DEFAULT_OUT))
     ap.add_argument("--cache-dir", default=None, help="poisoned-model cache (harness default)")
+    ap.add_argument("--rora-dir", action="append", default=[], metavar="CELL=DIR",
+                    help="take the cell's rora runs from this seeds folder (a retrained "
+                         "variant; repeatable, one per cell); lora stays the committed one")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--commit", action="store_true", help="git commit the out folder after "
                                                           "each result")
@@ -602,6 +610,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from rora_fast.evaluation.seeds import parse_seeds
+    from rora_fast.evaluation.seeds import run_files as _run_files
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     if args.aggregate_only:
@@ -612,6 +621,12 @@ def main(argv=None) -> int:
         if c not in CELLS:
             raise SystemExit(f"unknown cell {c!r}; choose from {', '.join(CELLS)}")
     variants = parse_variants(args.variants)
+    rora_dirs = {}
+    for item in args.rora_dir:
+        cell, sep, d = item.partition("=")
+        if not sep or cell not in CELLS or not os.path.isdir(d):
+            raise SystemExit(f"--rora-dir wants CELL=DIR with an existing DIR, got {item!r}")
+        rora_dirs[cell] = os.path.abspath(d)
     cache = args.cache_dir
     mismatch = []
 
@@ -630,8 +645,14 @@ def main(argv=None) -> int:
                 log(f"stop-at {args.stop_at} reached: not starting {cell} seed {seed}")
                 return 0
             t0 = time.time()
+            if cell in rora_dirs and not any(
+                    r.get("kind") == "defence" and r["spec"]["seed"] == seed
+                    for _, r in _run_files(rora_dirs[cell])):
+                log(f"{cell} seed {seed}: no run in {rora_dirs[cell]} yet, skipped")
+                continue
             run_cell_seed(cell, seed, variants, out, cache, os.path.join(ROOT, CELLS[cell]),
-                          on_result=on_result, harness_check=not args.no_harness_check)
+                          on_result=on_result, harness_check=not args.no_harness_check,
+                          rora_dir=rora_dirs.get(cell))
             log(f"{cell} seed {seed}: {time.time() - t0:.0f} s")
             if mismatch and not args.no_stop_on_mismatch:
                 log(f"reproduction mismatch {mismatch}: stopping")
