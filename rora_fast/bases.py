@@ -193,13 +193,7 @@ def quant_descriptor(layer: nn.Module) -> Optional[dict]:
     bfloat16)."""
     base = getattr(layer, "base_layer", layer)
     kind = base_kind(base)
-    if kind == "4bit":
-        w = base.weight
-        return {"kind": "bnb-4bit", "quant_type": str(w.quant_type),
-                "blocksize": int(w.blocksize), "double_quant": bool(w.compress_statistics)}
-    if kind == "8bit":
-        return {"kind": "bnb-8bit"}
-    return None
+    return None if kind is None else BASES[kind].descriptor(base)
 
 
 def check_quant_descriptor(name: str, layer: nn.Module, saved: Optional[dict]) -> None:
@@ -359,12 +353,15 @@ class BnbBase(Base):
         cd = getattr(holder, "compute_dtype", None)
         return cd if cd is not None else x.dtype
 
-    def descriptor(self, holder):
-        return quant_descriptor(holder)
 
 
 class Bnb4bitBase(BnbBase):
     kind = "4bit"
+
+    def descriptor(self, holder):
+        w = holder.weight
+        return {"kind": "bnb-4bit", "quant_type": str(w.quant_type),
+                "blocksize": int(w.blocksize), "double_quant": bool(w.compress_statistics)}
 
     def masked_weight_fn(self, holder, x, dtype):
         """The one-pass dequantize+mask kernel (``rora_fast.kernels.nf4``): opt-in with
@@ -396,6 +393,9 @@ class Bnb4bitBase(BnbBase):
 
 class Bnb8bitBase(BnbBase):
     kind = "8bit"
+
+    def descriptor(self, holder):
+        return {"kind": "bnb-8bit"}
 
     def store_merged(self, holder, merged):
         bnb = require_bitsandbytes()

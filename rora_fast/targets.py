@@ -114,7 +114,7 @@ def make_rora_layer(module: nn.Module, name: str = "", config=None, **kwargs) ->
     kw = dict(config.layer_kwargs()) if config is not None else {}
     kw.update(kwargs)
     kind = base_kind(module)
-    if kind in ("4bit", "8bit"):
+    if kind in QuantRoraLinear.BASE_KINDS:  # bases kept as a child module (bitsandbytes)
         return QuantRoraLinear.from_quantized(module, **kw)
     if kind == "conv1d":
         return RoraConv1D.from_conv1d(module, **kw)
