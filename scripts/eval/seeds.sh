@@ -32,21 +32,7 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 cd "$RUN_TREE"
 python -c 'import rora_fast, sys; print("rora_fast from", rora_fast.__file__, file=sys.stderr)'
 
-commit() {  # folder message
-  local dir=$1 msg=$2
-  if [ "$RUN_TREE" != "$RESULT_TREE" ]; then
-    mkdir -p "$RESULT_TREE/$dir"
-    (cd "$RUN_TREE/$dir" && find . -type f ! -name '.*.rora-tmp-*' -print0 \
-      | xargs -0 -I{} cp --parents {} "$RESULT_TREE/$dir/")
-  fi
-  if [ "${COMMIT:-0}" = "1" ] && [ -n "$(cd "$RESULT_TREE" && git status --porcelain -- "$dir")" ]; then
-    for i in $(seq 1 20); do
-      if [ -e "$RESULT_TREE/.git/index.lock" ]; then sleep 3; continue; fi
-      (cd "$RESULT_TREE" && git add -- "$dir" && git commit -q -m "$msg" -- "$dir") && break
-      sleep 3
-    done
-  fi
-}
+. "$HERE/scripts/eval/commit_results.sh"
 
 for item in $QUEUE; do
   task=${item%%:*}; seed=${item##*:}
