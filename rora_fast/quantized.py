@@ -51,6 +51,7 @@ classes of :func:`rora_fast.peft_integration.peft_custom_modules`, on the same s
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -70,6 +71,9 @@ __all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "cpu_repac
 dequantize_4bit_masked_base = dequantize_4bit_masked
 
 _SHAPE_ARGS = ("in_features", "out_features", "bias", "_base", "device", "dtype")
+#: RoraLinear's keyword arguments and defaults, but those of a dense base's shape
+_SETUP_DEFAULTS = {k: p.default for k, p in inspect.signature(RoraLinear.__init__).parameters.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _SHAPE_ARGS}
 
 
 class QuantRoraLinear(RoraLinear):
@@ -94,10 +98,7 @@ class QuantRoraLinear(RoraLinear):
             if k in kwargs:
                 raise TypeError(f"QuantRoraLinear takes its shape from the base layer; "
                                 f"unexpected argument {k!r}")
-        kw = dict(r=8, alpha=16, weight_dropout=0.1, lora_dropout=0.0, ortho_rank=32,
-                  ortho_lambda=10.0, penalty_mode="optimizer", init="default",
-                  use_dora=False, adapter_dtype=None, svd_method="auto",
-                  svd_cache="default", backend=None)
+        kw = dict(_SETUP_DEFAULTS)
         unknown = set(kwargs) - set(kw)
         if unknown:
             raise TypeError(f"QuantRoraLinear got unexpected arguments {sorted(unknown)}")
