@@ -24,6 +24,11 @@ class RoraConv1D(RoraLinear):
     stored ``(in, out)``). ``weight`` is the ``(out, in)`` view of the Conv1D's storage."""
 
     BASE_KINDS = ("conv1d",)
+    # its strategy is the inherited LinearBase: ``weight`` is a dense (out, in) view
+
+    @property
+    def base_kind(self) -> str:
+        return "conv1d"
 
     @classmethod
     def from_conv1d(cls, conv: nn.Module, r: int = 8, alpha: float = 16,

@@ -540,6 +540,9 @@ def test_from_linear_dispatches_quantized_and_conv1d_bases():
     assert isinstance(q8, Q.QuantRoraLinear) and q8.quant_kind == "8bit"
     c = rora_fast.RoraLinear.from_linear(Conv1D(24, 16), r=2, ortho_rank=4)
     assert isinstance(c, C.RoraConv1D) and c.weight.shape == (24, 16)
+    # one name for the kind of base, on every layer class
+    lin = rora_fast.RoraLinear.from_linear(nn.Linear(16, 24), r=2, ortho_rank=4)
+    assert [x.base_kind for x in (lin, c, q, q8)] == ["linear", "conv1d", "4bit", "8bit"]
 
 
 def test_apply_rora_refusals_leave_the_model_unchanged(tiny_llama, monkeypatch):
