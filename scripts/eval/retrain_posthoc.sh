@@ -21,7 +21,7 @@ for v in $VARIANTS; do
   [ -z "$cells" ] && continue
   echo "== $(date -u +%H:%M:%S) $v: $cells" >&2
   python scripts/eval/posthoc_study.py --cells "$cells" --seeds "$SEEDS" \
-    --variants lora,rora@top0,rora@top1,rora@top2,rora@top3 $dirs \
+    --variants "${PH_VARIANTS:-lora,rora@top0,rora@top1,rora@top2,rora@top3,rora@top2+head,rora@top3+head}" $dirs \
     --out "$REL/posthoc-$v" --cache-dir "${RORA_FAST_POISON_CACHE:-$HOME/.cache/rora_fast/poisoned}" \
     --threads "${THREADS:-2}" $commit || echo "!! $v failed" >&2
 done

@@ -40,7 +40,11 @@ TRAINING = {
 }
 DEPTH = {"rora@top0": "no rescaling (variant)", "rora@top1": "top 1 block = 1/8 of depth "
          "(paper-faithful)", "rora@top2": "top 2 blocks (variant)",
-         "rora@top3": "top 3 blocks (library default)"}
+         "rora@top3": "top 3 blocks (library default)",
+         "rora@top2+head": "top 2 blocks, then the head re-fit on clean train rows (variant, "
+                           "opt-in)",
+         "rora@top3+head": "top 3 blocks, then the head re-fit on clean train rows (variant, "
+                           "opt-in)"}
 
 
 def _load(path: str) -> Dict:
@@ -176,7 +180,8 @@ def plot(s: Dict, path: str) -> None:
     axes = [axes] if len(cells) <= 1 else list(axes)
     marks = {"default": "o", "lam-mean": "s", "lam1": "^", "ep12": "D"}
     colors = {"rora@top0": "0.6", "rora@top1": "tab:green", "rora@top2": "tab:orange",
-              "rora@top3": "tab:red"}
+              "rora@top3": "tab:red", "rora@top2+head": "tab:purple",
+              "rora@top3+head": "tab:brown"}
     for ax, (cell, c) in zip(axes, cells):
         L = c["lora"]
         ax.axvline(L["CA"]["mean"] - 1, color="k", lw=0.8, ls="--", label="LoRA CA − 1")
