@@ -64,6 +64,30 @@ def sources() -> Dict[str, Dict]:
     return out
 
 
+def scales(train: str) -> Dict[tuple, Dict]:
+    """``{(cell, variant): {"s_median", "multiplier_median", "n_modules"}}`` over the seeds
+    of a posthoc folder's run files: the median over seeds of each seed's median rescaled
+    ``s`` and of its median ``s / (α/r)`` (the factor the update was multiplied by)."""
+    folder = os.path.join(REL, "posthoc-study") if train == "default" else \
+        os.path.join(STUDY, f"posthoc-{train}")
+    by: Dict[tuple, List[Dict]] = {}
+    runs = os.path.join(folder, "runs")
+    for f in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        if f.endswith(".json"):
+            r = _load(os.path.join(runs, f))
+            if r.get("rescale"):
+                by.setdefault((r["cell"], r["variant"]), []).append(r)
+    out = {}
+    for key, rs in by.items():
+        out[key] = {"seeds": sorted(r["seed"] for r in rs),
+                    "s_median": round(statistics.median(
+                        statistics.median(r["rescale"].values()) for r in rs), 2),
+                    "multiplier_median": round(statistics.median(
+                        r["scale_multiplier_median"] for r in rs), 2),
+                    "n_modules": statistics.median(len(r["rescale"]) for r in rs)}
+    return out
+
+
 def _per_seed(st: Dict) -> Dict[int, Dict]:
     return {int(s): m for s, m in st["per_seed"].items()}
 
@@ -72,6 +96,7 @@ def summarise() -> Dict:
     from rora_fast.evaluation.seeds import mean_ci
 
     src = sources()
+    sc = {t: scales(t) for t in src}
     cells = {}
     for cell, title in CELLS.items():
         lora = None
@@ -100,6 +125,8 @@ def summarise() -> Dict:
                        "training_change": TRAINING[train][1], "depth": v,
                        "depth_label": DEPTH[v], "seeds": seeds,
                        **{k: mean_ci([ps[s][k] for s in seeds]) for k in KEYS}}
+                if (cell, v) in sc[train]:
+                    row["scales"] = sc[train][(cell, v)]
                 for name, ref in (("lora", lora), ("default", default)):
                     if ref is None or (train == "default" and v == "rora@top3"
                                        and name == "default"):
@@ -152,17 +179,19 @@ def markdown(s: Dict) -> str:
                 f"LoRA (reference), seeds {c['lora']['seeds']}: CA {_f(c['lora']['CA'])}, "
                 f"ASR {_f(c['lora']['ASR'])}, floor {_f(c['lora']['ASR_floor'])}.", "",
                 "| training | rescaling | seeds | CA | ASR | floor | CA − LoRA | CA − default "
-                "| ASR − default | targets CA/ASR/floor (miss by) |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| ASR − default | s median (× α/r) | targets CA/ASR/floor (miss by) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in c["rows"]:
             t = r.get("targets")
             tt = "" if t is None else "/".join(
                 "Y" if t[k]["met"] else f"n ({t[k]['miss_by']})" for k in ("CA", "ASR", "floor"))
             md = r.get("minus_default", {})
+            scl = r.get("scales")
+            sct = "" if not scl else f"{scl['s_median']} (×{scl['multiplier_median']})"
             out.append(f"| {r['training']} | {r['depth']} | {','.join(map(str, r['seeds']))} | "
                        f"{_f(r['CA'])} | {_f(r['ASR'])} | {_f(r['ASR_floor'])} | "
                        f"{_f(r.get('minus_lora', {}).get('CA'))} | {_f(md.get('CA'))} | "
-                       f"{_f(md.get('ASR'))} | {tt} |")
+                       f"{_f(md.get('ASR'))} | {sct} | {tt} |")
         met = [r for r in c["rows"] if r.get("targets", {}).get("all_met")]
         out += ["", "Rows meeting all three targets: " + (", ".join(
             f"{r['training']} {r['depth']} (seeds {r['seeds']})" for r in met) or "none") + "."]
