@@ -646,9 +646,10 @@ def main(argv=None) -> int:
                 return 0
             t0 = time.time()
             if cell in rora_dirs and not any(
-                    r.get("kind") == "defence" and r["spec"]["seed"] == seed
+                    r.get("kind") == "defence" and r["spec"]["seed"] == seed and r.get("adapter")
                     for _, r in _run_files(rora_dirs[cell])):
-                log(f"{cell} seed {seed}: no run in {rora_dirs[cell]} yet, skipped")
+                log(f"{cell} seed {seed}: no run with a saved adapter in {rora_dirs[cell]} "
+                    "(not yet, or reused without one), skipped")
                 continue
             run_cell_seed(cell, seed, variants, out, cache, os.path.join(ROOT, CELLS[cell]),
                           on_result=on_result, harness_check=not args.no_harness_check,
