@@ -198,6 +198,46 @@ def markdown(s: Dict) -> str:
     return "\n".join(out) + "\n"
 
 
+BEGIN, END = "<!-- retrain:begin -->", "<!-- retrain:end -->"
+
+
+def results_block(s: Dict) -> str:
+    """The compact table docs/results.md carries (between its retrain markers): every
+    training x the rescaling depths that remove the trigger (top 2, top 3, with and without
+    the head re-fit), with the targets."""
+    keep = ("rora@top2", "rora@top3", "rora@top2+head", "rora@top3+head")
+    out = ["| cell | training | rescaling | seeds | CA | ASR | floor | CA − LoRA | s / (α/r) "
+           "| targets CA/ASR/floor (miss by) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for cell, c in s["cells"].items():
+        for r in c["rows"]:
+            if r["depth"] not in keep:
+                continue
+            t = r.get("targets")
+            tt = "" if t is None else "/".join(
+                "Y" if t[k]["met"] else f"n ({t[k]['miss_by']})" for k in ("CA", "ASR", "floor"))
+            sc = r.get("scales")
+            out.append(f"| {c['title'].split(',')[0]} | {r['training']} | "
+                       f"{r['depth'].split('@')[1]} | {len(r['seeds'])} | {_f(r['CA'])} | "
+                       f"{_f(r['ASR'])} | {_f(r['ASR_floor'])} | "
+                       f"{_f(r.get('minus_lora', {}).get('CA'))} | "
+                       f"{'' if not sc else sc['multiplier_median']} | {tt} |")
+    return "\n".join(out)
+
+
+def update_results_md(s: Dict, path: str) -> bool:
+    """Replace the block between the retrain markers of docs/results.md (atomically);
+    False where the file has no markers."""
+    from rora_fast.atomic import write_text
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        return False
+    a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
+    write_text(path, text[:a] + "\n" + results_block(s) + "\n" + text[b:])
+    return True
+
+
 def plot(s: Dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -240,6 +280,7 @@ def main() -> int:
     write_json(os.path.join(STUDY, "summary.json"), s)
     write_text(os.path.join(STUDY, "summary.md"), markdown(s))
     plot(s, os.path.join(STUDY, "summary.png"))
+    update_results_md(s, os.path.join(ROOT, "docs", "results.md"))
     print(os.path.join(STUDY, "summary.md"))
     return 0
 
