@@ -29,6 +29,7 @@ wraps) in :data:`BASES`.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -263,7 +264,7 @@ class Base:
             raise TypeError(f"{name!r}: the weight is {w.dtype}, a quantized layer that is not "
                             "a bitsandbytes Linear4bit/Linear8bitLt (RoRA supports "
                             f"bitsandbytes bases: {QUANT_INSTALL_HINT})")
-        V.check_base_weight(w.detach().t() if self.kind == "conv1d" else w, name=name)
+        V.check_base_weight(self.dense_weight(module, w.dtype).detach(), name=name)
 
     def masked_weight_fn(self, holder: nn.Module, x: torch.Tensor, dtype: torch.dtype):
         """``(seed, p) -> (M ⊙ W)/(1−p)`` in one pass where the base has such a kernel for
@@ -367,8 +368,6 @@ class Bnb4bitBase(BnbBase):
         """The one-pass dequantize+mask kernel (``rora_fast.kernels.nf4``): opt-in with
         ``RORA_FAST_NF4_KERNEL=1``, on CUDA (or on CPU tensors under
         ``TRITON_INTERPRET=1``, for tests); bit-identical to dequantize then mask."""
-        import os
-
         if os.environ.get("RORA_FAST_NF4_KERNEL", "0") != "1":
             return None
         if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):

@@ -296,7 +296,11 @@ class RoraLinear(nn.Module):
         residual ``W_pre − s₀B₀A₀``) absorbs ``(s₀ − s)·B₀A₀`` so that the layer is still
         ``base + scaling·BA``.
         """
-        s_new = rescale_factor(self.sigma_pre, self.sigma_delta())
+        return self._set_rescaled_(rescale_factor(self.sigma_pre, self.sigma_delta()))
+
+    def _set_rescaled_(self, s_new: float) -> float:
+        """Apply a checked rescaling factor (:meth:`spectral_rescale_` computes it;
+        :func:`rora_fast.spectral_rescale_` has computed it while checking every layer)."""
         self._refold_start_(s_new)
         self.scaling = s_new
         self.rescaled = True

@@ -320,10 +320,7 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
         try:
             for n in names:
                 if n in rl:
-                    try:
-                        out[n] = rl[n].spectral_rescale_()
-                    except ValueError as e:
-                        raise ValueError(f"{n}: {e}") from None
+                    out[n] = rl[n]._set_rescaled_(new[n])
                 else:
                     pl[n].scaling[adapter_name] = out[n] = new[n]
         except BaseException:

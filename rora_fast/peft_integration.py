@@ -244,7 +244,6 @@ def register_rora(lora_config, weight_dropout: float = 0.1, ortho_rank: int = 32
     (and bitsandbytes ``Linear4bit``/``Linear8bitLt``, transformers ``Conv1D``).
     Returns the layer class. The values follow :mod:`rora_fast.validation` (finite,
     ``0 <= weight_dropout < 1``, ``ortho_rank >= 1``, ``ortho_lambda >= 0``)."""
-    V.check_rora_hparams(weight_dropout, ortho_rank, ortho_lambda)
     cls = make_peft_rora_linear(weight_dropout, ortho_rank, ortho_lambda)
     # bitsandbytes and Conv1D first: PEFT takes the first isinstance match, and
     # bitsandbytes layers are nn.Linear subclasses

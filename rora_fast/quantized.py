@@ -92,8 +92,9 @@ class QuantRoraLinear(RoraLinear):
         if kind not in self.BASE_KINDS:
             raise TypeError(f"QuantRoraLinear wraps a bitsandbytes Linear4bit or Linear8bitLt, "
                             f"got {type(base).__name__}")
-        base_for(base).check_target(base, type(base).__name__, kwargs.get("init", "default"),
-                                    kwargs.get("use_dora", False))
+        strategy = base_for(base)
+        strategy.check_target(base, type(base).__name__, kwargs.get("init", "default"),
+                              kwargs.get("use_dora", False))
         for k in _SHAPE_ARGS:
             if k in kwargs:
                 raise TypeError(f"QuantRoraLinear takes its shape from the base layer; "
@@ -104,7 +105,7 @@ class QuantRoraLinear(RoraLinear):
             raise TypeError(f"QuantRoraLinear got unexpected arguments {sorted(unknown)}")
         kw.update(kwargs)
         nn.Module.__init__(self)
-        self._base = base_for(base)
+        self._base = strategy
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)

@@ -292,16 +292,16 @@ def test_rescale_failing_midway_restores_scales_and_weights(monkeypatch, init):
     m = trained(apply_rora(tiny_llama(), RoraConfig(r=4, ortho_rank=4, init=init,
                                                     target_modules="all-linear")))
     snap = snapshot(m)
-    real = RoraLinear.spectral_rescale_
+    real = RoraLinear._set_rescaled_  # the per-layer step of spectral_rescale_
     calls = {"n": 0}
 
-    def flaky(self):
+    def flaky(self, s):
         calls["n"] += 1
         if calls["n"] == 4:
             raise RuntimeError("injected")
-        return real(self)
+        return real(self, s)
 
-    monkeypatch.setattr(RoraLinear, "spectral_rescale_", flaky)
+    monkeypatch.setattr(RoraLinear, "_set_rescaled_", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         spectral_rescale_(m, layers=2)
     monkeypatch.undo()
