@@ -18,16 +18,8 @@
 #     nohup bash scripts/eval/retrain_study.sh > /tmp/retrain.log 2>&1 &
 set -u
 HERE="$(cd "$(dirname "$0")/../.." && pwd)"
-RUN_TREE=${RUN_TREE:-$HERE}
-RESULT_TREE=${RESULT_TREE:-$HERE}
-THREADS=${THREADS:-2}
 QUEUE=${QUEUE:-"lam-mean:sst2_sentence:0 ep12:sst2_sentence:0 lam-mean:sst2_sentence:1 lam-mean:cr:0 lam1:sst2_sentence:1 lam-mean:cr:1 ep12:sst2_sentence:1 lam1:cr:0 lam1:cr:1 ep12:cr:0 ep12:cr:1"}
-REL=benchmarks/results/eval
-export PYTHONPATH="$RUN_TREE${PYTHONPATH:+:$PYTHONPATH}"
-export OMP_NUM_THREADS=$THREADS
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-cd "$RUN_TREE"
-python -c 'import rora_fast, sys; print("rora_fast from", rora_fast.__file__, file=sys.stderr)'
+. "$HERE/scripts/eval/run_env.sh"
 
 variant_args() {
   case $1 in
@@ -37,8 +29,6 @@ variant_args() {
     *) echo "unknown variant $1" >&2; return 1;;
   esac
 }
-
-. "$HERE/scripts/eval/commit_results.sh"
 
 for item in $QUEUE; do
   variant=${item%%:*}; rest=${item#*:}; task=${rest%%:*}; seed=${rest##*:}

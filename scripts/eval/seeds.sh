@@ -19,20 +19,8 @@
 #     --out benchmarks/results/eval/seeds-$t-badnet; done
 set -u
 HERE="$(cd "$(dirname "$0")/../.." && pwd)"
-RUN_TREE=${RUN_TREE:-$HERE}
-RESULT_TREE=${RESULT_TREE:-$HERE}
-THREADS=${THREADS:-2}
 QUEUE=${QUEUE:-"sst2_sentence:0 sst2_sentence:1 cr:0 sst2_sentence:2 cr:1 sst2_sentence:3 cr:2 sst2_sentence:4 cr:3 cr:4"}
-REL=benchmarks/results/eval
-export PYTHONPATH="$RUN_TREE${PYTHONPATH:+:$PYTHONPATH}"
-export OMP_NUM_THREADS=$THREADS
-# waiting OpenMP threads sleep instead of spinning: on the shared cores the niced run wasted
-# ~3x its CPU time spinning at barriers (measured: 6.6 vs 2.1 CPU-s per MiniLM step)
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-cd "$RUN_TREE"
-python -c 'import rora_fast, sys; print("rora_fast from", rora_fast.__file__, file=sys.stderr)'
-
-. "$HERE/scripts/eval/commit_results.sh"
+. "$HERE/scripts/eval/run_env.sh"
 
 for item in $QUEUE; do
   task=${item%%:*}; seed=${item##*:}
