@@ -9,6 +9,10 @@
 #   lam1      λ = 1, the smallest value of the paper's grid (summed)
 #   ep12      12 epochs on the same 2,000 rows (the paper trains 20 epochs on full splits)
 # Screen first (seeds 0 and 1), interleaved so that each variant gets a first seed early.
+# A queue item is VARIANT:TASK:SEED[:METHOD] (METHOD default rora); issue 29's like-for-like
+# reference is LoRA on the same 12-epoch schedule, in the same folder as the RoRA runs (so
+# the folder's seeds.md pairs them by seed):
+#   QUEUE="ep12:sst2_sentence:0:lora ep12:cr:0:lora ... ep12:cr:4:rora"
 #
 # Runs the code of a fixed commit from a separate worktree (RUN_TREE) and copies each
 # finished folder into RESULT_TREE, committing only that folder. Resumable: finished runs are
@@ -31,17 +35,18 @@ variant_args() {
 }
 
 for item in $QUEUE; do
-  variant=${item%%:*}; rest=${item#*:}; task=${rest%%:*}; seed=${rest##*:}
+  IFS=: read -r variant task seed method <<< "$item"
+  method=${method:-rora}
   dir=$REL/retrain-study/$variant-$task
   reuse=""
   [ "$variant:$task" = "lam1:sst2_sentence" ] && reuse="--reuse $REL/sweep-sst2_sentence-badnet"
   args=$(variant_args "$variant") || exit 2
-  echo "== $(date -u +%H:%M:%S) $variant $task seed $seed ($args)" >&2
-  if nice -n 19 python -m rora_fast.cli seeds --task "$task" --attack badnet --methods rora \
+  echo "== $(date -u +%H:%M:%S) $variant $task seed $seed $method ($args)" >&2
+  if nice -n 19 python -m rora_fast.cli seeds --task "$task" --attack badnet --methods "$method" \
       --seeds "$seed" --preset small --threads "$THREADS" $args $reuse --out "$dir"; then
-    commit "$dir" "eval results: issue 24 retrain study, $variant $task badnet seed $seed (small preset)"
+    commit "$dir" "eval results: retrain study, $variant $task badnet seed $seed $method (small preset)"
   else
-    echo "!! $variant $task seed $seed failed (exit $?)" >&2
+    echo "!! $variant $task seed $seed $method failed (exit $?)" >&2
   fi
 done
 echo "== $(date -u +%H:%M:%S) queue done" >&2
