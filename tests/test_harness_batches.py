@@ -1,0 +1,116 @@
+"""The harness's training batches (issue 29, its speed-up): random batching feeds the model
+exactly the tensors the original loop fed it (same rows, same order, same padding), and
+length-grouped batching sees every row once per epoch with far less padding."""
+import random
+
+import pytest
+import torch
+
+from rora_fast.data import Example
+from rora_fast.evaluation.runner import RunSpec, run_id
+from rora_fast.evaluation.training import (TrainConfig, epoch_batches, load_tokenizer,
+                                           pad_rows, tokenize_rows, train)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+def _rows(n=203, seed=0):
+    rng = random.Random(seed)
+    words = "good bad movie plot actor scene boring great long short film story".split()
+    return [Example(" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))), i % 2)
+            for i in range(n)]
+
+
+def _original_batches(n, batch_size, rng):
+    """The loop every committed run used: a permutation per epoch, consecutive cuts."""
+    order = list(range(n))
+    rng.shuffle(order)
+    return [order[a:a + batch_size] for a in range(0, n, batch_size)]
+
+
+def test_random_batches_are_the_original_order():
+    for seed in (0, 3):
+        a, b = random.Random(seed), random.Random(seed)
+        for _ in range(3):  # epochs: the rng advances the same way
+            assert epoch_batches(203, 32, a) == _original_batches(203, 32, b)
+
+
+def test_grouped_batches_cover_each_row_once_with_less_padding():
+    rng = random.Random(1)
+    lengths = [rng.randint(2, 64) for _ in range(1000)]
+    batches = epoch_batches(1000, 32, random.Random(0), lengths, group_size=8)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000))
+    assert sum(len(b) != 32 for b in batches) <= -(-1000 // (8 * 32))  # one short per group
+    assert epoch_batches(1000, 32, random.Random(0), lengths, 8) == batches  # seeded
+
+    def padded(bs):
+        return sum(max(lengths[i] for i in b) * len(b) for b in bs)
+    assert padded(batches) < 0.75 * padded(epoch_batches(1000, 32, random.Random(0)))
+    with pytest.raises(ValueError, match="group_size"):
+        epoch_batches(10, 4, random.Random(0), lengths[:10], group_size=0)
+
+
+def test_pretokenised_batch_equals_tokenizer_call(tok):
+    texts = [e.text for e in _rows(40)]
+    rows = tokenize_rows(tok, texts, 16)
+    for idx in ([0, 5, 7], list(range(40)), [39]):
+        want = tok([texts[i] for i in idx], truncation=True, max_length=16, padding=True,
+                   return_tensors="pt")
+        got = pad_rows(tok, [rows[i] for i in idx], "cpu")
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+
+
+def test_train_feeds_the_original_tensors(tok, make_tiny_bert):
+    """Random batching: every step's input_ids are exactly what the original loop built
+    (tokenizer on the permuted texts), so same seed -> same run as before the change."""
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(make_tiny_bert(1))
+    data = _rows(70)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    cfg = TrainConfig(lr=1e-3, epochs=2, batch_size=16, max_length=24)
+    train(model, tok, data, cfg, seed=5)
+    rng = random.Random(5)
+    want = []
+    for _ in range(2):
+        for idx in _original_batches(len(data), 16, rng):
+            want.append(tok([data[i].text for i in idx], truncation=True, max_length=24,
+                            padding=True, return_tensors="pt")["input_ids"])
+    assert len(seen) == len(want)
+    assert all(torch.equal(a, b) for a, b in zip(seen, want))
+
+
+def test_grouped_train_runs_and_pads_less(tok, make_tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+    data = _rows(128)
+    widths = {}
+    for grouped in (False, True):
+        model = AutoModelForSequenceClassification.from_pretrained(make_tiny_bert(1))
+        seen = []
+        model.register_forward_pre_hook(
+            lambda m, args, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+        log = train(model, tok, data, TrainConfig(lr=1e-3, epochs=1, batch_size=8,
+                                                  max_length=48, group_by_length=grouped,
+                                                  group_size=4), seed=0)
+        assert log["steps"] == 16
+        widths[grouped] = sum(seen)
+    assert widths[True] < 0.8 * widths[False]
+
+
+def test_group_by_length_keeps_existing_run_ids():
+    """Off (the default), the new field is not hashed: the committed runs keep their ids;
+    on, the run is another run."""
+    base = RunSpec(task="sst2_sentence", method="rora", preset="small", seed=0)
+    # the id of the committed run benchmarks/results/eval/seeds-sst2_sentence-badnet/runs/
+    assert run_id(base) == "sst2_sentence-badnet-rora-small-s0-ae179c069b"
+    on = RunSpec(task="sst2_sentence", method="rora", preset="small", seed=0,
+                 group_by_length=True)
+    assert run_id(on) != run_id(base)
+    assert "group_by_length" not in base.resolved()
