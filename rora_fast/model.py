@@ -11,6 +11,7 @@ wrote and the layers' scales (:class:`ModelState`).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -277,9 +278,9 @@ def _peft_sigma_pre(layer: nn.Module) -> float:
 
 
 def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] = None,
-                      adapter_name: str = "default") -> Dict[str, float]:
-    """Post-training spectral rescaling: ``scaling = σ_max(W_pre) / σ_max(update)``, the
-    one rescale of every RoRA layer.
+                      adapter_name: str = "default", factor: float = 1.0) -> Dict[str, float]:
+    """Post-training spectral rescaling: ``scaling = factor · σ_max(W_pre) / σ_max(update)``
+    (``factor`` 1: the paper's rule), the one rescale of every RoRA layer.
 
     The layers: rora_fast's (:func:`apply_rora`; the update is ``BA``, or ``BA − B₀A₀``
     for PiSSA/OLoRA, whose base absorbs the change of scale,
@@ -291,10 +292,17 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
     index read from module names; default ``config.rescale_layers`` or 3); a list of
     module names rescales exactly those. Returns ``{name: s}``.
 
+    ``factor``: a finite positive multiple of the paper's scale (below 1 a milder
+    amplification of the trained update; :func:`rora_fast.adaptive_rescale_` chooses it
+    on clean data).
+
     All or nothing: every chosen layer's new scale is computed and checked (finite,
     > 0: a zero update is an error naming the layer) before any layer changes; a
     failure while applying them restores every scale and weight.
     """
+    if (isinstance(factor, bool) or not isinstance(factor, (int, float))
+            or not math.isfinite(factor) or factor <= 0):
+        raise ValueError(f"factor must be a finite number > 0, got {factor!r}")
     rl = dict(rora_layers(model))
     pl = dict(peft_lora_layers(model, adapter_name))
     if not rl and not pl:
@@ -307,10 +315,10 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
     new = {}
     for n in names:  # check every layer before changing any
         if n in rl:
-            new[n] = rescale_factor(rl[n].sigma_pre, rl[n].sigma_delta(), n)
+            new[n] = factor * rescale_factor(rl[n].sigma_pre, rl[n].sigma_delta(), n)
         else:
             A, B = pl[n].lora_A[adapter_name].weight, pl[n].lora_B[adapter_name].weight
-            new[n] = rescale_factor(_peft_sigma_pre(pl[n]), sigma_max_lowrank(B, A), n)
+            new[n] = factor * rescale_factor(_peft_sigma_pre(pl[n]), sigma_max_lowrank(B, A), n)
     ours = [n for n in names if n in rl]
     rewritten = [rl[n].weight for n in ours if has_start_factors(rl[n])]
     attrs = [a for n in ours for a in layer_attrs(rl[n])]

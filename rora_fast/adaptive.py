@@ -1,0 +1,149 @@
+"""The strength of the post-training spectral rescaling, chosen per run on clean data.
+
+The paper's rescaling sets every chosen layer's scale to ``σ_max(W_pre) / σ_max(update)``:
+one strength for every model, task and schedule. On small models it often costs clean
+accuracy, because it amplifies all of the trained update by one factor, noise directions
+included (the amplification of the trained scale is about 10× after a short schedule).
+:func:`adaptive_rescale_` (not in the paper) tries a ladder of rescalings, weakest first,
+each ``factor · σ_max(W_pre) / σ_max(update)`` on the top ``layers`` blocks
+(:func:`rora_fast.spectral_rescale_`), measures the accuracy on clean labelled dev
+batches after each, and keeps the **strongest** whose accuracy stays within
+``tolerance`` points of the model before any rescaling. It never sees a trigger or a
+poisoned row: it knows only the clean task.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .model import (ModelState, layer_attrs, peft_lora_layers, rora_layers,
+                    spectral_rescale_)
+from .variants import has_start_factors
+
+__all__ = ["RescaleStep", "DEFAULT_LADDER", "adaptive_rescale_", "dev_accuracy"]
+
+
+@dataclass(frozen=True)
+class RescaleStep:
+    """One rung: rescale the layers of the top ``layers`` blocks to ``factor`` times the
+    paper's scale."""
+    layers: int
+    factor: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1:
+            raise ValueError(f"RescaleStep.layers must be an int >= 1, got {self.layers!r}")
+        if (isinstance(self.factor, bool) or not isinstance(self.factor, (int, float))
+                or not math.isfinite(self.factor) or self.factor <= 0):
+            raise ValueError(f"RescaleStep.factor must be a finite number > 0, got "
+                             f"{self.factor!r}")
+
+
+#: weakest to strongest: the top 3 blocks (the paper's count) at a quarter, half, three
+#: quarters and all of the paper's scale
+DEFAULT_LADDER = (RescaleStep(3, 0.25), RescaleStep(3, 0.5), RescaleStep(3, 0.75),
+                  RescaleStep(3, 1.0))
+
+
+@torch.inference_mode()
+def dev_accuracy(model: nn.Module, dev_batches: Iterable[Mapping]) -> float:
+    """Accuracy in % of ``model`` (eval mode; its mode is restored) on ``dev_batches``:
+    mappings of model inputs with a ``labels`` tensor (what a transformers data collator
+    gives), moved to the model's device."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    try:
+        for i, batch in enumerate(dev_batches):
+            if not isinstance(batch, Mapping) or "labels" not in batch:
+                raise ValueError(f"dev batch {i}: expected a mapping of model inputs with a "
+                                 f"'labels' tensor, got {type(batch).__name__}"
+                                 + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else ""))
+            inputs = {k: (v.to(device) if torch.is_tensor(v) else v)
+                      for k, v in batch.items() if k != "labels"}
+            labels = torch.as_tensor(batch["labels"]).to(device)
+            out = model(**inputs)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += labels.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("dev_batches holds no rows")
+    return 100.0 * correct / total
+
+
+def _snapshot(model: nn.Module, adapter_name: str):
+    """What a rescale changes: every RoRA layer's scale (and the base a PiSSA/OLoRA
+    re-fold rewrites), every PEFT LoRA layer's scale of ``adapter_name``."""
+    rl = [lay for _, lay in rora_layers(model)]
+    state = ModelState(model, [lay.weight for lay in rl if has_start_factors(lay)],
+                       [a for lay in rl for a in layer_attrs(lay)])
+    peft = [(lay, lay.scaling[adapter_name]) for _, lay in peft_lora_layers(model, adapter_name)]
+
+    def restore():
+        state.restore()
+        for lay, s in peft:
+            lay.scaling[adapter_name] = s
+    return restore
+
+
+def adaptive_rescale_(model: nn.Module, dev_batches: Iterable[Mapping],
+                      ladder: Sequence[RescaleStep] = DEFAULT_LADDER, tolerance: float = 1.0,
+                      adapter_name: str = "default",
+                      on_step: Optional[Callable[[Optional[RescaleStep], nn.Module], None]] = None
+                      ) -> Dict:
+    """Rescale ``model`` with the strongest rung of ``ladder`` (ordered weakest first)
+    whose accuracy on the clean ``dev_batches`` is at least the un-rescaled model's minus
+    ``tolerance`` (percentage points); no rung qualifies: the model stays un-rescaled.
+
+    ``dev_batches``: a re-iterable collection (list, ``DataLoader``) of mappings of model
+    inputs with ``labels``: clean labelled rows of the task, held out from training (the
+    dev split used for model selection). ``on_step(step, model)``, if given, is called
+    with the model in each measured state (``step`` None: un-rescaled), e.g. to log more.
+
+    Returns ``{"base_accuracy", "tolerance", "steps": [{"layers", "factor",
+    "accuracy", "within"}], "chosen": {"layers", "factor"} or None, "scales": {name: s}}``.
+    All or nothing: on any error the model is restored to its state before the call.
+    """
+    if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+            or not math.isfinite(tolerance) or tolerance < 0):
+        raise ValueError(f"tolerance must be a finite number >= 0 (accuracy points), got "
+                         f"{tolerance!r}")
+    ladder = list(ladder)
+    if not ladder or not all(isinstance(s, RescaleStep) for s in ladder):
+        raise ValueError("ladder must be a non-empty sequence of RescaleStep")
+    if isinstance(dev_batches, Iterable) and iter(dev_batches) is dev_batches:
+        raise TypeError("dev_batches is an iterator (it would be used up after one pass); "
+                        "pass a list or a DataLoader")
+    restore = _snapshot(model, adapter_name)
+    try:
+        base = dev_accuracy(model, dev_batches)
+        if on_step is not None:
+            on_step(None, model)
+        steps: List[Dict] = []
+        for step in ladder:
+            spectral_rescale_(model, layers=step.layers, adapter_name=adapter_name,
+                              factor=float(step.factor))
+            acc = dev_accuracy(model, dev_batches)
+            if on_step is not None:
+                on_step(step, model)
+            restore()
+            steps.append({**asdict(step), "accuracy": round(acc, 4),
+                          "within": bool(acc >= base - tolerance)})
+        chosen = next((s for s, row in zip(reversed(ladder), reversed(steps))
+                       if row["within"]), None)
+        scales = {}
+        if chosen is not None:
+            scales = spectral_rescale_(model, layers=chosen.layers, adapter_name=adapter_name,
+                                       factor=float(chosen.factor))
+    except BaseException:
+        restore()
+        raise
+    return {"base_accuracy": round(base, 4), "tolerance": float(tolerance), "steps": steps,
+            "chosen": asdict(chosen) if chosen is not None else None, "scales": scales}

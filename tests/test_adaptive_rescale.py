@@ -1,0 +1,192 @@
+"""The adaptive rescale (issue 29): spectral_rescale_'s factor, and adaptive_rescale_
+against a readable reference (each rung applied to a copy of the model, its clean accuracy
+computed by hand, the strongest within the tolerance kept)."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import rora_fast
+from rora_fast import RescaleStep, adaptive_rescale_, dev_accuracy, spectral_rescale_
+
+
+class Tiny(nn.Module):
+    """Four blocks (``layers.i.lin``) and a 3-class head: a stand-in classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"lin": nn.Linear(12, 12)}) for _ in range(4))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = torch.tanh(blk["lin"](x))
+        return SimpleNamespace(logits=self.head(x))
+
+
+def _rora_model(seed=0):
+    torch.manual_seed(seed)
+    m = Tiny().double()
+    m = rora_fast.apply_rora(m, rora_fast.RoraConfig(
+        r=2, alpha=4, target_modules=["lin"], modules_to_save=["head"], ortho_rank=2))
+    with torch.no_grad():  # a "trained" update
+        for _, lay in rora_fast.rora_layers(m):
+            lay.lora_B.normal_(0, 0.3)
+    return m.eval()
+
+
+def _batches(model, n=96, seed=1, flip=0.15):
+    """Labels = the un-rescaled model's predictions, a share flipped: accuracy < 100."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).logits.argmax(-1)
+    flipmask = torch.rand(n, generator=g) < flip
+    y = torch.where(flipmask, (y + 1) % 3, y)
+    return [{"x": x[i:i + 32], "labels": y[i:i + 32]} for i in range(0, n, 32)]
+
+
+def _acc(model, batches):
+    with torch.no_grad():
+        hits = sum(int((model(b["x"]).logits.argmax(-1) == b["labels"]).sum()) for b in batches)
+    return 100.0 * hits / sum(len(b["labels"]) for b in batches)
+
+
+def _scales(model):
+    return {n: lay.scaling for n, lay in rora_fast.rora_layers(model)}
+
+
+def test_factor_multiplies_the_papers_scale():
+    a, b = _rora_model(), _rora_model()
+    s1 = spectral_rescale_(a, layers=2)
+    s2 = spectral_rescale_(b, layers=2, factor=0.25)
+    assert s1.keys() == s2.keys() and len(s1) == 2
+    for n in s1:
+        assert s2[n] == pytest.approx(0.25 * s1[n], rel=1e-12)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="factor"):
+            spectral_rescale_(_rora_model(), layers=1, factor=bad)
+
+
+LADDER = [RescaleStep(1, 0.5), RescaleStep(2, 0.5), RescaleStep(2, 1.0), RescaleStep(4, 1.0),
+          RescaleStep(4, 4.0)]
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 2.0, 5.0, 100.0])
+def test_adaptive_rescale_equals_reference(tolerance):
+    model = _rora_model()
+    batches = _batches(model)
+    trained = _scales(model)
+    base = _acc(model, batches)
+    accs = []
+    for step in LADDER:
+        ref = copy.deepcopy(model)
+        spectral_rescale_(ref, layers=step.layers, factor=step.factor)
+        accs.append(_acc(ref, batches))
+    ok = [i for i, a in enumerate(accs) if a >= base - tolerance]
+    want = LADDER[ok[-1]] if ok else None
+
+    info = adaptive_rescale_(model, batches, ladder=LADDER, tolerance=tolerance)
+    assert info["base_accuracy"] == pytest.approx(base)
+    assert [r["accuracy"] for r in info["steps"]] == pytest.approx(accs, abs=1e-4)
+    if want is None:
+        assert info["chosen"] is None and info["scales"] == {}
+        assert _scales(model) == trained
+    else:
+        assert info["chosen"] == {"layers": want.layers, "factor": want.factor}
+        ref = copy.deepcopy(_rora_model())
+        expect = spectral_rescale_(ref, layers=want.layers, factor=want.factor)
+        assert info["scales"] == pytest.approx(expect)
+        got = _scales(model)
+        for n, s in got.items():
+            assert s == pytest.approx(expect.get(n, trained[n]))
+    if tolerance == 100.0:
+        assert info["chosen"] == {"layers": 4, "factor": 4.0}
+
+
+def test_no_rung_within_tolerance_leaves_the_model_unchanged():
+    model = _rora_model()
+    batches = _batches(model, flip=0.0)  # base accuracy 100
+    before = copy.deepcopy(model.state_dict())
+    info = adaptive_rescale_(model, batches, ladder=[RescaleStep(4, 50.0)], tolerance=0.0)
+    assert info["base_accuracy"] == 100.0 and info["steps"][0]["accuracy"] < 100.0
+    assert info["chosen"] is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not lay.rescaled for _, lay in rora_fast.rora_layers(model))
+
+
+def test_on_step_sees_each_state_and_an_error_restores_the_model():
+    model = _rora_model()
+    batches = _batches(model)
+    seen = []
+    adaptive_rescale_(copy.deepcopy(model), batches, ladder=LADDER[:2], tolerance=100,
+                      on_step=lambda step, m: seen.append((step, dict(_scales(m)))))
+    assert [s for s, _ in seen] == [None] + LADDER[:2]
+    assert seen[1][1] != seen[0][1] and seen[2][1] != seen[1][1]
+
+    trained = _scales(model)
+
+    def boom(step, m):
+        if step is not None and step.layers == 2:
+            raise RuntimeError("stop here")
+    with pytest.raises(RuntimeError, match="stop here"):
+        adaptive_rescale_(model, batches, ladder=LADDER, tolerance=100, on_step=boom)
+    assert _scales(model) == trained
+
+
+def test_pissa_refold_is_undone_between_rungs():
+    """PiSSA's rescale rewrites the base (re-fold): after a stronger rung on all blocks and
+    the chosen one on two, the model equals the chosen rung applied alone."""
+    torch.manual_seed(0)
+    m = rora_fast.apply_rora(Tiny().double(), rora_fast.RoraConfig(
+        r=2, alpha=4, target_modules=["lin"], modules_to_save=["head"], ortho_rank=2,
+        init="pissa"))
+    with torch.no_grad():
+        for _, lay in rora_fast.rora_layers(m):
+            lay.lora_B.add_(torch.randn_like(lay.lora_B) * 0.1)
+    m.eval()
+    ref = copy.deepcopy(m)
+    info = adaptive_rescale_(m, _batches(m), ladder=[RescaleStep(4, 0.5), RescaleStep(2, 1.0)],
+                             tolerance=100.0)
+    assert info["chosen"] == {"layers": 2, "factor": 1.0}
+    spectral_rescale_(ref, layers=2, factor=1.0)
+    want = ref.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in m.state_dict().items())
+    assert _scales(m) == _scales(ref)
+
+
+def test_peft_lora_scales_restored():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights=False)
+    m = peft.get_peft_model(Tiny().double(), cfg).eval()
+    layers = dict(rora_fast.model.peft_lora_layers(m))
+    before = {n: l.scaling["default"] for n, l in layers.items()}
+    info = adaptive_rescale_(m, _batches(m), ladder=[RescaleStep(4, 1.0), RescaleStep(2, 1.0)],
+                             tolerance=100.0)
+    assert info["chosen"] == {"layers": 2, "factor": 1.0}
+    now = {n: l.scaling["default"] for n, l in layers.items()}
+    changed = sorted(n for n in now if now[n] != before[n])
+    assert changed == sorted(info["scales"]) and len(changed) == 2
+    assert all(rora_fast.block_index(n) >= 2 for n in changed)
+
+
+def test_bad_input_is_named():
+    model = _rora_model()
+    batches = _batches(model)
+    with pytest.raises(ValueError, match="tolerance"):
+        adaptive_rescale_(model, batches, tolerance=-1)
+    with pytest.raises(ValueError, match="ladder"):
+        adaptive_rescale_(model, batches, ladder=[])
+    with pytest.raises(TypeError, match="iterator"):
+        adaptive_rescale_(model, iter(batches))
+    with pytest.raises(ValueError, match="labels"):
+        adaptive_rescale_(model, [{"x": batches[0]["x"]}], ladder=LADDER[:1])
+    with pytest.raises(ValueError, match="no rows"):
+        dev_accuracy(model, [])
+    for bad in ((0, 1.0), (2, 0.0), (1, float("nan"))):
+        with pytest.raises(ValueError, match="RescaleStep"):
+            RescaleStep(*bad)
+    assert all(not lay.rescaled for _, lay in rora_fast.rora_layers(model))
