@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ from .model import (ModelState, layer_attrs, peft_lora_layers, rora_layers,
                     spectral_rescale_)
 from .variants import has_start_factors
 
-__all__ = ["RescaleStep", "DEFAULT_LADDER", "adaptive_rescale_", "dev_accuracy"]
+__all__ = ["RescaleStep", "DEFAULT_FACTORS", "DEFAULT_LADDER", "factor_ladder",
+           "adaptive_rescale_", "dev_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,21 @@ class RescaleStep:
                              f"{self.factor!r}")
 
 
-#: weakest to strongest: the top 3 blocks (the paper's count) at a quarter, half, three
-#: quarters and all of the paper's scale
-DEFAULT_LADDER = (RescaleStep(3, 0.25), RescaleStep(3, 0.5), RescaleStep(3, 0.75),
-                  RescaleStep(3, 1.0))
+#: the default rungs' factors, weakest first: a quarter, half and all of the paper's scale
+DEFAULT_FACTORS = (0.25, 0.5, 1.0)
+
+
+def factor_ladder(layers: int = 3, factors: Sequence[float] = DEFAULT_FACTORS
+                  ) -> Tuple[RescaleStep, ...]:
+    """The rungs ``RescaleStep(layers, f)`` for ``f`` in ``factors`` (ascending)."""
+    factors = [float(f) for f in factors]
+    if sorted(factors) != factors or len(set(factors)) != len(factors):
+        raise ValueError(f"factors must be strictly ascending (weakest first), got {factors}")
+    return tuple(RescaleStep(layers, f) for f in factors)
+
+
+#: the top 3 blocks (the paper's count) at each of ``DEFAULT_FACTORS``
+DEFAULT_LADDER = factor_ladder(3)
 
 
 @torch.inference_mode()

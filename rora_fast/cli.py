@@ -90,6 +90,12 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
         o.add_argument("--ortho-lambda", type=float, default=10.0, help="RoRA λ")
         o.add_argument("--ortho-rank", type=int, default=32, help="RoRA k")
         o.add_argument("--rescale-layers", type=int, default=3, help="rescale the last N blocks")
+        o.add_argument("--rescale", default="paper", choices=["paper", "adaptive"],
+                       help="paper: scale = σmax(W_pre)/σmax(BA); adaptive: the strongest of "
+                            "0.25/0.5/1 x that whose clean dev accuracy stays within "
+                            "--rescale-tolerance of the un-rescaled model's")
+        o.add_argument("--rescale-tolerance", type=float, default=1.0,
+                       help="adaptive rescale: dev accuracy points a rung may cost")
         o.add_argument("--r", type=int, default=8)
         o.add_argument("--alpha", type=float, default=16)
     a = p.add_argument_group("the attacker's overrides of the preset (poisoned model)")

@@ -168,3 +168,59 @@ def test_repair_needs_a_rescaled_method():
     with pytest.raises(ValueError, match="--repair"):
         RunSpec(method="lora", repair=True).resolved()
     RunSpec(method="lora+rescale", repair=True).resolved()
+
+
+def test_adaptive_rescale_sees_only_the_clean_dev_rows(tiny_bert, tmp_path, monkeypatch):
+    """``--rescale adaptive`` (issue 29): the rescale is chosen on batches built from the
+    clean dev rows the model selection uses, never a triggered, test or proxy row."""
+    import rora_fast
+    seen = {"rows": [], "batches": []}
+    triggered, tests = [], []
+    real_batches, real_prepare = runner.labelled_batches, runner.prepare_sets
+    real_adaptive = rora_fast.adaptive_rescale_
+
+    def spy_batches(tok, rows, L, **kw):
+        seen["rows"] += list(rows)
+        out = real_batches(tok, rows, L, **kw)
+        seen["made"] = out
+        return out
+
+    def spy_prepare(*a, **kw):
+        sets = real_prepare(*a, **kw)
+        triggered.extend(sets["nt_trig"])
+        tests.extend(sets["test"])
+        return sets
+
+    def spy_adaptive(model, batches, **kw):
+        seen["batches"].append(batches)
+        return real_adaptive(model, batches, **kw)
+
+    monkeypatch.setattr(runner, "labelled_batches", spy_batches)
+    monkeypatch.setattr(runner, "prepare_sets", spy_prepare)
+    monkeypatch.setattr(rora_fast, "adaptive_rescale_", spy_adaptive)
+    spec = RunSpec(task="cr", attack="badnet", method="rora", preset="small", seed=0,
+                   model=tiny_bert, n_train=16, n_dev=16, n_test=24, epochs=1, max_length=32,
+                   poison_n_train=16, poison_epochs=1, poison_asr_threshold=-1.0,
+                   poison_min_clean_acc=0.0, rescale="adaptive", ortho_rank=4)
+    res = run_defence(spec, str(tmp_path / "out"), str(tmp_path / "cache"), log=lambda *a: None)
+    assert len(seen["batches"]) == 1 and seen["batches"][0] is seen["made"]
+    dev = {(e.text, e.label) for e in load_dataset("cr", "dev", limit=16, seed=0)}
+    assert len(seen["rows"]) == 16 and all((e.text, e.label) in dev for e in seen["rows"])
+    bad = {e.text for e in triggered} | {e.text for e in tests} | {
+        e.text for e in load_dataset("mr", "train", limit=16, seed=0)}
+    assert triggered and not any(e.text in bad for e in seen["rows"])
+    info = res["adaptive_rescale"]
+    assert [(s["layers"], s["factor"]) for s in info["steps"]] == [(3, f) for f in
+                                                                   rora_fast.adaptive.DEFAULT_FACTORS]
+    assert res["rescale"] == info["scales"]
+    assert run_id(spec) != run_id(dataclasses.replace(spec, rescale="paper"))
+
+
+def test_adaptive_rescale_option_is_checked():
+    with pytest.raises(ValueError, match="rescale must be one of"):
+        RunSpec(method="rora", rescale="magic").resolved()
+    with pytest.raises(ValueError, match="needs a method with rescaling"):
+        RunSpec(method="lora", rescale="adaptive").resolved()
+    with pytest.raises(ValueError, match="rescale_tolerance"):
+        RunSpec(method="rora", rescale="adaptive", rescale_tolerance=-1).resolved()
+    assert "rescale" not in RunSpec(method="rora").resolved()

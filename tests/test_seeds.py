@@ -170,6 +170,21 @@ def test_seeds_end_to_end_on_a_tiny_model(tiny_bert, tmp_path, capsys):
     assert main([*args, "--methods", "lora,rora", "--seeds", "0-1"]) == 0
     assert capsys.readouterr().out.count("skip ") == 4
     assert main(["seeds", "--out", out, "--aggregate-only"]) == 0
+    # the adaptive rescale from the saved adapter equals a trained `defend --rescale adaptive`
+    capsys.readouterr()
+    assert main([*args, "--methods", "rora,rora+adaptive", "--seeds", "0-1"]) == 0
+    agg = json.load(open(os.path.join(out, "seeds.json")))
+    assert agg["methods"]["rora+adaptive"]["seeds"] == [0, 1]
+    assert "rora+adaptive - rora" in agg["paired"]
+    post = json.load(open(glob.glob(os.path.join(out, "runs", "*s0-*+adaptive.json"))[0]))
+    assert [s["factor"] for s in post["adaptive_rescale"]["steps"]] == [0.25, 0.5, 1.0]
+    assert args[0] == "seeds" and args[-2:] == ["--out", out]
+    assert main(["defend", *args[1:-2], "--out", str(tmp_path / "defend"),
+                 "--methods", "rora", "--seed", "0", "--rescale", "adaptive"]) == 0
+    trained = [json.load(open(p)) for p in glob.glob(str(tmp_path / "defend" / "runs" / "*.json"))
+               if "poisoned-" not in p][0]
+    assert trained["adaptive_rescale"] == post["adaptive_rescale"]
+    assert trained["metrics"] == post["metrics"]
     # the bias analysis from the saved adapters
     assert main(["bias", out, "--cache-dir", str(tmp_path / "c"), "--threads", "1"]) == 0
     b = json.load(open(os.path.join(out, "bias", "bias.json")))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -30,7 +31,11 @@ from .poisoning import PROXY, PoisonConfig, poison_model
 from .presets import DEFENCE_DEFAULTS, HPARAM_SYMBOL, PRESETS, method_label, paper_row
 from .spectra import (delta_stats, plot_ca_asr_curves, plot_layer_stats, plot_scale_sweep,
                       write_json)
-from .training import TrainConfig, predict, set_seed, train, trainable_state, load_trainable_state
+from .training import (TrainConfig, labelled_batches, load_trainable_state, predict, set_seed,
+                       train, trainable_state)
+
+#: how ``run_defence`` sets the strength of the post-training rescaling
+RESCALE_MODES = ("paper", "adaptive")
 
 __all__ = ["RunSpec", "poison_config_for", "prepare_sets", "evaluate", "run_defence",
            "write_summary", "run_spectra", "run_rescale_sweep", "run_param_sweep"]
@@ -68,6 +73,8 @@ class RunSpec:
     poison_min_clean_acc: float = 70.0
     repair: bool = False  # after rescaling: re-fit the head bias on clean dev (repair.py)
     group_by_length: bool = False  # length-grouped training batches (training.py)
+    rescale: str = "paper"         # "paper" | "adaptive" (rora_fast.adaptive_rescale_ on dev)
+    rescale_tolerance: float = 1.0  # adaptive: dev accuracy points a rung may cost
 
     def resolved(self) -> Dict:
         p = PRESETS[self.preset] if self.preset in PRESETS else None
@@ -75,7 +82,8 @@ class RunSpec:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         d = dataclasses.asdict(self)
         for k, default in (("poison_max_epochs", None), ("repair", False),
-                           ("group_by_length", False)):
+                           ("group_by_length", False), ("rescale", "paper"),
+                           ("rescale_tolerance", 1.0)):
             if d[k] == default:  # defaults added later are not hashed: run ids stay as before
                 del d[k]
         pick = lambda v, default, unset=-1: default if v == unset else v
@@ -92,6 +100,15 @@ class RunSpec:
         d["attack"] = get_attack(self.attack, self.trigger).name
         d["trigger"] = get_attack(self.attack, self.trigger).trigger
         m = parse_method(self.method)
+        if self.rescale not in RESCALE_MODES:
+            raise ValueError(f"rescale must be one of {', '.join(RESCALE_MODES)}, got "
+                             f"{self.rescale!r}")
+        if self.rescale != "paper" and not (m.kind == "rora" and m.pt):
+            raise ValueError(f"--rescale {self.rescale} chooses the strength of a rescaling: it "
+                             f"needs a method with rescaling (rora, ...), got {self.method!r}")
+        if not (self.rescale_tolerance >= 0 and math.isfinite(self.rescale_tolerance)):
+            raise ValueError(f"rescale_tolerance must be a finite number >= 0, got "
+                             f"{self.rescale_tolerance!r}")
         if self.repair and not (m.kind == "rora" and m.pt):
             raise ValueError(f"--repair undoes a bias of the rescaling: it needs a method with "
                              f"rescaling (rora, lora+rescale, rora:ci+pt, ...), got "
@@ -231,13 +248,29 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
             result["adapter"] = os.path.relpath(state_path, out_dir)
     if method.kind == "rora" and method.pt:
         result["before_rescale"] = evaluate(model, tok, sets, L, attack.target_label)
-        result["rescale"] = finish_defence(model, method, dcfg)
+        if spec.rescale == "adaptive":
+            result["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, spec)
+            result["rescale"] = result["adaptive_rescale"]["scales"]
+        else:
+            result["rescale"] = finish_defence(model, method, dcfg)
     if spec.repair:
         from .repair import recalibrate_head_bias_
         result["before_repair"] = evaluate(model, tok, sets, L, attack.target_label)
         result["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
     result["metrics"] = evaluate(model, tok, sets, L, attack.target_label)
     return finish_result(result, path, t_start, rid, log)
+
+
+def adaptive_rescale_on_dev_(model, tok, dev, max_length: int, spec: RunSpec) -> Dict:
+    """:func:`rora_fast.adaptive_rescale_` of ``model`` on the clean ``dev`` rows (the
+    selection split; never a triggered or test row), with the default ladder's factors on
+    the top ``spec.rescale_layers`` blocks and ``spec.rescale_tolerance``."""
+    import rora_fast
+    info = rora_fast.adaptive_rescale_(
+        model, labelled_batches(tok, dev, max_length, device=next(model.parameters()).device),
+        ladder=rora_fast.factor_ladder(spec.rescale_layers), tolerance=spec.rescale_tolerance)
+    info["scales"] = {k: float(v) for k, v in info["scales"].items()}
+    return info
 
 
 def finish_result(result: Dict, path: str, t_start: float, label: str, log=print) -> Dict:

@@ -24,6 +24,10 @@ Methods come in two kinds:
   - ``lora+rescale+repair``: ``lora+rescale``, then the same repair.
   - ``...+repair-acc``: the repair with ``method="accuracy"`` (the head bias shifted to
     the clean dev accuracy's maximum) instead of matching the prediction frequencies.
+  - ``rora+adaptive``: the ``rora`` run's trained adapter rescaled by
+    :func:`rora_fast.adaptive_rescale_` on the clean dev rows (the strongest of the
+    default ladder within ``rescale_tolerance`` dev-accuracy points), not the paper's
+    fixed scale: what ``rora-fast defend --rescale adaptive`` does after training.
 
 Runs already finished elsewhere (``reuse`` folders, e.g. the single-seed grid) are copied
 when their run id (a hash of the full spec) is the same; they have no saved adapter, so
@@ -60,6 +64,9 @@ POSTHOC = {
                                 "clean dev accuracy's maximum (no retraining)"),
     "lora+rescale+repair-acc": ("lora", "lora+rescale, then the head bias shifted to the clean "
                                         "dev accuracy's maximum (no retraining)"),
+    "rora+adaptive": ("rora", "the rora run's adapter rescaled by rora_fast.adaptive_rescale_ "
+                              "on the clean dev rows instead of the paper's fixed scale (no "
+                              "retraining)"),
 }
 METRICS = ("CA", "ASR", "delta", "ASR_floor")
 
@@ -193,6 +200,12 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
         with open(os.path.join(out_dir, "runs", rid + ".json")) as f:
             out["before_repair"] = json.load(f)["metrics"]  # the same rescaled model
         out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L, method=repair_method)
+    elif variant == "rora+adaptive":
+        from .runner import adaptive_rescale_on_dev_
+        with open(os.path.join(out_dir, "runs", rid + ".json")) as f:
+            out["before_rescale"] = json.load(f).get("before_rescale")
+        out["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, spec)
+        out["rescale"] = out["adaptive_rescale"]["scales"]
     else:  # pragma: no cover - POSTHOC is closed
         raise ValueError(variant)
     out["metrics"] = evaluate(model, tok, sets, L, attack.target_label)
@@ -266,7 +279,8 @@ def aggregate(out_dir: str, paired=(("rora", "lora"), ("rora+repair", "lora"),
                                     ("rora+repair", "rora"), ("rora+repair-acc", "lora"),
                                     ("rora+repair-acc", "rora"), ("lora+rescale", "lora"),
                                     ("lora+rescale+repair", "lora+rescale"),
-                                    ("lora+rescale+repair-acc", "lora+rescale"))) -> Dict:
+                                    ("lora+rescale+repair-acc", "lora+rescale"),
+                                    ("rora+adaptive", "lora"), ("rora+adaptive", "rora"))) -> Dict:
     rows = _load(out_dir)
     by: Dict[str, Dict[int, Dict]] = {}
     for r in rows:

