@@ -40,21 +40,30 @@ def test_pairs_on_common_seeds_and_checks_targets(summary, tmp_path):
          {"lora": {s: lora[s] for s in (0, 1)},
           "rora@top2": {0: (85.5, 14.0, 12.0), 1: (83.8, 16.0, 13.0)},
           "rora@top3": {0: (84.0, 30.0, 12.0), 1: (83.0, 10.0, 13.0)}})
+    # like for like (issue 29): LoRA trained 12 epochs, seeds 0 and 1, in the ep12 folder
+    runs = tmp_path / "retrain-study" / "ep12-sst2_sentence" / "runs"
+    os.makedirs(runs)
+    for seed, (ca, asr, fl) in {0: (85.9, 100.0, 10.0), 1: (83.9, 100.0, 12.0)}.items():
+        with open(runs / f"lora-s{seed}.json", "w") as f:
+            json.dump({"kind": "defence", "spec": {"method": "lora", "seed": seed},
+                       "metrics": {"CA": ca, "ASR": asr, "ASR_floor": fl}}, f)
     s = summary.summarise()
     rows = {(r["training"], r["depth"]): r for r in s["cells"]["sst2_sentence"]["rows"]}
     top2 = rows[("ep12", "rora@top2")]
-    assert top2["seeds"] == [0, 1]
+    assert top2["seeds"] == [0, 1] and top2["reference"] == "LoRA, 12 epochs"
     assert top2["minus_lora"]["seeds"] == [0, 1]
-    assert top2["minus_lora"]["CA"]["mean"] == pytest.approx(((85.5 - 86) + (83.8 - 84)) / 2)
+    assert top2["minus_lora"]["CA"]["mean"] == pytest.approx(((85.5 - 85.9) + (83.8 - 83.9)) / 2)
     assert top2["minus_default"]["ASR"]["mean"] == pytest.approx(((14 - 20) + (16 - 30)) / 2)
     t = top2["targets"]
-    # CA 84.65 >= (86 + 84) / 2 - 1 = 84; ASR 15 <= 12.5 + 5; floor 12.5 <= 11 + 5
+    # CA 84.65 >= (85.9 + 83.9) / 2 - 1 = 83.9; ASR 15 <= 12.5 + 5; floor 12.5 <= 11 + 5
     assert t["CA"]["met"] and t["ASR"]["met"] and t["floor"]["met"] and t["all_met"]
     top3 = rows[("ep12", "rora@top3")]
     assert top3["targets"]["CA"]["met"] is False
-    assert top3["targets"]["CA"]["miss_by"] == pytest.approx(84 - 83.5)
+    assert top3["targets"]["CA"]["miss_by"] == pytest.approx(83.9 - 83.5)
     assert top3["targets"]["ASR"]["met"] is False  # 20 > 12.5 + 5
     default = rows[("default", "rora@top3")]
     assert "minus_default" not in default and default["seeds"] == [0, 1, 2]
+    assert default["reference"] == "LoRA, 4 epochs" and default["reference_seeds"] == [0, 1, 2]
+    assert set(s["cells"]["sst2_sentence"]["lora"]) == {"LoRA, 4 epochs", "LoRA, 12 epochs"}
     md = summary.markdown(s)
-    assert "ep12 rora@top2 (seeds [0, 1])" in md
+    assert "ep12 rora@top2 (seeds [0, 1])" in md and "LoRA, 12 epochs (0,1)" in md

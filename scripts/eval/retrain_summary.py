@@ -88,6 +88,22 @@ def scales(train: str) -> Dict[tuple, Dict]:
     return out
 
 
+#: training whose LoRA reference is trained on the same schedule in its own folder (issue
+#: 29: like for like); every other training keeps the 4-epoch schedule of the committed LoRA
+SAME_SCHEDULE_LORA = {"ep12": ("LoRA, 12 epochs", "ep12-{cell}")}
+
+
+def schedule_lora(train: str, cell: str) -> Dict[int, Dict]:
+    """``{seed: metrics}`` of the LoRA runs trained on ``train``'s schedule (empty if the
+    training has none of its own, or none finished yet)."""
+    from rora_fast.evaluation.seeds import run_files
+    if train not in SAME_SCHEDULE_LORA:
+        return {}
+    folder = os.path.join(STUDY, SAME_SCHEDULE_LORA[train][1].format(cell=cell))
+    return {r["spec"]["seed"]: r["metrics"] for _, r in run_files(folder)
+            if r.get("kind") == "defence" and r["spec"]["method"] == "lora"}
+
+
 def _per_seed(st: Dict) -> Dict[int, Dict]:
     return {int(s): m for s, m in st["per_seed"].items()}
 
@@ -112,16 +128,21 @@ def summarise() -> Dict:
         if not lora:
             continue
         rows: List[Dict] = []
+        lora4 = lora
         for train, agg in src.items():
             c = agg["cells"].get(cell)
             if not c:
                 continue
+            # like for like: LoRA trained on this training's schedule where it exists
+            lora = schedule_lora(train, cell) if train in SAME_SCHEDULE_LORA else lora4
+            ref_label = SAME_SCHEDULE_LORA.get(train, ("LoRA, 4 epochs",))[0]
             for v, st in c["variants"].items():
                 if v not in DEPTH:
                     continue
                 ps = _per_seed(st)
                 seeds = sorted(ps)
                 row = {"training": train, "training_label": TRAINING[train][0],
+                       "reference": ref_label, "reference_seeds": sorted(lora),
                        "training_change": TRAINING[train][1], "depth": v,
                        "depth_label": DEPTH[v], "seeds": seeds,
                        **{k: mean_ci([ps[s][k] for s in seeds]) for k in KEYS}}
@@ -151,13 +172,18 @@ def summarise() -> Dict:
                     row["targets"]["all_met"] = all(row["targets"][k]["met"]
                                                     for k in ("CA", "ASR", "floor"))
                 rows.append(row)
-        lora_seeds = sorted(lora)
-        cells[cell] = {"title": title, "lora": {"seeds": lora_seeds, **{
-            k: mean_ci([lora[s][k] for s in lora_seeds]) for k in KEYS}}, "rows": rows}
+        refs = {"LoRA, 4 epochs": lora4}
+        for train, (label, _) in SAME_SCHEDULE_LORA.items():
+            refs[label] = schedule_lora(train, cell)
+        cells[cell] = {"title": title, "lora": {
+            label: {"seeds": sorted(ref), **{k: mean_ci([ref[s][k] for s in sorted(ref)])
+                                             for k in KEYS}}
+            for label, ref in refs.items() if ref}, "rows": rows}
     return {"interval": "two-sided 95 % Student t-interval over seeds (mean_ci); none for "
                         "n = 1", "targets": "on the means over the seeds the row and LoRA "
                                             "share: CA >= LoRA CA - 1; ASR <= own floor + 5; "
-                                            "floor <= LoRA floor + 5",
+                                            "floor <= LoRA floor + 5, LoRA trained on the "
+                                            "row's own schedule (like for like)",
             "training": {k: {"label": a, "change": b} for k, (a, b) in TRAINING.items()},
             "cells": cells}
 
@@ -175,12 +201,13 @@ def markdown(s: Dict) -> str:
            "| training | what changes |", "|---|---|"]
     out += [f"| `{k}` ({v['label']}) | {v['change']} |" for k, v in s["training"].items()]
     for cell, c in s["cells"].items():
-        out += ["", f"## {c['title']}", "",
-                f"LoRA (reference), seeds {c['lora']['seeds']}: CA {_f(c['lora']['CA'])}, "
-                f"ASR {_f(c['lora']['ASR'])}, floor {_f(c['lora']['ASR_floor'])}.", "",
-                "| training | rescaling | seeds | CA | ASR | floor | CA − LoRA | CA − default "
-                "| ASR − default | s median (× α/r) | targets CA/ASR/floor (miss by) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["", f"## {c['title']}", ""]
+        out += [f"{label} (reference), seeds {L['seeds']}: CA {_f(L['CA'])}, "
+                f"ASR {_f(L['ASR'])}, floor {_f(L['ASR_floor'])}." for label, L in c["lora"].items()]
+        out += ["", "| training | rescaling | seeds | CA | ASR | floor | reference (seeds) | "
+                "CA − reference (paired) | CA − default | ASR − default | s median (× α/r) | "
+                "targets CA/ASR/floor (miss by) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in c["rows"]:
             t = r.get("targets")
             tt = "" if t is None else "/".join(
@@ -190,6 +217,7 @@ def markdown(s: Dict) -> str:
             sct = "" if not scl else f"{scl['s_median']} (×{scl['multiplier_median']})"
             out.append(f"| {r['training']} | {r['depth']} | {','.join(map(str, r['seeds']))} | "
                        f"{_f(r['CA'])} | {_f(r['ASR'])} | {_f(r['ASR_floor'])} | "
+                       f"{r['reference']} ({','.join(map(str, r['reference_seeds']))}) | "
                        f"{_f(r.get('minus_lora', {}).get('CA'))} | {_f(md.get('CA'))} | "
                        f"{_f(md.get('ASR'))} | {sct} | {tt} |")
         met = [r for r in c["rows"] if r.get("targets", {}).get("all_met")]
@@ -206,8 +234,9 @@ def results_block(s: Dict) -> str:
     training x the rescaling depths that remove the trigger (top 2, top 3, with and without
     the head re-fit), with the targets."""
     keep = ("rora@top2", "rora@top3", "rora@top2+head", "rora@top3+head")
-    out = ["| cell | training | rescaling | seeds | CA | ASR | floor | CA − LoRA | s / (α/r) "
-           "| targets CA/ASR/floor (miss by) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| cell | training | rescaling | seeds | CA | ASR | floor | reference | CA − reference "
+           "(paired) | s / (α/r) | targets CA/ASR/floor (miss by) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell, c in s["cells"].items():
         for r in c["rows"]:
             if r["depth"] not in keep:
@@ -219,6 +248,7 @@ def results_block(s: Dict) -> str:
             out.append(f"| {c['title'].split(',')[0]} | {r['training']} | "
                        f"{r['depth'].split('@')[1]} | {len(r['seeds'])} | {_f(r['CA'])} | "
                        f"{_f(r['ASR'])} | {_f(r['ASR_floor'])} | "
+                       f"{r['reference']} ({len(r['reference_seeds'])} seeds) | "
                        f"{_f(r.get('minus_lora', {}).get('CA'))} | "
                        f"{'' if not sc else sc['multiplier_median']} | {tt} |")
     return "\n".join(out)
@@ -252,9 +282,10 @@ def plot(s: Dict, path: str) -> None:
               "rora@top3": "tab:red", "rora@top2+head": "tab:purple",
               "rora@top3+head": "tab:brown"}
     for ax, (cell, c) in zip(axes, cells):
-        L = c["lora"]
-        ax.axvline(L["CA"]["mean"] - 1, color="k", lw=0.8, ls="--", label="LoRA CA − 1")
-        ax.errorbar(L["CA"]["mean"], L["ASR"]["mean"], fmt="*", ms=12, color="k", label="LoRA")
+        for (label, L), col in zip(c["lora"].items(), ("k", "tab:blue")):
+            ax.axvline(L["CA"]["mean"] - 1, color=col, lw=0.8, ls="--", label=f"{label}: CA − 1")
+            ax.errorbar(L["CA"]["mean"], L["ASR"]["mean"], fmt="*", ms=12, color=col,
+                        label=f"{label} (n={len(L['seeds'])})")
         for r in c["rows"]:
             xe = r["CA"].get("ci95_half") or 0
             ye = r["ASR"].get("ci95_half") or 0
