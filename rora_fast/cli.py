@@ -121,11 +121,14 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rora-fast", description=__doc__,
-                                 usage="rora-fast [-h] <subcommand> [options]",
+                                 usage="rora-fast [-h] [--version] <subcommand> [options]",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    # the subcommands are listed once, in the description (argparse's own list hidden)
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"rora-fast {__version__}")
+    # the subcommands are listed once, in the description (argparse's own list hidden);
+    # prog: each subcommand's usage line reads "rora-fast <subcommand> ..."
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="<subcommand>",
-                            help=argparse.SUPPRESS)
+                            help=argparse.SUPPRESS, prog="rora-fast")
     p = sub.add_parser("demo", help="poison MiniLM with BadNet on IMDB, defend on SST-2 with "
                                     "LoRA and RoRA, print CA/ASR/Δ next to the paper",
                        description=DEMO_DESCRIPTION)
@@ -239,8 +242,20 @@ def _check_eval_extra() -> None:
                            "pip install 'rora-fast[eval]' (matplotlib is missing)")
 
 
+def quiet_progress_when_redirected(stream=None) -> bool:
+    """Progress bars (tqdm, on stderr) redraw every 0.1 s; written to a file or a pipe that
+    is hundreds of KB of redraws. When ``stream`` is not a terminal, bars are redrawn at
+    most every 60 s (``TQDM_MININTERVAL``, unless the user set it). True if it applied."""
+    stream = sys.stderr if stream is None else stream
+    if getattr(stream, "isatty", lambda: False)():
+        return False
+    os.environ.setdefault("TQDM_MININTERVAL", "60")
+    return True
+
+
 def _setup(args) -> None:
     _check_eval_extra()
+    quiet_progress_when_redirected()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -265,6 +280,37 @@ def _setup(args) -> None:
         for m in args.methods.split(","):
             if not (args.cmd == "seeds" and m in POSTHOC):
                 parse_method(m)
+        _check_targets(args)
+
+
+def _check_targets(args) -> None:
+    """Every run's spec and its adapter targets, resolved on the model's module names
+    before any work (no poisoning, no loading of weights: the model is built on the meta
+    device), with the library's own errors and warnings (``rora_fast.model.resolve_targets``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from .evaluation.defences import parse_method
+    from .evaluation.seeds import POSTHOC
+    from .evaluation.training import resolve_model
+    from .model import RoraConfig, resolve_targets
+    targets = []
+    for m in args.methods.split(","):
+        if m in POSTHOC:
+            continue
+        res = _spec(args, m).resolved()  # every option checked before the first run
+        if parse_method(m).kind != "fft":
+            targets.append(res["target_modules"])
+    if not targets:
+        return
+    cfg = AutoConfig.from_pretrained(resolve_model(args.model), num_labels=2)
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(cfg)
+    for tm in {json.dumps(t) for t in targets}:
+        tm = json.loads(tm)
+        try:
+            resolve_targets(skeleton, RoraConfig(target_modules=tm))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--target-modules: {e}") from None
 
 
 def _cache(args) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -167,16 +168,31 @@ def plan_rora(model: nn.Module, config: RoraConfig) -> Tuple[List[str], List[str
     if any(True for _ in rora_layers(model)):
         raise ValueError("the model already has RoRA layers; apply_rora twice would wrap "
                          "them again")
+    chosen, save = resolve_targets(model, config)
+    for name in chosen:
+        check_rora_target(model.get_submodule(name), config, name)
+    return chosen, save
+
+
+def resolve_targets(model: nn.Module, config: RoraConfig) -> Tuple[List[str], List[str]]:
+    """The names :func:`apply_rora` would adapt and train fully, from the module names and
+    types alone (a model built on the ``meta`` device will do: no weight is read). Raises
+    for targets that match nothing (or only ``modules_to_save`` modules) or a module that
+    is not linear, and ``modules_to_save`` entries that match nothing; warns, naming them,
+    about ``target_modules`` list entries that match nothing while others do."""
     target = config.target_modules
     if target is None:
         target = default_target_modules(model)
     save = resolve_modules_to_save(model, config)
     chosen: List[str] = []
+    in_save: List[str] = []
     for name, module in model.named_modules():
         if not name:
             continue
         if any(name == s or name.startswith(s + ".") or name.endswith("." + s) or
                (".%s." % s) in ("." + name + ".") for s in save):
+            if target != "all-linear" and _matches(name, target):
+                in_save.append(name)
             continue
         if target == "all-linear":
             if is_rora_target(module) and not _is_output_layer(model, name, module):
@@ -188,10 +204,18 @@ def plan_rora(model: nn.Module, config: RoraConfig) -> Tuple[List[str], List[str
                                 "Conv1D; RoRA adapts linear layers only")
             chosen.append(name)
     if not chosen:
+        if in_save:
+            raise ValueError(f"target_modules {target!r} match only modules that are trained "
+                             f"fully (modules_to_save {save}): {in_save}; RoRA adapts the "
+                             f"frozen layers, so name others or change modules_to_save")
         raise ValueError(f"target_modules {target!r} match no nn.Linear in "
                          f"{type(model).__name__}")
-    for name in chosen:
-        check_rora_target(model.get_submodule(name), config, name)
+    if isinstance(target, (list, tuple)):
+        unmatched = [t for t in target if not any(_matches(n, [t]) for n in chosen + in_save)]
+        if unmatched:
+            warnings.warn(f"target_modules entries {unmatched} match no module of "
+                          f"{type(model).__name__}; the others adapt {len(chosen)} layers",
+                          UserWarning, stacklevel=4)
     names = [n for n, _ in model.named_modules()]
     for s in save:
         if not any(n == s or n.endswith("." + s) for n in names):

@@ -348,3 +348,57 @@ def test_harness_without_eval_extra_names_the_extra(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         "rora-fast report: error: the evaluation harness needs the evaluation extra: "
         "pip install 'rora-fast[eval]' (matplotlib is missing)")
+
+
+def test_version_and_subcommand_usage_lines(capsys):
+    from rora_fast import __version__
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"rora-fast {__version__}"
+    for cmd in ("defend", "seeds", "demo"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith(f"usage: rora-fast {cmd} [-h]"), first
+
+
+def test_target_modules_checked_before_any_work(tiny_model, tmp_path, capsys, monkeypatch):
+    """A target that matches nothing fails before poisoning or loading anything, with the
+    library's error; one unmatched entry among matching ones is a warning naming it."""
+    from rora_fast.evaluation import poisoning
+    def no_poisoning(*a, **kw):
+        raise AssertionError("poisoning started before the options were checked")
+    monkeypatch.setattr(poisoning, "poison_model", no_poisoning)
+    import rora_fast.evaluation.runner as runner
+    monkeypatch.setattr(runner, "poison_model", no_poisoning)
+    cache = str(tmp_path / "cache")
+    for methods in ("rora", "lora"):
+        rc = main(["defend", "--model", tiny_model, "--methods", methods, "--target-modules",
+                   "nonexistent", "--cache-dir", cache, "--out", str(tmp_path / "o"), *TINY])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--target-modules: target_modules ['nonexistent'] match no" in err
+    assert not os.path.exists(cache) and not os.path.exists(tmp_path / "o")
+    with pytest.warns(UserWarning, match=r"entries \['nonexistent'\] match no module"):
+        with pytest.raises(AssertionError, match="poisoning started"):
+            main(["defend", "--model", tiny_model, "--methods", "rora", "--target-modules",
+                  "query,nonexistent", "--cache-dir", cache, *TINY])
+
+
+def test_progress_is_quiet_when_redirected(monkeypatch):
+    import io
+    from rora_fast.cli import quiet_progress_when_redirected
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # recorded, so that the test leaves no trace
+    monkeypatch.delenv("TQDM_MININTERVAL")
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    assert quiet_progress_when_redirected(Tty()) is False
+    assert "TQDM_MININTERVAL" not in os.environ
+    assert quiet_progress_when_redirected(io.StringIO()) is True
+    assert os.environ["TQDM_MININTERVAL"] == "60"
+    from tqdm.auto import tqdm
+    out = io.StringIO()
+    for _ in tqdm(range(200), file=out):
+        pass
+    assert out.getvalue().count("\r") <= 3  # first draw and the close, no redraws
