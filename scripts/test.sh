@@ -6,8 +6,8 @@
 #   bash scripts/test.sh --lowest   every requirement at its floor in setup.py (.venv-lowest)
 #
 # A new venv each time: nothing installed by hand on the machine can hide a missing or
-# broken dependency. torch is installed first, pinned, so that pip takes the CPU wheel
-# instead of a multi-GB CUDA build. Extra arguments go to pytest.
+# broken dependency. torch is installed first, pinned (scripts/install_torch.sh: the CPU
+# build where there is no GPU, instead of a multi-GB CUDA build). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=newest
@@ -21,7 +21,7 @@ echo "== scripts/test.sh ($MODE): new venv $VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0
+. scripts/install_torch.sh   # the torch build that fits this machine (CPU index when no GPU)
 if [ "$MODE" = lowest ]; then
     python scripts/ci/lowest_constraints.py > "$VENV/constraints.txt"
     python -m pip install -q -c "$VENV/constraints.txt" -e '.[dev]'

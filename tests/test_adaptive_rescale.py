@@ -190,3 +190,40 @@ def test_bad_input_is_named():
         with pytest.raises(ValueError, match="RescaleStep"):
             RescaleStep(*bad)
     assert all(not lay.rescaled for _, lay in rora_fast.rora_layers(model))
+
+
+def test_adaptive_study_replays_the_api_choice():
+    """scripts/eval/adaptive_study.py measures every rung once and replays the rule for
+    sub-ladders and tolerances from the recorded dev accuracies: the replay must pick
+    what adaptive_rescale_ itself picks."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "scripts", "eval", "adaptive_study.py")
+    spec = importlib.util.spec_from_file_location("adaptive_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    model = _rora_model(3)
+    batches = _batches(model, flip=0.25)
+    grid = [(1, 0.25), (1, 1.0), (2, 0.5), (2, 1.0), (4, 0.5), (4, 2.0)]
+    rungs = []
+    info = adaptive_rescale_(copy.deepcopy(model), batches,
+                             ladder=[RescaleStep(L, c) for L, c in grid], tolerance=100.0,
+                             on_step=lambda step, m: rungs.append(
+                                 {"layers": step.layers if step else 0,
+                                  "factor": step.factor if step else 0.0}))
+    rungs[0]["dev_acc"] = info["base_accuracy"]
+    for r, s in zip(rungs[1:], info["steps"]):
+        r["dev_acc"] = s["accuracy"]
+    picked = set()
+    for ladder in (grid, grid[:3], [grid[1], grid[3], grid[5]], [grid[4]]):
+        for delta in (0.0, 1.0, 3.0, 10.0):
+            want = adaptive_rescale_(copy.deepcopy(model), batches,
+                                     ladder=[RescaleStep(L, c) for L, c in ladder],
+                                     tolerance=delta)["chosen"]
+            got = study.choose(rungs, ladder, delta)
+            got = None if got["layers"] == 0 else {"layers": got["layers"],
+                                                   "factor": got["factor"]}
+            assert got == want, (ladder, delta)
+            picked.add(None if want is None else (want["layers"], want["factor"]))
+    assert len(picked) >= 3  # the cases differ: the replay is checked on several outcomes

@@ -136,3 +136,26 @@ def test_kernels_folder_is_not_a_regular_package():
     assert not os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))
     assert not os.path.exists(os.path.join(ROOT, "kernels.py"))
     assert os.path.isfile(os.path.join(ROOT, "kernels", "src", "__init__.py"))
+
+
+def test_lowest_constraints_never_pin_below_what_torch_requires():
+    """scripts/test.sh --lowest (issue 33): with torch's CPU build (no triton pin) triton
+    takes setup.py's floor; with a CUDA build, which pins triton, torch's version."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "lowest_constraints", os.path.join(root, "scripts", "ci", "lowest_constraints.py"))
+    lc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lc)
+    reqs = lc.requirements(os.path.join(root, "setup.py"))
+    cpu = lc.floors(reqs, lc.torch_pins(["filelock", "sympy>=1.13.3", "fsspec>=0.8.5"]))
+    assert cpu["triton"].startswith("3.6") and cpu["torch"] == lc.TORCH
+    cuda_requires = ["filelock", 'triton==3.7.1; platform_system == "Linux"',
+                     'nvidia-cublas==13.1.0.3; platform_system == "Linux"',
+                     'opt-einsum>=3.3; extra == "opt-einsum"']
+    cuda = lc.floors(reqs, lc.torch_pins(cuda_requires))
+    assert cuda["triton"].split(";")[0].strip() == "3.7.1"
+    assert "nvidia-cublas" not in cuda  # only setup.py's own requirements are pinned
+    # the installed torch is read when no list is given (a CPU build here: nothing pinned
+    # that setup.py floors lower)
+    assert isinstance(lc.torch_pins(), dict)

@@ -5,11 +5,17 @@ setup.py is read, not run: its ``REQUIRES`` and ``EXTRAS`` literals are parsed w
 ``ast``. torch is the exception: PyPI's Linux wheels of older torch releases are CUDA
 builds of several GB, so the lowest job keeps the CPU wheel the quickstart installs
 (``TORCH`` below); setup.py says where its floor is tested.
+
+A floor is never pinned below what the *installed* torch itself requires: torch's CUDA
+builds pin ``triton==X`` (2.13.0+cu130: triton 3.7.1), the CPU build requires no triton.
+So a package the installed torch pins takes torch's version (``--torch-requires`` reads
+them from ``importlib.metadata``; the script runs in the venv after torch is installed).
 """
 import ast
 import os
 import re
 import sys
+from typing import Dict, Iterable, Optional
 
 TORCH = "2.13.0"
 
@@ -30,7 +36,29 @@ def requirements(setup_py: str) -> list:
     return reqs
 
 
-def floors(reqs) -> dict:
+def torch_pins(requires: Optional[Iterable[str]] = None) -> Dict[str, str]:
+    """``{name: version}`` of the packages the installed torch pins with ``==`` (for its
+    platform: markers are ignored, a pin under a marker that does not hold here is a pin
+    pip will not ask for, so it cannot conflict)."""
+    if requires is None:
+        try:
+            from importlib.metadata import PackageNotFoundError, requires as _requires
+            requires = _requires("torch") or []
+        except PackageNotFoundError:
+            return {}
+    out = {}
+    for r in requires:
+        spec, _, marker = r.partition(";")
+        if "extra ==" in marker:
+            continue
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([0-9][0-9A-Za-z.+\-]*)\s*", spec)
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def floors(reqs, pinned_by_torch: Optional[Dict[str, str]] = None) -> dict:
+    pinned_by_torch = pinned_by_torch or {}
     out = {}
     for r in reqs:
         spec, _, marker = r.partition(";")
@@ -40,6 +68,8 @@ def floors(reqs) -> dict:
         name, low = m.group(1).lower(), m.group(2)
         if name == "torch":
             low = TORCH
+        elif name in pinned_by_torch:
+            low = pinned_by_torch[name]  # what the installed torch requires wins
         if out.get(name, low) != low:
             raise SystemExit(f"two floors for {name}: {out[name]} and {low}")
         out[name] = low + (f" ;{marker}" if marker else "")
@@ -48,7 +78,8 @@ def floors(reqs) -> dict:
 
 def main() -> int:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for name, pin in sorted(floors(requirements(os.path.join(root, "setup.py"))).items()):
+    reqs = requirements(os.path.join(root, "setup.py"))
+    for name, pin in sorted(floors(reqs, torch_pins()).items()):
         print(f"{name}=={pin}")
     return 0
 

@@ -14,8 +14,9 @@ the test split (what it never sees). One JSON per (schedule, cell, seed), resuma
 ``summarise`` then evaluates *configurations* over the seeds: each fixed rung, and the
 adaptive rule (the strongest rung of a ladder whose dev accuracy is within δ of the
 un-rescaled model's) for the ladders in ``LADDERS`` and δ in ``DELTAS``. The rule's choice
-depends on dev accuracies only; ``--check-api`` re-runs ``adaptive_rescale_`` for real on
-one adapter and checks it picks the rung the summary says. Each configuration is judged
+depends on dev accuracies only, so ``choose`` replays it on the recorded ones
+(tests/test_adaptive_rescale.py checks it picks what ``adaptive_rescale_`` picks for every
+sub-ladder and δ). Each configuration is judged
 against LoRA trained on the same schedule (same seed, poisoned model, rows and trigger):
 CA ≥ LoRA − 1, ASR ≤ own floor + 5, floor ≤ LoRA's floor + 5, on the means over seeds.
 
@@ -65,7 +66,12 @@ def result_path(out: str, schedule: str, cell: str, seed: int) -> str:
     return os.path.join(out, "runs", f"{schedule}-{cell}-s{seed}.json")
 
 
-def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str]) -> Dict:
+class NotCached(Exception):
+    """The seed's poisoned model is not in the cache yet (``--only-cached``)."""
+
+
+def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
+              only_cached: bool = False) -> Dict:
     import rora_fast
     from posthoc_study import committed_runs, forward_features, metrics_from_logits
     from rora_fast.evaluation.attacks import get_attack
@@ -82,6 +88,11 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str]) -> 
     spec = _spec_from(run["spec"])
     if run_id(spec) != run["run_id"]:
         raise ValueError(f"run id mismatch: {run_id(spec)} vs {run['run_id']}")
+    if only_cached:
+        from rora_fast.evaluation.poisoning import poison_key
+        from rora_fast.evaluation.runner import poison_config_for
+        if not os.path.isdir(os.path.join(cache_dir, poison_key(poison_config_for(spec)))):
+            raise NotCached(f"{schedule} {cell} seed {seed}")
     t0 = time.time()
     model, tok, res = defended_model(spec, parse_method(spec.method),
                                      os.path.join(folder, run["adapter"]), cache_dir, log=log)
@@ -286,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--commit", action="store_true")
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--only-cached", action="store_true",
+                    help="skip (for a later call) seeds whose poisoned model is not cached yet")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.summary_only:
@@ -300,9 +313,12 @@ def main(argv=None) -> int:
                     if os.path.exists(path):
                         continue
                     try:
-                        res = study_one(schedule, cell, seed, cache)
+                        res = study_one(schedule, cell, seed, cache, args.only_cached)
                     except FileNotFoundError as e:
                         log(f"skip {schedule} {cell} seed {seed}: {e}")
+                        continue
+                    except NotCached:
+                        log(f"later {schedule} {cell} seed {seed}: poisoned model not cached yet")
                         continue
                     write_json(res, path)
                     paper = [r for r in res["rungs"] if (r["layers"], r["factor"]) == (3, 1.0)][0]
