@@ -227,3 +227,51 @@ def test_adaptive_study_replays_the_api_choice():
             assert got == want, (ladder, delta)
             picked.add(None if want is None else (want["layers"], want["factor"]))
     assert len(picked) >= 3  # the cases differ: the replay is checked on several outcomes
+
+
+def test_adaptive_study_summary_margins(tmp_path, monkeypatch):
+    """The study's summary: a configuration's per-seed pick, its means and its margins
+    against LoRA of the same schedule, on hand-made run files."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "scripts", "eval", "adaptive_study.py")
+    spec = importlib.util.spec_from_file_location("adaptive_study_sum", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setattr(study, "ROOT", str(tmp_path))
+    monkeypatch.setattr(study, "SCHEDULES", {"small": {"cr": "seeds-cr"}})
+    os.makedirs(tmp_path / "seeds-cr" / "runs")
+    os.makedirs(tmp_path / "out" / "runs")
+
+    def m(ca, asr, fl):
+        return {"CA": ca, "ASR": asr, "ASR_floor": fl}
+    for seed, (lca, lfl) in {0: (86.0, 10.0), 1: (88.0, 12.0)}.items():
+        with open(tmp_path / "seeds-cr" / "runs" / f"lora-{seed}.json", "w") as f:
+            json.dump({"kind": "defence", "spec": {"method": "lora", "seed": seed},
+                       "metrics": m(lca, 100.0, lfl)}, f)
+        rungs = [{"layers": 0, "factor": 0.0, "dev_acc": 85.0, "test": m(86.0, 100.0, 10.0),
+                  "test_repaired": m(86.0, 100.0, 10.0)}]
+        for L, c in study.GRID:
+            strong = (L, c) == (3, 1.0)
+            dev = 80.0 if strong else 84.5 - 0.1 * seed
+            rungs.append({"layers": L, "factor": c, "dev_acc": dev,
+                          "test": m(80.0 if strong else 85.0, 12.0, 11.0 + seed),
+                          "test_repaired": m(81.0 if strong else 85.5, 11.0, 10.0)})
+        with open(tmp_path / "out" / "runs" / f"small-cr-s{seed}.json", "w") as f:
+            json.dump({"schedule": "small", "cell": "cr", "seed": seed, "rungs": rungs}, f)
+    s = study.summarise(str(tmp_path / "out"))
+    t = s["schedules"]["small"]
+    paper = t["top3 x1 (paper rule, library default)"]["cells"]["cr"]
+    assert paper["CA"]["mean"] == 80.0
+    assert paper["margins"]["CA"] == pytest.approx(80.0 - (87.0 - 1))
+    ad = t["adaptive top3 x{.25,.5,1} δ=1"]["cells"]["cr"]
+    assert [ad["per_seed"][s_]["rung"] for s_ in ("0", "1")] == [[3, 0.5], [3, 0.5]]
+    assert ad["margins"] == {"CA": pytest.approx(85.0 - 86.0), "ASR": pytest.approx(11.5 + 5 - 12.0),
+                             "floor": pytest.approx(11.0 + 5 - 11.5)}
+    assert t["adaptive top3 x{.25,.5,1} δ=1"]["worst_margin"] == pytest.approx(-1.0)
+    rep = t["adaptive top3 x{.25,.5,1} δ=1 + repair"]["cells"]["cr"]
+    assert rep["CA"]["mean"] == 85.5 and t["adaptive top3 x{.25,.5,1} δ=1 + repair"]["complete"]
+    assert os.path.exists(tmp_path / "out" / "summary.md")
+    assert os.path.exists(tmp_path / "out" / "summary.png")

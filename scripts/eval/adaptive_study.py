@@ -46,13 +46,12 @@ SCHEDULES = {
     "demo": {"sst2_sentence": f"{REL}/seeds-demo-sst2_sentence-badnet"},
 }
 #: the rungs measured: (top blocks, factor x the paper's scale)
-GRID = [(L, c) for L in (1, 2, 3) for c in (0.25, 0.5, 1.0)] + [(3, 2.0)]
+GRID = [(1, 1.0), (2, 0.5), (2, 1.0), (3, 0.25), (3, 0.5), (3, 1.0)]
 #: adaptive ladders (weakest first) evaluated by the summary
 LADDERS = {
     "top3 x{.25,.5,1}": [(3, 0.25), (3, 0.5), (3, 1.0)],
-    "top3 x{.25,.5,1,2}": [(3, 0.25), (3, 0.5), (3, 1.0), (3, 2.0)],
     "depth 1-3 x1": [(1, 1.0), (2, 1.0), (3, 1.0)],
-    "top2 x{.25,.5,1}": [(2, 0.25), (2, 0.5), (2, 1.0)],
+    "top2/3 x{.5,1}": [(2, 0.5), (3, 0.5), (2, 1.0), (3, 1.0)],
 }
 DELTAS = (0.5, 1.0, 2.0)
 KEYS = ("CA", "ASR", "ASR_floor")
@@ -77,7 +76,7 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
     from rora_fast.evaluation.attacks import get_attack
     from rora_fast.evaluation.bias import _spec_from
     from rora_fast.evaluation.defences import parse_method
-    from rora_fast.evaluation.repair import classification_head
+    from rora_fast.evaluation.repair import classification_head, frequency_bias_shift
     from rora_fast.evaluation.runner import defended_model, prepare_sets, run_id
     from rora_fast.evaluation.training import labelled_batches
     folder = os.path.join(ROOT, SCHEDULES[schedule][cell])
@@ -104,11 +103,20 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
     batches = labelled_batches(tok, sets["dev"], L)
     rows = []
 
+    dev_labels = [e.label for e in sets["dev"]]
+
     def measure(step, m):
         _, zt = forward_features(m, tok, [e.text for e in sets["test"]], L, head)
         _, zg = forward_features(m, tok, [e.text for e in sets["nt_trig"]], L, head)
+        _, zd = forward_features(m, tok, [e.text for e in sets["dev"]], L, head)
+        # + repair: the head bias shifted so that the clean dev prediction frequencies match
+        # the dev label frequencies (rora_fast.evaluation.repair, dev rows only)
+        shift = frequency_bias_shift(zd.double(), dev_labels).float()
         rows.append({"layers": step.layers if step else 0, "factor": step.factor if step else 0.0,
-                     "test": metrics_from_logits(zt, zg, sets, attack.target_label)})
+                     "test": metrics_from_logits(zt, zg, sets, attack.target_label),
+                     "test_repaired": metrics_from_logits(zt + shift, zg + shift, sets,
+                                                          attack.target_label),
+                     "repair_shift": [round(float(x), 5) for x in shift]})
 
     ladder = [rora_fast.RescaleStep(Lb, c) for Lb, c in GRID]
     info = rora_fast.adaptive_rescale_(model, batches, ladder=ladder, tolerance=100.0,
@@ -150,12 +158,16 @@ def choose(rungs: List[Dict], ladder, delta: float) -> Dict:
 
 
 def configurations() -> Dict[str, object]:
-    conf = {"no rescale": ("fixed", (0, 0.0))}
-    for L, c in GRID:
-        conf[f"top{L} x{c:g}" + (" (paper rule, library default)" if (L, c) == (3, 1.0) else "")] = ("fixed", (L, c))
-    for name, ladder in LADDERS.items():
-        for d in DELTAS:
-            conf[f"adaptive {name} δ={d:g}"] = ("adaptive", (ladder, d))
+    """name -> (kind, argument, which test metrics: "test" or "test_repaired")."""
+    conf = {}
+    for key, suffix in (("test", ""), ("test_repaired", " + repair")):
+        conf["no rescale" + suffix] = ("fixed", (0, 0.0), key)
+        for L, c in GRID:
+            label = " (paper rule, library default)" if (L, c) == (3, 1.0) and not suffix else ""
+            conf[f"top{L} x{c:g}{suffix}{label}"] = ("fixed", (L, c), key)
+        for name, ladder in LADDERS.items():
+            for d in DELTAS:
+                conf[f"adaptive {name} δ={d:g}{suffix}"] = ("adaptive", (ladder, d), key)
     return conf
 
 
@@ -174,7 +186,7 @@ def summarise(out: str) -> Dict:
         if not rows_s:
             continue
         table = {}
-        for cname, (kind, arg) in configurations().items():
+        for cname, (kind, arg, key) in configurations().items():
             cells = {}
             for cell in SCHEDULES[schedule]:
                 lora = lora_reference(schedule, cell)
@@ -184,7 +196,7 @@ def summarise(out: str) -> Dict:
                         pick = next(x for x in r["rungs"] if (x["layers"], x["factor"]) == arg)
                     else:
                         pick = choose(r["rungs"], *arg)
-                    per[r["seed"]] = {**pick["test"], "rung": [pick["layers"], pick["factor"]],
+                    per[r["seed"]] = {**pick[key], "rung": [pick["layers"], pick["factor"]],
                                       "dev_acc": pick["dev_acc"]}
                 if not per:
                     continue

@@ -2,17 +2,30 @@
 
     python scripts/eval/reference_runs.py benchmarks/results/eval/seeds-demo-sst2_sentence-badnet [...]
 
-For every trained method of each folder's seeds.json (post-hoc variants are skipped: their
-run files carry the trained run's spec), the per-seed run files are read, their specs must
-agree apart from the seed (else an error), and the entry records the seeds and each
-metric's mean, 95 % t-interval (rora_fast.evaluation.seeds.mean_ci), minimum and maximum.
-The file is written atomically.
+For every trained method of each folder's seeds.json, the per-seed run files are read,
+their specs must agree apart from the seed (else an error), and the entry records the seeds
+and each metric's mean, 95 % t-interval (rora_fast.evaluation.seeds.mean_ci), minimum and
+maximum. Post-hoc variants are skipped (their run files carry the trained run's spec),
+except those equal to a trained configuration (``EQUIVALENT``): ``rora+adaptive`` from a
+saved adapter is exactly ``defend --rescale adaptive`` of the same run (tests/test_seeds.py),
+so it is entered under that configuration's spec. The file is written atomically.
 """
 import json
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+#: post-hoc variant -> the RunSpec fields of the trained configuration it equals
+EQUIVALENT = {"rora+adaptive": {"rescale": "adaptive"}}
+
+
+def trained_spec(spec: dict, fields: dict) -> dict:
+    """The resolved spec of ``spec``'s run with ``fields`` changed."""
+    import dataclasses
+    from rora_fast.evaluation.bias import _spec_from
+    return dataclasses.replace(_spec_from(spec), **fields).resolved()
 
 
 def entries_of(folder: str):
@@ -27,8 +40,10 @@ def entries_of(folder: str):
             with open(os.path.join(folder, row["file"]), encoding="utf-8") as f:
                 run = json.load(f)
             if run.get("kind") == "posthoc" or "from_run" in run:
-                runs = None
-                break
+                if method not in EQUIVALENT:
+                    runs = None
+                    break
+                run = dict(run, spec=trained_spec(run["spec"], EQUIVALENT[method]))
             runs.append(run)
         if not runs:
             continue
