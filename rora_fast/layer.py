@@ -176,6 +176,22 @@ class RoraLinear(nn.Module):
         own layer class (:class:`rora_fast.quantized.QuantRoraLinear`,
         :class:`rora_fast.conv1d.RoraConv1D`): the subclass whose ``BASE_KINDS`` holds the
         base's :func:`rora_fast.bases.base_kind` builds it (``from_base``)."""
+        # a bad argument raises before the layer exists: the caller's module keeps its
+        # requires_grad flags (the constructor freezes the shared weight and bias)
+        flags = [(p, p.requires_grad) for p in linear.parameters()] \
+            if isinstance(linear, nn.Module) else []
+        try:
+            return cls._from_linear(linear, r=r, alpha=alpha, weight_dropout=weight_dropout,
+                                    lora_dropout=lora_dropout, ortho_rank=ortho_rank,
+                                    ortho_lambda=ortho_lambda, **kwargs)
+        except BaseException:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
+
+    @classmethod
+    def _from_linear(cls, linear, r, alpha, weight_dropout, lora_dropout, ortho_rank,
+                     ortho_lambda, **kwargs) -> "RoraLinear":
         kind = base_kind(linear)
         if cls is RoraLinear and kind not in ("linear", None):
             for sub in _subclasses(RoraLinear):

@@ -302,8 +302,19 @@ def _save_basis(path: Path, basis: SpectralBasis, key: dict) -> None:
                                    sort_keys=True)
     try:
         atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    except OSError:  # a read-only or full cache must never break training
-        pass
+    except Exception as e:  # noqa: BLE001 - a read-only or full cache must never break
+        # training: OSError, or safetensors' own SafetensorError ("No space left on device")
+        folder = str(Path(path).parent)
+        if folder not in _UNWRITABLE:
+            _UNWRITABLE.add(folder)
+            warnings.warn(f"SVD cache: cannot write {path} ({type(e).__name__}: {e}); the "
+                          f"bases are used without caching. Point RORA_FAST_CACHE_DIR at a "
+                          f"writable folder, or set RORA_FAST_CACHE=0 to turn the cache off",
+                          RuntimeWarning, stacklevel=2)
+
+
+#: cache folders a write already failed in (one warning per folder and process)
+_UNWRITABLE: set = set()
 
 
 def _load_basis(path: Path, W: torch.Tensor, k: int, method: str,

@@ -338,6 +338,11 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
     names = select_top_blocks(model, list(rl) + list(pl), layers)
     new = {}
     for n in names:  # check every layer before changing any
+        factors = ((rl[n].lora_A, rl[n].lora_B) if n in rl else
+                   (pl[n].lora_A[adapter_name].weight, pl[n].lora_B[adapter_name].weight))
+        if not all(bool(torch.isfinite(t).all()) for t in factors):
+            raise ValueError(f"{n}: cannot rescale: the adapter (lora_A / lora_B) holds NaN or "
+                             f"inf (did training diverge?); no layer was changed")
         if n in rl:
             new[n] = factor * rescale_factor(rl[n].sigma_pre, rl[n].sigma_delta(), n)
         else:

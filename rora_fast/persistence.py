@@ -108,6 +108,10 @@ def save_rora(model: nn.Module, path: Union[str, Path]) -> Path:
             meta[name]["init_scaling"] = layer.init_scaling
     for name, p in _extra_trainable(model).items():
         tensors[f"extra.{name}"] = p.detach().contiguous().cpu()
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged run must not replace a good save
+        raise ValueError(f"not saved: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:5])}"
+                         f"{', ...' if len(bad) > 5 else ''}); {path} was left as it was")
     save_id = secrets.token_hex(16)
     doc = {"format_version": FORMAT_VERSION, "save_id": save_id, "config": config.to_dict(),
            "layers": meta}
