@@ -616,21 +616,32 @@ def test_training_after_evaluation_is_exact(kind):
         assert torch.equal(a, b)
 
 
-def test_weight_repacked_by_bitsandbytes_is_read_correctly():
+@pytest.mark.parametrize("how", ["forced", "bitsandbytes"])
+def test_weight_repacked_by_bitsandbytes_is_read_correctly(how):
     """A 4-bit layer bitsandbytes has already repacked (the model was evaluated before
     RoRA wrapped it): dequantize_base reads the CPU layout; the RoRA layer's output equals
     bitsandbytes' own on it (up to its bf16 activations) and the weight before the repack
     (up to the bf16 absmax the repack stores)."""
-    if not _bnb_repacks_on_this_cpu():
-        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16)")
+    # every CPU tests the repacked layout: where bitsandbytes' own eval forward does not
+    # repack (no AVX512-BF16), the conversion it would call is called directly
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu
+    native = how == "bitsandbytes"
+    if native and not _bnb_repacks_on_this_cpu():
+        pytest.skip("bitsandbytes' own forward repacks only on AVX512-BF16 CPUs; the "
+                    "'forced' case tests the repacked layout here")
     for kind in ("nf4-dq", "nf4", "fp4-dq"):
         base = _quant_layer(kind, out_f=96, in_f=128, seed=3)
         W0 = Q.dequantize_base(base, torch.float32)
         desc0 = Q.quant_descriptor(base)
         base.eval()
         x = torch.randn(5, 128)
-        with torch.no_grad():
-            y_bnb = base(x)
+        if native:
+            with torch.no_grad():
+                y_bnb = base(x)
+        else:
+            base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu(
+                base.weight.data, base.weight.quant_state)
+            y_bnb = nn.functional.linear(x, W0, base.bias)
         assert B._cpu_packed(base.weight.quant_state)
         W1 = Q.dequantize_base(base, torch.float32)
         assert W1.shape == W0.shape
