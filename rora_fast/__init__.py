@@ -52,7 +52,7 @@ from .model import (RoraConfig, apply_rora, block_index, merge_rora,  # noqa: E4
                     rora_layers, spectral_rescale_)
 from .persistence import export_peft_adapter, load_rora, save_rora  # noqa: E402
 from .peft_integration import register_rora, spectral_rescale_peft_  # noqa: E402
-from .penalty import add_penalty_grads, attach_penalty, rora_penalty  # noqa: E402
+from .penalty import add_penalty_grads, rora_penalty  # noqa: E402
 from .reference import effective_drop_prob, weight_keep_mask  # noqa: E402
 
 __version__ = "0.1.0"
@@ -66,7 +66,6 @@ __all__ = [
     "factor_ladder",
     "apply_rora",
     "add_penalty_grads",
-    "attach_penalty",
     "block_index",
     "export_peft_adapter",
     "load_rora",

@@ -11,6 +11,12 @@ from . import validation as V
 __all__ = ["RoraConfig"]
 
 
+#: the file format's migration of saved configs: adapters saved by versions whose default
+#: ``penalty_mode`` was called ``"backward"`` (the same mechanism as ``"optimizer"``) load
+#: as ``"optimizer"``. Saved files only: the constructors take the current names.
+LEGACY_PENALTY_MODES = {"backward": "optimizer"}
+
+
 @dataclass
 class RoraConfig:
     """Hyper-parameters of RoRA for a whole model (paper defaults).
@@ -23,9 +29,8 @@ class RoraConfig:
 
     Every value is checked here (see :mod:`rora_fast.validation`): ``r >= 1``,
     ``alpha`` finite ``> 0``, dropouts in ``[0, 1)``, ``ortho_rank >= 1``,
-    ``ortho_lambda`` finite ``>= 0``, ``penalty_mode`` ``"optimizer"`` or ``"loss"`` (the
-    deprecated alias ``"backward"`` of old saved configs becomes ``"optimizer"``, with a
-    ``DeprecationWarning``); the shape-dependent bounds
+    ``ortho_lambda`` finite ``>= 0``, ``penalty_mode`` ``"optimizer"`` or ``"loss"``; the
+    shape-dependent bounds
     (``r, ortho_rank <= min(in, out)``) are checked by :func:`rora_fast.apply_rora` for
     every target before the model is changed.
     """
@@ -45,7 +50,6 @@ class RoraConfig:
     svd_method: str = "auto"
 
     def __post_init__(self):
-        # (the deprecated alias "backward" is stored as "optimizer")
         self.penalty_mode = V.check_hparams(
             r=self.r, alpha=self.alpha, weight_dropout=self.weight_dropout,
             lora_dropout=self.lora_dropout, ortho_rank=self.ortho_rank,
@@ -87,6 +91,8 @@ class RoraConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown RoraConfig fields {sorted(unknown)}")
+        if d.get("penalty_mode") in LEGACY_PENALTY_MODES:  # a file an older version wrote
+            d = {**d, "penalty_mode": LEGACY_PENALTY_MODES[d["penalty_mode"]]}
         return cls(**d)
 
     def layer_kwargs(self) -> dict:

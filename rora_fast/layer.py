@@ -68,8 +68,7 @@ class RoraLinear(nn.Module):
         penalty_mode: ``"optimizer"`` (``λ∇Ω`` added to the adapter gradients at each
             ``step()`` of a torch optimizer holding them; :func:`rora_fast.add_penalty_grads`
             for hand-written updates; the default) or ``"loss"`` (nothing automatic: add
-            :func:`rora_fast.rora_penalty` to the loss). ``"backward"``, the deprecated
-            name of ``"optimizer"``, becomes ``"optimizer"`` with a ``DeprecationWarning``.
+            :func:`rora_fast.rora_penalty` to the loss).
         init: ``"default"`` (A Kaiming-uniform, B zero, like PEFT), ``"gaussian"``,
             ``"pissa"`` or ``"olora"`` (base weight replaced by the residual, as PEFT).
         use_dora: DoRA magnitude/direction decomposition on top (as PEFT's DoRA).
@@ -119,7 +118,7 @@ class RoraLinear(nn.Module):
         PiSSA/OLoRA rewrite in place into the residual), DoRA's magnitude, the penalty
         hook's registration."""
         out_features, in_features = W.shape
-        penalty_mode = _check_hparams(  # ("backward", deprecated, becomes "optimizer")
+        penalty_mode = _check_hparams(
             r=r, alpha=alpha, weight_dropout=weight_dropout, lora_dropout=lora_dropout,
             ortho_rank=ortho_rank, ortho_lambda=ortho_lambda, penalty_mode=penalty_mode,
             init=init, use_dora=use_dora, svd_method=svd_method,

@@ -4,8 +4,8 @@
 start factors otherwise), so ``∇_A λΩ = 2λ ((A − A₀) Vₖ) Vₖᵀ`` and
 ``∇_B λΩ = 2λ Uₖ (Uₖᵀ (B − B₀))``.
 
-How the gradient reaches the optimizer (``penalty_mode="optimizer"``, the default; the
-deprecated name ``"backward"`` is read as ``"optimizer"``): one global torch optimizer step pre-hook
+How the gradient reaches the optimizer (``penalty_mode="optimizer"``, the default): one
+global torch optimizer step pre-hook
 (:func:`torch.optim.optimizer.register_optimizer_step_pre_hook`, installed when the first
 RoRA layer registers, :func:`register_penalty_layer`: importing rora_fast changes no
 optimizer).
@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-__all__ = ["rora_penalty", "add_penalty_grads", "attach_penalty", "WARN_AFTER_FORWARDS",
+__all__ = ["rora_penalty", "add_penalty_grads", "WARN_AFTER_FORWARDS",
            "register_penalty_layer"]
 
 #: Training forwards of one RoRA layer without an optimizer step (or
@@ -321,21 +321,4 @@ def rora_penalty(model: nn.Module) -> torch.Tensor:
     return total
 
 
-class _NoHandle:
-    def remove(self) -> None:
-        pass
 
-
-def attach_penalty(optimizer: torch.optim.Optimizer, model: nn.Module):
-    """Deprecated: every torch optimizer now adds the penalty gradient at its step (a
-    global step pre-hook), so there is nothing to attach. Checks that ``optimizer``
-    holds the model's RoRA adapters and returns a handle whose ``remove()`` does nothing."""
-    warnings.warn("rora_fast.attach_penalty is no longer needed: every torch optimizer adds "
-                  "the penalty gradient at its step", DeprecationWarning, stacklevel=2)
-    layers = _model_layers(model)
-    if not layers:
-        raise ValueError("the model has no RoRA layers")
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    if not any(id(t[0]) in held for layer in layers for t in layer._penalty_terms()):
-        raise ValueError("the optimizer does not hold the adapters of the model's RoRA layers")
-    return _NoHandle()

@@ -69,8 +69,7 @@ class RoraTrainerCallback(TrainerCallback):
 
     Args:
         penalty_mode: ``"auto"`` or ``"keep"`` (leave the layers' mode as it is),
-            ``"optimizer"`` or ``"loss"``: set it on every layer (the deprecated name
-            ``"backward"`` is taken as ``"optimizer"``, with a ``DeprecationWarning``).
+            ``"optimizer"`` or ``"loss"``: set it on every layer.
         rescale: apply spectral rescaling at the end of training.
         rescale_layers: blocks to rescale (default: the model's ``rora_config``).
         save_dir: if set, ``save_rora`` there at the end.

@@ -16,10 +16,9 @@ naming the argument and the value):
                k = 0 is refused: the basis also gives ``σ_max(W_pre)`` for the spectral
                rescaling. To turn the penalty off, set ``ortho_lambda=0``.
 ``ortho_lambda`` finite number, ``>= 0`` (0: no penalty)
-``penalty_mode`` one of :data:`PENALTY_MODES` (``"optimizer"``, the default, or ``"loss"``);
-               the legacy alias ``"backward"`` is accepted and becomes ``"optimizer"``
-               with a ``DeprecationWarning`` (:func:`check_penalty_mode`: adapters saved
-               with it still load); ``init`` one of :data:`INITS`;
+``penalty_mode`` one of :data:`PENALTY_MODES` (``"optimizer"``, the default, or ``"loss"``;
+               configs saved by older versions: rora_fast.config.LEGACY_PENALTY_MODES);
+               ``init`` one of :data:`INITS`;
                ``svd_method`` one of :data:`SVD_METHODS`; ``use_dora`` a bool
 base weight    a floating dtype (float32/float16/bfloat16/float64), every entry finite
 ============== ==========================================================================
@@ -29,18 +28,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Optional
 
 import torch
 
-__all__ = ["PENALTY_MODES", "PENALTY_MODE_ALIASES", "INITS", "SVD_METHODS", "FLOAT_DTYPES", "check_int",
+__all__ = ["PENALTY_MODES", "INITS", "SVD_METHODS", "FLOAT_DTYPES", "check_int",
            "check_number", "check_choice", "check_penalty_mode", "check_hparams", "check_layer_shape",
            "check_base_weight", "check_rora_hparams"]
 
 PENALTY_MODES = ("optimizer", "loss")
-#: Deprecated names still accepted (old saved adapter configs): name -> canonical name.
-PENALTY_MODE_ALIASES = {"backward": "optimizer"}
 INITS = ("default", "gaussian", "pissa", "olora")
 SVD_METHODS = ("auto", "exact", "randomized")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -80,14 +76,7 @@ def check_choice(name: str, value, choices) -> str:
 
 
 def check_penalty_mode(value) -> str:
-    """The canonical name of a ``penalty_mode``: ``"optimizer"`` or ``"loss"``. The legacy
-    alias ``"backward"`` (the same mechanism as ``"optimizer"``; the default before) is
-    accepted, with a ``DeprecationWarning``, and returned as ``"optimizer"``."""
-    if isinstance(value, str) and value in PENALTY_MODE_ALIASES:
-        new = PENALTY_MODE_ALIASES[value]
-        warnings.warn(f"penalty_mode={value!r} is a deprecated name of penalty_mode={new!r} "
-                      f"(the same mechanism); use {new!r}", DeprecationWarning, stacklevel=4)
-        return new
+    """A ``penalty_mode``: ``"optimizer"`` or ``"loss"``."""
     return check_choice("penalty_mode", value, PENALTY_MODES)
 
 

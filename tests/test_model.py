@@ -254,9 +254,10 @@ def test_save_load_roundtrip_fresh_and_wrapped(tmp_path):
         assert torch.equal(logits(other), want)
 
 
-def test_old_config_with_backward_penalty_mode_loads_with_one_warning(tmp_path):
-    """Adapters saved when "backward" was the default penalty_mode (the deprecated alias of
-    "optimizer") still load: one DeprecationWarning, the mode stored as "optimizer"."""
+def test_old_config_with_backward_penalty_mode_loads(tmp_path):
+    """Adapters saved when the default penalty_mode was called "backward" (the mechanism
+    now named "optimizer") still load, as "optimizer", without a warning (a file format
+    migration); the name itself is no longer accepted from code."""
     import warnings
 
     base = tiny_llama(2)
@@ -270,9 +271,9 @@ def test_old_config_with_backward_penalty_mode_loads_with_one_warning(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         load_rora(fresh, tmp_path / "ad")
-    dep = [w for w in caught if issubclass(w.category, DeprecationWarning)
-           and "backward" in str(w.message)]
-    assert len(dep) == 1
+    assert not [w for w in caught if "backward" in str(w.message)]
+    with pytest.raises(ValueError, match="penalty_mode"):
+        rora_fast.RoraConfig(penalty_mode="backward")
     assert fresh.rora_config.penalty_mode == "optimizer"
     assert all(lay.penalty_mode == "optimizer" for _, lay in rora_layers(fresh))
     assert torch.equal(logits(fresh), logits(m))

@@ -452,14 +452,10 @@ def test_peft_registered_layers_get_the_penalty_at_the_step():
 
 
 # ---------------------------------------------------------------------- API
-def test_attach_penalty_is_a_deprecated_no_op_and_bad_input_errors():
+def test_add_penalty_grads_bad_input_errors():
     m = _model()
     opt = torch.optim.SGD(_params(m), lr=LR)
-    with pytest.warns(DeprecationWarning):
-        h = rora_fast.attach_penalty(opt, m)
-    h.remove()
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="does not hold"):
-        rora_fast.attach_penalty(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1), m)
+    assert not hasattr(rora_fast, "attach_penalty")  # removed (it was a deprecated no-op)
     with pytest.raises(TypeError, match="nn.Module"):
         rora_fast.add_penalty_grads(opt)
     assert rora_fast.add_penalty_grads(nn.Linear(2, 2)) == 0

@@ -102,17 +102,17 @@ def test_trainer_trains_full_objective_once_per_step(tmp_path):
         assert diff > 1e-4
 
 
-def test_optimizer_mode_matches_legacy_backward_name(tmp_path):
-    """"optimizer" and its deprecated alias "backward" are one mechanism (the step hook)."""
-    with pytest.warns(DeprecationWarning, match="backward"):
-        legacy = _model(mode="backward")
-    a, _ = _train(legacy, tmp_path / "a")
+def test_callback_penalty_mode_sets_the_layers(tmp_path):
+    """The callback's penalty_mode="optimizer" on a model built with it changes nothing;
+    the removed name "backward" and unknown names are refused."""
+    a, _ = _train(_model(mode="optimizer"), tmp_path / "a")
     b, cb = _train(_model(), tmp_path / "b",
                    cb_kwargs=dict(rescale=False, penalty_mode="optimizer"))
     assert all(layer.penalty_mode == "optimizer" for _, layer in rora_fast.rora_layers(b.model))
     _assert_same(_adapters(a.model), _adapters(b.model))
-    with pytest.raises(ValueError, match="penalty_mode"):
-        RoraTrainerCallback(penalty_mode="sometimes")
+    for bad in ("sometimes", "backward"):
+        with pytest.raises(ValueError, match="penalty_mode"):
+            RoraTrainerCallback(penalty_mode=bad)
 
 
 def test_callback_logs_rescales_saves_and_exports(tmp_path):
