@@ -36,7 +36,7 @@ import torch
 from . import reference as ref
 
 __all__ = ["RoraLinearFunction", "rora_linear", "resolve_backend", "masked_weight_op",
-           "effective_weight_op", "lora_dropout_input", "SAVE_MASKED_MAX"]
+           "lora_dropout_input", "SAVE_MASKED_MAX"]
 
 _BACKENDS = ("auto", "reference", "triton")
 _ENV = "RORA_FAST_BACKEND"
@@ -131,28 +131,6 @@ def masked_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float) -> torc
 
 @masked_weight_op.register_fake
 def _(weight, seed, p):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("rora_fast::effective_weight", mutates_args=())
-def effective_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float,
-                        lora_B: torch.Tensor, lora_A: torch.Tensor,
-                        scaling: float) -> torch.Tensor:
-    """``(M ⊙ W)/(1 − p_eff) + s·B A`` with the seed in a one-element int64 tensor: the
-    graph-capture form of :func:`rora_fast.reference.effective_weight` (the Triton kernel
-    for CUDA weights, reading a device seed without a host sync, as
-    :func:`masked_weight_op`)."""
-    if weight.is_cuda:
-        kernels = _kernels_module()
-        if kernels is not None:
-            return kernels.effective_weight(weight, _kernel_seed(seed, weight), p, lora_B,
-                                            lora_A, scaling)
-    return ref.effective_weight(weight, int(seed.reshape(()).item()), p, lora_B, lora_A,
-                                scaling)
-
-
-@effective_weight_op.register_fake
-def _(weight, seed, p, lora_B, lora_A, scaling):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
