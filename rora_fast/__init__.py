@@ -45,7 +45,8 @@ def _register_source_kernels() -> None:
 _register_source_kernels()
 
 from .functional import rora_linear  # noqa: E402
-from .adaptive import RescaleStep, adaptive_rescale_, dev_accuracy, factor_ladder  # noqa: E402
+from .adaptive import (RescaleStep, adaptive_rescale_, dev_accuracy, dev_logits,  # noqa: E402
+                       factor_ladder)
 from .layer import RoraLinear  # noqa: E402
 from .linalg import sigma_max, sigma_max_lowrank, spectral_basis  # noqa: E402
 from .model import (RoraConfig, apply_rora, block_index, merge_rora,  # noqa: E402
@@ -63,6 +64,7 @@ __all__ = [
     "RescaleStep",
     "adaptive_rescale_",
     "dev_accuracy",
+    "dev_logits",
     "factor_ladder",
     "apply_rora",
     "add_penalty_grads",

@@ -25,7 +25,7 @@ from .model import (ModelState, layer_attrs, peft_lora_layers, rora_layers,
 from .variants import has_start_factors
 
 __all__ = ["RescaleStep", "DEFAULT_FACTORS", "DEFAULT_LADDER", "factor_ladder",
-           "adaptive_rescale_", "dev_accuracy"]
+           "adaptive_rescale_", "dev_accuracy", "dev_logits"]
 
 
 @dataclass(frozen=True)
@@ -62,14 +62,14 @@ DEFAULT_LADDER = factor_ladder(3)
 
 
 @torch.inference_mode()
-def dev_accuracy(model: nn.Module, dev_batches: Iterable[Mapping]) -> float:
-    """Accuracy in % of ``model`` (eval mode; its mode is restored) on ``dev_batches``:
-    mappings of model inputs with a ``labels`` tensor (what a transformers data collator
-    gives), moved to the model's device."""
+def dev_logits(model: nn.Module, dev_batches: Iterable[Mapping]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of ``model`` (eval mode; its mode is restored) on
+    ``dev_batches``, concatenated in batch order: mappings of model inputs with a ``labels``
+    tensor (what a transformers data collator gives), moved to the model's device."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = total = 0
+    logits, labels = [], []
     try:
         for i, batch in enumerate(dev_batches):
             if not isinstance(batch, Mapping) or "labels" not in batch:
@@ -78,16 +78,23 @@ def dev_accuracy(model: nn.Module, dev_batches: Iterable[Mapping]) -> float:
                                  + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else ""))
             inputs = {k: (v.to(device) if torch.is_tensor(v) else v)
                       for k, v in batch.items() if k != "labels"}
-            labels = torch.as_tensor(batch["labels"]).to(device)
             out = model(**inputs)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += labels.numel()
+            logits.append((out.logits if hasattr(out, "logits") else out[0]).detach())
+            labels.append(torch.as_tensor(batch["labels"]).to(device))
     finally:
         model.train(was_training)
-    if total == 0:
+    if not labels or sum(t.numel() for t in labels) == 0:
         raise ValueError("dev_batches holds no rows")
-    return 100.0 * correct / total
+    return torch.cat(logits), torch.cat(labels)
+
+
+def dev_accuracy(model: nn.Module, dev_batches: Iterable[Mapping]) -> float:
+    """Accuracy in % of ``model`` on ``dev_batches`` (see :func:`dev_logits`)."""
+    return _accuracy(*dev_logits(model, dev_batches))
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * int((logits.argmax(-1) == labels).sum()) / labels.numel()
 
 
 def _snapshot(model: nn.Module, adapter_name: str):
@@ -108,7 +115,8 @@ def _snapshot(model: nn.Module, adapter_name: str):
 def adaptive_rescale_(model: nn.Module, dev_batches: Iterable[Mapping],
                       ladder: Sequence[RescaleStep] = DEFAULT_LADDER, tolerance: float = 1.0,
                       adapter_name: str = "default",
-                      on_step: Optional[Callable[[Optional[RescaleStep], nn.Module], None]] = None
+                      on_step: Optional[Callable[[Optional[RescaleStep], nn.Module,
+                                                  torch.Tensor], None]] = None
                       ) -> Dict:
     """Rescale ``model`` with the strongest rung of ``ladder`` (ordered weakest first)
     whose accuracy on the clean ``dev_batches`` is at least the un-rescaled model's minus
@@ -116,8 +124,9 @@ def adaptive_rescale_(model: nn.Module, dev_batches: Iterable[Mapping],
 
     ``dev_batches``: a re-iterable collection (list, ``DataLoader``) of mappings of model
     inputs with ``labels``: clean labelled rows of the task, held out from training (the
-    dev split used for model selection). ``on_step(step, model)``, if given, is called
-    with the model in each measured state (``step`` None: un-rescaled), e.g. to log more.
+    dev split used for model selection). ``on_step(step, model, dev_logits)``, if given,
+    is called with the model in each measured state (``step`` None: un-rescaled) and its
+    logits on the dev batches (:func:`dev_logits` order), e.g. to log more.
 
     Returns ``{"base_accuracy", "tolerance", "steps": [{"layers", "factor",
     "accuracy", "within"}], "chosen": {"layers", "factor"} or None, "scales": {name: s}}``.
@@ -135,16 +144,18 @@ def adaptive_rescale_(model: nn.Module, dev_batches: Iterable[Mapping],
                         "pass a list or a DataLoader")
     restore = _snapshot(model, adapter_name)
     try:
-        base = dev_accuracy(model, dev_batches)
+        z, y = dev_logits(model, dev_batches)
+        base = _accuracy(z, y)
         if on_step is not None:
-            on_step(None, model)
+            on_step(None, model, z)
         steps: List[Dict] = []
         for step in ladder:
             spectral_rescale_(model, layers=step.layers, adapter_name=adapter_name,
                               factor=float(step.factor))
-            acc = dev_accuracy(model, dev_batches)
+            z, _ = dev_logits(model, dev_batches)
+            acc = _accuracy(z, y)
             if on_step is not None:
-                on_step(step, model)
+                on_step(step, model, z)
             restore()
             steps.append({**asdict(step), "accuracy": round(acc, 4),
                           "within": bool(acc >= base - tolerance)})

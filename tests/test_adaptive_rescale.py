@@ -122,13 +122,17 @@ def test_on_step_sees_each_state_and_an_error_restores_the_model():
     batches = _batches(model)
     seen = []
     adaptive_rescale_(copy.deepcopy(model), batches, ladder=LADDER[:2], tolerance=100,
-                      on_step=lambda step, m: seen.append((step, dict(_scales(m)))))
-    assert [s for s, _ in seen] == [None] + LADDER[:2]
+                      on_step=lambda step, m, z: seen.append((step, dict(_scales(m)), z)))
+    assert [s for s, _, _ in seen] == [None] + LADDER[:2]
     assert seen[1][1] != seen[0][1] and seen[2][1] != seen[1][1]
+    y = torch.cat([b["labels"] for b in batches])
+    assert all(z.shape == (len(y), 3) for _, _, z in seen)
+    with torch.no_grad():  # the un-rescaled state's logits are the model's own
+        torch.testing.assert_close(seen[0][2], torch.cat([model(b["x"]).logits for b in batches]))
 
     trained = _scales(model)
 
-    def boom(step, m):
+    def boom(step, m, z):
         if step is not None and step.layers == 2:
             raise RuntimeError("stop here")
     with pytest.raises(RuntimeError, match="stop here"):
@@ -209,7 +213,7 @@ def test_adaptive_study_replays_the_api_choice():
     rungs = []
     info = adaptive_rescale_(copy.deepcopy(model), batches,
                              ladder=[RescaleStep(L, c) for L, c in grid], tolerance=100.0,
-                             on_step=lambda step, m: rungs.append(
+                             on_step=lambda step, m, z: rungs.append(
                                  {"layers": step.layers if step else 0,
                                   "factor": step.factor if step else 0.0}))
     rungs[0]["dev_acc"] = info["base_accuracy"]

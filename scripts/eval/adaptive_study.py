@@ -103,15 +103,15 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
     batches = labelled_batches(tok, sets["dev"], L)
     rows = []
 
-    dev_labels = [e.label for e in sets["dev"]]
+    dev_labels = torch.cat([b["labels"] for b in batches]).tolist()
 
-    def measure(step, m):
+    def measure(step, m, zd):
         _, zt = forward_features(m, tok, [e.text for e in sets["test"]], L, head)
         _, zg = forward_features(m, tok, [e.text for e in sets["nt_trig"]], L, head)
-        _, zd = forward_features(m, tok, [e.text for e in sets["dev"]], L, head)
         # + repair: the head bias shifted so that the clean dev prediction frequencies match
-        # the dev label frequencies (rora_fast.evaluation.repair, dev rows only)
-        shift = frequency_bias_shift(zd.double(), dev_labels).float()
+        # the dev label frequencies (rora_fast.evaluation.repair; the dev logits the
+        # adaptive rule measured, dev rows only)
+        shift = frequency_bias_shift(zd.double().cpu(), dev_labels).float()
         rows.append({"layers": step.layers if step else 0, "factor": step.factor if step else 0.0,
                      "test": metrics_from_logits(zt, zg, sets, attack.target_label),
                      "test_repaired": metrics_from_logits(zt + shift, zg + shift, sets,
