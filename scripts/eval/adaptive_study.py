@@ -182,7 +182,7 @@ def summarise(out: str) -> Dict:
                           "(means over seeds, LoRA of the same schedule and seeds)",
                "schedules": {}}
     for schedule in SCHEDULES:
-        rows_s = [r for r in results if r["schedule"] == schedule]
+        rows_s = [r for r in results if r.get("schedule") == schedule]
         if not rows_s:
             continue
         table = {}
@@ -287,11 +287,16 @@ def plot(summary: Dict, out: str) -> None:
     plt.close(fig)
 
 
-def commit(paths, msg) -> None:
+def commit(folder: str, msg) -> None:
+    """Commit ``folder`` alone in the repository that holds it (with ``--out`` in another
+    checkout than this script's, e.g. the study run from a fixed worktree: that checkout)."""
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder,
+                         capture_output=True, text=True).stdout.strip()
+    rel = os.path.relpath(os.path.abspath(folder), top)
     for _ in range(20):
-        if not os.path.exists(os.path.join(ROOT, ".git", "index.lock")):
-            r = subprocess.run(["git", "add", "--"] + paths, cwd=ROOT)
-            r = subprocess.run(["git", "commit", "-q", "-m", msg, "--"] + paths, cwd=ROOT)
+        if not os.path.exists(os.path.join(top, ".git", "index.lock")):
+            subprocess.run(["git", "add", "--", rel], cwd=top)
+            r = subprocess.run(["git", "commit", "-q", "-m", msg, "--", rel], cwd=top)
             if r.returncode == 0:
                 return
         time.sleep(3)
@@ -339,12 +344,12 @@ def main(argv=None) -> int:
                         f"ASR {paper['test']['ASR']}")
                     summarise(args.out)
                     if args.commit:
-                        commit([os.path.relpath(args.out, ROOT)],
+                        commit(args.out,
                                f"adaptive-study: {schedule} {cell} seed {seed} (every rung's dev "
                                f"accuracy and test metrics)")
     summarise(args.out)
     if args.commit:
-        commit([os.path.relpath(args.out, ROOT)], "adaptive-study: summary regenerated")
+        commit(args.out, "adaptive-study: summary regenerated")
     return 0
 
 
