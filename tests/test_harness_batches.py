@@ -114,3 +114,29 @@ def test_group_by_length_keeps_existing_run_ids():
                  group_by_length=True)
     assert run_id(on) != run_id(base)
     assert "group_by_length" not in base.resolved()
+
+
+def test_poisoned_baseline_is_evaluated_once_per_poisoned_model(make_tiny_bert, tmp_path,
+                                                                 monkeypatch):
+    """The poisoned model's metrics before fine-tuning are kept beside the cached poisoned
+    model: a second results folder copies them instead of evaluating again (same values)."""
+    import json
+    import os
+    from rora_fast.evaluation import runner
+    calls = []
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    spec = RunSpec(task="cr", attack="badnet", method="lora", preset="small", seed=0,
+                   model=make_tiny_bert(1), n_train=16, n_dev=16, n_test=24, epochs=1,
+                   max_length=32, poison_n_train=16, poison_epochs=1,
+                   poison_asr_threshold=-1.0, poison_min_clean_acc=0.0)
+    cache = str(tmp_path / "cache")
+    a = runner.run_defence(spec, str(tmp_path / "a"), cache, log=lambda *x: None)
+    assert len(calls) == 2  # the baseline, then the defended model
+    b = runner.run_defence(spec, str(tmp_path / "b"), cache, log=lambda *x: None)
+    assert len(calls) == 3  # the defended model only
+    assert a["poisoned_baseline"] == b["poisoned_baseline"]
+    copies = [f for f in os.listdir(tmp_path / "b" / "runs") if f.startswith("poisoned-")]
+    assert len(copies) == 1
+    with open(tmp_path / "b" / "runs" / copies[0]) as f:
+        assert json.load(f)["metrics"] == a["poisoned_baseline"]

@@ -195,15 +195,30 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
                         res_spec["n_test"], spec.seed)
     # the poisoned model before any fine-tuning (cached per poisoned model and eval sets)
     base_key = f"poisoned-{os.path.basename(pmeta['path'])}-{spec.task}-{_spec_hash([L, res_spec['n_test'], spec.seed])}"
+    # (also kept beside the cached poisoned model: every results folder of the same
+    # poisoned model and evaluation sets reuses it instead of evaluating it again)
     base_path = os.path.join(out_dir, "runs", base_key + ".json")
-    if os.path.exists(base_path):
-        with open(base_path) as f:
-            base = json.load(f)["metrics"]
-    else:
+    shared_path = os.path.join(pmeta["path"], "baselines", base_key + ".json")
+    base = None
+    for path_ in (base_path, shared_path):
+        try:
+            with open(path_) as f:
+                doc = json.load(f)
+            if doc.get("kind") == "poisoned-baseline" and isinstance(doc.get("metrics"), dict):
+                base = doc["metrics"]
+                break
+        except (OSError, ValueError):
+            continue
+    if base is None:
         base = evaluate(pmodel, tok, sets, L, attack.target_label)
-        write_json({"kind": "poisoned-baseline", "task": spec.task, "attack": attack.name,
-                    "poison": pmeta["config"], "poison_checks": pmeta["checks"],
-                    "metrics": base}, base_path)
+        doc = {"kind": "poisoned-baseline", "task": spec.task, "attack": attack.name,
+               "poison": pmeta["config"], "poison_checks": pmeta["checks"], "metrics": base}
+        try:
+            write_json(doc, shared_path)
+        except OSError:  # a read-only cache: the results folder keeps its own copy
+            pass
+    if not os.path.exists(base_path):
+        write_json(doc, base_path)
     method = parse_method(spec.method)
     dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
                          ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
