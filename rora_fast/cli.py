@@ -90,10 +90,11 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
         o.add_argument("--ortho-lambda", type=float, default=10.0, help="RoRA λ")
         o.add_argument("--ortho-rank", type=int, default=32, help="RoRA k")
         o.add_argument("--rescale-layers", type=int, default=3, help="rescale the last N blocks")
-        o.add_argument("--rescale", default="paper", choices=["paper", "adaptive"],
+        o.add_argument("--rescale", default=None, choices=["paper", "adaptive"],
                        help="paper: scale = σmax(W_pre)/σmax(BA); adaptive: the strongest of "
                             "0.25/0.5/1 x that whose clean dev accuracy stays within "
-                            "--rescale-tolerance of the un-rescaled model's")
+                            "--rescale-tolerance of the un-rescaled model's (default: the "
+                            "preset's choice)")
         o.add_argument("--rescale-tolerance", type=float, default=1.0,
                        help="adaptive rescale: dev accuracy points a rung may cost")
         o.add_argument("--r", type=int, default=8)
@@ -140,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("defend", help="fine-tune the poisoned model with defences, measure")
     _common(p, "lora,rora")
     p.add_argument("--force", action="store_true", help="rerun runs whose result exists")
-    p.add_argument("--repair", action="store_true",
-                   help="opt-in, after the rescaling: shift only the classification head's "
-                        "bias so that the prediction frequencies on the clean dev rows match "
-                        "their label frequencies (trigger-agnostic; not the paper's method)")
+    p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the rescaling: shift only the classification head's bias so "
+                        "that the prediction frequencies on the clean dev rows match their "
+                        "label frequencies (trigger-agnostic; not the paper's method; "
+                        "default: the preset's choice)")
     p = sub.add_parser("evaluate", help="CA / ASR / ASR floor of a saved model folder")
     _common(p, defence=False, eval_sizes=True)
     p.add_argument("path", nargs="?", default=None,
@@ -207,7 +209,9 @@ def _spec(args, method: str):
     kw = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if kw.get("target_modules") == "peft-default":
         kw["target_modules"] = None
-    return RunSpec(method=method, repair=bool(getattr(args, "repair", False)), **kw)
+    # `seeds --repair` asks for the post-hoc rora+repair rows, not repaired trained runs
+    repair = None if getattr(args, "cmd", None) == "seeds" else getattr(args, "repair", None)
+    return RunSpec(method=method, repair=repair, **kw)
 
 
 def _check_model(name: Optional[str], option: str = "--model", hub: bool = True) -> None:
@@ -458,7 +462,7 @@ def cmd_seeds(args) -> int:
         methods = args.methods.split(",")
         if args.repair and "rora+repair" not in methods:
             methods.append("rora+repair")
-        args.repair = False  # the trained runs themselves stay without repair
+        args.repair = None  # the trained runs themselves: the preset's choice
         agg = run_seeds(_spec(args, "lora"), methods, seeds, out, _cache(args),
                         reuse=args.reuse)
     print(aggregate_markdown(agg, f"{args.task} ← {args.attack}: seeds"))

@@ -224,3 +224,22 @@ def test_adaptive_rescale_option_is_checked():
     with pytest.raises(ValueError, match="rescale_tolerance"):
         RunSpec(method="rora", rescale="adaptive", rescale_tolerance=-1).resolved()
     assert "rescale" not in RunSpec(method="rora").resolved()
+
+
+def test_preset_chooses_rescale_and_repair_for_methods_with_rescaling(monkeypatch):
+    """A preset's rescale/repair apply to methods with rescaling only, explicit values win,
+    and a run file written before (no such keys) keeps its run id (bias._spec_from)."""
+    from rora_fast.evaluation import presets
+    from rora_fast.evaluation.bias import _spec_from
+    old = RunSpec(method="rora", preset="small", seed=0)
+    old_id, old_res = run_id(old), old.resolved()
+    assert "rescale" not in old_res and "repair" not in old_res
+    monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(
+        presets.PRESETS["small"], rescale="adaptive", repair=True))
+    new = RunSpec(method="rora", preset="small", seed=0).resolved()
+    assert new["rescale"] == "adaptive" and new["repair"] is True
+    lora = RunSpec(method="lora", preset="small", seed=0).resolved()
+    assert "rescale" not in lora and "repair" not in lora
+    explicit = RunSpec(method="rora", preset="small", seed=0, rescale="paper", repair=False)
+    assert run_id(explicit) == old_id
+    assert run_id(_spec_from(old_res)) == old_id  # a committed run file, re-read

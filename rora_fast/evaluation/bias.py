@@ -80,6 +80,9 @@ def balance_from_runs(root: str) -> List[Dict]:
 def _spec_from(stored: Dict):
     from .runner import RunSpec
     names = {f.name for f in dataclasses.fields(RunSpec)}
+    # a stored (resolved) spec omits these at their old defaults: explicit here, so that a
+    # run file keeps its run id whatever the presets now choose
+    stored = {"rescale": "paper", "repair": False, **stored}
     return RunSpec(**{k: v for k, v in stored.items() if k in names})
 
 

@@ -32,6 +32,11 @@ class Preset:
     epochs: float
     evals_per_epoch: int = 1
     target_modules: Optional[str] = None
+    # what a method with rescaling (rora, ...) does after training, unless the run says:
+    # "paper" (σ_max(W_pre)/σ_max(BA)) or "adaptive" (rora_fast.adaptive_rescale_ on the
+    # clean dev rows), and whether the head bias is then re-fitted on them (repair.py)
+    rescale: str = "paper"
+    repair: bool = False
 
 
 PRESETS: Dict[str, Preset] = {

@@ -16,7 +16,7 @@ import platform
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -71,16 +71,34 @@ class RunSpec:
     poison_max_epochs: Optional[float] = None  # cap incl. continuation (None: 2 x epochs)
     poison_asr_threshold: float = 95.0
     poison_min_clean_acc: float = 70.0
-    repair: bool = False  # after rescaling: re-fit the head bias on clean dev (repair.py)
+    # after rescaling: re-fit the head bias on clean dev (repair.py); None: the preset's
+    # choice for methods with rescaling, False for the others
+    repair: Optional[bool] = None
     group_by_length: bool = False  # length-grouped training batches (training.py)
-    rescale: str = "paper"         # "paper" | "adaptive" (rora_fast.adaptive_rescale_ on dev)
+    # "paper" | "adaptive" (rora_fast.adaptive_rescale_ on dev); None: the preset's choice
+    # for methods with rescaling, "paper" for the others
+    rescale: Optional[str] = None
     rescale_tolerance: float = 1.0  # adaptive: dev accuracy points a rung may cost
+
+    def rescale_choice(self) -> Tuple[str, bool]:
+        """``(rescale, repair)`` this run uses: the explicit values, else the preset's for a
+        method with rescaling (its defaults: ``Preset.rescale`` / ``Preset.repair``)."""
+        p = PRESETS.get(self.preset)
+        m = parse_method(self.method)
+        pt = m.kind == "rora" and m.pt
+        rescale = self.rescale if self.rescale is not None else (
+            p.rescale if (p is not None and pt) else "paper")
+        repair = self.repair if self.repair is not None else (
+            p.repair if (p is not None and pt) else False)
+        return rescale, bool(repair)
 
     def resolved(self) -> Dict:
         p = PRESETS[self.preset] if self.preset in PRESETS else None
         if p is None:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         d = dataclasses.asdict(self)
+        rescale, repair = self.rescale_choice()
+        d["rescale"], d["repair"] = rescale, repair
         for k, default in (("poison_max_epochs", None), ("repair", False),
                            ("group_by_length", False), ("rescale", "paper"),
                            ("rescale_tolerance", 1.0)):
@@ -100,16 +118,16 @@ class RunSpec:
         d["attack"] = get_attack(self.attack, self.trigger).name
         d["trigger"] = get_attack(self.attack, self.trigger).trigger
         m = parse_method(self.method)
-        if self.rescale not in RESCALE_MODES:
+        if rescale not in RESCALE_MODES:
             raise ValueError(f"rescale must be one of {', '.join(RESCALE_MODES)}, got "
-                             f"{self.rescale!r}")
-        if self.rescale != "paper" and not (m.kind == "rora" and m.pt):
-            raise ValueError(f"--rescale {self.rescale} chooses the strength of a rescaling: it "
+                             f"{rescale!r}")
+        if rescale != "paper" and not (m.kind == "rora" and m.pt):
+            raise ValueError(f"--rescale {rescale} chooses the strength of a rescaling: it "
                              f"needs a method with rescaling (rora, ...), got {self.method!r}")
         if not (self.rescale_tolerance >= 0 and math.isfinite(self.rescale_tolerance)):
             raise ValueError(f"rescale_tolerance must be a finite number >= 0, got "
                              f"{self.rescale_tolerance!r}")
-        if self.repair and not (m.kind == "rora" and m.pt):
+        if repair and not (m.kind == "rora" and m.pt):
             raise ValueError(f"--repair undoes a bias of the rescaling: it needs a method with "
                              f"rescaling (rora, lora+rescale, rora:ci+pt, ...), got "
                              f"{self.method!r}")
@@ -263,12 +281,12 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
             result["adapter"] = os.path.relpath(state_path, out_dir)
     if method.kind == "rora" and method.pt:
         result["before_rescale"] = evaluate(model, tok, sets, L, attack.target_label)
-        if spec.rescale == "adaptive":
+        if res_spec.get("rescale", "paper") == "adaptive":
             result["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, spec)
             result["rescale"] = result["adaptive_rescale"]["scales"]
         else:
             result["rescale"] = finish_defence(model, method, dcfg)
-    if spec.repair:
+    if res_spec.get("repair", False):
         from .repair import recalibrate_head_bias_
         result["before_repair"] = evaluate(model, tok, sets, L, attack.target_label)
         result["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
