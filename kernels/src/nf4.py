@@ -34,7 +34,9 @@ from .mask import _keep_nk, check_counter_range, mask_params
 
 __all__ = ["dequantize_4bit_masked"]
 
-_BLOCK_N = 32
+# 8 x 128 with 4 warps: 8 elements per thread (see mask.py): 44-64 registers per thread on
+# sm_80..120, none spilled; 32 x 128 used 138-255 (benchmarks/gpu/compile_matrix.py)
+_BLOCK_N = 8
 _BLOCK_K = 128
 
 
