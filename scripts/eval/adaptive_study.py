@@ -46,12 +46,11 @@ SCHEDULES = {
     "demo": {"sst2_sentence": f"{REL}/seeds-demo-sst2_sentence-badnet"},
 }
 #: the rungs measured: (top blocks, factor x the paper's scale)
-GRID = [(1, 1.0), (2, 0.5), (2, 1.0), (3, 0.25), (3, 0.5), (3, 1.0)]
+GRID = [(2, 1.0), (3, 0.25), (3, 0.5), (3, 1.0)]
 #: adaptive ladders (weakest first) evaluated by the summary
 LADDERS = {
     "top3 x{.25,.5,1}": [(3, 0.25), (3, 0.5), (3, 1.0)],
-    "depth 1-3 x1": [(1, 1.0), (2, 1.0), (3, 1.0)],
-    "top2/3 x{.5,1}": [(2, 0.5), (3, 0.5), (2, 1.0), (3, 1.0)],
+    "top3 x{.5,1}": [(3, 0.5), (3, 1.0)],
 }
 DELTAS = (0.5, 1.0, 2.0)
 KEYS = ("CA", "ASR", "ASR_floor")
@@ -193,7 +192,10 @@ def summarise(out: str) -> Dict:
                 per = {}
                 for r in (x for x in rows_s if x["cell"] == cell):
                     if kind == "fixed":
-                        pick = next(x for x in r["rungs"] if (x["layers"], x["factor"]) == arg)
+                        pick = next((x for x in r["rungs"] if (x["layers"], x["factor"]) == arg),
+                                    None)
+                        if pick is None:  # measured before this rung was on the grid
+                            continue
                     else:
                         pick = choose(r["rungs"], *arg)
                     per[r["seed"]] = {**pick[key], "rung": [pick["layers"], pick["factor"]],
