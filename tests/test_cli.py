@@ -74,7 +74,8 @@ def test_defend_end_to_end_resume_and_cache(tiny_model, tmp_path, capsys):
     lora = next(r for r in defence if r["spec"]["method"] == "lora")
     assert lora["paper_bert"] == [92.0, 99.7, -7.7]
     md = (out / "results.md").read_text()
-    for method in ("| lora |", "| rora |", "| fft |", "poisoned, no fine-tuning"):
+    # the preset (small) repairs after the rescaling: the row says so
+    for method in ("| lora |", "| rora + repair |", "| fft |", "poisoned, no fine-tuning"):
         assert method in md
     png = out / "results.png"
     assert "(results.png)" in md and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,7 +151,7 @@ def test_param_sweep_reuses_runs_and_labels_them(tiny_model, tmp_path, capsys):
     assert trained[1]["run_id"] != trained[0]["run_id"]
     md = open(out / "sweep_weight_dropout.md").read()
     assert "| 0.1 (default) |" in md and "| 0.3 |" in md
-    assert "rora (p=0.3)" in open(out / "results.md").read()  # labelled in the folder table
+    assert "rora + repair (p=0.3)" in open(out / "results.md").read()  # labelled in the table
     assert (out / "sweep_weight_dropout.png").stat().st_size > 0
     # bad input
     assert main(["sweep", *_args(tiny_model, tmp_path, "--param", "lr")]) == 2

@@ -44,7 +44,8 @@ def test_head_refit_receives_only_clean_training_rows(study, make_tiny_bert, tmp
     base = RunSpec(task="cr", attack="badnet", method="rora", preset="small", seed=0,
                    model=tiny, n_train=16, n_dev=16, n_test=24, epochs=1, max_length=32,
                    poison_n_train=16, poison_epochs=1, poison_asr_threshold=-1.0,
-                   poison_min_clean_acc=0.0, ortho_rank=4)
+                   poison_min_clean_acc=0.0, ortho_rank=4,
+                   repair=False)  # the committed seeds runs the study reads were not repaired
     for m in ("lora", "rora"):
         run_defence(dataclasses.replace(base, method=m), seeds_dir, cache,
                     log=lambda *a: None, adapter_dir=os.path.join(seeds_dir, "adapters"))

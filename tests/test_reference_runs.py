@@ -73,3 +73,15 @@ def test_shipped_file_parses_and_names_committed_sources():
     for e in data["entries"]:
         assert os.path.isdir(os.path.join(ROOT, e["source"])), e["source"]
         assert set(e["metrics"]) == set(R.METRICS)
+
+
+def test_the_demo_default_has_its_own_multi_seed_results_shipped():
+    """Issue 29: `rora-fast demo` prints beside its one draw the 5-seed spread of exactly
+    its configuration (every method it runs, the preset's repair included)."""
+    from rora_fast.cli import _spec, build_parser
+    args = build_parser().parse_args(["demo"])
+    for m in args.methods.split(","):
+        spec = _spec(args, m).resolved()
+        e = R.reference_for(spec)
+        assert e is not None, f"no shipped multi-seed result for the demo's {m}"
+        assert len(e["seeds"]) == 5 and e["spec"] == {k: v for k, v in spec.items() if k != "seed"}

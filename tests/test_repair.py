@@ -231,7 +231,10 @@ def test_preset_chooses_rescale_and_repair_for_methods_with_rescaling(monkeypatc
     and a run file written before (no such keys) keeps its run id (bias._spec_from)."""
     from rora_fast.evaluation import presets
     from rora_fast.evaluation.bias import _spec_from
+    monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(
+        presets.PRESETS["small"], rescale="paper", repair=False))  # the presets until issue 29
     old = RunSpec(method="rora", preset="small", seed=0)
+    assert run_id(old) == "sst2_sentence-badnet-rora-small-s0-ae179c069b"  # committed
     old_id, old_res = run_id(old), old.resolved()
     assert "rescale" not in old_res and "repair" not in old_res
     monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(

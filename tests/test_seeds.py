@@ -154,7 +154,7 @@ def test_seeds_end_to_end_on_a_tiny_model(tiny_bert, tmp_path, capsys):
             "--max-length", "32", "--ortho-rank", "4", "--poison-n-train", "16",
             "--poison-epochs", "1", "--poison-asr-threshold", "-1", "--poison-min-clean-acc",
             "0", "--threads", "1", "--device", "cpu", "--out", out]
-    assert main([*args, "--methods", "lora,lora+rescale,rora", "--repair",
+    assert main([*args, "--methods", "lora,lora+rescale,rora,rora+repair", "--no-repair",
                  "--seeds", "0-1"]) == 0
     agg = json.load(open(os.path.join(out, "seeds.json")))
     assert set(agg["methods"]) == {"lora", "lora+rescale", "rora", "rora+repair"}
@@ -167,12 +167,12 @@ def test_seeds_end_to_end_on_a_tiny_model(tiny_bert, tmp_path, capsys):
     assert res["rescale"] and not any(".layer.0." in n for n in res["rescale"])  # top 3 of 4
     # resumable: a second call trains nothing (every run is skipped)
     capsys.readouterr()
-    assert main([*args, "--methods", "lora,rora", "--seeds", "0-1"]) == 0
+    assert main([*args, "--methods", "lora,rora", "--seeds", "0-1", "--no-repair"]) == 0
     assert capsys.readouterr().out.count("skip ") == 4
     assert main(["seeds", "--out", out, "--aggregate-only"]) == 0
     # the adaptive rescale from the saved adapter equals a trained `defend --rescale adaptive`
     capsys.readouterr()
-    assert main([*args, "--methods", "rora,rora+adaptive", "--seeds", "0-1"]) == 0
+    assert main([*args, "--methods", "rora,rora+adaptive", "--seeds", "0-1", "--no-repair"]) == 0
     agg = json.load(open(os.path.join(out, "seeds.json")))
     assert agg["methods"]["rora+adaptive"]["seeds"] == [0, 1]
     assert "rora+adaptive - rora" in agg["paired"]
@@ -180,11 +180,18 @@ def test_seeds_end_to_end_on_a_tiny_model(tiny_bert, tmp_path, capsys):
     assert [s["factor"] for s in post["adaptive_rescale"]["steps"]] == [0.25, 0.5, 1.0]
     assert args[0] == "seeds" and args[-2:] == ["--out", out]
     assert main(["defend", *args[1:-2], "--out", str(tmp_path / "defend"),
-                 "--methods", "rora", "--seed", "0", "--rescale", "adaptive"]) == 0
+                 "--methods", "rora", "--seed", "0", "--rescale", "adaptive", "--no-repair"]) == 0
     trained = [json.load(open(p)) for p in glob.glob(str(tmp_path / "defend" / "runs" / "*.json"))
                if "poisoned-" not in p][0]
     assert trained["adaptive_rescale"] == post["adaptive_rescale"]
     assert trained["metrics"] == post["metrics"]
+    # and the repair: `defend --repair` equals the post-hoc rora+repair of the same run
+    post = json.load(open(glob.glob(os.path.join(out, "runs", "*s0-*+repair.json"))[0]))
+    assert main(["defend", *args[1:-2], "--out", str(tmp_path / "defend-repair"),
+                 "--methods", "rora", "--seed", "0", "--repair"]) == 0
+    trained = [json.load(open(p)) for p in glob.glob(str(tmp_path / "defend-repair" / "runs" /
+                                                         "*.json")) if "poisoned-" not in p][0]
+    assert trained["repair"] == post["repair"] and trained["metrics"] == post["metrics"]
     # the bias analysis from the saved adapters
     assert main(["bias", out, "--cache-dir", str(tmp_path / "c"), "--threads", "1"]) == 0
     b = json.load(open(os.path.join(out, "bias", "bias.json")))

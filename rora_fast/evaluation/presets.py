@@ -1,9 +1,14 @@
 """Presets (data sizes and schedules) and the paper's reference numbers.
 
-``demo``: what runs on 2 CPU cores within ~15 minutes (subsets, short schedules).
-``small``: the small-scale reproduction on CPU (larger subsets, longer schedule).
+``small`` (the CLI's default, the demo's): the small-scale reproduction on CPU, 2,000 rows x
+4 epochs; a method with rescaling is followed by the clean-dev head-bias repair
+(``repair=True``, issue 29: of every configuration measured over 5 seeds on SST-2 and CR
+against LoRA of the same schedule, the best worst margin over the three targets; see
+docs/results.md).
+``demo``: ``small`` with 1,500 defence rows (the earlier demo).
 ``full``: the paper's sizes (A.1): poisoning 4,000 proxy rows with 1,500 poisoned, lr 2e-5,
-3 epochs; defence on the full training split, 20 epochs, batch 32 — for a GPU.
+3 epochs; defence on the full training split, 20 epochs, batch 32 — for a GPU; the paper's
+method as published (no repair: not measured at that scale).
 """
 from __future__ import annotations
 
@@ -44,9 +49,9 @@ PRESETS: Dict[str, Preset] = {
     # the defender (188 steps), full SST-2 test set; adapters on all linear layers (see the
     # evaluation notes: with query/value only the effect does not show at this scale).
     "demo": Preset("demo", 2000, 0.375, 64, 40, 5e-5, 3, 1500, 872, None, 64, 4,
-                   target_modules="all-linear"),
+                   target_modules="all-linear", repair=True),
     "small": Preset("small", 2000, 0.375, 64, 40, 5e-5, 3, 2000, 872, None, 64, 4,
-                    target_modules="all-linear"),
+                    target_modules="all-linear", repair=True),
     "full": Preset("full", 4000, 0.375, 128, None, 2e-5, 3, None, None, None, 128, 20,
                    target_modules=None),
 }

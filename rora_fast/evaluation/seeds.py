@@ -182,6 +182,9 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
            "from_run": rid, "adapter": os.path.relpath(apath, out_dir), "spec": res,
            "seed": spec.seed}
     repair_method = "accuracy" if variant.endswith("-acc") else "frequency"
+    if variant.startswith("rora+repair") and res.get("repair"):
+        raise ValueError(f"{variant}: the rora run of seed {spec.seed} is already repaired (its "
+                         f"preset's choice); {variant} would repair it twice")
     if variant.startswith("lora+rescale"):
         out["rescale"] = rescale_peft_lora_(model, spec.rescale_layers)
         if "+repair" in variant:
@@ -206,6 +209,9 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
             out["before_rescale"] = json.load(f).get("before_rescale")
         out["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, spec)
         out["rescale"] = out["adaptive_rescale"]["scales"]
+        if res.get("repair"):  # as the trained run (and `defend --rescale adaptive`) does
+            from .repair import recalibrate_head_bias_
+            out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
     else:  # pragma: no cover - POSTHOC is closed
         raise ValueError(variant)
     out["metrics"] = evaluate(model, tok, sets, L, attack.target_label)

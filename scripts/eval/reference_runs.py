@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 #: post-hoc variant -> the RunSpec fields of the trained configuration it equals
-EQUIVALENT = {"rora+adaptive": {"rescale": "adaptive"}}
+EQUIVALENT = {"rora+adaptive": {"rescale": "adaptive"}, "rora+repair": {"repair": True},
+              "rora+adaptive+repair": {"rescale": "adaptive", "repair": True}}
 
 
 def trained_spec(spec: dict, fields: dict) -> dict:
