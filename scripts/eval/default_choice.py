@@ -1,0 +1,214 @@
+"""Issue 29: which configuration the harness runs by default, decided from committed run files.
+
+Every configuration measured on both cells (SST-2 <- IMDB BadNet, CR <- MR BadNet; preset
+small: 2,000 rows x 4 epochs) over 5 seeds is judged against LoRA trained on the same
+schedule, seeds, rows and triggers, by its margins to the three targets (on the 5-seed means;
+positive: met by that much):
+
+    CA   ≥ LoRA's CA − 1          margin  CA − (LoRA CA − 1)
+    ASR  ≤ its own ASR floor + 5   margin  floor + 5 − ASR
+    floor ≤ LoRA's floor + 5       margin  LoRA floor + 5 − floor
+
+The default is the configuration the harness can run (``HARNESS``: a preset's ``rescale`` and
+``repair``) with the best worst margin over the three targets and the two cells, whether or
+not it meets all three. Every per-seed number is read from the run files it came from:
+
+* ``posthoc-study/aggregate.json``: RoRA at rescaling depth 0-3, the head re-fit variants;
+* ``seeds-<task>-badnet/seeds.json``: ``rora`` (the paper's rule), ``rora+repair``;
+* ``adaptive-study/runs/``: the adaptive rescale (and + repair), rung by rung.
+
+Writes ``benchmarks/results/eval/default-choice.{json,md,png}`` and the block of
+docs/results.md between its markers. ``tests/test_default_choice.py`` checks that the
+presets choose what this script picks from the committed files.
+
+    python scripts/eval/default_choice.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+REL = os.path.join(ROOT, "benchmarks", "results", "eval")
+CELLS = ("sst2_sentence", "cr")
+KEYS = ("CA", "ASR", "ASR_floor")
+SEEDS = (0, 1, 2, 3, 4)
+
+#: configuration -> the preset fields that run it (None: not a harness option)
+HARNESS = {"rora (paper rule)": {"rescale": "paper", "repair": False},
+           "rora + repair": {"rescale": "paper", "repair": True},
+           "rora, adaptive rescale": {"rescale": "adaptive", "repair": False},
+           "rora, adaptive rescale + repair": {"rescale": "adaptive", "repair": True}}
+
+
+def _load(path: str) -> Optional[Dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
+    """``{configuration: {cell: {seed: {CA, ASR, ASR_floor}}}}`` from the run files, with
+    ``"lora"`` the reference (4-epoch PEFT LoRA of the same seeds)."""
+    out: Dict[str, Dict[str, Dict[int, Dict]]] = {}
+
+    def put(name, cell, seed, m):
+        out.setdefault(name, {}).setdefault(cell, {})[int(seed)] = {k: m[k] for k in KEYS}
+    for cell in CELLS:
+        seeds = _load(os.path.join(rel, f"seeds-{cell}-badnet", "seeds.json")) or {}
+        for method, name in (("lora", "lora"), ("rora", "rora (paper rule)"),
+                             ("rora+repair", "rora + repair")):
+            for s, row in seeds.get("methods", {}).get(method, {}).get("per_seed", {}).items():
+                put(name, cell, s, row)
+        agg = _load(os.path.join(rel, "posthoc-study", "aggregate.json")) or {}
+        variants = agg.get("cells", {}).get(cell, {}).get("variants", {})
+        for v, label in (("rora@top2", "rora, top 2 blocks rescaled"),
+                         ("rora@top1", "rora, top 1 block rescaled"),
+                         ("rora@top3+head", "rora + head re-fit (script only)"),
+                         ("rora@top2+head", "rora, top 2 + head re-fit (script only)")):
+            for s, m in variants.get(v, {}).get("per_seed", {}).items():
+                put(label, cell, s, m)
+        runs = os.path.join(rel, "adaptive-study", "runs")
+        for fn in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+            r = _load(os.path.join(runs, fn))
+            if r.get("schedule") != "small" or r.get("cell") != cell:
+                continue
+            pick = adaptive_pick(r["rungs"])
+            put("rora, adaptive rescale", cell, r["seed"], pick["test"])
+            put("rora, adaptive rescale + repair", cell, r["seed"], pick["test_repaired"])
+    return out
+
+
+def adaptive_pick(rungs: List[Dict], tolerance: float = 1.0) -> Dict:
+    """What ``rora_fast.adaptive_rescale_`` picks with its default ladder (the top 3 blocks
+    at rora_fast.adaptive.DEFAULT_FACTORS x the paper's scale) and ``tolerance``, from a
+    study record's dev accuracies (the study replays this rule; tested)."""
+    from rora_fast.adaptive import DEFAULT_FACTORS
+    base = rungs[0]["dev_acc"]
+    by = {(r["layers"], r["factor"]): r for r in rungs[1:]}
+    pick = rungs[0]
+    for f in DEFAULT_FACTORS:
+        if by[(3, f)]["dev_acc"] >= base - tolerance:
+            pick = by[(3, f)]
+    return pick
+
+
+def margins(tables) -> Dict[str, Dict]:
+    from rora_fast.evaluation.seeds import mean_ci
+    lora = tables.get("lora", {})
+    out = {}
+    for name, cells in tables.items():
+        if name == "lora":
+            continue
+        row = {"harness": HARNESS.get(name), "cells": {}}
+        for cell in CELLS:
+            per = cells.get(cell, {})
+            ref = lora.get(cell, {})
+            common = [s for s in SEEDS if s in per and s in ref]
+            st = {"seeds": common, **{k: mean_ci([per[s][k] for s in common]) for k in KEYS}}
+            if common:
+                m = {k: sum(per[s][k] for s in common) / len(common) for k in KEYS}
+                lm = {k: sum(ref[s][k] for s in common) / len(common) for k in KEYS}
+                st["lora"] = {k: round(v, 2) for k, v in lm.items()}
+                st["CA_minus_lora"] = mean_ci([per[s]["CA"] - ref[s]["CA"] for s in common])
+                st["margins"] = {"CA": round(m["CA"] - (lm["CA"] - 1), 2),
+                                 "ASR": round(m["ASR_floor"] + 5 - m["ASR"], 2),
+                                 "floor": round(lm["ASR_floor"] + 5 - m["ASR_floor"], 2)}
+            row["cells"][cell] = st
+        complete = all(len(row["cells"][c]["seeds"]) == len(SEEDS) for c in CELLS)
+        row["complete"] = complete
+        row["worst_margin"] = (min(v for c in CELLS for v in row["cells"][c]["margins"].values())
+                               if all("margins" in row["cells"][c] for c in CELLS) else None)
+        out[name] = row
+    return out
+
+
+def choose(rows: Dict[str, Dict]) -> str:
+    """The complete harness configuration with the best worst margin."""
+    ok = {n: r for n, r in rows.items() if r["complete"] and r["harness"] is not None}
+    if not ok:
+        raise ValueError("no harness configuration is measured on every seed of both cells")
+    return max(ok, key=lambda n: ok[n]["worst_margin"])
+
+
+def _f(st) -> str:
+    if not st or st.get("mean") is None:
+        return ""
+    h = st.get("ci95_half")
+    return f"{st['mean']:.2f}" + (f" ± {h:.2f}" if h is not None else "")
+
+
+def markdown(rows: Dict[str, Dict], pick: str) -> str:
+    title = {"sst2_sentence": "SST-2", "cr": "CR"}
+    lines = ["| configuration | harness option | seeds | cell | CA | ASR | floor | CA − LoRA "
+             "(paired) | margins CA / ASR / floor | worst |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(rows, key=lambda n: -(rows[n]["worst_margin"] if rows[n]["worst_margin"]
+                                         is not None else -1e9))
+    for n in order:
+        r = rows[n]
+        opt = ("" if r["harness"] is None else
+               f"`rescale={r['harness']['rescale']}, repair={r['harness']['repair']}`")
+        for cell in CELLS:
+            st = r["cells"][cell]
+            mg = st.get("margins")
+            mark = "**" if n == pick else ""
+            worst = "" if r["worst_margin"] is None else f"{r['worst_margin']:+.2f}"
+            lines.append(f"| {mark}{n}{mark} | {opt} | {len(st['seeds'])} | {title[cell]} | "
+                         f"{_f(st['CA'])} | {_f(st['ASR'])} | {_f(st['ASR_floor'])} | "
+                         f"{_f(st.get('CA_minus_lora'))} | "
+                         f"{'' if not mg else ' / '.join(f'{mg[k]:+.2f}' for k in ('CA', 'ASR', 'floor'))} | "
+                         f"{worst}{'' if r['complete'] else ' (incomplete)'} |")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- default:begin -->", "<!-- default:end -->"
+
+
+def main() -> int:
+    from rora_fast.atomic import save_figure, write_json, write_text
+    rows = margins(per_seed_tables())
+    pick = choose(rows)
+    write_json(os.path.join(REL, "default-choice.json"), {
+        "targets": "CA >= LoRA - 1; ASR <= own floor + 5; floor <= LoRA floor + 5 (5-seed "
+                   "means, LoRA of the same schedule and seeds)",
+        "default": pick, "preset_fields": rows[pick]["harness"], "rows": rows})
+    table = markdown(rows, pick)
+    md = (f"# The default configuration (generated by scripts/eval/default_choice.py)\n\n"
+          f"Default: **{pick}** (worst margin {rows[pick]['worst_margin']:+.2f}).\n\n"
+          + table + "\n\n![worst margin per configuration](default-choice.png)\n")
+    write_text(os.path.join(REL, "default-choice.md"), md)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = sorted((n for n in rows if rows[n]["worst_margin"] is not None),
+                   key=lambda n: rows[n]["worst_margin"])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    ax.barh(range(len(names)), [rows[n]["worst_margin"] for n in names],
+            color=["C2" if n == pick else ("C0" if rows[n]["harness"] else "0.6") for n in names])
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([n + ("" if rows[n]["complete"] else " (incomplete)") for n in names],
+                       fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("worst margin over CA / ASR / floor targets and SST-2, CR (points; ≥ 0: all met)")
+    ax.set_title("Issue 29: default = best worst margin among harness options (green)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(REL, "default-choice.png"))
+    plt.close(fig)
+    path = os.path.join(ROOT, "docs", "results.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if BEGIN in text and END in text:
+        a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
+        write_text(path, text[:a] + "\n" + table + "\n" + text[b:])
+    print(f"default: {pick} (worst margin {rows[pick]['worst_margin']:+.2f}); "
+          f"{os.path.join(REL, 'default-choice.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
