@@ -35,7 +35,9 @@ from .mask import _keep_nk, check_counter_range, mask_params
 __all__ = ["dequantize_4bit_masked"]
 
 # 8 x 128 with 4 warps: 8 elements per thread (see mask.py): 44-64 registers per thread on
-# sm_80..120, none spilled; 32 x 128 used 138-255 (benchmarks/gpu/compile_matrix.py)
+# sm_80..120 with Triton 3.9 (up to 72 with 3.6), none spilled; 32 x 128 used 138-255
+# (benchmarks/gpu/compile_matrix.py). 4 x 128 would use 31-40 but compute each Philox
+# counter group in two threads; which costs more on a GPU is not measured.
 _BLOCK_N = 8
 _BLOCK_K = 128
 
