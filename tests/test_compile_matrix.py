@@ -37,11 +37,10 @@ def test_kernels_compile_for_every_arch_without_spills(tmp_path):
     for r in rows:
         assert r["status"] == "ok", r
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        # elementwise kernels: the 8 x 128 tile uses 34-64 registers per thread with
-        # Triton 3.9 (half or more of an SM's 64 warps resident by registers), up to 72 with
-        # Triton 3.6 (the floor; NF4 nested + mask on sm_90); the 32 x 128 tile used up to
-        # 255 and spilled
-        assert r["registers"] <= 80, r
+        # elementwise kernels: <= 64 registers per thread leaves half or more of an SM's
+        # 64 warps resident (64K registers); measured 31-55 with Triton 3.6 and 3.9, where
+        # the 32 x 128 tile used up to 255 and spilled
+        assert r["registers"] <= 64, r
     assert proc.returncode == 0, proc.stdout[-2000:]
 
 

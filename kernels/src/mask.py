@@ -38,7 +38,8 @@ __all__ = ["masked_copy", "effective_weight", "keep_mask", "mask_params",
 # Tile of the elementwise mask kernels (rows x columns); columns must be a multiple of 8.
 # The tile: 8 rows x 128 columns with Triton's default 4 warps is 8 elements per thread,
 # one Philox call (8 16-bit draws) each. 32 x 128 used 140-166 registers per thread (255 and
-# spills with LOWRANK on sm_80/86/89); 8 x 128 uses 34-48 on every listed arch, none spilled
+# spills with LOWRANK on sm_80/86/89); 8 x 128 uses 32-55 on sm_80..120 (Triton 3.6 and 3.9),
+# none spilled
 # (benchmarks/gpu/compile_matrix.py, benchmarks/results/*-compile-matrix-*). Any power-of-two
 # tile draws the same mask: it is keyed by element coordinates, not by tile.
 _COPY_BLOCK_N = 8

@@ -34,11 +34,13 @@ from .mask import _keep_nk, check_counter_range, mask_params
 
 __all__ = ["dequantize_4bit_masked"]
 
-# 8 x 128 with 4 warps: 8 elements per thread (see mask.py): 44-64 registers per thread on
-# sm_80..120 with Triton 3.9 (up to 72 with 3.6), none spilled; 32 x 128 used 138-255
-# (benchmarks/gpu/compile_matrix.py). 4 x 128 would use 31-40 but compute each Philox
-# counter group in two threads; which costs more on a GPU is not measured.
-_BLOCK_N = 8
+# 4 x 128 with 4 warps: 4 elements per thread. 31-42 registers per thread on sm_80..120
+# with Triton 3.6 and 3.9, none spilled; 8 x 128 used up to 64 (3.9) / 72 and a 4-byte spill
+# (3.6, sm_120, nested + mask), 32 x 128 up to 255 (benchmarks/gpu/compile_matrix.py). The
+# price: with the mask, a [4, 16] block of 8-column Philox groups over 128 threads may have
+# two threads compute each group (up to twice the Philox arithmetic of mask.py's 8 x 128);
+# its cost on a GPU is not measured.
+_BLOCK_N = 4
 _BLOCK_K = 128
 
 
