@@ -18,7 +18,9 @@ install_torch() {
   local index=${RORA_TORCH_INDEX-https://download.pytorch.org/whl/cpu}
   if [ -n "$index" ] && python -m pip install -q --timeout 15 --retries 1 \
       --index-url "$index" "$pin" 2>/dev/null; then
-    echo "== torch: no CUDA device: $pin from PyTorch's CPU index ($index)"
+    # (a wheel folder pip is configured with, find-links, is searched too)
+    echo "== torch: no CUDA device: $(python -c 'import torch; print(torch.__version__)') via" \
+         "PyTorch's CPU index ($index) or a local wheel folder"
     return
   fi
   echo "== torch: no CUDA device and ${index:-no CPU index}: unreachable; $pin as pip resolves it here"
