@@ -80,3 +80,23 @@ def test_host_overhead_case_counts_fewer_ops_than_peft(monkeypatch):
     paired = res["paired_iterations"]
     assert paired["pairs"] == 4 and paired["ci95"][0] <= paired["median_ratio"] <= paired["ci95"][1]
     json.dumps(res)  # what --json writes
+
+
+def test_cost_model_counts_the_ops_the_code_issues():
+    """benchmarks/cost_model.py (issue 32): per-layer FLOPs are the GEMMs' (the two base
+    GEMMs dominate), RoRA with LoRA input dropout moves W four times more than PEFT (two
+    masked copies, each read + write) and launches 17 kernels per layer against PEFT's 14."""
+    from benchmarks import cost_model as cm
+    K = N = 1024
+    T, r = 4096, 8
+    rora, peft = cm.rora_ops(K, N, T, r), cm.peft_ops(K, N, T, r)
+    assert len(rora) == 17 and len(peft) == 14 and len(cm.rora_ops(K, N, T, r, lora_p=False)) == 10
+    base = 2 * 2.0 * T * K * N
+    # six rank-r GEMMs: S, the LoRA term of y, dyb, dX̃, dA, dB
+    assert sum(o[1] for o in rora) == pytest.approx(base + 6 * 2.0 * T * r * K, rel=1e-9)
+    w_bytes = sum(o[2] for o in rora if "mask W" in o[0])
+    assert w_bytes == 4 * N * K * 2
+    t = cm.roofline([("x", 1e12, 0.0)], 1e12, 1e12)
+    assert t == pytest.approx(1.0)
+    rows = cm.summarise(True)
+    assert {row["case"] for row in rows} == {c[0] for c in cm.CASES}
