@@ -74,8 +74,8 @@ class _PeftRoraMixin:
         return spectral_basis(W, self.rora_ortho_rank)
 
     def _rora_setup(self, basis) -> None:
-        self.register_buffer("rora_U", basis.U, persistent=False)
-        self.register_buffer("rora_V", basis.V, persistent=False)
+        self.register_buffer("rora_ortho_U", basis.U, persistent=False)
+        self.register_buffer("rora_ortho_V", basis.V, persistent=False)
         self.rora_sigma_pre = basis.sigma_max
         # λ∇Ω is added by the optimizer step hook of rora_fast.penalty
         _penalty.register_penalty_layer(self)
@@ -93,19 +93,19 @@ class _PeftRoraMixin:
         out = []
         for name in self.active_adapters:
             if name in self.lora_A:
-                out.append((self.lora_A[name].weight, "A", self.rora_V, None, lam))
-                out.append((self.lora_B[name].weight, "B", self.rora_U, None, lam))
+                out.append((self.lora_A[name].weight, "A", self.rora_ortho_V, None, lam))
+                out.append((self.lora_B[name].weight, "B", self.rora_ortho_U, None, lam))
         return out
 
     def rora_penalty(self) -> torch.Tensor:
         """λ Ω summed over this layer's adapters (detached, for logging)."""
-        total = torch.zeros((), device=self.rora_U.device)
+        total = torch.zeros((), device=self.rora_ortho_U.device)
         with torch.no_grad():
             for name in self.active_adapters:
                 if name in self.lora_A:
                     total = total + self.rora_ortho_lambda * ref.ortho_penalty(
                         self.lora_A[name].weight, self.lora_B[name].weight,
-                        self.rora_U, self.rora_V)
+                        self.rora_ortho_U, self.rora_ortho_V)
         return total
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -70,7 +70,7 @@ def test_peft_rora_trains_applies_penalty_and_rescales(tmp_path):
     loss.backward()
     A = layer.lora_A["default"].weight
     assert not A.grad.abs().max() > 0
-    expected = 10.0 * 2 * (A @ layer.rora_V) @ layer.rora_V.t()
+    expected = 10.0 * 2 * (A @ layer.rora_ortho_V) @ layer.rora_ortho_V.t()
     penalty = rf.rora_penalty(model)
     assert not penalty.requires_grad and penalty.item() > 0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -445,7 +445,7 @@ def test_peft_registered_layers_get_the_penalty_at_the_step():
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     before_A, before_B = A.detach().clone(), B.detach().clone()
     gA_data, gB_data = A.grad.clone(), B.grad.clone()
-    gA, gB = ref.ortho_penalty_grads(before_A, before_B, layer.rora_U, layer.rora_V)
+    gA, gB = ref.ortho_penalty_grads(before_A, before_B, layer.rora_ortho_U, layer.rora_ortho_V)
     opt.step()
     torch.testing.assert_close(A.detach(), before_A - gA_data - 3.0 * gA, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(B.detach(), before_B - gB_data - 3.0 * gB, rtol=1e-5, atol=1e-6)
