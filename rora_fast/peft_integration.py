@@ -68,6 +68,26 @@ class _PeftRoraMixin:
     rora_ortho_lambda = 10.0
     _rora_base = BASES["linear"]
 
+    @staticmethod
+    def _rora_refuse(kwargs) -> None:
+        """What the PEFT door cannot train as RoRA is refused when the model is built,
+        naming the layer: DoRA (PEFT's variant forward has no weight dropout) and PiSSA/OLoRA
+        starts (the penalty must be on B − B₀, A − A₀, which PEFT's layer does not keep).
+        ``apply_rora(RoraConfig(use_dora=True | init="pissa" | "olora"))`` trains those."""
+        cfg = kwargs.get("config")
+        name = kwargs.get("target_name") or "a target layer"
+        init = getattr(cfg, "init_lora_weights", True)
+        if getattr(cfg, "use_dora", False):
+            reason = "use_dora=True"
+        elif isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora"):
+            reason = f"init_lora_weights={init!r}"
+        else:
+            return
+        raise ValueError(f"register_rora: {name}: RoRA through PEFT supports vanilla LoRA "
+                         f"adapters only, not {reason} (its training forward or penalty would "
+                         f"silently not be RoRA's); use rora_fast.apply_rora with RoraConfig("
+                         f"use_dora=True) or RoraConfig(init='pissa'|'olora') instead")
+
     def _rora_basis(self, W: torch.Tensor):
         """Bases and σ_max of the original weight (before any init rewrites it)."""
         V.check_layer_shape(None, self.rora_ortho_rank, W.shape[1], W.shape[0])
@@ -110,9 +130,21 @@ class _PeftRoraMixin:
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = [a for a in self.active_adapters if a in self.lora_A]
-        if (not self.training or self.disable_adapters or self.merged or args or kwargs
-                or len(active) != 1 or active[0] in self.lora_variant):
-            return super().forward(x, *args, **kwargs)
+        if not self.training or self.disable_adapters or self.merged or not active:
+            return super().forward(x, *args, **kwargs)  # eval / base only: LoRA's forward
+        # a training forward is RoRA's or an error, never PEFT's plain LoRA in its place
+        if len(active) != 1:
+            raise RuntimeError(f"RoRA through PEFT trains one active adapter at a time; "
+                               f"{len(active)} are active ({active}): set one with "
+                               f"model.set_adapter(name)")
+        if active[0] in self.lora_variant:
+            raise RuntimeError(f"adapter {active[0]!r} is a PEFT LoRA variant "
+                               f"({type(self.lora_variant[active[0]]).__name__}); RoRA through "
+                               f"PEFT trains vanilla LoRA adapters (apply_rora for variants)")
+        if args or kwargs:
+            raise RuntimeError(f"RoRA's training forward takes the input alone; got extra "
+                               f"arguments {sorted(kwargs) or len(args)} (e.g. PEFT's "
+                               f"adapter_names for mixed batches, which RoRA does not support)")
         name = active[0]
         return layer_forward(self, self._rora_base, self.get_base_layer(), x,
                              self.lora_A[name].weight, self.lora_B[name].weight,
@@ -131,6 +163,7 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
         """PEFT ``lora.Linear`` trained with RoRA (one active vanilla-LoRA adapter)."""
 
         def __init__(self, base_layer, adapter_name, **kwargs):
+            self._rora_refuse(kwargs)
             base = _peft_base(base_layer)
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"RoRA adapts nn.Linear layers, got {type(base).__name__}")
@@ -166,6 +199,7 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
             _rora_base = BASES["4bit"]
 
             def __init__(self, base_layer, adapter_name, **kwargs):
+                self._rora_refuse(kwargs)
                 base = _peft_base(base_layer)
                 kwargs.setdefault("compute_dtype", base.compute_dtype)
                 kwargs.setdefault("compress_statistics", base.weight.compress_statistics)
@@ -180,6 +214,7 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
             _rora_base = BASES["8bit"]
 
             def __init__(self, base_layer, adapter_name, **kwargs):
+                self._rora_refuse(kwargs)
                 base = _peft_base(base_layer)
                 kwargs.setdefault("has_fp16_weights", base.state.has_fp16_weights)
                 kwargs.setdefault("threshold", base.state.threshold)
@@ -198,6 +233,7 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
         _rora_base = BASES["conv1d"]
 
         def __init__(self, base_layer, adapter_name, **kwargs):
+            self._rora_refuse(kwargs)
             base = _peft_base(base_layer)
             if not kwargs.get("fan_in_fan_out", False):
                 warnings.warn("fan_in_fan_out is set to False but the target module is "

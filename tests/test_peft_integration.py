@@ -109,3 +109,52 @@ def test_register_rora_rejects_bad_hyperparameters():
     rf.register_rora(cfg, ortho_rank=64)
     with pytest.raises(ValueError, match="ortho_rank"):
         peft.get_peft_model(_tiny_bert(), cfg)
+
+
+# ---------------------------------------------------------------- issue 30: the PEFT door
+def _two_layer():
+    from torch import nn
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(16, 16)
+            self.v = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.v(self.q(x))
+    return M()
+
+
+@pytest.mark.parametrize("extra", [{"use_dora": True}, {"init_lora_weights": "pissa"},
+                                   {"init_lora_weights": "olora"}])
+def test_register_rora_refuses_what_it_cannot_train_when_the_model_is_built(extra):
+    """DoRA and PiSSA/OLoRA through register_rora would train PEFT's layer (no weight
+    dropout) or put the penalty on B and A themselves: refused at get_peft_model, naming
+    the layer and the reason, never a silent fallback at forward time."""
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], **extra)
+    rf.register_rora(cfg, weight_dropout=0.3, ortho_rank=2)
+    with pytest.raises(ValueError, match=r"register_rora: q: .*vanilla LoRA.*apply_rora"):
+        peft.get_peft_model(_two_layer(), cfg)
+
+
+def test_peft_rora_training_forward_refuses_instead_of_falling_back():
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"])
+    rf.register_rora(cfg, weight_dropout=0.3, ortho_rank=2)
+    m = peft.get_peft_model(_two_layer(), cfg)
+    x = torch.randn(3, 16)
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, m(x))  # RoRA's weight dropout is drawn: not plain LoRA
+    layer = m.base_model.model.q
+    with pytest.raises(RuntimeError, match="extra arguments"):
+        layer(x, adapter_names=["default"] * 3)
+    m.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q", "v"]))
+    layer.set_adapter(["default", "other"])
+    with pytest.raises(RuntimeError, match="one active adapter"):
+        layer(x)
+    layer.set_adapter("default")
+    m.eval()
+    with torch.no_grad():
+        layer(x)  # eval is LoRA's forward, multi-adapter or not
