@@ -1,7 +1,7 @@
 """rora-fast: poison a model, defend it by fine-tuning, measure CA / ASR / delta.
 
 Subcommands (`rora-fast <subcommand> --help` on each):
-  demo           poison MiniLM (BadNet, IMDB), defend on SST-2 with LoRA and RoRA (about 10 min)
+  demo           poison MiniLM (BadNet, IMDB), defend on SST-2 with LoRA and RoRA (about 15 min)
   poison         weight-poison a model on the proxy set (cached by its settings)
   defend         fine-tune the poisoned model with defences and measure
   evaluate       CA / ASR / ASR floor of a saved model folder
@@ -34,7 +34,7 @@ __all__ = ["main", "build_parser"]
 
 #: ``rora-fast demo --help``; the time is the one README states (tests/test_docs.py)
 DEMO_DESCRIPTION = ("Poison MiniLM-L6 with BadNet on IMDB, fine-tune it on SST-2 with LoRA and "
-                    "with RoRA, print CA / ASR / Δ next to the paper. Takes about 10 min on 2 "
+                    "with RoRA, print CA / ASR / Δ next to the paper. Takes about 15 min on 2 "
                     "CPU cores, install included (measured: README, scripts/demo.sh).")
 
 #: where results go when --out is not given (git-ignored: see .gitignore)

@@ -141,3 +141,21 @@ def test_poisoned_baseline_is_evaluated_once_per_poisoned_model(make_tiny_bert, 
     assert len(copies) == 1
     with open(tmp_path / "b" / "runs" / copies[0]) as f:
         assert json.load(f)["metrics"] == a["poisoned_baseline"]
+
+
+def test_training_bar_is_not_redrawn_every_step_when_redirected(tok, make_tiny_bert,
+                                                                monkeypatch):
+    """With the CLI's setting for a redirected stderr (TQDM_MININTERVAL=60) a training run
+    writes a few bar states, not one per step (the loss postfix does not force a redraw)."""
+    import io
+    import sys
+    from transformers import AutoModelForSequenceClassification
+    monkeypatch.setenv("TQDM_MININTERVAL", "60")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    model = AutoModelForSequenceClassification.from_pretrained(make_tiny_bert(1))
+    log = train(model, tok, _rows(160), TrainConfig(lr=1e-3, epochs=1, batch_size=8,
+                                                   max_length=24), seed=0)
+    assert log["steps"] == 20
+    assert err.getvalue().count("\r") <= 4, err.getvalue()[-500:]

@@ -263,7 +263,7 @@ def train(model, tokenizer, train_set: Sequence[Example], cfg: TrainConfig, seed
             step += 1
             losses.append(round(float(out.loss.detach()), 5))
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # redrawn at the bar's pace
             if step % eval_every == 0 or step == total:
                 if dev_set is not None:
                     dev_preds = predict(model, tokenizer, [e.text for e in dev_set], cfg.max_length)
