@@ -45,8 +45,7 @@ REQUIRES = [
     "transformers>=5.10.1",
     "peft>=0.18",
     "safetensors>=0.5",
-    # 4.66: bars read TQDM_* environment overrides (the CLI quiets them when redirected)
-    "tqdm>=4.66",
+    "tqdm>=4.60",
     "numpy>=1.26",
     "xxhash>=3.0",
 ]

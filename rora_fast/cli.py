@@ -247,20 +247,8 @@ def _check_eval_extra() -> None:
                            "pip install 'rora-fast[eval]' (matplotlib is missing)")
 
 
-def quiet_progress_when_redirected(stream=None) -> bool:
-    """Progress bars (tqdm, on stderr) redraw every 0.1 s; written to a file or a pipe that
-    is hundreds of KB of redraws. When ``stream`` is not a terminal, bars are redrawn at
-    most every 60 s (``TQDM_MININTERVAL``, unless the user set it). True if it applied."""
-    stream = sys.stderr if stream is None else stream
-    if getattr(stream, "isatty", lambda: False)():
-        return False
-    os.environ.setdefault("TQDM_MININTERVAL", "60")
-    return True
-
-
 def _setup(args) -> None:
     _check_eval_extra()
-    quiet_progress_when_redirected()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch

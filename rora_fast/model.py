@@ -258,9 +258,9 @@ def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
             p.requires_grad_(False)
         iterator: Iterable[str] = chosen
         if progress:
-            from tqdm.auto import tqdm
+            from .progress import progress_bar
 
-            iterator = tqdm(chosen, desc="RoRA: SVD bases", unit="layer")
+            iterator = progress_bar(chosen, desc="RoRA: SVD bases", unit="layer")
         for name in iterator:
             linear = model.get_submodule(name)
             try:

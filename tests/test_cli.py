@@ -385,21 +385,21 @@ def test_target_modules_checked_before_any_work(tiny_model, tmp_path, capsys, mo
                   "query,nonexistent", "--cache-dir", cache, *TINY])
 
 
-def test_progress_is_quiet_when_redirected(monkeypatch):
+def test_progress_is_quiet_when_redirected():
+    """rora_fast.progress_bar: redrawn at most once a minute when its stream is not a
+    terminal (a log file gets a few lines, not one per update); on a terminal, tqdm's own."""
     import io
-    from rora_fast.cli import quiet_progress_when_redirected
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # recorded, so that the test leaves no trace
-    monkeypatch.delenv("TQDM_MININTERVAL")
+    import time
+    from rora_fast.progress import REDIRECTED_MININTERVAL, progress_bar
 
     class Tty(io.StringIO):
         def isatty(self):
             return True
-    assert quiet_progress_when_redirected(Tty()) is False
-    assert "TQDM_MININTERVAL" not in os.environ
-    assert quiet_progress_when_redirected(io.StringIO()) is True
-    assert os.environ["TQDM_MININTERVAL"] == "60"
-    from tqdm.auto import tqdm
+    assert progress_bar(range(3), file=Tty()).mininterval == 0.1
     out = io.StringIO()
-    for _ in tqdm(range(200), file=out):
-        pass
-    assert out.getvalue().count("\r") <= 3  # first draw and the close, no redraws
+    bar = progress_bar(range(40), file=out)
+    assert bar.mininterval == REDIRECTED_MININTERVAL
+    for _ in bar:
+        time.sleep(0.01)  # 0.4 s: tqdm's default (0.1 s) would redraw about four times
+        bar.set_postfix(loss="0.5", refresh=False)
+    assert out.getvalue().count("\r") <= 2, out.getvalue()

@@ -145,17 +145,18 @@ def test_poisoned_baseline_is_evaluated_once_per_poisoned_model(make_tiny_bert, 
 
 def test_training_bar_is_not_redrawn_every_step_when_redirected(tok, make_tiny_bert,
                                                                 monkeypatch):
-    """With the CLI's setting for a redirected stderr (TQDM_MININTERVAL=60) a training run
-    writes a few bar states, not one per step (the loss postfix does not force a redraw)."""
+    """stderr redirected (a log file): a training run writes a few states of its bar, not
+    one per step (rora_fast.progress_bar; the loss postfix does not force a redraw)."""
     import io
     import sys
+    import time
     from transformers import AutoModelForSequenceClassification
-    monkeypatch.setenv("TQDM_MININTERVAL", "60")
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     model = AutoModelForSequenceClassification.from_pretrained(make_tiny_bert(1))
+    model.register_forward_hook(lambda *a: time.sleep(0.03))  # 20 steps >= 0.6 s
     log = train(model, tok, _rows(160), TrainConfig(lr=1e-3, epochs=1, batch_size=8,
                                                    max_length=24), seed=0)
     assert log["steps"] == 20
-    assert err.getvalue().count("\r") <= 4, err.getvalue()[-500:]
+    assert err.getvalue().count("train:") <= 3, err.getvalue()[-500:]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..data import Example
 
@@ -164,7 +164,7 @@ def predict(model, tokenizer, texts: Sequence[str], max_length: int, batch_size:
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     preds = [0] * len(texts)
-    bar = tqdm(total=len(texts), desc=desc, leave=False, disable=desc is None)
+    bar = progress_bar(total=len(texts), desc=desc, leave=False, disable=desc is None)
     for a, b in _batches(len(order), batch_size):
         idx = order[a:b]
         enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length,
@@ -246,7 +246,7 @@ def train(model, tokenizer, train_set: Sequence[Example], cfg: TrainConfig, seed
     best = (-1.0, 0, None)
     step = 0
     model.train()
-    bar = tqdm(total=total, desc=desc, leave=False)
+    bar = progress_bar(total=total, desc=desc, leave=False)
     stop = False
     while step < total and not stop:
         for idx in epoch_batches(len(train_set), cfg.batch_size, rng, lengths, cfg.group_size):
