@@ -74,10 +74,10 @@ class _PeftRoraMixin:
         naming the layer: DoRA (PEFT's variant forward has no weight dropout) and PiSSA/OLoRA
         starts (the penalty must be on B − B₀, A − A₀, which PEFT's layer does not keep).
         ``apply_rora(RoraConfig(use_dora=True | init="pissa" | "olora"))`` trains those."""
-        cfg = kwargs.get("config")
-        name = kwargs.get("target_name") or "a target layer"
-        init = getattr(cfg, "init_lora_weights", True)
-        if getattr(cfg, "use_dora", False):
+        cfg = kwargs.get("config")  # peft >= 0.19 passes the config, older ones its fields
+        name = kwargs.get("target_name") or "a target layer"  # (the name: peft >= 0.19)
+        init = kwargs.get("init_lora_weights", getattr(cfg, "init_lora_weights", True))
+        if kwargs.get("use_dora", getattr(cfg, "use_dora", False)):
             reason = "use_dora=True"
         elif isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora"):
             reason = f"init_lora_weights={init!r}"
