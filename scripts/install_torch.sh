@@ -3,7 +3,7 @@
 # build that fits this machine, before anything that depends on torch.
 #   - a CUDA device (nvidia-smi lists a GPU): PyPI's torch==2.13.0, a CUDA build (about
 #     2.7 GB of nvidia-* packages beside torch);
-#   - no CUDA device: PyTorch's own CPU wheel index first (torch 2.13.0+cpu, about 200 MB
+#   - no CUDA device: PyTorch's own CPU wheel index first (torch 2.13.0+cpu, 0.75 GB
 #     installed), and where that index cannot be reached (a machine that sees only package
 #     registries) the plain pin, which a local wheel folder configured for pip
 #     (find-links) satisfies with its CPU wheel.
