@@ -145,6 +145,15 @@ def lora_reference(schedule: str, cell: str) -> Dict[int, Dict]:
             if r.get("kind") == "defence" and r["spec"]["method"] == "lora"}
 
 
+def target_margins(mine: Dict, lora: Dict) -> Dict:
+    """Margins (points, rounded to 0.01; >= 0: met) of the mean metrics ``mine`` to the
+    three targets against LoRA's means ``lora``: CA >= LoRA CA - 1, ASR <= own floor + 5,
+    floor <= LoRA floor + 5."""
+    return {"CA": round(mine["CA"] - (lora["CA"] - 1), 2),
+            "ASR": round(mine["ASR_floor"] + 5 - mine["ASR"], 2),
+            "floor": round(lora["ASR_floor"] + 5 - mine["ASR_floor"], 2)}
+
+
 def choose(rungs: List[Dict], ladder, delta: float) -> Dict:
     """The adaptive rule on recorded dev accuracies (what adaptive_rescale_ does)."""
     base = rungs[0]["dev_acc"]
@@ -213,9 +222,7 @@ def summarise(out: str) -> Dict:
                     st["lora_mean"] = {k: round(v, 2) for k, v in lm.items()}
                     st["paired_minus_lora"] = {k: mean_ci([per[s][k] - lora[s][k] for s in common])
                                                for k in KEYS}
-                    st["margins"] = {"CA": round(mine["CA"] - (lm["CA"] - 1), 2),
-                                     "ASR": round(mine["ASR_floor"] + 5 - mine["ASR"], 2),
-                                     "floor": round(lm["ASR_floor"] + 5 - mine["ASR_floor"], 2)}
+                    st["margins"] = target_margins(mine, lm)
                 cells[cell] = st
             margins = [m for st in cells.values() if "margins" in st for m in st["margins"].values()]
             table[cname] = {"cells": cells, "worst_margin": min(margins) if margins else None,

@@ -32,6 +32,8 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from adaptive_study import choose as replay_rule, target_margins  # noqa: E402
 REL = os.path.join(ROOT, "benchmarks", "results", "eval")
 CELLS = ("sst2_sentence", "cr")
 KEYS = ("CA", "ASR", "ASR_floor")
@@ -86,15 +88,9 @@ def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
 def adaptive_pick(rungs: List[Dict], tolerance: float = 1.0) -> Dict:
     """What ``rora_fast.adaptive_rescale_`` picks with its default ladder (the top 3 blocks
     at rora_fast.adaptive.DEFAULT_FACTORS x the paper's scale) and ``tolerance``, from a
-    study record's dev accuracies (the study replays this rule; tested)."""
-    from rora_fast.adaptive import DEFAULT_FACTORS
-    base = rungs[0]["dev_acc"]
-    by = {(r["layers"], r["factor"]): r for r in rungs[1:]}
-    pick = rungs[0]
-    for f in DEFAULT_FACTORS:
-        if by[(3, f)]["dev_acc"] >= base - tolerance:
-            pick = by[(3, f)]
-    return pick
+    study record's dev accuracies: the study's replay of the rule (tested against the API)."""
+    from rora_fast.adaptive import DEFAULT_LADDER
+    return replay_rule(rungs, [(s.layers, s.factor) for s in DEFAULT_LADDER], tolerance)
 
 
 def margins(tables) -> Dict[str, Dict]:
@@ -115,9 +111,7 @@ def margins(tables) -> Dict[str, Dict]:
                 lm = {k: sum(ref[s][k] for s in common) / len(common) for k in KEYS}
                 st["lora"] = {k: round(v, 2) for k, v in lm.items()}
                 st["CA_minus_lora"] = mean_ci([per[s]["CA"] - ref[s]["CA"] for s in common])
-                st["margins"] = {"CA": round(m["CA"] - (lm["CA"] - 1), 2),
-                                 "ASR": round(m["ASR_floor"] + 5 - m["ASR"], 2),
-                                 "floor": round(lm["ASR_floor"] + 5 - m["ASR_floor"], 2)}
+                st["margins"] = target_margins(m, lm)
             row["cells"][cell] = st
         complete = all(len(row["cells"][c]["seeds"]) == len(SEEDS) for c in CELLS)
         row["complete"] = complete
