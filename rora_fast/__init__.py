@@ -47,6 +47,7 @@ _register_source_kernels()
 from .functional import rora_linear  # noqa: E402
 from .adaptive import (RescaleStep, adaptive_rescale_, dev_accuracy, dev_logits,  # noqa: E402
                        factor_ladder)
+from .finetuning import FinetuneConfig, finetune, save_finetuned  # noqa: E402
 from .layer import RoraLinear  # noqa: E402
 from .linalg import sigma_max, sigma_max_lowrank, spectral_basis  # noqa: E402
 from .model import (RoraConfig, apply_rora, block_index, merge_rora,  # noqa: E402
@@ -62,6 +63,9 @@ __all__ = [
     "RoraLinear",
     "RoraConfig",
     "RescaleStep",
+    "FinetuneConfig",
+    "finetune",
+    "save_finetuned",
     "adaptive_rescale_",
     "dev_accuracy",
     "dev_logits",

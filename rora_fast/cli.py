@@ -2,6 +2,7 @@
 
 Subcommands (`rora-fast <subcommand> --help` on each):
   demo           poison MiniLM (BadNet, IMDB), defend on SST-2 with LoRA and RoRA (about 15 min)
+  train          fine-tune YOUR checkpoint with RoRA on YOUR labelled file; writes a model
   poison         weight-poison a model on the proxy set (cached by its settings)
   defend         fine-tune the poisoned model with defences and measure
   evaluate       CA / ASR / ASR floor of a saved model folder
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "lora,rora")
     p.add_argument("--full", action="store_true", help="the paper's sizes (preset full; GPU)")
     p.add_argument("--with-fft", action="store_true", help="also run full fine-tuning")
+    from .train_cli import add_parser as add_train_parser
+    add_train_parser(sub)
     p = sub.add_parser("poison", help="weight-poison a model on the proxy set (cached)")
     _common(p, defence=False)
     p = sub.add_parser("defend", help="fine-tune the poisoned model with defences, measure")
@@ -481,6 +484,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return plan_memory_main(argv[1:], prog="rora-fast plan-memory")
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd == "train":  # the user's model and data: no poisoning, no harness
+            from .train_cli import cmd_train
+            return cmd_train(args)
         if args.cmd == "report":  # reads result files only: no model, no dataset
             _check_eval_extra()
             return cmd_report(args)
