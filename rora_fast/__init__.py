@@ -50,8 +50,8 @@ from .adaptive import (RescaleStep, adaptive_rescale_, dev_accuracy, dev_logits,
 from .finetuning import FinetuneConfig, finetune, save_finetuned  # noqa: E402
 from .layer import RoraLinear  # noqa: E402
 from .linalg import sigma_max, sigma_max_lowrank, spectral_basis  # noqa: E402
-from .model import (RoraConfig, apply_rora, block_index, merge_rora,  # noqa: E402
-                    rora_layers, spectral_rescale_)
+from .model import (RoraConfig, adapter_scales, apply_rora, block_index,  # noqa: E402
+                    merge_rora, rora_layers, set_scales_, spectral_rescale_)
 from .persistence import export_peft_adapter, load_rora, save_rora  # noqa: E402
 from .peft_integration import register_rora, spectral_rescale_peft_  # noqa: E402
 from .penalty import add_penalty_grads, rora_penalty  # noqa: E402
@@ -71,6 +71,8 @@ __all__ = [
     "dev_logits",
     "factor_ladder",
     "apply_rora",
+    "adapter_scales",
+    "set_scales_",
     "add_penalty_grads",
     "block_index",
     "export_peft_adapter",

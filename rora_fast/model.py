@@ -14,7 +14,7 @@ import contextlib
 import math
 import re
 import warnings
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -348,23 +348,65 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
         else:
             A, B = pl[n].lora_A[adapter_name].weight, pl[n].lora_B[adapter_name].weight
             new[n] = factor * rescale_factor(_peft_sigma_pre(pl[n]), sigma_max_lowrank(B, A), n)
-    ours = [n for n in names if n in rl]
+    return _apply_scales(model, rl, pl, new, adapter_name)
+
+
+def _apply_scales(model, rl, pl, new: Dict[str, float], adapter_name: str,
+                  training_scale_resets: bool = False) -> Dict[str, float]:
+    """Set checked scales, all or nothing: rora_fast layers through their rescale (the
+    PiSSA/OLoRA re-fold of the base; ``rescaled`` True, or with ``training_scale_resets``
+    False for a scale equal to the training scale ``alpha/r``), PEFT layers'
+    ``scaling[adapter_name]``."""
+    ours = [n for n in new if n in rl]
     rewritten = [rl[n].weight for n in ours if has_start_factors(rl[n])]
     attrs = [a for n in ours for a in layer_attrs(rl[n])]
-    old_peft = {n: pl[n].scaling[adapter_name] for n in names if n not in rl}
+    old_peft = {n: pl[n].scaling[adapter_name] for n in new if n not in rl}
     out = {}
     with all_or_nothing(model, rewritten, attrs):
         try:
-            for n in names:
+            for n, s in new.items():
                 if n in rl:
-                    out[n] = rl[n]._set_rescaled_(new[n])
+                    out[n] = rl[n]._set_rescaled_(s)
+                    if training_scale_resets:
+                        rl[n].rescaled = s != rl[n].lora_alpha / rl[n].r
                 else:
-                    pl[n].scaling[adapter_name] = out[n] = new[n]
+                    pl[n].scaling[adapter_name] = out[n] = s
         except BaseException:
             for n, s in old_peft.items():
                 pl[n].scaling[adapter_name] = s
             raise
     return out
+
+
+def adapter_scales(model: nn.Module, adapter_name: str = "default") -> Dict[str, float]:
+    """``{name: scale}`` of every RoRA layer and PEFT LoRA layer (``adapter_name``): the
+    state :func:`set_scales_` restores."""
+    out = {n: float(m.scaling) for n, m in rora_layers(model)}
+    out.update({n: float(m.scaling[adapter_name])
+                for n, m in peft_lora_layers(model, adapter_name)})
+    return out
+
+
+def set_scales_(model: nn.Module, scales: Mapping[str, float],
+                adapter_name: str = "default") -> Dict[str, float]:
+    """Set the update's scale of the named layers (rora_fast or PEFT LoRA), the way the
+    rescale sets it: a PiSSA/OLoRA base absorbs the change (re-fold), a layer set back to
+    its training scale ``alpha/r`` counts as not rescaled. For scale sweeps and for
+    restoring :func:`adapter_scales`. Every name and value is checked first (finite,
+    > 0); all or nothing. Returns ``{name: s}``."""
+    rl = dict(rora_layers(model))
+    pl = dict(peft_lora_layers(model, adapter_name))
+    new = {}
+    for n, s in scales.items():
+        if n not in rl and n not in pl:
+            raise ValueError(f"set_scales_: {n!r} is not a RoRA or PEFT LoRA layer "
+                             f"(adapter {adapter_name!r}) of the model")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) \
+                or s <= 0:
+            raise ValueError(f"set_scales_: the scale of {n} must be a finite number > 0, "
+                             f"got {s!r}")
+        new[n] = float(s)
+    return _apply_scales(model, rl, pl, new, adapter_name, training_scale_resets=True)
 
 
 def merge_rora(model: nn.Module) -> nn.Module:

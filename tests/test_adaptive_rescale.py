@@ -279,3 +279,55 @@ def test_adaptive_study_summary_margins(tmp_path, monkeypatch):
     assert rep["CA"]["mean"] == 85.5 and t["adaptive top3 x{.25,.5,1} δ=1 + repair"]["complete"]
     assert os.path.exists(tmp_path / "out" / "summary.md")
     assert os.path.exists(tmp_path / "out" / "summary.png")
+
+
+def test_set_scales_sweeps_and_restores_through_the_refold():
+    """``set_scales_`` / ``adapter_scales`` (issue 30, item 3: the harness's scale sweeps
+    and resets): a PiSSA base absorbs each change as the rescale does, and restoring the
+    training scales gives back the trained model exactly, flags included."""
+    torch.manual_seed(0)
+    m = rora_fast.apply_rora(Tiny().double(), rora_fast.RoraConfig(
+        r=2, alpha=4, target_modules=["lin"], modules_to_save=["head"], ortho_rank=2,
+        init="pissa"))
+    with torch.no_grad():
+        for _, lay in rora_fast.rora_layers(m):
+            lay.lora_B.add_(torch.randn_like(lay.lora_B) * 0.1)
+    m.eval()
+    trained = rora_fast.adapter_scales(m)
+    assert set(trained.values()) == {2.0}
+    state0 = copy.deepcopy(m.state_dict())
+    ref = copy.deepcopy(m)
+    scales = spectral_rescale_(ref, layers=2)
+    got = rora_fast.set_scales_(m, scales)
+    assert got == scales
+    want = ref.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in m.state_dict().items())
+    assert [lay.rescaled for _, lay in rora_fast.rora_layers(m)] == \
+        [lay.rescaled for _, lay in rora_fast.rora_layers(ref)]
+    rora_fast.set_scales_(m, trained)
+    assert rora_fast.adapter_scales(m) == trained
+    assert not any(lay.rescaled for _, lay in rora_fast.rora_layers(m))
+    now = m.state_dict()
+    # the re-fold is exact up to one float64 rounding of the base
+    assert all(torch.allclose(state0[k], v, rtol=0, atol=1e-12) for k, v in now.items())
+    with pytest.raises(ValueError, match="'nope' is not a RoRA or PEFT LoRA layer"):
+        rora_fast.set_scales_(m, {"nope": 1.0})
+    name = next(iter(trained))
+    for bad in (0.0, float("nan"), -1.0, True):
+        with pytest.raises(ValueError, match=f"the scale of {name} must be a finite number"):
+            rora_fast.set_scales_(m, {name: 1.0, **{name: bad}})
+    assert rora_fast.adapter_scales(m) == trained
+
+
+def test_set_scales_on_peft_layers():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights=False)
+    m = peft.get_peft_model(Tiny().double(), cfg).eval()
+    trained = rora_fast.adapter_scales(m)
+    name = sorted(trained)[-1]
+    rora_fast.set_scales_(m, {name: 7.5})
+    layers = dict(rora_fast.model.peft_lora_layers(m))
+    assert layers[name].scaling["default"] == 7.5
+    rora_fast.set_scales_(m, trained)
+    assert rora_fast.adapter_scales(m) == trained

@@ -112,7 +112,7 @@ def analyse_run(run: Dict, seeds_dir: str, cache_dir: Optional[str], log=print) 
     """The states above for one run JSON (``kind`` defence, with an ``adapter``)."""
     import rora_fast
     from .attacks import get_attack
-    from .defences import parse_method, set_scaling
+    from .defences import parse_method
     from .repair import classification_head, collect_logits, recalibrate_head_bias_
     from .runner import defended_model, prepare_sets
     from .seeds import rescale_peft_lora_
@@ -140,13 +140,12 @@ def analyse_run(run: Dict, seeds_dir: str, cache_dir: Optional[str], log=print) 
         measure(f"top {top}")
     else:
         layers = dict(rora_fast.rora_layers(model))
-        trained = {n: float(m.scaling) for n, m in layers.items()}
+        trained = rora_fast.adapter_scales(model)
         idx = sorted({rora_fast.block_index(n) for n in layers} - {None})
         top_blocks = idx[-top:] if top else []
 
         def reset():
-            for n, s in trained.items():
-                set_scaling(layers[n], s)
+            rora_fast.set_scales_(model, trained)
 
         for b in top_blocks:
             reset()

@@ -159,11 +159,3 @@ def adapter_layers(model) -> List[Tuple[str, torch.Tensor, torch.Tensor, float, 
             out.append((name, mod.base_layer.weight.detach().float(), B @ A,
                         float(mod.scaling["default"]), mod))
     return out
-
-
-def set_scaling(mod, s: float) -> None:
-    """Set the post-training scale of one adapted layer (rora_fast or PEFT)."""
-    if isinstance(getattr(mod, "scaling", None), dict):
-        mod.scaling["default"] = float(s)
-    else:
-        mod.scaling = float(s)

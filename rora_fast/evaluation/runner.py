@@ -25,7 +25,7 @@ from ..atomic import atomic_write_file, save_figure
 from ..data import load_dataset
 from .attacks import get_attack, triggered_test_set
 from .defences import (DefenceConfig, adapter_layers, build_defence, finish_defence,
-                       parse_method, set_scaling)
+                       parse_method)
 from .metrics import backdoor_metrics
 from .poisoning import PROXY, PoisonConfig, poison_model
 from .presets import DEFENCE_DEFAULTS, HPARAM_SYMBOL, PRESETS, method_label, paper_row
@@ -475,8 +475,7 @@ def run_spectra(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optional[str]
         chosen = [(n, mod, s) for n, _, _, s, mod in layers if block_index(n) in top]
         rows = []
         for s in scales:
-            for _, mod, _ in chosen:
-                set_scaling(mod, s)
+            rora_fast.set_scales_(model, {n: s for n, _, _ in chosen})
             m = evaluate(model, tok, sets, res_spec["max_length"], attack.target_label)
             rows.append({"s": s, **m})
             log(f"{spec.method} s={s}: CA {m['CA']} ASR {m['ASR']}")
@@ -527,11 +526,10 @@ def run_rescale_sweep(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optiona
         if split == "dev":
             nt_clean, nt_trig = triggered_test_set(sets["dev"], attack, spec.seed + 54321, tok, L)
             sets = {"test": sets["dev"], "nt_clean": nt_clean, "nt_trig": nt_trig}
-        trained = [(mod, float(mod.scaling)) for _, mod in rora_fast.rora_layers(model)]
+        trained = rora_fast.adapter_scales(model)
         rows = []
         for n_layers in layers:
-            for mod, s in trained:  # undo the previous depth's rescaling
-                set_scaling(mod, s)
+            rora_fast.set_scales_(model, trained)  # undo the previous depth's rescaling
             scales = rora_fast.spectral_rescale_(model, layers=int(n_layers)) if n_layers else {}
             m = evaluate(model, tok, sets, L, attack.target_label)
             rows.append({"layers": int(n_layers), **m,

@@ -254,7 +254,7 @@ def run_cell_seed(cell: str, seed: int, variants: Sequence[str], out_dir: str,
     import rora_fast
     from rora_fast.evaluation.attacks import get_attack
     from rora_fast.evaluation.bias import _spec_from
-    from rora_fast.evaluation.defences import parse_method, set_scaling
+    from rora_fast.evaluation.defences import parse_method
     from rora_fast.evaluation.repair import classification_head
     from rora_fast.evaluation.runner import defended_model, evaluate, prepare_sets, run_id
     from rora_fast.evaluation.spectra import write_json
@@ -290,20 +290,19 @@ def run_cell_seed(cell: str, seed: int, variants: Sequence[str], out_dir: str,
         head = classification_head(model)
         head0 = (head.weight.detach().clone(), head.bias.detach().clone())
         layers = dict(rora_fast.rora_layers(model)) if base == "rora" else {}
-        trained = {n: (float(m.scaling), m.rescaled) for n, m in layers.items()}
+        trained = rora_fast.adapter_scales(model) if base == "rora" else {}
         states: Dict = {}
         for v in vs:
             states.setdefault(_state_key(VARIANTS[v]), []).append(v)
         for (depth, modules), names in states.items():
-            for n, (s, r) in trained.items():  # back to the trained state
-                set_scaling(layers[n], s)
-                layers[n].rescaled = r
+            if trained:  # back to the trained state
+                rora_fast.set_scales_(model, trained)
             with torch.no_grad():
                 head.weight.copy_(head0[0])
                 head.bias.copy_(head0[1])
             ts = time.time()
             scales = rescale_state_(model, depth, modules) if base == "rora" else {}
-            mult = {n: s / trained[n][0] for n, s in scales.items()}
+            mult = {n: s / trained[n] for n, s in scales.items()}
             Xt, zt = forward_features(model, tok, [e.text for e in sets["test"]], L, head,
                                       desc=f"{cell} s{seed} {base} top{depth}-{modules} test")
             Xg, zg = forward_features(model, tok, [e.text for e in sets["nt_trig"]], L, head,
