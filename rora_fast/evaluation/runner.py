@@ -459,6 +459,7 @@ def run_spectra(specs: Sequence[RunSpec], out_dir: str, cache_dir: Optional[str]
                 scales: Sequence[float] = (1, 2, 4, 8, 16, 32, 64, 128), n_eval: int = 400,
                 log=print) -> Dict:
     """Figures 1-3 for the given (adapter) runs: trains them if no saved state exists."""
+    import rora_fast
     stats, sweeps = {}, {}
     for spec in specs:
         method = parse_method(spec.method)
