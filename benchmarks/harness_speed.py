@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     variants = {"before": (os.path.abspath(args.before_tree), []), "random": (HERE, []),
                 "grouped": (HERE, ["--group-by-length"])}
-    from rora_fast.evaluation.poisoning import default_cache_dir, poison_key
-    from rora_fast.evaluation.runner import RunSpec, poison_config_for
+    from rora_harness.poisoning import default_cache_dir, poison_key
+    from rora_harness.runner import RunSpec, poison_config_for
     cached = os.path.join(default_cache_dir(), poison_key(poison_config_for(RunSpec(
         task=args.task, preset=args.preset, seed=args.seed))))
     if not os.path.isdir(cached):

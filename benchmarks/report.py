@@ -387,7 +387,8 @@ def chart(path: Path, model_rows, layer_rows, title: str) -> None:
               if (p != "layer" and model_rows) or (p == "layer" and layer_rows)]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2),
+                             layout="constrained")
     if len(panels) == 1:
         axes = [axes]
     for ax, p in zip(axes, panels):
@@ -440,7 +441,6 @@ def chart(path: Path, model_rows, layer_rows, title: str) -> None:
             ax.set_title("One linear layer")
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
 

@@ -4,7 +4,7 @@ and a causal-LM dataset of real sentences from the shipped SST-2 train split."""
 import torch
 
 import rora_fast
-from rora_fast.data import load_dataset
+from rora_harness.data import load_dataset
 from tiny import ByteLMDataset, tiny_llama_config  # examples/tiny.py
 
 

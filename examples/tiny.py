@@ -7,7 +7,7 @@ The examples import it as ``tiny`` (their folder is on ``sys.path``); the tests 
 
 import torch
 
-from rora_fast.data import load_dataset
+from rora_harness.data import load_dataset
 
 
 def tiny_llama_config(**overrides):

@@ -47,15 +47,29 @@ _register_source_kernels()
 from .functional import rora_linear  # noqa: E402
 from .adaptive import (RescaleStep, adaptive_rescale_, dev_accuracy, dev_logits,  # noqa: E402
                        factor_ladder)
+from .data import Example  # noqa: E402
 from .finetuning import FinetuneConfig, finetune, save_finetuned  # noqa: E402
 from .layer import RoraLinear  # noqa: E402
 from .linalg import sigma_max, sigma_max_lowrank, spectral_basis  # noqa: E402
 from .model import (RoraConfig, adapter_scales, apply_rora, block_index,  # noqa: E402
-                    merge_rora, rora_layers, set_scales_, spectral_rescale_)
+                    merge_rora, resolve_targets, rora_layers, set_scales_,
+                    spectral_rescale_)
 from .persistence import export_peft_adapter, load_rora, save_rora  # noqa: E402
 from .peft_integration import register_rora, spectral_rescale_peft_  # noqa: E402
 from .penalty import add_penalty_grads, rora_penalty  # noqa: E402
 from .reference import effective_drop_prob, weight_keep_mask  # noqa: E402
+# the public submodules (named in __all__, as numpy names linalg): each lists its API in its
+# own __all__; every other module is internal. trainer and distributed import on first use
+# (transformers' Trainer takes seconds to import).
+from . import adaptive, atomic, blocks, loop, repair, userdata  # noqa: E402,F401
+_LAZY_MODULES = ("trainer", "distributed")
+
+
+def __getattr__(name):
+    if name in _LAZY_MODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
@@ -63,6 +77,7 @@ __all__ = [
     "RoraLinear",
     "RoraConfig",
     "RescaleStep",
+    "Example",
     "FinetuneConfig",
     "finetune",
     "save_finetuned",
@@ -78,6 +93,7 @@ __all__ = [
     "export_peft_adapter",
     "load_rora",
     "merge_rora",
+    "resolve_targets",
     "rora_layers",
     "rora_penalty",
     "rora_linear",
@@ -90,4 +106,13 @@ __all__ = [
     "register_rora",
     "spectral_rescale_peft_",
     "weight_keep_mask",
+    # public submodules
+    "adaptive",
+    "atomic",
+    "blocks",
+    "distributed",
+    "loop",
+    "repair",
+    "trainer",
+    "userdata",
 ]

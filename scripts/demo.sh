@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README quickstart, command 1: install rora-fast with the evaluation extra into a virtual
+# README quickstart, command 1: install rora-fast and its backdoor harness (harness/) into a virtual
 # environment (.venv, created if absent) and run the backdoor-removal demo on the embedded
 # MiniLM model. Extra arguments go to `rora-fast demo`.
 # torch is installed first, pinned: scripts/install_torch.sh takes the build that fits the machine.
@@ -12,5 +12,5 @@ PY=${PYTHON:-python3}
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 . scripts/install_torch.sh   # the torch build that fits this machine (CPU index when no GPU)
-python -m pip install -q -e '.[eval]'
+python -m pip install -q -e . -e ./harness
 rora-fast demo "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README quickstart, command 2 (and CI: .ci/run): install rora-fast with its test tools into
+# README quickstart, command 2 (and CI: .ci/run): install rora-fast and its harness (harness/) with the test tools into
 # a virtual environment this script creates afresh, then run the test suite in it.
 #
 #   bash scripts/test.sh            the newest releases setup.py allows     (venv: .venv)
@@ -24,9 +24,9 @@ python -m pip install -q --upgrade pip
 . scripts/install_torch.sh   # the torch build that fits this machine (CPU index when no GPU)
 if [ "$MODE" = lowest ]; then
     python scripts/ci/lowest_constraints.py > "$VENV/constraints.txt"
-    python -m pip install -q -c "$VENV/constraints.txt" -e '.[dev]'
+    python -m pip install -q -c "$VENV/constraints.txt" -e '.[dev]' -e ./harness
 else
-    python -m pip install -q -e '.[dev]'
+    python -m pip install -q -e '.[dev]' -e ./harness
 fi
 python -m pip freeze --exclude-editable > "$VENV/tested-with.txt"
 echo "== tested with: $(grep -iE '^(torch|transformers|peft|accelerate|bitsandbytes|kernels|triton|safetensors|numpy)==' "$VENV/tested-with.txt" | tr '\n' ' ')"

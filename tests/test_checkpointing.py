@@ -96,7 +96,8 @@ def test_hf_gradient_checkpointing_same_gradients(reentrant):
                for j in range(2)]  # two micro-batches: the penalty must count once
     model = _llama()
     want = _llama_grads(model, batches)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    from common import enable_checkpointing  # examples/common.py: the name this transformers has
+    enable_checkpointing(model, use_reentrant=reentrant)
     assert model.model.gradient_checkpointing
     got = _llama_grads(model, batches)
     assert want.keys() == got.keys()

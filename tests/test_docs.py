@@ -54,7 +54,7 @@ def test_readme_is_short():
 
 def test_demo_time_is_one_figure():
     """README and `rora-fast demo --help` state the same measured demo time."""
-    from rora_fast.cli import DEMO_DESCRIPTION, __doc__ as cli_doc
+    from rora_harness.cli import DEMO_DESCRIPTION, __doc__ as cli_doc
 
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     times = set(re.findall(r"about (\d+) min", readme + " " + DEMO_DESCRIPTION + " " + cli_doc))

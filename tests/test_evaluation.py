@@ -5,16 +5,16 @@ import random
 
 import pytest
 
-from rora_fast.data import Example
-from rora_fast.evaluation.attacks import (TriggerError, get_attack, insert_trigger,
+from rora_fast import Example
+from rora_harness.attacks import (TriggerError, get_attack, insert_trigger,
                                           max_trigger_position, poison_clean_label,
                                           triggered_test_set)
-from rora_fast.evaluation.defences import parse_method
-from rora_fast.evaluation.metrics import (asr_floor, attack_success_rate, backdoor_metrics,
+from rora_harness.defences import parse_method
+from rora_harness.metrics import (asr_floor, attack_success_rate, backdoor_metrics,
                                           clean_accuracy)
-from rora_fast.evaluation.poisoning import (CorruptCacheError, PoisonConfig, load_poisoned,
+from rora_harness.poisoning import (CorruptCacheError, PoisonConfig, load_poisoned,
                                             poison_key)
-from rora_fast.evaluation.training import load_tokenizer
+from rora_fast.loop import load_tokenizer
 
 
 @pytest.fixture(scope="module")

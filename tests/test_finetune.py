@@ -13,7 +13,8 @@ import torch
 
 from rora_fast import FinetuneConfig, finetune, save_finetuned
 from rora_fast.cli import main
-from rora_fast.data import Example, load_dataset
+from rora_fast import Example
+from rora_harness.data import load_dataset
 
 ROWS = load_dataset("sst2_sentence", "train", limit=48, seed=3)
 FAST = ["--epochs", "1", "--max-length", "24", "--ortho-rank", "4", "--batch-size", "16",
@@ -296,9 +297,9 @@ def test_finetune_equals_the_harness_defence(make_tiny_bert, tmp_path, monkeypat
     through :func:`finetune`: the same trained adapter, the same rescale and the same
     repair."""
     from safetensors.torch import load_file
-    from rora_fast.evaluation import runner
-    from rora_fast.evaluation.poisoning import load_poisoned
-    from rora_fast.evaluation.runner import RunSpec, run_defence, run_id
+    from rora_harness import runner
+    from rora_harness.poisoning import load_poisoned
+    from rora_harness.runner import RunSpec, run_defence, run_id
     sets_seen = {}
     real_prepare = runner.prepare_sets
 

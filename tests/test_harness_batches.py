@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from rora_fast.data import Example
-from rora_fast.evaluation.runner import RunSpec, run_id
-from rora_fast.evaluation.training import (TrainConfig, epoch_batches, load_tokenizer,
+from rora_fast import Example
+from rora_harness.runner import RunSpec, run_id
+from rora_fast.loop import (TrainConfig, epoch_batches, load_tokenizer,
                                            pad_rows, tokenize_rows, train)
 
 
@@ -123,7 +123,7 @@ def test_poisoned_baseline_is_evaluated_once_per_poisoned_model(make_tiny_bert, 
     model: a second results folder copies them instead of evaluating again (same values)."""
     import json
     import os
-    from rora_fast.evaluation import runner
+    from rora_harness import runner
     calls = []
     real = runner.evaluate
     monkeypatch.setattr(runner, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from rora_fast.cli import main
-from rora_fast.evaluation.overview import collect_runs, overview_markdown, write_overview
+from rora_harness.overview import collect_runs, overview_markdown, write_overview
 
 
 def _run(task, attack, method, ca, asr, floor=10.0, targets="all-linear", finished=1.0):
@@ -63,7 +63,7 @@ def test_overview_leaves_sensitivity_runs_out(tmp_path):
 
 
 def test_method_label_names_nondefault_hyperparameters():
-    from rora_fast.evaluation.presets import DEFENCE_DEFAULTS, method_label, nondefault_hparams
+    from rora_harness.presets import DEFENCE_DEFAULTS, method_label, nondefault_hparams
     spec = {"method": "rora", **DEFENCE_DEFAULTS}
     assert method_label(spec) == "rora" and nondefault_hparams(spec) == {}
     spec.update(weight_dropout=0.05, ortho_lambda=1.0)
@@ -93,7 +93,7 @@ def test_cli_report(tmp_path, capsys):
 
 def test_overview_leaves_multi_seed_folders_out(tmp_path):
     """``seeds-*`` folders (rora-fast seeds) are reported by their own seeds.md."""
-    from rora_fast.evaluation.overview import collect_runs
+    from rora_harness.overview import collect_runs
     for folder in ("small-cr-badnet", "seeds-cr-badnet"):
         d = tmp_path / folder / "runs"
         d.mkdir(parents=True)

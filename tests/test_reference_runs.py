@@ -1,12 +1,12 @@
-"""The multi-seed results the demo shows beside its single run (rora_fast/evaluation/
+"""The multi-seed results the demo shows beside its single run (harness/rora_harness/
 reference_runs.py, scripts/eval/reference_runs.py)."""
 import json
 import os
 import subprocess
 import sys
 
-from rora_fast.evaluation import reference_runs as R
-from rora_fast.evaluation.runner import RunSpec
+from rora_harness import reference_runs as R
+from rora_harness.runner import RunSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +78,8 @@ def test_shipped_file_parses_and_names_committed_sources():
 def test_the_demo_default_has_its_own_multi_seed_results_shipped():
     """Issue 29: `rora-fast demo` prints beside its one draw the 5-seed spread of exactly
     its configuration (every method it runs, the preset's repair included)."""
-    from rora_fast.cli import _spec, build_parser
+    from rora_fast.cli import build_parser
+    from rora_harness.cli import _spec
     args = build_parser().parse_args(["demo"])
     for m in args.methods.split(","):
         spec = _spec(args, m).resolved()

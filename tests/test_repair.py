@@ -5,13 +5,14 @@ import dataclasses
 import pytest
 import torch
 
-from rora_fast.data import Example, load_dataset
-from rora_fast.evaluation import repair as repair_mod
-from rora_fast.evaluation import runner
-from rora_fast.evaluation.repair import (classification_head, collect_logits, fit_bias_shift,
+from rora_fast import Example
+from rora_harness.data import load_dataset
+from rora_fast import repair as repair_mod
+from rora_harness import runner
+from rora_fast.repair import (classification_head, collect_logits, fit_bias_shift,
                                          accuracy_bias_shift, frequency_bias_shift,
                                          recalibrate_head_bias_)
-from rora_fast.evaluation.runner import RunSpec, run_defence, run_id
+from rora_harness.runner import RunSpec, run_defence, run_id
 
 
 def test_bias_shift_matches_mean_probabilities_to_label_frequencies():
@@ -229,8 +230,8 @@ def test_adaptive_rescale_option_is_checked():
 def test_preset_chooses_rescale_and_repair_for_methods_with_rescaling(monkeypatch):
     """A preset's rescale/repair apply to methods with rescaling only, explicit values win,
     and a run file written before (no such keys) keeps its run id (bias._spec_from)."""
-    from rora_fast.evaluation import presets
-    from rora_fast.evaluation.bias import _spec_from
+    from rora_harness import presets
+    from rora_harness.bias import _spec_from
     monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(
         presets.PRESETS["small"], rescale="paper", repair=False))  # the presets until issue 29
     old = RunSpec(method="rora", preset="small", seed=0)

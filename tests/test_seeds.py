@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from rora_fast.evaluation import seeds as seeds_mod
-from rora_fast.evaluation.runner import RunSpec, run_id
-from rora_fast.evaluation.seeds import (aggregate, mean_ci, parse_seeds, rescale_peft_lora_,
+from rora_harness import seeds as seeds_mod
+from rora_harness.runner import RunSpec, run_id
+from rora_harness.seeds import (aggregate, mean_ci, parse_seeds, rescale_peft_lora_,
                                         run_seeds, t_quantile_975, write_aggregate)
 
 
@@ -88,7 +88,7 @@ def test_run_seeds_resumes_reuses_and_keeps_order(tmp_path, monkeypatch):
     def fake_posthoc(spec, variant, out_dir, cache_dir, log=print, force=False):
         calls.append(("posthoc", variant, spec.seed))
 
-    monkeypatch.setattr("rora_fast.evaluation.runner.run_defence", fake_defence)
+    monkeypatch.setattr("rora_harness.runner.run_defence", fake_defence)
     monkeypatch.setattr(seeds_mod, "run_posthoc", fake_posthoc)
     out = str(tmp_path / "new")
     base = RunSpec(task="cr", preset="small")
@@ -130,7 +130,7 @@ def test_rescale_peft_lora_sets_sigma_ratio_in_top_blocks(minilm_path):
 
 
 def test_prediction_balance_is_exact():
-    from rora_fast.evaluation.bias import prediction_balance
+    from rora_harness.bias import prediction_balance
     # 10 rows: 4 target (label 0), 6 non-target; predictions: 3 of 4 target rows right,
     # 2 of 6 non-target rows predicted as the target -> CA 7/10, floor 2/6
     b = prediction_balance({"CA": 70.0, "ASR_floor": round(100 * 2 / 6, 2), "n_clean": 10,

@@ -152,7 +152,8 @@ def test_callback_requires_rora_layers(tmp_path):
 def test_trainer_bf16_autocast_with_checkpointing(tmp_path):
     """bf16 autocast on the CPU + gradient checkpointing: trains, loss finite."""
     model = _model(p=0.1)
-    model.gradient_checkpointing_enable()
+    from common import enable_checkpointing  # examples/common.py: the name this transformers has
+    enable_checkpointing(model)
     before = _adapters(model)
     trainer, _ = _train(model, tmp_path, bf16=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

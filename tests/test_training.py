@@ -257,17 +257,8 @@ def test_tiny_llama_trains_rescales_merges():
 
 
 def _sst2_sentences(n):
-    path = os.path.join(os.path.dirname(rora_fast.__file__), "datasets", "sst2_sentence",
-                        "train.tsv")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-        si, li = header.index("sentence"), header.index("label")
-        for line in f:
-            parts = line.rstrip("\n").split("\t")
-            rows.append((parts[si], int(parts[li])))
-            if len(rows) >= 200:
-                break
+    from rora_harness.data import load_dataset
+    rows = [(ex.text, ex.label) for ex in load_dataset("sst2_sentence", "train")[:200]]
     pos = [r for r in rows if r[1] == 1][: n // 2]
     neg = [r for r in rows if r[1] == 0][: n // 2]
     return pos + neg

@@ -12,6 +12,7 @@
 #   3. one-layer forward+backward benchmark at LLaMA-7B shapes (bf16, 8192 tokens, r=16):
 #      base GEMMs, PEFT LoRA (dropout 0.1), RoRA reference, fused RoRA;
 #      writes benchmarks/results/<date>-<device>.json and .md;
+#   3d. the fine-tune check (issue 31): rora_fast.finetune fused vs reference, merged model;
 #   4. HOOK: the model-level suite of issue 5 (`pytest benchmarks/ --benchmark-only`),
 #      only if present and time is left;
 #   5. copy the results to $OUT (if set) and print the layer table last.
@@ -69,6 +70,9 @@ else
         exit 2
     fi
 fi
+
+# the harness (its datasets: the fine-tune check's rows) from the checkout, no install
+export PYTHONPATH="$ROOT/harness${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$SMOKE" -eq 1 ]; then
     RESULTS=$(mktemp -d /tmp/rora_gpu_smoke.XXXXXX)
@@ -128,6 +132,17 @@ if [ "$SMOKE" -eq 0 ] && [ "$(left)" -ge 150 ]; then
     (cd "$ROOT" && timeout -k 5 60 "$PY" -m benchmarks.host_overhead --device cuda --blocks 6 --pairs 150 \
         --json "$RESULTS/$STAMP-host-overhead.json") >"$RESULTS/$STAMP-host-overhead.log" 2>&1 \
         || say "host overhead step failed or timed out (log: $RESULTS/$STAMP-host-overhead.log)"
+fi
+
+# ---- 3d. the user's door (issue 31): rora_fast.finetune on this device, fused vs reference
+# backend, merged model vs adapter model (benchmarks/gpu/finetune_check.py)
+if [ "$SMOKE" -eq 1 ] || [ "$(left)" -ge 200 ]; then
+    fc_args=(--out "$RESULTS/$STAMP-finetune-check")
+    [ "$SMOKE" -eq 1 ] && fc_args+=(--device cpu --rows 96)
+    say "fine-tune check (issue 31) (limit 120s)"
+    timeout -k 5 120 "$PY" "$ROOT/benchmarks/gpu/finetune_check.py" "${fc_args[@]}" \
+        >"$RESULTS/$STAMP-finetune-check.log" 2>&1 \
+        || say "fine-tune check failed or timed out (log: $RESULTS/$STAMP-finetune-check.log)"
 fi
 
 # ---- 4. HOOK (issue 5): model-level benchmark suite --------------------------------

@@ -1,4 +1,5 @@
-"""Print a pip constraints file that pins every requirement of setup.py to its floor
+"""Print a pip constraints file that pins every requirement of setup.py and harness/setup.py
+to its floor
 (``name>=X`` -> ``name==X``), for ``scripts/test.sh --lowest``.
 
 setup.py is read, not run: its ``REQUIRES`` and ``EXTRAS`` literals are parsed with
@@ -78,7 +79,8 @@ def floors(reqs, pinned_by_torch: Optional[Dict[str, str]] = None) -> dict:
 
 def main() -> int:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    reqs = requirements(os.path.join(root, "setup.py"))
+    reqs = [r for f in ("setup.py", os.path.join("harness", "setup.py"))
+            for r in requirements(os.path.join(root, f))]
     for name, pin in sorted(floors(reqs, torch_pins()).items()):
         print(f"{name}=={pin}")
     return 0

@@ -72,12 +72,12 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
               only_cached: bool = False) -> Dict:
     import rora_fast
     from posthoc_study import committed_runs, forward_features, metrics_from_logits
-    from rora_fast.evaluation.attacks import get_attack
-    from rora_fast.evaluation.bias import _spec_from
-    from rora_fast.evaluation.defences import parse_method
-    from rora_fast.evaluation.repair import classification_head, frequency_bias_shift
-    from rora_fast.evaluation.runner import defended_model, prepare_sets, run_id
-    from rora_fast.evaluation.training import labelled_batches
+    from rora_harness.attacks import get_attack
+    from rora_harness.bias import _spec_from
+    from rora_harness.defences import parse_method
+    from rora_fast.repair import classification_head, frequency_bias_shift
+    from rora_harness.runner import defended_model, prepare_sets, run_id
+    from rora_fast.loop import labelled_batches
     folder = os.path.join(ROOT, SCHEDULES[schedule][cell])
     runs = committed_runs(folder, seed)
     if "rora" not in runs:
@@ -87,8 +87,8 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
     if run_id(spec) != run["run_id"]:
         raise ValueError(f"run id mismatch: {run_id(spec)} vs {run['run_id']}")
     if only_cached:
-        from rora_fast.evaluation.poisoning import poison_key
-        from rora_fast.evaluation.runner import poison_config_for
+        from rora_harness.poisoning import poison_key
+        from rora_harness.runner import poison_config_for
         if not os.path.isdir(os.path.join(cache_dir, poison_key(poison_config_for(spec)))):
             raise NotCached(f"{schedule} {cell} seed {seed}")
     t0 = time.time()
@@ -108,7 +108,7 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
         _, zt = forward_features(m, tok, [e.text for e in sets["test"]], L, head)
         _, zg = forward_features(m, tok, [e.text for e in sets["nt_trig"]], L, head)
         # + repair: the head bias shifted so that the clean dev prediction frequencies match
-        # the dev label frequencies (rora_fast.evaluation.repair; the dev logits the
+        # the dev label frequencies (rora_fast.repair; the dev logits the
         # adaptive rule measured, dev rows only)
         shift = frequency_bias_shift(zd.double().cpu(), dev_labels).float()
         rows.append({"layers": step.layers if step else 0, "factor": step.factor if step else 0.0,
@@ -139,7 +139,7 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
 
 # ----------------------------------------------------------------------------- summary
 def lora_reference(schedule: str, cell: str) -> Dict[int, Dict]:
-    from rora_fast.evaluation.seeds import run_files
+    from rora_harness.seeds import run_files
     folder = os.path.join(ROOT, SCHEDULES[schedule][cell])
     return {r["spec"]["seed"]: r["metrics"] for _, r in run_files(folder)
             if r.get("kind") == "defence" and r["spec"]["method"] == "lora"}
@@ -180,7 +180,7 @@ def configurations() -> Dict[str, object]:
 
 
 def summarise(out: str) -> Dict:
-    from rora_fast.evaluation.seeds import mean_ci
+    from rora_harness.seeds import mean_ci
     results = []
     folder = os.path.join(out, "runs")
     for fn in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -312,8 +312,8 @@ def commit(folder: str, msg) -> None:
 
 
 def main(argv=None) -> int:
-    from rora_fast.evaluation.seeds import parse_seeds
-    from rora_fast.evaluation.spectra import write_json
+    from rora_harness.seeds import parse_seeds
+    from rora_harness.spectra import write_json
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--schedules", default="small,ep12")
     ap.add_argument("--cells", default="sst2_sentence,cr")
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.summary_only:
-        from rora_fast.evaluation.poisoning import default_cache_dir
+        from rora_harness.poisoning import default_cache_dir
         cache = args.cache_dir or default_cache_dir()
         for seed in parse_seeds(args.seeds):
             for schedule in args.schedules.split(","):

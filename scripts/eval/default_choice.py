@@ -94,7 +94,7 @@ def adaptive_pick(rungs: List[Dict], tolerance: float = 1.0) -> Dict:
 
 
 def margins(tables) -> Dict[str, Dict]:
-    from rora_fast.evaluation.seeds import mean_ci
+    from rora_harness.seeds import mean_ci
     lora = tables.get("lora", {})
     out = {}
     for name, cells in tables.items():

@@ -7,9 +7,9 @@ For each cell (SST-2 <- IMDB BadNet, CR <- MR BadNet; preset small) and seed, th
 ``lora`` and ``rora`` adapters of ``benchmarks/results/eval/seeds-<task>-badnet/`` are
 loaded onto that seed's poisoned model (re-poisoned deterministically by the harness and
 cached), exactly as ``rora-fast seeds`` / ``rora-fast bias`` do
-(:func:`rora_fast.evaluation.runner.defended_model`), and evaluated on the full clean test
+(:func:`rora_harness.runner.defended_model`), and evaluated on the full clean test
 split and its triggered non-target rows (CA, ASR, ASR floor as
-:mod:`rora_fast.evaluation.metrics` defines them).
+:mod:`rora_harness.metrics` defines them).
 
 Variants (see ``VARIANTS``):
 
@@ -109,7 +109,7 @@ def forward_features(model, tok, texts: Sequence[str], max_length: int, head,
                      batch_size: int = 64, desc: Optional[str] = None):
     """``(features, logits)`` in the order of ``texts``: the classification head's input
     (captured by a forward hook) and the model's logits, batched exactly like
-    :func:`rora_fast.evaluation.training.predict` (sorted by length, 64 a batch), so that
+    :func:`rora_fast.loop.predict` (sorted by length, 64 a batch), so that
     ``logits.argmax(1)`` are the harness's predictions."""
     was = model.training
     model.eval()
@@ -139,7 +139,7 @@ def forward_features(model, tok, texts: Sequence[str], max_length: int, head,
 
 
 def metrics_from_logits(z_test, z_trig, sets, target: int) -> Dict:
-    from rora_fast.evaluation.metrics import backdoor_metrics
+    from rora_harness.metrics import backdoor_metrics
     clean = z_test.argmax(1).tolist()
     trig = z_trig.argmax(1).tolist()
     nt = [p for p, e in zip(clean, sets["test"]) if e.label != target]
@@ -205,7 +205,7 @@ def refit_head_on_clean_(model, tok, rows, max_length: int, head, seed: int,
 # ----------------------------------------------------------------------------- runs
 def committed_runs(seeds_dir: str, seed: int) -> Dict[str, Dict]:
     """The committed ``lora`` / ``rora`` defence runs of ``seed`` with a saved adapter."""
-    from rora_fast.evaluation.seeds import run_files
+    from rora_harness.seeds import run_files
 
     out = {}
     for _, r in run_files(seeds_dir):
@@ -252,12 +252,12 @@ def run_cell_seed(cell: str, seed: int, variants: Sequence[str], out_dir: str,
     ``rora_dir``: take the ``rora`` run from this seeds folder instead (a retrained
     variant, e.g. ``retrain-study/ep12-sst2_sentence``); ``lora`` stays ``seeds_dir``'s."""
     import rora_fast
-    from rora_fast.evaluation.attacks import get_attack
-    from rora_fast.evaluation.bias import _spec_from
-    from rora_fast.evaluation.defences import parse_method
-    from rora_fast.evaluation.repair import classification_head
-    from rora_fast.evaluation.runner import defended_model, evaluate, prepare_sets, run_id
-    from rora_fast.evaluation.spectra import write_json
+    from rora_harness.attacks import get_attack
+    from rora_harness.bias import _spec_from
+    from rora_harness.defences import parse_method
+    from rora_fast.repair import classification_head
+    from rora_harness.runner import defended_model, evaluate, prepare_sets, run_id
+    from rora_harness.spectra import write_json
     todo = [v for v in variants if not os.path.exists(result_path(out_dir, cell, seed, v))]
     done = []
     if not todo:
@@ -397,7 +397,7 @@ KEYS = ("CA", "ASR", "ASR_floor", "delta")
 
 
 def aggregate(out_dir: str) -> Dict:
-    from rora_fast.evaluation.seeds import mean_ci
+    from rora_harness.seeds import mean_ci
     rows = load_results(out_dir)
     cells = {}
     for cell in CELLS:
@@ -448,7 +448,7 @@ def aggregate(out_dir: str) -> Dict:
         cells[cell] = {"title": CELL_TITLE[cell], "variants": variants,
                        "reproduction": sorted(repro, key=lambda x: (x["seed"], x["variant"]))}
     return {"interval": "two-sided 95 % Student t-interval: mean ± t(0.975, n-1)·sd/√n "
-                        "(rora_fast.evaluation.seeds.mean_ci); none for n = 1",
+                        "(rora_harness.seeds.mean_ci); none for n = 1",
             "head_refit": HEAD_REFIT,
             "targets": "on the means over the seeds the variant and LoRA share: CA >= LoRA's "
                        "CA - 1; ASR <= the variant's ASR floor + 5; floor <= LoRA's floor + 5",
@@ -608,8 +608,8 @@ def main(argv=None) -> int:
                                                     "after this time")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from rora_fast.evaluation.seeds import parse_seeds
-    from rora_fast.evaluation.seeds import run_files as _run_files
+    from rora_harness.seeds import parse_seeds
+    from rora_harness.seeds import run_files as _run_files
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     if args.aggregate_only:

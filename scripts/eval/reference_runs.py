@@ -1,10 +1,10 @@
-"""Write rora_fast/evaluation/reference_runs.json from committed `rora-fast seeds` folders.
+"""Write harness/rora_harness/reference_runs.json from committed `rora-fast seeds` folders.
 
     python scripts/eval/reference_runs.py benchmarks/results/eval/seeds-demo-sst2_sentence-badnet [...]
 
 For every trained method of each folder's seeds.json, the per-seed run files are read,
 their specs must agree apart from the seed (else an error), and the entry records the seeds
-and each metric's mean, 95 % t-interval (rora_fast.evaluation.seeds.mean_ci), minimum and
+and each metric's mean, 95 % t-interval (rora_harness.seeds.mean_ci), minimum and
 maximum. Post-hoc variants are skipped (their run files carry the trained run's spec),
 except those equal to a trained configuration (``EQUIVALENT``): ``rora+adaptive`` from a
 saved adapter is exactly ``defend --rescale adaptive`` of the same run (tests/test_seeds.py),
@@ -25,13 +25,13 @@ EQUIVALENT = {"rora+adaptive": {"rescale": "adaptive"}, "rora+repair": {"repair"
 def trained_spec(spec: dict, fields: dict) -> dict:
     """The resolved spec of ``spec``'s run with ``fields`` changed."""
     import dataclasses
-    from rora_fast.evaluation.bias import _spec_from
+    from rora_harness.bias import _spec_from
     return dataclasses.replace(_spec_from(spec), **fields).resolved()
 
 
 def entries_of(folder: str):
-    from rora_fast.evaluation.reference_runs import METRICS, setting_key
-    from rora_fast.evaluation.seeds import mean_ci
+    from rora_harness.reference_runs import METRICS, setting_key
+    from rora_harness.seeds import mean_ci
 
     with open(os.path.join(folder, "seeds.json"), encoding="utf-8") as f:
         agg = json.load(f)
@@ -65,7 +65,7 @@ def entries_of(folder: str):
 
 def main(argv) -> int:
     from rora_fast.atomic import write_json
-    from rora_fast.evaluation.reference_runs import REFERENCE_FILE
+    from rora_harness.reference_runs import REFERENCE_FILE
 
     entries = [e for folder in argv for e in entries_of(folder)]
     write_json(REFERENCE_FILE, {"written_by": "scripts/eval/reference_runs.py " + " ".join(argv),

@@ -127,9 +127,9 @@ BAL = f"{EVAL}/bias-balance"
 
 def balance():
     """Prediction balance before/after rescaling of every run with both, from the run
-    JSONs alone (rora_fast.evaluation.bias.balance_from_runs): balance.json, .md, .png."""
+    JSONs alone (rora_harness.bias.balance_from_runs): balance.json, .md, .png."""
     sys.path.append(ROOT)  # after PYTHONPATH: a fixed library (worktree) can be chosen
-    from rora_fast.evaluation.bias import balance_from_runs
+    from rora_harness.bias import balance_from_runs
     rows, seen = [], set()
     for r in balance_from_runs(os.path.join(ROOT, EVAL)):
         if r["file"].startswith("bias-balance"):
@@ -159,7 +159,7 @@ def balance():
     with open(os.path.join(out, "balance.md"), "w") as f:
         f.write("# Prediction balance before and after rescaling (from the run files)\n\n"
                 "Recovered exactly from CA, ASR floor and row counts of each run JSON "
-                "(`rora_fast.evaluation.bias.prediction_balance`). Made by "
+                "(`rora_harness.bias.prediction_balance`). Made by "
                 "`python scripts/eval/results_md.py`.\n\n" + "\n".join(md).replace("](../", "](../../../../") + "\n")
     import matplotlib
     matplotlib.use("Agg")

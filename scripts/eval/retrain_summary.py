@@ -6,7 +6,7 @@ Reads ``benchmarks/results/eval/posthoc-study/aggregate.json`` (the default's ru
 ``benchmarks/results/eval/retrain-study/posthoc-<variant>/aggregate.json`` (written by
 ``scripts/eval/posthoc_study.py`` from the retrained adapters); writes
 ``benchmarks/results/eval/retrain-study/summary.{json,md,png}``. Statistics: mean ± the
-two-sided 95 % t-interval over seeds (``rora_fast.evaluation.seeds.mean_ci``), paired
+two-sided 95 % t-interval over seeds (``rora_harness.seeds.mean_ci``), paired
 differences on the seeds both rows have; the targets of issue 24 on the means.
 
     python scripts/eval/retrain_summary.py
@@ -96,7 +96,7 @@ SAME_SCHEDULE_LORA = {"ep12": ("LoRA, 12 epochs", "ep12-{cell}")}
 def schedule_lora(train: str, cell: str) -> Dict[int, Dict]:
     """``{seed: metrics}`` of the LoRA runs trained on ``train``'s schedule (empty if the
     training has none of its own, or none finished yet)."""
-    from rora_fast.evaluation.seeds import run_files
+    from rora_harness.seeds import run_files
     if train not in SAME_SCHEDULE_LORA:
         return {}
     folder = os.path.join(STUDY, SAME_SCHEDULE_LORA[train][1].format(cell=cell))
@@ -109,7 +109,7 @@ def _per_seed(st: Dict) -> Dict[int, Dict]:
 
 
 def summarise() -> Dict:
-    from rora_fast.evaluation.seeds import mean_ci
+    from rora_harness.seeds import mean_ci
 
     src = sources()
     sc = {t: scales(t) for t in src}

@@ -7,7 +7,7 @@ RUN_TREE=${RUN_TREE:-$HERE}
 RESULT_TREE=${RESULT_TREE:-$HERE}
 THREADS=${THREADS:-2}
 REL=benchmarks/results/eval
-export PYTHONPATH="$RUN_TREE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$RUN_TREE:$RUN_TREE/harness${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=$THREADS
 # waiting OpenMP threads sleep instead of spinning: on the shared cores the niced run wasted
 # ~3x its CPU time spinning at barriers (measured: 6.6 vs 2.1 CPU-s per MiniLM step)

@@ -24,9 +24,9 @@ sys.path.insert(0, RUN_TREE)
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-from rora_fast.evaluation.bias import _spec_from, run_bias_analysis  # noqa: E402
-from rora_fast.evaluation.poisoning import default_cache_dir  # noqa: E402
-from rora_fast.evaluation.seeds import posthoc_run_id, run_posthoc, write_aggregate  # noqa: E402
+from rora_harness.bias import _spec_from, run_bias_analysis  # noqa: E402
+from rora_harness.poisoning import default_cache_dir  # noqa: E402
+from rora_harness.seeds import posthoc_run_id, run_posthoc, write_aggregate  # noqa: E402
 
 REL = "benchmarks/results/eval"
 FOLDERS = [f"{REL}/seeds-sst2_sentence-badnet", f"{REL}/seeds-cr-badnet"]

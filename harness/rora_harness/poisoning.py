@@ -38,11 +38,11 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from ..atomic import atomic_write_dir
-from ..data import load_dataset
+from rora_fast.atomic import atomic_write_dir
+from .data import load_dataset
 from .attacks import get_attack, poison_clean_label, triggered_test_set
 from .metrics import attack_success_rate, clean_accuracy
-from .training import TrainConfig, load_model, load_tokenizer, predict, set_seed, train
+from rora_fast.loop import TrainConfig, load_model, load_tokenizer, predict, set_seed, train
 
 __all__ = ["PoisonConfig", "PoisoningFailed", "CorruptCacheError", "PROXY", "poison_key",
            "max_poison_epochs",

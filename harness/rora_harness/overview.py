@@ -12,7 +12,7 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
-from ..atomic import save_figure
+from rora_fast.atomic import save_figure
 from .presets import nondefault_hparams, paper_row
 
 __all__ = ["collect_runs", "overview_markdown", "plot_overview", "write_overview"]

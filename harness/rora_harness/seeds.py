@@ -20,7 +20,7 @@ Methods come in two kinds:
     *trains* a separate rora_fast LoRA (``rora:pt``); this is the same idea without a
     second training run, so its "before rescaling" is exactly the ``lora`` row.
   - ``rora+repair``: the ``rora`` run, rescaled, then the trigger-agnostic repair
-    (:func:`rora_fast.evaluation.repair.recalibrate_head_bias_`, clean dev data only).
+    (:func:`rora_fast.repair.recalibrate_head_bias_`, clean dev data only).
   - ``lora+rescale+repair``: ``lora+rescale``, then the same repair.
   - ``...+repair-acc``: the repair with ``method="accuracy"`` (the head bias shifted to
     the clean dev accuracy's maximum) instead of matching the prediction frequencies.
@@ -47,7 +47,7 @@ import math
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..atomic import save_figure, write_json, write_text
+from rora_fast.atomic import save_figure, write_json, write_text
 
 __all__ = ["POSTHOC", "t_quantile_975", "mean_ci", "run_seeds", "run_posthoc",
            "rescale_peft_lora_", "aggregate", "write_aggregate", "parse_seeds", "run_files"]
@@ -188,7 +188,7 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
     if variant.startswith("lora+rescale"):
         out["rescale"] = rescale_peft_lora_(model, spec.rescale_layers)
         if "+repair" in variant:
-            from .repair import recalibrate_head_bias_
+            from rora_fast.repair import recalibrate_head_bias_
             before = os.path.join(out_dir, "runs", posthoc_run_id(rid, "lora+rescale") + ".json")
             if os.path.exists(before):
                 with open(before) as f:
@@ -197,7 +197,7 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
                                                    method=repair_method)
     elif variant.startswith("rora+repair"):
         import rora_fast
-        from .repair import recalibrate_head_bias_
+        from rora_fast.repair import recalibrate_head_bias_
         out["rescale"] = {k: float(v) for k, v in
                           rora_fast.spectral_rescale_(model, layers=spec.rescale_layers).items()}
         with open(os.path.join(out_dir, "runs", rid + ".json")) as f:
@@ -210,7 +210,7 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
         out["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, spec)
         out["rescale"] = out["adaptive_rescale"]["scales"]
         if res.get("repair"):  # as the trained run (and `defend --rescale adaptive`) does
-            from .repair import recalibrate_head_bias_
+            from rora_fast.repair import recalibrate_head_bias_
             out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
     else:  # pragma: no cover - POSTHOC is closed
         raise ValueError(variant)

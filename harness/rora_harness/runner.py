@@ -20,9 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import block_index
-from ..atomic import atomic_write_file, save_figure
-from ..data import load_dataset
+from rora_fast import block_index
+from rora_fast.atomic import atomic_write_file, save_figure
+from .data import load_dataset
 from .attacks import get_attack, triggered_test_set
 from .defences import (DefenceConfig, adapter_layers, build_defence, finish_defence,
                        parse_method)
@@ -31,7 +31,7 @@ from .poisoning import PROXY, PoisonConfig, poison_model
 from .presets import DEFENCE_DEFAULTS, HPARAM_SYMBOL, PRESETS, method_label, paper_row
 from .spectra import (delta_stats, plot_ca_asr_curves, plot_layer_stats, plot_scale_sweep,
                       write_json)
-from .training import (TrainConfig, labelled_batches, load_trainable_state, predict, set_seed,
+from rora_fast.loop import (TrainConfig, labelled_batches, load_trainable_state, predict, set_seed,
                        train, trainable_state)
 
 #: how ``run_defence`` sets the strength of the post-training rescaling
@@ -287,7 +287,7 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
         else:
             result["rescale"] = finish_defence(model, method, dcfg)
     if res_spec.get("repair", False):
-        from .repair import recalibrate_head_bias_
+        from rora_fast.repair import recalibrate_head_bias_
         result["before_repair"] = evaluate(model, tok, sets, L, attack.target_label)
         result["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
     result["metrics"] = evaluate(model, tok, sets, L, attack.target_label)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..atomic import save_figure
+from rora_fast.atomic import save_figure
 
 __all__ = ["analyse_run", "run_bias_analysis", "prediction_balance", "balance_from_runs"]
 
@@ -113,7 +113,7 @@ def analyse_run(run: Dict, seeds_dir: str, cache_dir: Optional[str], log=print) 
     import rora_fast
     from .attacks import get_attack
     from .defences import parse_method
-    from .repair import classification_head, collect_logits, recalibrate_head_bias_
+    from rora_fast.repair import classification_head, collect_logits, recalibrate_head_bias_
     from .runner import defended_model, prepare_sets
     from .seeds import rescale_peft_lora_
     spec = _spec_from(run["spec"])

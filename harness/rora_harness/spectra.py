@@ -13,14 +13,14 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..atomic import save_figure, write_json as _write_json
+from rora_fast.atomic import save_figure, write_json as _write_json
 
 __all__ = ["delta_stats", "plot_layer_stats", "plot_scale_sweep"]
 
 
 def delta_stats(pairs: Sequence, k: int = 32) -> List[Dict]:
     """``pairs``: iterable of ``(name, W_pre, ΔW)``.  Returns one dict per layer."""
-    from .. import block_index
+    from rora_fast import block_index
     rows = []
     for name, W, D in pairs:
         W = W.double()

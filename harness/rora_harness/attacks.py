@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from ..data import Example
+from rora_fast import Example
 
 __all__ = [
     "ATTACKS", "Attack", "TriggerError", "get_attack", "max_trigger_position", "insert_trigger",
