@@ -1,6 +1,7 @@
-"""Print the import graph of the library (rora_fast/ and kernels/src/ as rora_fast.kernels):
-one line per module, its intra-library imports (``*`` marks a lazy one, inside a function),
-then the cycles, counting lazy imports, and the lines of code per module.
+"""Print the import graph of the library (rora_fast/ and kernels/src/ as rora_fast.kernels)
+and of the harness (harness/rora_harness): one line per module, its imports within the two
+(``*`` marks a lazy one, inside a function), then the cycles, counting lazy imports, the
+lines of code per module, and the lines of the library and of the harness.
 
     python scripts/dev/import_graph.py
 """
@@ -10,7 +11,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PKGS = {"rora_fast": os.path.join(ROOT, "rora_fast"),
-        "rora_fast.kernels": os.path.join(ROOT, "kernels", "src")}
+        "rora_fast.kernels": os.path.join(ROOT, "kernels", "src"),
+        "rora_harness": os.path.join(ROOT, "harness", "rora_harness")}
 
 
 def modules():
@@ -98,9 +100,13 @@ def main():
                    reverse=True)
     for n, m in sizes[:12]:
         print(f"  {n:5d} {m}")
-    core = [n for n, m in sizes if not m.startswith("evaluation") and m != "cli"]
-    print(f"\ntotal: {sum(n for n, _ in sizes)} lines; library core (without evaluation/ and "
-          f"cli): {sum(core)} lines in {len(core)} modules")
+    harness = [n for n, m in sizes if m.startswith("rora_harness")]
+    core = [n for n, m in sizes if not m.startswith("rora_harness")]
+    print(f"\ntotal: {sum(n for n, _ in sizes)} lines; the library: {sum(core)} lines in "
+          f"{len(core)} modules; the harness: {sum(harness)} lines in {len(harness)} modules")
+    back = sorted(m for m in g if not m.startswith("rora_harness")
+                  and any(t.startswith("rora_harness") for t in g[m]))
+    print(f"library modules importing the harness: {', '.join(back) or 'none'}")
 
 
 if __name__ == "__main__":
