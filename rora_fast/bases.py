@@ -256,9 +256,9 @@ class Base:
         """The compute dtype known before any call (None: it follows the input)."""
         return module.weight.dtype
 
-    def check_target(self, module: nn.Module, name: str, init: str = "default",
-                     use_dora: bool = False) -> None:
-        """Refuse, naming the module, a base this kind cannot adapt with this variant."""
+    def check_target(self, module: nn.Module, name: str, variant=None) -> None:
+        """Refuse, naming the module, a base this kind cannot adapt with this variant (a
+        :class:`rora_fast.variants.Variant`; None: LoRA's start)."""
         w = module.weight
         if w.dtype in (torch.uint8, torch.int8):
             raise TypeError(f"{name!r}: the weight is {w.dtype}, a quantized layer that is not "
@@ -335,15 +335,15 @@ class BnbBase(Base):
     def fixed_compute_dtype(self, module):
         return getattr(module, "compute_dtype", None)
 
-    def check_target(self, module, name, init="default", use_dora=False):
-        """bitsandbytes importable, neither PiSSA/OLoRA (they rewrite the base into a
-        residual, which would have to be requantized) nor DoRA, the weight quantized."""
+    def check_target(self, module, name, variant=None):
+        """bitsandbytes importable, no variant that needs a dense base (PiSSA/OLoRA rewrite
+        the base into a residual, which would have to be requantized; DoRA), the weight
+        quantized."""
         require_bitsandbytes()
-        if init in ("pissa", "olora") or use_dora:
-            what = "use_dora=True" if use_dora else f"init={init!r}"
-            raise NotImplementedError(f"{name!r}: {what} is not supported on a quantized "
-                                      "(bitsandbytes) base (PiSSA/OLoRA rewrite the base, "
-                                      "DoRA is not implemented for it); use a bf16 base")
+        if variant is not None and variant.needs_dense_base:
+            raise NotImplementedError(f"{name!r}: {variant.label} is not supported on a "
+                                      "quantized (bitsandbytes) base (PiSSA/OLoRA rewrite the "
+                                      "base, DoRA is not implemented for it); use a bf16 base")
         w = module.weight
         if (self.kind == "4bit" and getattr(w, "quant_state", None) is None) or \
                 (self.kind == "8bit" and w.dtype != torch.int8):

@@ -40,6 +40,7 @@ from .forward import layer_forward
 from .linalg import spectral_basis
 from .model import spectral_rescale_ as _rescale
 from .targets import is_rora_target
+from .variants import peft_variant
 
 __all__ = ["register_rora", "make_peft_rora_linear", "peft_custom_modules",
            "peft_rora_layers", "spectral_rescale_peft_"]
@@ -60,29 +61,28 @@ class _PeftRoraMixin:
     """RoRA for a PEFT LoRA layer (one active vanilla-LoRA adapter): the training forward
     is :func:`rora_fast.forward.layer_forward`, as for :class:`rora_fast.RoraLinear`, on
     the subclass's base strategy ``_rora_base`` (:mod:`rora_fast.bases`; quantized bases
-    dequantize for each call and again for backward); the eval, merged, disabled and
-    multi-adapter paths are PEFT's."""
+    dequantize for each call and again for backward) and the variant object of its
+    ``LoraConfig`` (:func:`rora_fast.variants.peft_variant`); the eval, merged, disabled
+    and multi-adapter paths are PEFT's."""
 
     rora_weight_dropout = 0.1
     rora_ortho_rank = 32
     rora_ortho_lambda = 10.0
     _rora_base = BASES["linear"]
 
-    @staticmethod
-    def _rora_refuse(kwargs) -> None:
-        """What the PEFT door cannot train as RoRA is refused when the model is built,
-        naming the layer: DoRA (PEFT's variant forward has no weight dropout) and PiSSA/OLoRA
-        starts (the penalty must be on B − B₀, A − A₀, which PEFT's layer does not keep).
+    def _rora_variant_of(self, kwargs):
+        """The variant of the layer's ``LoraConfig``. What the PEFT door cannot train as
+        RoRA is refused when the model is built, naming the layer: DoRA (PEFT's variant
+        forward has no weight dropout) and PiSSA/OLoRA starts (the penalty must be on
+        B − B₀, A − A₀, which PEFT's layer does not keep).
         ``apply_rora(RoraConfig(use_dora=True | init="pissa" | "olora"))`` trains those."""
         cfg = kwargs.get("config")  # peft >= 0.19 passes the config, older ones its fields
         name = kwargs.get("target_name") or "a target layer"  # (the name: peft >= 0.19)
         init = kwargs.get("init_lora_weights", getattr(cfg, "init_lora_weights", True))
-        if kwargs.get("use_dora", getattr(cfg, "use_dora", False)):
-            reason = "use_dora=True"
-        elif isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora"):
-            reason = f"init_lora_weights={init!r}"
-        else:
-            return
+        variant = peft_variant(init, kwargs.get("use_dora", getattr(cfg, "use_dora", False)))
+        reason = variant.peft_refusal(init)
+        if reason is None:
+            return variant
         raise ValueError(f"register_rora: {name}: RoRA through PEFT supports vanilla LoRA "
                          f"adapters only, not {reason} (its training forward or penalty would "
                          f"silently not be RoRA's); use rora_fast.apply_rora with RoraConfig("
@@ -93,7 +93,8 @@ class _PeftRoraMixin:
         V.check_layer_shape(None, self.rora_ortho_rank, W.shape[1], W.shape[0])
         return spectral_basis(W, self.rora_ortho_rank)
 
-    def _rora_setup(self, basis) -> None:
+    def _rora_setup(self, basis, variant) -> None:
+        self.rora_variant = variant
         self.register_buffer("rora_ortho_U", basis.U, persistent=False)
         self.register_buffer("rora_ortho_V", basis.V, persistent=False)
         self.rora_sigma_pre = basis.sigma_max
@@ -110,22 +111,24 @@ class _PeftRoraMixin:
         lam = self.rora_ortho_lambda
         if not lam:
             return []
+        A0, B0 = self.rora_variant.start_factors(self)
         out = []
         for name in self.active_adapters:
             if name in self.lora_A:
-                out.append((self.lora_A[name].weight, "A", self.rora_ortho_V, None, lam))
-                out.append((self.lora_B[name].weight, "B", self.rora_ortho_U, None, lam))
+                out.append((self.lora_A[name].weight, "A", self.rora_ortho_V, A0, lam))
+                out.append((self.lora_B[name].weight, "B", self.rora_ortho_U, B0, lam))
         return out
 
     def rora_penalty(self) -> torch.Tensor:
         """λ Ω summed over this layer's adapters (detached, for logging)."""
         total = torch.zeros((), device=self.rora_ortho_U.device)
+        start = self.rora_variant.start_factors(self)
         with torch.no_grad():
             for name in self.active_adapters:
                 if name in self.lora_A:
                     total = total + self.rora_ortho_lambda * ref.ortho_penalty(
                         self.lora_A[name].weight, self.lora_B[name].weight,
-                        self.rora_ortho_U, self.rora_ortho_V)
+                        self.rora_ortho_U, self.rora_ortho_V, *start)
         return total
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -149,7 +152,8 @@ class _PeftRoraMixin:
         return layer_forward(self, self._rora_base, self.get_base_layer(), x,
                              self.lora_A[name].weight, self.lora_B[name].weight,
                              self.scaling[name], self.rora_weight_dropout,
-                             self.lora_dropout[name], training=True)
+                             self.lora_dropout[name], training=True,
+                             variant=self.rora_variant)
 
 
 def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
@@ -163,13 +167,13 @@ def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
         """PEFT ``lora.Linear`` trained with RoRA (one active vanilla-LoRA adapter)."""
 
         def __init__(self, base_layer, adapter_name, **kwargs):
-            self._rora_refuse(kwargs)
+            variant = self._rora_variant_of(kwargs)
             base = _peft_base(base_layer)
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"RoRA adapts nn.Linear layers, got {type(base).__name__}")
             basis = self._rora_basis(base.weight)
             super().__init__(base_layer, adapter_name, **kwargs)
-            self._rora_setup(basis)
+            self._rora_setup(basis, variant)
 
     return _bind(PeftRoraLinear, weight_dropout, ortho_rank, ortho_lambda)
 
@@ -199,14 +203,14 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
             _rora_base = BASES["4bit"]
 
             def __init__(self, base_layer, adapter_name, **kwargs):
-                self._rora_refuse(kwargs)
+                variant = self._rora_variant_of(kwargs)
                 base = _peft_base(base_layer)
                 kwargs.setdefault("compute_dtype", base.compute_dtype)
                 kwargs.setdefault("compress_statistics", base.weight.compress_statistics)
                 kwargs.setdefault("quant_type", base.weight.quant_type)
                 basis = self._rora_basis(dense_weight(base, torch.float32))
                 super().__init__(base_layer, adapter_name, **kwargs)
-                self._rora_setup(basis)
+                self._rora_setup(basis, variant)
 
         class PeftRoraLinear8bitLt(_PeftRoraMixin, peft_bnb.Linear8bitLt):
             """PEFT's 8-bit LoRA layer trained with RoRA."""
@@ -214,14 +218,14 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
             _rora_base = BASES["8bit"]
 
             def __init__(self, base_layer, adapter_name, **kwargs):
-                self._rora_refuse(kwargs)
+                variant = self._rora_variant_of(kwargs)
                 base = _peft_base(base_layer)
                 kwargs.setdefault("has_fp16_weights", base.state.has_fp16_weights)
                 kwargs.setdefault("threshold", base.state.threshold)
                 kwargs.setdefault("index", getattr(base, "index", None))
                 basis = self._rora_basis(dense_weight(base, torch.float32))
                 super().__init__(base_layer, adapter_name, **kwargs)
-                self._rora_setup(basis)
+                self._rora_setup(basis, variant)
 
         out[bnb.nn.Linear4bit] = _bind(PeftRoraLinear4bit, *hp)
         out[bnb.nn.Linear8bitLt] = _bind(PeftRoraLinear8bitLt, *hp)
@@ -233,7 +237,7 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
         _rora_base = BASES["conv1d"]
 
         def __init__(self, base_layer, adapter_name, **kwargs):
-            self._rora_refuse(kwargs)
+            variant = self._rora_variant_of(kwargs)
             base = _peft_base(base_layer)
             if not kwargs.get("fan_in_fan_out", False):
                 warnings.warn("fan_in_fan_out is set to False but the target module is "
@@ -245,7 +249,7 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
                 cfg.fan_in_fan_out = True
             basis = self._rora_basis(base.weight.detach().t())
             super().__init__(base_layer, adapter_name, **kwargs)
-            self._rora_setup(basis)
+            self._rora_setup(basis, variant)
 
     out[Conv1D] = _bind(PeftRoraConv1D, *hp)
     return out

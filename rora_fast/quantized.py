@@ -62,6 +62,7 @@ from .bases import (BASES, QUANT_INSTALL_HINT, base_for, base_kind,  # noqa: F40
                     dequantize_4bit_masked, quant_descriptor, require_bitsandbytes)
 from .bases import dense_weight as dequantize_base
 from .layer import RoraLinear
+from .variants import variant_for
 
 __all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "cpu_repack_switches",
            "check_saved_quantization", "QuantRoraLinear", "dequantize_base",
@@ -93,8 +94,9 @@ class QuantRoraLinear(RoraLinear):
             raise TypeError(f"QuantRoraLinear wraps a bitsandbytes Linear4bit or Linear8bitLt, "
                             f"got {type(base).__name__}")
         strategy = base_for(base)
-        strategy.check_target(base, type(base).__name__, kwargs.get("init", "default"),
-                              kwargs.get("use_dora", False))
+        strategy.check_target(base, type(base).__name__,
+                              variant_for(kwargs.get("init", "default"),
+                                          kwargs.get("use_dora", False)))
         for k in _SHAPE_ARGS:
             if k in kwargs:
                 raise TypeError(f"QuantRoraLinear takes its shape from the base layer; "

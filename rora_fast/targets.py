@@ -86,7 +86,7 @@ def check_rora_target(module: nn.Module, config, name: str) -> None:
     PiSSA/OLoRA nor DoRA."""
     n_in, n_out = target_dims(module)
     V.check_layer_shape(config.r, config.ortho_rank, n_in, n_out, name=name)
-    base_for(module).check_target(module, name, config.init, config.use_dora)
+    base_for(module).check_target(module, name, config.variant)
 
 
 def compute_dtype_of(module: nn.Module, name: str = "") -> torch.dtype:
