@@ -20,11 +20,12 @@ has a kernel, its descriptor and how a merged weight is stored back. Every RoRA 
 (:class:`rora_fast.RoraLinear`, its Conv1D and quantized subclasses, the PEFT layers) runs
 its one forward (:func:`rora_fast.forward.layer_forward`) and its merge on it.
 
-A new kind of base (say an fp8 weight) touches this file only, plus its tests: its
-recognition in :func:`base_kind` and a :class:`Base` subclass (dequantization, compute
-dtype, target checks, merge; ``child = True`` to be kept as the layer's ``base_layer``
-like a bitsandbytes layer, which :class:`rora_fast.quantized.QuantRoraLinear` then
-wraps) in :data:`BASES`.
+A new kind of base (say an fp8 weight): its recognition in :func:`base_kind` and a
+:class:`Base` subclass (dequantization, compute dtype, target checks, merge; ``child =
+True`` to be kept as the layer's ``base_layer`` like a bitsandbytes layer, which
+:class:`rora_fast.quantized.QuantRoraLinear` then wraps) in :data:`BASES` here; its row in
+:data:`rora_fast.kinds.KINDS` (which layer classes adapt it) and its PEFT layer class in
+:mod:`rora_fast.peft_integration`; plus its tests.
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ class Base:
     module otherwise). One instance per kind, :func:`base_for`.
 
     A new kind of base (say an fp8 weight) is one subclass here, its entry in
-    :data:`BASES` and its recognition in :func:`base_kind`."""
+    :data:`BASES`, its recognition in :func:`base_kind` and its row in
+    :data:`rora_fast.kinds.KINDS`."""
 
     kind: str = ""
     #: the dense weight is rebuilt for backward instead of being saved (quantized bases)
@@ -282,7 +284,7 @@ class Base:
 
 
 class LinearBase(Base):
-    """``nn.Linear``: weight ``(out, in)`` (also a Conv1D's ``(out, in)`` view)."""
+    """``nn.Linear``: weight ``(out, in)``."""
 
     kind = "linear"
     strict = True
@@ -303,16 +305,20 @@ class LinearBase(Base):
 
 
 class Conv1DBase(Base):
-    """transformers' GPT-2 ``Conv1D`` held as a module: weight stored ``(in, out)``."""
+    """transformers' GPT-2 ``Conv1D``: weight stored ``(in, out)`` (the holder: the Conv1D
+    itself under PEFT, the ``(in, out)`` view of a :class:`rora_fast.RoraConv1D`'s
+    weight)."""
 
     kind = "conv1d"
+    strict = True  # as Conv1D's own addmm
 
     def dims(self, module):
         n_in, n_out = module.weight.shape
         return int(n_in), int(n_out)
 
     def dense_weight(self, holder, dtype):
-        return holder.weight.t().to(dtype)
+        w = holder.weight.t()
+        return w if w.dtype == dtype else w.to(dtype)
 
     def store_merged(self, holder, merged):
         with torch.no_grad():

@@ -28,6 +28,7 @@ from . import penalty as _penalty
 from . import reference as ref
 from .bases import BASES, base_kind
 from .forward import draw_seed, layer_forward
+from .kinds import layer_kind
 from .linalg import rescale_factor, spectral_basis
 from .validation import FLOAT_DTYPES as _FLOAT_DTYPES
 from .validation import INITS, PENALTY_MODES  # noqa: F401
@@ -36,12 +37,6 @@ from .validation import check_hparams as _check_hparams
 from .variants import Variant, variant_for
 
 __all__ = ["RoraLinear", "PENALTY_MODES", "INITS"]
-
-
-def _subclasses(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
 
 
 class RoraLinear(nn.Module):
@@ -78,10 +73,8 @@ class RoraLinear(nn.Module):
         backend: ``None`` (``RORA_FAST_BACKEND`` or auto), ``"reference"``, ``"triton"``.
     """
 
-    #: the :func:`rora_fast.bases.base_kind` values this class wraps; a subclass for
-    #: another kind of base declares its own and a ``from_base`` constructor
-    BASE_KINDS: tuple = ("linear",)
-    #: how this layer reads, evaluates and merges its base (:mod:`rora_fast.bases`)
+    #: how this layer reads, evaluates and merges its base (:mod:`rora_fast.bases`; which
+    #: layer class wraps which kind of base: :data:`rora_fast.kinds.KINDS`)
     _base = BASES["linear"]
     #: the adapter's variant (:mod:`rora_fast.variants`), from ``init`` and ``use_dora``
     variant: Variant
@@ -187,8 +180,8 @@ class RoraLinear(nn.Module):
 
         A bitsandbytes ``Linear4bit``/``Linear8bitLt`` or a transformers ``Conv1D`` gets its
         own layer class (:class:`rora_fast.quantized.QuantRoraLinear`,
-        :class:`rora_fast.conv1d.RoraConv1D`): the subclass whose ``BASE_KINDS`` holds the
-        base's :func:`rora_fast.bases.base_kind` builds it (``from_base``)."""
+        :class:`rora_fast.conv1d.RoraConv1D`), built by its constructor as
+        :data:`rora_fast.kinds.KINDS` says for the base's kind."""
         # a bad argument raises before the layer exists: the caller's module keeps its
         # requires_grad flags (the constructor freezes the shared weight and bias)
         flags = [(p, p.requires_grad) for p in linear.parameters()] \
@@ -206,13 +199,11 @@ class RoraLinear(nn.Module):
     def _from_linear(cls, linear, r, alpha, weight_dropout, lora_dropout, ortho_rank,
                      ortho_lambda, **kwargs) -> "RoraLinear":
         kind = base_kind(linear)
-        if cls is RoraLinear and kind not in ("linear", None):
-            for sub in _subclasses(RoraLinear):
-                if kind in sub.BASE_KINDS:
-                    return sub.from_base(linear, r=r, alpha=alpha,
-                                         weight_dropout=weight_dropout,
-                                         lora_dropout=lora_dropout, ortho_rank=ortho_rank,
-                                         ortho_lambda=ortho_lambda, **kwargs)
+        row = None if kind is None else layer_kind(kind)
+        if cls is RoraLinear and row is not None and row.layer_class() is not cls:
+            return row.build(linear, r=r, alpha=alpha, weight_dropout=weight_dropout,
+                             lora_dropout=lora_dropout, ortho_rank=ortho_rank,
+                             ortho_lambda=ortho_lambda, **kwargs)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         return cls(linear.in_features, linear.out_features, linear.bias is not None,
