@@ -6,9 +6,9 @@ quantized subclasses, and the PEFT layers of :mod:`rora_fast.peft_integration`.
 factors and scale, the weight-dropout ``p``, the LoRA input dropout module and its
 *variant* (:mod:`rora_fast.variants`), whose ``output`` is :func:`lora_output` or, for
 DoRA, :func:`dora_layer_output`. It decides the compute dtype (autocast's, else the
-base's), runs the variant's eval output or RoRA training op, and casts back. The training op itself is
-:func:`training_forward`: the call's mask seed, the forward count of the penalty hook, and
-:func:`rora_fast.functional.rora_linear`. A base whose dense weight is not kept between
+base's), runs the variant's eval output or RoRA training op, and casts back. The training
+op itself is :func:`training_forward`: the call's mask seed, the forward count of the
+penalty hook, and :func:`rora_fast.functional.rora_linear`. A base whose dense weight is not kept between
 calls (bitsandbytes) has it rebuilt for backward instead of saved
 (:func:`saved_as_recompute`).
 """

@@ -71,7 +71,7 @@ class Variant:
         return (variant_for, (self.init, self.dora))
 
     def __repr__(self):
-        return f"<rora_fast variant {self.label}>"
+        return f"<rora_fast variant init={self.init!r} use_dora={self.dora}>"
 
     @property
     def label(self) -> str:
