@@ -50,6 +50,7 @@ from .adaptive import (RescaleStep, adaptive_rescale_, dev_accuracy, dev_logits,
 from .data import Example  # noqa: E402
 from .finetuning import FinetuneConfig, finetune, save_finetuned  # noqa: E402
 from .layer import RoraLinear  # noqa: E402
+from . import conv1d, quantized  # noqa: E402,F401 (layer classes of kinds.KINDS, named there)
 from .linalg import sigma_max, sigma_max_lowrank, spectral_basis  # noqa: E402
 from .model import (RoraConfig, adapter_scales, apply_rora, block_index,  # noqa: E402
                     merge_rora, resolve_targets, rora_layers, set_scales_,

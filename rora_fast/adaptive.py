@@ -22,7 +22,6 @@ from torch import nn
 
 from .model import (ModelState, layer_attrs, peft_lora_layers, rora_layers,
                     spectral_rescale_)
-from .variants import has_start_factors
 
 __all__ = ["RescaleStep", "DEFAULT_FACTORS", "DEFAULT_LADDER", "factor_ladder",
            "adaptive_rescale_", "dev_accuracy", "dev_logits"]
@@ -101,7 +100,7 @@ def _snapshot(model: nn.Module, adapter_name: str):
     """What a rescale changes: every RoRA layer's scale (and the base a PiSSA/OLoRA
     re-fold rewrites), every PEFT LoRA layer's scale of ``adapter_name``."""
     rl = [lay for _, lay in rora_layers(model)]
-    state = ModelState(model, [lay.weight for lay in rl if has_start_factors(lay)],
+    state = ModelState(model, [lay.weight for lay in rl if lay.variant.rewrites_base],
                        [a for lay in rl for a in layer_attrs(lay)])
     peft = [(lay, lay.scaling[adapter_name]) for _, lay in peft_lora_layers(model, adapter_name)]
 

@@ -20,11 +20,12 @@ has a kernel, its descriptor and how a merged weight is stored back. Every RoRA 
 (:class:`rora_fast.RoraLinear`, its Conv1D and quantized subclasses, the PEFT layers) runs
 its one forward (:func:`rora_fast.forward.layer_forward`) and its merge on it.
 
-A new kind of base (say an fp8 weight) touches this file only, plus its tests: its
-recognition in :func:`base_kind` and a :class:`Base` subclass (dequantization, compute
-dtype, target checks, merge; ``child = True`` to be kept as the layer's ``base_layer``
-like a bitsandbytes layer, which :class:`rora_fast.quantized.QuantRoraLinear` then
-wraps) in :data:`BASES`.
+A new kind of base (say an fp8 weight): its recognition in :func:`base_kind` and a
+:class:`Base` subclass (dequantization, compute dtype, target checks, merge; ``child =
+True`` to be kept as the layer's ``base_layer`` like a bitsandbytes layer, which
+:class:`rora_fast.quantized.QuantRoraLinear` then wraps) in :data:`BASES` here; its row in
+:data:`rora_fast.kinds.KINDS` (which layer classes adapt it) and its PEFT layer class in
+:mod:`rora_fast.peft_integration`; plus its tests.
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ class Base:
     module otherwise). One instance per kind, :func:`base_for`.
 
     A new kind of base (say an fp8 weight) is one subclass here, its entry in
-    :data:`BASES` and its recognition in :func:`base_kind`."""
+    :data:`BASES`, its recognition in :func:`base_kind` and its row in
+    :data:`rora_fast.kinds.KINDS`."""
 
     kind: str = ""
     #: the dense weight is rebuilt for backward instead of being saved (quantized bases)
@@ -256,9 +258,9 @@ class Base:
         """The compute dtype known before any call (None: it follows the input)."""
         return module.weight.dtype
 
-    def check_target(self, module: nn.Module, name: str, init: str = "default",
-                     use_dora: bool = False) -> None:
-        """Refuse, naming the module, a base this kind cannot adapt with this variant."""
+    def check_target(self, module: nn.Module, name: str, variant=None) -> None:
+        """Refuse, naming the module, a base this kind cannot adapt with this variant (a
+        :class:`rora_fast.variants.Variant`; None: LoRA's start)."""
         w = module.weight
         if w.dtype in (torch.uint8, torch.int8):
             raise TypeError(f"{name!r}: the weight is {w.dtype}, a quantized layer that is not "
@@ -282,7 +284,7 @@ class Base:
 
 
 class LinearBase(Base):
-    """``nn.Linear``: weight ``(out, in)`` (also a Conv1D's ``(out, in)`` view)."""
+    """``nn.Linear``: weight ``(out, in)``."""
 
     kind = "linear"
     strict = True
@@ -303,16 +305,20 @@ class LinearBase(Base):
 
 
 class Conv1DBase(Base):
-    """transformers' GPT-2 ``Conv1D`` held as a module: weight stored ``(in, out)``."""
+    """transformers' GPT-2 ``Conv1D``: weight stored ``(in, out)`` (the holder: the Conv1D
+    itself under PEFT, the ``(in, out)`` view of a :class:`rora_fast.RoraConv1D`'s
+    weight)."""
 
     kind = "conv1d"
+    strict = True  # as Conv1D's own addmm
 
     def dims(self, module):
         n_in, n_out = module.weight.shape
         return int(n_in), int(n_out)
 
     def dense_weight(self, holder, dtype):
-        return holder.weight.t().to(dtype)
+        w = holder.weight.t()
+        return w if w.dtype == dtype else w.to(dtype)
 
     def store_merged(self, holder, merged):
         with torch.no_grad():
@@ -335,15 +341,15 @@ class BnbBase(Base):
     def fixed_compute_dtype(self, module):
         return getattr(module, "compute_dtype", None)
 
-    def check_target(self, module, name, init="default", use_dora=False):
-        """bitsandbytes importable, neither PiSSA/OLoRA (they rewrite the base into a
-        residual, which would have to be requantized) nor DoRA, the weight quantized."""
+    def check_target(self, module, name, variant=None):
+        """bitsandbytes importable, no variant that needs a dense base (PiSSA/OLoRA rewrite
+        the base into a residual, which would have to be requantized; DoRA), the weight
+        quantized."""
         require_bitsandbytes()
-        if init in ("pissa", "olora") or use_dora:
-            what = "use_dora=True" if use_dora else f"init={init!r}"
-            raise NotImplementedError(f"{name!r}: {what} is not supported on a quantized "
-                                      "(bitsandbytes) base (PiSSA/OLoRA rewrite the base, "
-                                      "DoRA is not implemented for it); use a bf16 base")
+        if variant is not None and variant.needs_dense_base:
+            raise NotImplementedError(f"{name!r}: {variant.label} is not supported on a "
+                                      "quantized (bitsandbytes) base (PiSSA/OLoRA rewrite the "
+                                      "base, DoRA is not implemented for it); use a bf16 base")
         w = module.weight
         if (self.kind == "4bit" and getattr(w, "quant_state", None) is None) or \
                 (self.kind == "8bit" and w.dtype != torch.int8):

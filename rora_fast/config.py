@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import List, Optional, Union
 
 from . import validation as V
+from .variants import Variant, variant_for
 
 __all__ = ["RoraConfig"]
 
@@ -79,6 +80,11 @@ class RoraConfig:
         if m is not None and not (isinstance(m, list) and all(isinstance(x, str) and x
                                                               for x in m)):
             raise TypeError(f"modules_to_save must be None or a list of names, got {m!r}")
+
+    @property
+    def variant(self) -> Variant:
+        """The adapter's variant object (:func:`rora_fast.variants.variant_for`)."""
+        return variant_for(self.init, self.use_dora)
 
     def to_dict(self) -> dict:
         return asdict(self)

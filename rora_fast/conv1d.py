@@ -7,28 +7,46 @@ is the ``(out, in)`` transposed *view* of the same storage (no copy), so everyth
 runs on the ``(out, in)`` view, and the mask equals that of an ``nn.Linear`` holding
 ``conv.weight.t()``. Its state dict stores the weight in ``Conv1D``'s ``(in, out)`` layout
 (as the checkpoint it came from), and merging gives back a ``Conv1D``.
+
+Its base strategy is :class:`~rora_fast.bases.Conv1DBase`, the one PEFT's Conv1D layer
+(:mod:`rora_fast.peft_integration`) runs on too; its holder (:attr:`RoraConv1D.base_module`)
+shows the weight in Conv1D's ``(in, out)`` layout, as a Conv1D module would.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .layer import RoraLinear
-from .bases import base_kind
+from .bases import BASES, base_kind
 
 __all__ = ["RoraConv1D"]
+
+
+class _Conv1DLayout:
+    """The holder of a :class:`RoraConv1D` for one call of its base strategy: the layer's
+    weight in Conv1D's ``(in, out)`` layout (a view of the same storage, no copy) and its
+    bias."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, layer: "RoraConv1D"):
+        self.weight: torch.Tensor = layer.weight.t()
+        self.bias = layer.bias
 
 
 class RoraConv1D(RoraLinear):
     """RoRA over a transformers ``Conv1D`` (GPT-2's linear, ``y = x W + b`` with ``W``
     stored ``(in, out)``). ``weight`` is the ``(out, in)`` view of the Conv1D's storage."""
 
-    BASE_KINDS = ("conv1d",)
-    # its strategy is the inherited LinearBase: ``weight`` is a dense (out, in) view
+    _base = BASES["conv1d"]
 
     @property
-    def base_kind(self) -> str:
-        return "conv1d"
+    def base_module(self) -> _Conv1DLayout:
+        """The weight in Conv1D's ``(in, out)`` layout and the bias (:class:`_Conv1DLayout`),
+        what :class:`~rora_fast.bases.Conv1DBase` reads."""
+        return _Conv1DLayout(self)
 
     @classmethod
     def from_conv1d(cls, conv: nn.Module, r: int = 8, alpha: float = 16,
@@ -49,8 +67,6 @@ class RoraConv1D(RoraLinear):
         layer._conv_cls = type(conv)
         return layer
 
-    from_base = from_conv1d
-
     # The state dict keeps Conv1D's (in, out) layout, so checkpoints stay interchangeable.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -67,11 +83,11 @@ class RoraConv1D(RoraLinear):
 
     def merged_linear(self) -> nn.Module:
         """A ``Conv1D`` computing this layer's eval output (weight merged in place)."""
-        lin = super().merged_linear()
+        super().merged_linear()
         conv = self._conv_cls.__new__(self._conv_cls)
         nn.Module.__init__(conv)
         conv.nf = self.out_features
         conv.nx = self.in_features
-        conv.weight = nn.Parameter(lin.weight.detach().t(), requires_grad=False)
-        conv.bias = lin.bias
+        conv.weight = nn.Parameter(self.weight.detach().t(), requires_grad=False)
+        conv.bias = self.bias
         return conv

@@ -413,14 +413,13 @@ def dense_merged_weights(model) -> Dict[str, torch.Tensor]:
     what ``model`` computes in eval: ``W + s·BA`` of every adapted layer, its base ``W``
     dequantized where quantized, and the dequantized weight of every other quantized
     linear."""
-    from . import variants
     from .bases import base_kind, dense_weight
     from .model import rora_layers
     out = {}
     layers = dict(rora_layers(model))
     for name, layer in layers.items():
         W = layer._base.dense_weight(layer.base_module, torch.float32)
-        out[name + ".weight"] = variants.merged_weight(layer, W).float()
+        out[name + ".weight"] = layer.variant.merged_weight(layer, W).float()
     for name, mod in model.named_modules():
         if name in layers or any(name.startswith(n + ".") for n in layers):
             continue

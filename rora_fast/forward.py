@@ -3,11 +3,12 @@ quantized subclasses, and the PEFT layers of :mod:`rora_fast.peft_integration`.
 
 :func:`layer_forward` takes the layer's parts as arguments: its *base* (a
 :class:`rora_fast.bases.Base` strategy and the module holding the weight), its adapter
-factors and scale, the weight-dropout ``p``, the LoRA input dropout module and, for DoRA,
-the magnitude. It decides the compute dtype (autocast's, else the base's), runs the eval
-output or the RoRA training op, and casts back. The training op itself is
-:func:`training_forward`: the call's mask seed, the forward count of the penalty hook, and
-:func:`rora_fast.functional.rora_linear`. A base whose dense weight is not kept between
+factors and scale, the weight-dropout ``p``, the LoRA input dropout module and its
+*variant* (:mod:`rora_fast.variants`), whose ``output`` is :func:`lora_output` or, for
+DoRA, :func:`dora_layer_output`. It decides the compute dtype (autocast's, else the
+base's), runs the variant's eval output or RoRA training op, and casts back. The training
+op itself is :func:`training_forward`: the call's mask seed, the forward count of the
+penalty hook, and :func:`rora_fast.functional.rora_linear`. A base whose dense weight is not kept between
 calls (bitsandbytes) has it rebuilt for backward instead of saved
 (:func:`saved_as_recompute`).
 """
@@ -24,8 +25,9 @@ from torch import nn
 from . import functional as F_rora
 from . import penalty as _penalty
 
-__all__ = ["layer_forward", "training_forward", "count_training_forward", "draw_seed",
-           "saved_as_recompute", "dora_output", "weight_norm"]
+__all__ = ["layer_forward", "lora_output", "dora_layer_output", "training_forward",
+           "count_training_forward", "draw_seed", "saved_as_recompute", "dora_output",
+           "weight_norm"]
 
 _SEED_BUFFER = threading.local()
 
@@ -179,12 +181,12 @@ def _cast(t, dtype):
 
 def layer_forward(layer: nn.Module, base, holder: nn.Module, x: torch.Tensor,
                   A: torch.Tensor, B: torch.Tensor, scaling: float, p: float,
-                  lora_dropout: nn.Module, *, training: bool,
-                  magnitude: Optional[torch.Tensor] = None, strict: bool = False,
-                  backend: Optional[str] = None) -> torch.Tensor:
+                  lora_dropout: nn.Module, *, training: bool, variant,
+                  strict: bool = False, backend: Optional[str] = None) -> torch.Tensor:
     """The forward of a RoRA layer: ``base`` (a :class:`rora_fast.bases.Base`) reads the
     weight and bias of ``holder`` (the layer itself for a dense ``RoraLinear``, the wrapped
-    module otherwise); ``magnitude`` is DoRA's (None: no DoRA).
+    module otherwise); ``variant`` (a :class:`rora_fast.variants.Variant`) gives the output
+    (:func:`lora_output`, or DoRA's :func:`dora_layer_output`).
 
     Compute dtype: autocast's when autocast is on (the output stays in it), else the
     base's (:meth:`~rora_fast.bases.Base.compute_dtype`); the input is cast to it and the
@@ -194,8 +196,8 @@ def layer_forward(layer: nn.Module, base, holder: nn.Module, x: torch.Tensor,
     if torch.is_autocast_enabled(dev):
         cdtype = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _compute(layer, base, holder, _cast(x, cdtype), A, B, scaling, p,
-                            lora_dropout, training, magnitude, backend, cdtype)
+            return variant.output(layer, base, holder, _cast(x, cdtype), A, B, scaling, p,
+                                  lora_dropout, training, backend, cdtype)
     cdtype = base.compute_dtype(holder, x)
     in_dtype = x.dtype
     if in_dtype != cdtype:
@@ -206,28 +208,40 @@ def layer_forward(layer: nn.Module, base, holder: nn.Module, x: torch.Tensor,
             raise TypeError(f"input dtype {in_dtype} does not match the layer's dtype "
                             f"{cdtype} (cast the input or use torch.autocast)")
         x = x.to(cdtype)
-    y = _compute(layer, base, holder, x, A, B, scaling, p, lora_dropout, training,
-                 magnitude, backend, cdtype)
+    y = variant.output(layer, base, holder, x, A, B, scaling, p, lora_dropout, training,
+                       backend, cdtype)
     return y if y.dtype == in_dtype else y.to(in_dtype)
 
 
-def _compute(layer, base, holder, x, A, B, scaling, p, lora_dropout, training, magnitude,
-             backend, cdtype):
+def lora_output(layer, base, holder, x, A, B, scaling, p, lora_dropout, training, backend,
+                cdtype):
+    """``x Wᵀ + b + s x̃ AᵀBᵀ`` in ``cdtype`` (in training with the masked ``W``): the
+    output of every variant without a magnitude."""
     b = _cast(holder.bias, cdtype)
     A, B = _cast(A, cdtype), _cast(B, cdtype)
     if not training:
         lora = scaling * ((x @ A.t()) @ B.t())
         W = base.dense_weight(holder, cdtype)
-        if magnitude is None:
-            return nn.functional.linear(x, W, b) + lora
+        return nn.functional.linear(x, W, b) + lora
+    return training_forward(
+        layer, x, lora_dropout, lambda: base.dense_weight(holder, cdtype), b, A, B, scaling,
+        p, backend=backend, need_x_lora=False,
+        masked_weight=base.masked_weight_fn(holder, x, cdtype), recompute=base.recompute)[0]
+
+
+def dora_layer_output(layer, base, holder, x, A, B, scaling, p, lora_dropout, training,
+                      backend, cdtype, magnitude):
+    """DoRA's output (:func:`dora_output`) with the magnitude ``magnitude``."""
+    b = _cast(holder.bias, cdtype)
+    A, B = _cast(A, cdtype), _cast(B, cdtype)
+    if not training:
+        lora = scaling * ((x @ A.t()) @ B.t())
+        W = base.dense_weight(holder, cdtype)
         y = nn.functional.linear(x, W) + lora
         return dora_output(y, b, x, x, W, A, B, scaling, magnitude, cdtype, 0.0, 0, backend)
-    dora = magnitude is not None
     y, x_lora, seed, W = training_forward(
-        layer, x, lora_dropout, lambda: base.dense_weight(holder, cdtype),
-        None if dora else b, A, B, scaling, p, backend=backend, need_x_lora=dora,
+        layer, x, lora_dropout, lambda: base.dense_weight(holder, cdtype), None, A, B,
+        scaling, p, backend=backend, need_x_lora=True,
         masked_weight=base.masked_weight_fn(holder, x, cdtype), recompute=base.recompute)
-    if dora:
-        y = dora_output(y, b, x, x if x_lora is None else x_lora, W, A, B, scaling,
-                        magnitude, cdtype, p, seed, backend)
-    return y
+    return dora_output(y, b, x, x if x_lora is None else x_lora, W, A, B, scaling,
+                       magnitude, cdtype, p, seed, backend)

@@ -26,22 +26,17 @@ from torch import nn
 
 from . import penalty as _penalty
 from . import reference as ref
-from . import variants
 from .bases import BASES, base_kind
 from .forward import draw_seed, layer_forward
+from .kinds import layer_kind
 from .linalg import rescale_factor, spectral_basis
 from .validation import FLOAT_DTYPES as _FLOAT_DTYPES
 from .validation import INITS, PENALTY_MODES  # noqa: F401
 from .validation import check_base_weight as _check_base_weight
 from .validation import check_hparams as _check_hparams
+from .variants import Variant, variant_for
 
 __all__ = ["RoraLinear", "PENALTY_MODES", "INITS"]
-
-
-def _subclasses(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
 
 
 class RoraLinear(nn.Module):
@@ -78,11 +73,11 @@ class RoraLinear(nn.Module):
         backend: ``None`` (``RORA_FAST_BACKEND`` or auto), ``"reference"``, ``"triton"``.
     """
 
-    #: the :func:`rora_fast.bases.base_kind` values this class wraps; a subclass for
-    #: another kind of base declares its own and a ``from_base`` constructor
-    BASE_KINDS: tuple = ("linear",)
-    #: how this layer reads, evaluates and merges its base (:mod:`rora_fast.bases`)
+    #: how this layer reads, evaluates and merges its base (:mod:`rora_fast.bases`; which
+    #: layer class wraps which kind of base: :data:`rora_fast.kinds.KINDS`)
     _base = BASES["linear"]
+    #: the adapter's variant (:mod:`rora_fast.variants`), from ``init`` and ``use_dora``
+    variant: Variant
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  r: int = 8, alpha: float = 16, weight_dropout: float = 0.1,
@@ -133,8 +128,7 @@ class RoraLinear(nn.Module):
         self.ortho_rank = ortho_rank
         self.ortho_lambda = float(ortho_lambda)
         self.penalty_mode = penalty_mode
-        self.init = init
-        self.use_dora = bool(use_dora)
+        self.variant = variant_for(init, use_dora)
         self.backend = backend
         self.rescaled = False
 
@@ -150,8 +144,8 @@ class RoraLinear(nn.Module):
         self.register_buffer("ortho_V", basis.V.to(adapter_dtype), persistent=False)
         self.sigma_pre = basis.sigma_max
 
-        variants.init_factors_(self, W, init)
-        self.lora_magnitude = variants.init_magnitude(self, W)
+        self.variant.init_factors_(self, W)
+        self.lora_magnitude = self.variant.init_magnitude(self, W)
 
         # The optimizer step hook adds λ∇Ω (rora_fast.penalty); it looks the adapters up
         # through the module at each step (FSDP2 and load_state_dict(assign=True)
@@ -160,8 +154,21 @@ class RoraLinear(nn.Module):
 
     def __setstate__(self, state):
         # Copies (copy.deepcopy, pickle) are layers of their own for the step hook too.
+        if "variant" not in state:  # pickled before the variant was an object
+            state = dict(state, variant=variant_for(state.pop("init", "default"),
+                                                    state.pop("use_dora", False)))
         super().__setstate__(state)
         _penalty.register_penalty_layer(self)
+
+    @property
+    def init(self) -> str:
+        """``"default"``, ``"gaussian"``, ``"pissa"`` or ``"olora"`` (:attr:`variant`'s)."""
+        return self.variant.init
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether DoRA's magnitude is on top (:attr:`variant`'s)."""
+        return self.variant.dora
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -173,8 +180,8 @@ class RoraLinear(nn.Module):
 
         A bitsandbytes ``Linear4bit``/``Linear8bitLt`` or a transformers ``Conv1D`` gets its
         own layer class (:class:`rora_fast.quantized.QuantRoraLinear`,
-        :class:`rora_fast.conv1d.RoraConv1D`): the subclass whose ``BASE_KINDS`` holds the
-        base's :func:`rora_fast.bases.base_kind` builds it (``from_base``)."""
+        :class:`rora_fast.conv1d.RoraConv1D`), built by its constructor as
+        :data:`rora_fast.kinds.KINDS` says for the base's kind."""
         # a bad argument raises before the layer exists: the caller's module keeps its
         # requires_grad flags (the constructor freezes the shared weight and bias)
         flags = [(p, p.requires_grad) for p in linear.parameters()] \
@@ -192,13 +199,11 @@ class RoraLinear(nn.Module):
     def _from_linear(cls, linear, r, alpha, weight_dropout, lora_dropout, ortho_rank,
                      ortho_lambda, **kwargs) -> "RoraLinear":
         kind = base_kind(linear)
-        if cls is RoraLinear and kind not in ("linear", None):
-            for sub in _subclasses(RoraLinear):
-                if kind in sub.BASE_KINDS:
-                    return sub.from_base(linear, r=r, alpha=alpha,
-                                         weight_dropout=weight_dropout,
-                                         lora_dropout=lora_dropout, ortho_rank=ortho_rank,
-                                         ortho_lambda=ortho_lambda, **kwargs)
+        row = None if kind is None else layer_kind(kind)
+        if cls is RoraLinear and row is not None and row.layer_class() is not cls:
+            return row.build(linear, r=r, alpha=alpha, weight_dropout=weight_dropout,
+                             lora_dropout=lora_dropout, ortho_rank=ortho_rank,
+                             ortho_lambda=ortho_lambda, **kwargs)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         return cls(linear.in_features, linear.out_features, linear.bias is not None,
@@ -232,8 +237,7 @@ class RoraLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The weight change this adapter applies, relative to the stored base weight."""
-        W = self.weight if self.use_dora else None
-        return variants.delta_weight(self, W)
+        return self.variant.delta_weight(self, self.weight)
 
     # ------------------------------------------------------------------ penalty
     def penalty(self) -> torch.Tensor:
@@ -242,7 +246,7 @@ class RoraLinear(nn.Module):
         if not self.ortho_lambda:
             return torch.zeros((), device=self.lora_A.device)
         args = (self.lora_A, self.lora_B, self.ortho_U, self.ortho_V,
-                *variants.start_factors(self))
+                *self.variant.start_factors(self))
         if self.penalty_mode == "loss":
             return self.ortho_lambda * ref.ortho_penalty(*args)
         with torch.no_grad():
@@ -259,8 +263,9 @@ class RoraLinear(nn.Module):
         if not lam or self.penalty_mode == "loss":
             return []
         P, Bf = self._parameters, self._buffers
-        return [(P["lora_A"], "A", Bf["ortho_V"], Bf.get("lora_A0"), lam),
-                (P["lora_B"], "B", Bf["ortho_U"], Bf.get("lora_B0"), lam)]
+        A0, B0 = self.variant.start_factors(self)
+        return [(P["lora_A"], "A", Bf["ortho_V"], A0, lam),
+                (P["lora_B"], "B", Bf["ortho_U"], B0, lam)]
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -290,7 +295,7 @@ class RoraLinear(nn.Module):
         return layer_forward(self, self._base, self.base_module, x, self.lora_A,
                              self.lora_B, self.scaling, self.weight_dropout,
                              self.lora_dropout, training=self.training,
-                             magnitude=self.lora_magnitude, strict=self._base.strict,
+                             variant=self.variant, strict=self._base.strict,
                              backend=self.backend)
 
     #: the mask seed of one call (:func:`rora_fast.forward.draw_seed`)
@@ -300,7 +305,7 @@ class RoraLinear(nn.Module):
     def sigma_delta(self) -> float:
         """Exact σ_max of the trained update without ``scaling``: ``B A`` (LoRA start), or
         ``B A − B₀ A₀`` for PiSSA/OLoRA, whose adapter starts as W_pre's top components."""
-        return variants.sigma_update(self)
+        return self.variant.sigma_update(self)
 
     def spectral_rescale_(self) -> float:
         """Set the update's scale to ``σ_max(W_pre) / σ_max(update)`` and return it.
@@ -324,12 +329,12 @@ class RoraLinear(nn.Module):
     def _refold_start_(self, s_new: float) -> None:
         """PiSSA/OLoRA: the frozen base ``W_pre − s₀·B₀A₀`` (``s₀ = init_scaling``) becomes
         ``W_pre − s_new·B₀A₀`` (float64, rounded once); nothing for LoRA's start."""
-        variants.refold_start_(self, self.weight, s_new)
+        self.variant.refold_(self, self.weight, s_new)
 
     def merged_linear(self) -> nn.Module:
         """A plain module computing this layer's eval output: an ``nn.Linear`` for a dense
         base (its weight updated in place, the same storage as before), the base module
         with the merged weight otherwise (:meth:`rora_fast.bases.Base.store_merged`)."""
         holder = self.base_module
-        merged = variants.merged_weight(self, self._base.dense_weight(holder, torch.float64))
+        merged = self.variant.merged_weight(self, self._base.dense_weight(holder, torch.float64))
         return self._base.store_merged(holder, merged)

@@ -23,7 +23,6 @@ from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: p
 from .config import RoraConfig
 from .layer import RoraLinear
 from .linalg import rescale_factor, sigma_max_lowrank
-from .variants import START_INITS, has_start_factors
 from .bases import base_for, cpu_repack_switches
 from .targets import (check_rora_target, compute_dtype_of,  # bnb, Conv1D
                       default_target_modules, is_rora_target, make_rora_layer)
@@ -248,7 +247,7 @@ def apply_rora(model: nn.Module, config: Optional[RoraConfig] = None,
         for name in chosen}
     # PiSSA/OLoRA rewrite the base weight in place: keep copies to undo that
     rewritten = [model.get_submodule(n).weight for n in chosen] \
-        if config.init in START_INITS else []
+        if config.variant.rewrites_base else []
     # bitsandbytes must not rewrite the frozen 4-bit layers at an eval forward (on the CPU)
     repack = cpu_repack_switches(model)
     with all_or_nothing(model, rewritten, [(model, "rora_config"), *repack]):
@@ -358,7 +357,7 @@ def _apply_scales(model, rl, pl, new: Dict[str, float], adapter_name: str,
     False for a scale equal to the training scale ``alpha/r``), PEFT layers'
     ``scaling[adapter_name]``."""
     ours = [n for n in new if n in rl]
-    rewritten = [rl[n].weight for n in ours if has_start_factors(rl[n])]
+    rewritten = [rl[n].weight for n in ours if rl[n].variant.rewrites_base]
     attrs = [a for n in ours for a in layer_attrs(rl[n])]
     old_peft = {n: pl[n].scaling[adapter_name] for n in new if n not in rl}
     out = {}

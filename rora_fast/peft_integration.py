@@ -5,7 +5,9 @@ PEFT lets a ``LoraConfig`` map a layer type to a custom LoRA layer class
 of PEFT's own ``lora.Linear`` whose training forward is the RoRA op (weight dropout,
 penalty gradient at the optimizer step): the one forward of
 :class:`rora_fast.RoraLinear`, :func:`rora_fast.forward.layer_forward`, on the base
-strategies of :mod:`rora_fast.bases`. Everything else
+strategies of :mod:`rora_fast.bases` and the variant objects of :mod:`rora_fast.variants`
+(the same ones :class:`rora_fast.RoraLinear` asks; one class per row of
+:data:`rora_fast.kinds.KINDS`). Everything else
 stays PEFT's: adapter names,
 ``merge_and_unload``, ``disable_adapter``, saving (only ``lora_``-prefixed tensors are
 saved; the SVD bases are non-persistent buffers). Eval, merged and disabled paths
@@ -37,19 +39,22 @@ from . import reference as ref
 from . import validation as V
 from .bases import BASES, dense_weight
 from .forward import layer_forward
+from .kinds import KINDS
 from .linalg import spectral_basis
 from .model import spectral_rescale_ as _rescale
 from .targets import is_rora_target
+from .variants import peft_variant
 
 __all__ = ["register_rora", "make_peft_rora_linear", "peft_custom_modules",
-           "peft_rora_layers", "spectral_rescale_peft_"]
+           "peft_layer_classes", "peft_rora_layers", "spectral_rescale_peft_"]
 
 
 def _peft_base(base_layer):
     return base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
 
 
-def _bind(cls, weight_dropout, ortho_rank, ortho_lambda):
+def _bind(cls, base, weight_dropout, ortho_rank, ortho_lambda):
+    cls._rora_base = base
     cls.rora_weight_dropout = float(weight_dropout)
     cls.rora_ortho_rank = ortho_rank
     cls.rora_ortho_lambda = float(ortho_lambda)
@@ -59,30 +64,29 @@ def _bind(cls, weight_dropout, ortho_rank, ortho_lambda):
 class _PeftRoraMixin:
     """RoRA for a PEFT LoRA layer (one active vanilla-LoRA adapter): the training forward
     is :func:`rora_fast.forward.layer_forward`, as for :class:`rora_fast.RoraLinear`, on
-    the subclass's base strategy ``_rora_base`` (:mod:`rora_fast.bases`; quantized bases
-    dequantize for each call and again for backward); the eval, merged, disabled and
-    multi-adapter paths are PEFT's."""
+    the base strategy ``_rora_base`` of the layer's kind (:data:`rora_fast.kinds.KINDS`;
+    quantized bases dequantize for each call and again for backward) and the variant
+    object of its ``LoraConfig`` (:func:`rora_fast.variants.peft_variant`); the eval,
+    merged, disabled and multi-adapter paths are PEFT's."""
 
     rora_weight_dropout = 0.1
     rora_ortho_rank = 32
     rora_ortho_lambda = 10.0
     _rora_base = BASES["linear"]
 
-    @staticmethod
-    def _rora_refuse(kwargs) -> None:
-        """What the PEFT door cannot train as RoRA is refused when the model is built,
-        naming the layer: DoRA (PEFT's variant forward has no weight dropout) and PiSSA/OLoRA
-        starts (the penalty must be on B − B₀, A − A₀, which PEFT's layer does not keep).
+    def _rora_variant_of(self, kwargs):
+        """The variant of the layer's ``LoraConfig``. What the PEFT door cannot train as
+        RoRA is refused when the model is built, naming the layer: DoRA (PEFT's variant
+        forward has no weight dropout) and PiSSA/OLoRA starts (the penalty must be on
+        B − B₀, A − A₀, which PEFT's layer does not keep).
         ``apply_rora(RoraConfig(use_dora=True | init="pissa" | "olora"))`` trains those."""
         cfg = kwargs.get("config")  # peft >= 0.19 passes the config, older ones its fields
         name = kwargs.get("target_name") or "a target layer"  # (the name: peft >= 0.19)
         init = kwargs.get("init_lora_weights", getattr(cfg, "init_lora_weights", True))
-        if kwargs.get("use_dora", getattr(cfg, "use_dora", False)):
-            reason = "use_dora=True"
-        elif isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora"):
-            reason = f"init_lora_weights={init!r}"
-        else:
-            return
+        variant = peft_variant(init, kwargs.get("use_dora", getattr(cfg, "use_dora", False)))
+        reason = variant.peft_refusal(init)
+        if reason is None:
+            return variant
         raise ValueError(f"register_rora: {name}: RoRA through PEFT supports vanilla LoRA "
                          f"adapters only, not {reason} (its training forward or penalty would "
                          f"silently not be RoRA's); use rora_fast.apply_rora with RoraConfig("
@@ -93,7 +97,8 @@ class _PeftRoraMixin:
         V.check_layer_shape(None, self.rora_ortho_rank, W.shape[1], W.shape[0])
         return spectral_basis(W, self.rora_ortho_rank)
 
-    def _rora_setup(self, basis) -> None:
+    def _rora_setup(self, basis, variant) -> None:
+        self.rora_variant = variant
         self.register_buffer("rora_ortho_U", basis.U, persistent=False)
         self.register_buffer("rora_ortho_V", basis.V, persistent=False)
         self.rora_sigma_pre = basis.sigma_max
@@ -110,22 +115,24 @@ class _PeftRoraMixin:
         lam = self.rora_ortho_lambda
         if not lam:
             return []
+        A0, B0 = self.rora_variant.start_factors(self)
         out = []
         for name in self.active_adapters:
             if name in self.lora_A:
-                out.append((self.lora_A[name].weight, "A", self.rora_ortho_V, None, lam))
-                out.append((self.lora_B[name].weight, "B", self.rora_ortho_U, None, lam))
+                out.append((self.lora_A[name].weight, "A", self.rora_ortho_V, A0, lam))
+                out.append((self.lora_B[name].weight, "B", self.rora_ortho_U, B0, lam))
         return out
 
     def rora_penalty(self) -> torch.Tensor:
         """λ Ω summed over this layer's adapters (detached, for logging)."""
         total = torch.zeros((), device=self.rora_ortho_U.device)
+        start = self.rora_variant.start_factors(self)
         with torch.no_grad():
             for name in self.active_adapters:
                 if name in self.lora_A:
                     total = total + self.rora_ortho_lambda * ref.ortho_penalty(
                         self.lora_A[name].weight, self.lora_B[name].weight,
-                        self.rora_ortho_U, self.rora_ortho_V)
+                        self.rora_ortho_U, self.rora_ortho_V, *start)
         return total
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -149,91 +156,34 @@ class _PeftRoraMixin:
         return layer_forward(self, self._rora_base, self.get_base_layer(), x,
                              self.lora_A[name].weight, self.lora_B[name].weight,
                              self.scaling[name], self.rora_weight_dropout,
-                             self.lora_dropout[name], training=True)
+                             self.lora_dropout[name], training=True,
+                             variant=self.rora_variant)
 
 
-def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
-                          ortho_lambda: float = 10.0):
-    """A PEFT LoRA ``Linear`` subclass bound to these RoRA hyper-parameters."""
+def _peft_classes() -> Dict[str, type]:
+    """The PEFT layer classes trained with RoRA by the names :data:`rora_fast.kinds.KINDS`
+    gives them, new classes at each call (each registration binds its own
+    hyper-parameters); the bitsandbytes ones where bitsandbytes is importable."""
     from peft.tuners.lora.layer import Linear as PeftLinear
-
-    V.check_rora_hparams(weight_dropout, ortho_rank, ortho_lambda)
 
     class PeftRoraLinear(_PeftRoraMixin, PeftLinear):
         """PEFT ``lora.Linear`` trained with RoRA (one active vanilla-LoRA adapter)."""
 
         def __init__(self, base_layer, adapter_name, **kwargs):
-            self._rora_refuse(kwargs)
+            variant = self._rora_variant_of(kwargs)
             base = _peft_base(base_layer)
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"RoRA adapts nn.Linear layers, got {type(base).__name__}")
             basis = self._rora_basis(base.weight)
             super().__init__(base_layer, adapter_name, **kwargs)
-            self._rora_setup(basis)
-
-    return _bind(PeftRoraLinear, weight_dropout, ortho_rank, ortho_lambda)
-
-
-def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
-                        ortho_lambda: float = 10.0) -> Dict[type, type]:
-    """``{base type: PEFT LoRA layer class trained with RoRA}`` for bitsandbytes
-    ``Linear4bit``/``Linear8bitLt`` (when bitsandbytes is importable) and transformers
-    ``Conv1D``, for ``LoraConfig._register_custom_module`` (see :func:`register_rora`).
-    Specific types come first: PEFT takes the first ``isinstance`` match and bitsandbytes
-    layers are ``nn.Linear`` subclasses."""
-    from peft.tuners.lora.layer import Linear as PeftLinear
-    from transformers.pytorch_utils import Conv1D
-
-    V.check_rora_hparams(weight_dropout, ortho_rank, ortho_lambda)
-    hp = (weight_dropout, ortho_rank, ortho_lambda)
-    out: Dict[type, type] = {}
-    try:
-        import bitsandbytes as bnb
-        from peft.tuners.lora import bnb as peft_bnb
-    except ImportError:
-        bnb = None
-    if bnb is not None:
-        class PeftRoraLinear4bit(_PeftRoraMixin, peft_bnb.Linear4bit):
-            """PEFT's QLoRA 4-bit layer trained with RoRA."""
-
-            _rora_base = BASES["4bit"]
-
-            def __init__(self, base_layer, adapter_name, **kwargs):
-                self._rora_refuse(kwargs)
-                base = _peft_base(base_layer)
-                kwargs.setdefault("compute_dtype", base.compute_dtype)
-                kwargs.setdefault("compress_statistics", base.weight.compress_statistics)
-                kwargs.setdefault("quant_type", base.weight.quant_type)
-                basis = self._rora_basis(dense_weight(base, torch.float32))
-                super().__init__(base_layer, adapter_name, **kwargs)
-                self._rora_setup(basis)
-
-        class PeftRoraLinear8bitLt(_PeftRoraMixin, peft_bnb.Linear8bitLt):
-            """PEFT's 8-bit LoRA layer trained with RoRA."""
-
-            _rora_base = BASES["8bit"]
-
-            def __init__(self, base_layer, adapter_name, **kwargs):
-                self._rora_refuse(kwargs)
-                base = _peft_base(base_layer)
-                kwargs.setdefault("has_fp16_weights", base.state.has_fp16_weights)
-                kwargs.setdefault("threshold", base.state.threshold)
-                kwargs.setdefault("index", getattr(base, "index", None))
-                basis = self._rora_basis(dense_weight(base, torch.float32))
-                super().__init__(base_layer, adapter_name, **kwargs)
-                self._rora_setup(basis)
-
-        out[bnb.nn.Linear4bit] = _bind(PeftRoraLinear4bit, *hp)
-        out[bnb.nn.Linear8bitLt] = _bind(PeftRoraLinear8bitLt, *hp)
+            self._rora_setup(basis, variant)
 
     class PeftRoraConv1D(_PeftRoraMixin, PeftLinear):
         """PEFT's LoRA over a GPT-2 ``Conv1D`` (``fan_in_fan_out``) trained with RoRA; the
         mask is on the ``(out, in)`` view of the weight."""
 
-        _rora_base = BASES["conv1d"]
-
         def __init__(self, base_layer, adapter_name, **kwargs):
-            self._rora_refuse(kwargs)
+            variant = self._rora_variant_of(kwargs)
             base = _peft_base(base_layer)
             if not kwargs.get("fan_in_fan_out", False):
                 warnings.warn("fan_in_fan_out is set to False but the target module is "
@@ -245,10 +195,81 @@ def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
                 cfg.fan_in_fan_out = True
             basis = self._rora_basis(base.weight.detach().t())
             super().__init__(base_layer, adapter_name, **kwargs)
-            self._rora_setup(basis)
+            self._rora_setup(basis, variant)
 
-    out[Conv1D] = _bind(PeftRoraConv1D, *hp)
+    out = {c.__name__: c for c in (PeftRoraLinear, PeftRoraConv1D)}
+    try:
+        import bitsandbytes  # noqa: F401
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return out
+
+    class PeftRoraLinear4bit(_PeftRoraMixin, peft_bnb.Linear4bit):
+        """PEFT's QLoRA 4-bit layer trained with RoRA."""
+
+        def __init__(self, base_layer, adapter_name, **kwargs):
+            variant = self._rora_variant_of(kwargs)
+            base = _peft_base(base_layer)
+            kwargs.setdefault("compute_dtype", base.compute_dtype)
+            kwargs.setdefault("compress_statistics", base.weight.compress_statistics)
+            kwargs.setdefault("quant_type", base.weight.quant_type)
+            basis = self._rora_basis(dense_weight(base, torch.float32))
+            super().__init__(base_layer, adapter_name, **kwargs)
+            self._rora_setup(basis, variant)
+
+    class PeftRoraLinear8bitLt(_PeftRoraMixin, peft_bnb.Linear8bitLt):
+        """PEFT's 8-bit LoRA layer trained with RoRA."""
+
+        def __init__(self, base_layer, adapter_name, **kwargs):
+            variant = self._rora_variant_of(kwargs)
+            base = _peft_base(base_layer)
+            kwargs.setdefault("has_fp16_weights", base.state.has_fp16_weights)
+            kwargs.setdefault("threshold", base.state.threshold)
+            kwargs.setdefault("index", getattr(base, "index", None))
+            basis = self._rora_basis(dense_weight(base, torch.float32))
+            super().__init__(base_layer, adapter_name, **kwargs)
+            self._rora_setup(basis, variant)
+
+    out.update({c.__name__: c for c in (PeftRoraLinear4bit, PeftRoraLinear8bitLt)})
     return out
+
+
+def peft_layer_classes(weight_dropout: float = 0.1, ortho_rank: int = 32,
+                       ortho_lambda: float = 10.0) -> Dict[type, type]:
+    """``{module type: PEFT LoRA layer class trained with RoRA}``, one per row of
+    :data:`rora_fast.kinds.KINDS` whose packages are importable (bitsandbytes' only with
+    bitsandbytes), each on its row's base strategy and bound to these hyper-parameters.
+    Specific types come first: PEFT takes the first ``isinstance`` match and bitsandbytes
+    layers are ``nn.Linear`` subclasses."""
+    V.check_rora_hparams(weight_dropout, ortho_rank, ortho_lambda)
+    classes = _peft_classes()
+    out: Dict[type, type] = {}
+    for row in KINDS.values():
+        if row.peft_layer not in classes:
+            continue
+        try:
+            target = row.peft_target_type()
+        except ImportError:
+            continue
+        out[target] = _bind(classes[row.peft_layer], row.base, weight_dropout, ortho_rank,
+                            ortho_lambda)
+    return out
+
+
+def make_peft_rora_linear(weight_dropout: float = 0.1, ortho_rank: int = 32,
+                          ortho_lambda: float = 10.0):
+    """A PEFT LoRA ``Linear`` subclass bound to these RoRA hyper-parameters."""
+    return peft_layer_classes(weight_dropout, ortho_rank, ortho_lambda)[nn.Linear]
+
+
+def peft_custom_modules(weight_dropout: float = 0.1, ortho_rank: int = 32,
+                        ortho_lambda: float = 10.0) -> Dict[type, type]:
+    """:func:`peft_layer_classes` but ``nn.Linear``'s (:func:`make_peft_rora_linear`'s):
+    bitsandbytes ``Linear4bit``/``Linear8bitLt`` (when bitsandbytes is importable) and
+    transformers ``Conv1D``, for ``LoraConfig._register_custom_module`` (see
+    :func:`register_rora`)."""
+    classes = peft_layer_classes(weight_dropout, ortho_rank, ortho_lambda)
+    return {t: c for t, c in classes.items() if t is not nn.Linear}
 
 
 def _check_supported_base(layer: nn.Module) -> None:
@@ -277,18 +298,14 @@ def _refuse_unsupported(target, adapter_name, **kwargs):
 def register_rora(lora_config, weight_dropout: float = 0.1, ortho_rank: int = 32,
                   ortho_lambda: float = 10.0):
     """Make ``get_peft_model(model, lora_config)`` create RoRA layers for ``nn.Linear``
-    (and bitsandbytes ``Linear4bit``/``Linear8bitLt``, transformers ``Conv1D``).
-    Returns the layer class. The values follow :mod:`rora_fast.validation` (finite,
-    ``0 <= weight_dropout < 1``, ``ortho_rank >= 1``, ``ortho_lambda >= 0``)."""
-    cls = make_peft_rora_linear(weight_dropout, ortho_rank, ortho_lambda)
-    # bitsandbytes and Conv1D first: PEFT takes the first isinstance match, and
-    # bitsandbytes layers are nn.Linear subclasses
-    lora_config._register_custom_module({**peft_custom_modules(weight_dropout, ortho_rank,
-                                                               ortho_lambda),
-                                         nn.Linear: cls,
-                                         # last: every other target type is refused
-                                         nn.Module: _refuse_unsupported})
-    return cls
+    (and bitsandbytes ``Linear4bit``/``Linear8bitLt``, transformers ``Conv1D``: every row of
+    :data:`rora_fast.kinds.KINDS`). Returns the ``nn.Linear`` layer class. The values follow
+    :mod:`rora_fast.validation` (finite, ``0 <= weight_dropout < 1``, ``ortho_rank >= 1``,
+    ``ortho_lambda >= 0``)."""
+    classes = peft_layer_classes(weight_dropout, ortho_rank, ortho_lambda)
+    # most specific first (KINDS' order), last: every other target type is refused
+    lora_config._register_custom_module({**classes, nn.Module: _refuse_unsupported})
+    return classes[nn.Linear]
 
 
 def peft_rora_layers(model: nn.Module):

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from . import validation as V
-from . import variants
 from .atomic import (AdapterIntegrityError, _bytes_checksum, _prepare_read,  # noqa: F401
                      _read_locked, _read_safetensors, _verify_checksums, atomic_write_dir,
                      recover, tensor_checksum)
@@ -74,13 +73,8 @@ def _extra_trainable(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _layer_tensors(layer: RoraLinear) -> Dict[str, torch.Tensor]:
-    t = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
-    if layer.lora_magnitude is not None:
-        t["lora_magnitude"] = layer.lora_magnitude
-    if variants.has_start_factors(layer):
-        t["lora_A0"] = layer.lora_A0
-        t["lora_B0"] = layer.lora_B0
-    return t
+    return {"lora_A": layer.lora_A, "lora_B": layer.lora_B,
+            **layer.variant.saved_tensors(layer)}
 
 
 def save_rora(model: nn.Module, path: Union[str, Path]) -> Path:
@@ -103,9 +97,7 @@ def save_rora(model: nn.Module, path: Union[str, Path]) -> Path:
                       "rescaled": layer.rescaled}
         if quant_descriptor(layer) is not None:  # bitsandbytes base: checked on load
             meta[name]["quantization"] = quant_descriptor(layer)
-        if variants.has_start_factors(layer):
-            # PiSSA/OLoRA: the base is W_pre − init_scaling·B₀A₀ (moves when rescaled)
-            meta[name]["init_scaling"] = layer.init_scaling
+        meta[name].update(layer.variant.saved_meta(layer))  # PiSSA/OLoRA: init_scaling
     for name, p in _extra_trainable(model).items():
         tensors[f"extra.{name}"] = p.detach().contiguous().cpu()
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -230,12 +222,8 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         def shapes(name):
             lin = model.get_submodule(name)
             (fin, fout), r = target_dims(lin), saved_cfg.r
-            out = {"lora_A": (r, fin), "lora_B": (fout, r)}
-            if saved_cfg.use_dora:
-                out["lora_magnitude"] = (fout,)
-            if saved_cfg.init in variants.START_INITS:
-                out["lora_A0"], out["lora_B0"] = (r, fin), (fout, r)
-            return out
+            return {"lora_A": (r, fin), "lora_B": (fout, r),
+                    **saved_cfg.variant.saved_shapes(r, fin, fout)}
 
         _check_into({n: target_dims(model.get_submodule(n)) for n in chosen},
                     meta, tensors, w_name, shapes)
@@ -255,9 +243,8 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         check_saved_quantization(model, layers, meta)
     existing = dict(rora_layers(model))
     written = [t for lay in existing.values() for t in _layer_tensors(lay).values()]
-    written += [lay.weight for lay in existing.values()
-                if variants.has_start_factors(lay)]
-    if have is None and saved_cfg.init in variants.START_INITS:
+    written += [lay.weight for lay in existing.values() if lay.variant.rewrites_base]
+    if have is None and saved_cfg.variant.rewrites_base:
         # apply_rora below rewrites these base weights in place (PiSSA/OLoRA residual)
         written += [getattr(model.get_submodule(n), "weight", None) for n in chosen]
     params = dict(model.named_parameters())  # names of non-RoRA modules survive wrapping
@@ -287,9 +274,7 @@ def load_rora(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                     dst.copy_(tensors[f"rora.{name}.{k}"])
                 layer.scaling = float(m["scaling"])
                 layer.rescaled = bool(m["rescaled"])
-                if variants.has_start_factors(layer) and "init_scaling" in m:
-                    # rebuild the saved base W_pre − s₀'·B₀A₀ from this one, W_pre − s₀·B₀A₀
-                    layer._refold_start_(float(m["init_scaling"]))
+                layer.variant.load_meta_(layer, m)  # PiSSA/OLoRA: the saved base
             for key, src in tensors.items():
                 if key.startswith("extra."):
                     extra[key[len("extra."):]].copy_(src)
@@ -315,21 +300,14 @@ def export_peft_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     layers = dict(rora_layers(model))
     if config is None or not layers:
         raise ValueError("the model has no RoRA layers (call apply_rora first)")
-    variant = config.init in variants.START_INITS
-    if variant and config.use_dora:
-        raise NotImplementedError("export of DoRA combined with PiSSA/OLoRA init is not "
-                                  "supported")
-    r_out = 2 * config.r if variant else config.r
+    variant = config.variant
+    variant.check_export()
+    r_out = variant.export_rank(config.r)
     alpha_out = float(r_out)  # PEFT scaling 1; the real scale is folded into lora_B
     tensors = {}
     for name, layer in layers.items():
-        A, B = variants.export_factors(layer)
-        prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = A.contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = B.contiguous()
-        if layer.use_dora:
-            tensors[f"{prefix}.lora_magnitude_vector"] = \
-                layer.lora_magnitude.detach().float().contiguous()
+        for k, t in layer.variant.export_tensors(layer).items():
+            tensors[f"base_model.model.{name}.{k}"] = t
     save = resolve_modules_to_save(model, config)
     for name, p in _extra_trainable(model).items():
         tensors[f"base_model.model.{name}"] = p.detach().float().contiguous()
@@ -339,7 +317,7 @@ def export_peft_adapter(model: nn.Module, directory: Union[str, Path]) -> Path:
     if save and any(s in HEAD_NAMES for s in save):
         task_type = "SEQ_CLS"
     lcfg = LoraConfig(r=r_out, lora_alpha=alpha_out, target_modules=target,
-                      modules_to_save=save or None, use_dora=config.use_dora,
+                      modules_to_save=save or None, use_dora=variant.dora,
                       lora_dropout=config.lora_dropout, task_type=task_type,
                       base_model_name_or_path=getattr(getattr(model, "config", None),
                                                       "_name_or_path", None))

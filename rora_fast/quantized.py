@@ -46,7 +46,8 @@ weight, descriptor, requantizing merge) is its strategy in :mod:`rora_fast.bases
 forward and the saved-weight recompute are :mod:`rora_fast.forward`'s, shared with every
 RoRA layer. This module holds the layer class only. Through PEFT,
 :func:`rora_fast.register_rora` maps bitsandbytes and ``Conv1D`` bases to the layer
-classes of :func:`rora_fast.peft_integration.peft_custom_modules`, on the same strategies.
+classes of :func:`rora_fast.peft_integration.peft_layer_classes`, on the same strategies
+(:data:`rora_fast.kinds.KINDS`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from .bases import (BASES, QUANT_INSTALL_HINT, base_for, base_kind,  # noqa: F40
                     dequantize_4bit_masked, quant_descriptor, require_bitsandbytes)
 from .bases import dense_weight as dequantize_base
 from .layer import RoraLinear
+from .variants import variant_for
 
 __all__ = ["QUANT_INSTALL_HINT", "require_bitsandbytes", "base_kind", "cpu_repack_switches",
            "check_saved_quantization", "QuantRoraLinear", "dequantize_base",
@@ -85,16 +87,15 @@ class QuantRoraLinear(RoraLinear):
     loaded with ``BitsAndBytesConfig``). ``weight``/``bias`` are the base layer's.
     """
 
-    BASE_KINDS = tuple(k for k, b in BASES.items() if b.child)
-
     def __init__(self, base: nn.Module, **kwargs):
         kind = base_kind(base)
-        if kind not in self.BASE_KINDS:
+        if kind is None or not BASES[kind].child:
             raise TypeError(f"QuantRoraLinear wraps a bitsandbytes Linear4bit or Linear8bitLt, "
                             f"got {type(base).__name__}")
         strategy = base_for(base)
-        strategy.check_target(base, type(base).__name__, kwargs.get("init", "default"),
-                              kwargs.get("use_dora", False))
+        strategy.check_target(base, type(base).__name__,
+                              variant_for(kwargs.get("init", "default"),
+                                          kwargs.get("use_dora", False)))
         for k in _SHAPE_ARGS:
             if k in kwargs:
                 raise TypeError(f"QuantRoraLinear takes its shape from the base layer; "
@@ -123,8 +124,6 @@ class QuantRoraLinear(RoraLinear):
         return cls(layer, r=r, alpha=alpha, weight_dropout=weight_dropout,
                    lora_dropout=lora_dropout, ortho_rank=ortho_rank,
                    ortho_lambda=ortho_lambda, **kwargs)
-
-    from_base = from_quantized
 
     @property
     def base_module(self) -> nn.Module:

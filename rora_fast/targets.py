@@ -1,8 +1,8 @@
-"""Which modules RoRA adapts, and the layer class for each: ``nn.Linear``
-(:class:`~rora_fast.layer.RoraLinear`), bitsandbytes ``Linear4bit``/``Linear8bitLt``
-(:class:`~rora_fast.quantized.QuantRoraLinear`) and transformers ``Conv1D``
-(:class:`~rora_fast.conv1d.RoraConv1D`); with the checks :func:`rora_fast.apply_rora` runs
-on every target before changing the model."""
+"""Which modules RoRA adapts, and the layer class for each (:data:`rora_fast.kinds.KINDS`):
+``nn.Linear`` (:class:`~rora_fast.layer.RoraLinear`), bitsandbytes
+``Linear4bit``/``Linear8bitLt`` (:class:`~rora_fast.quantized.QuantRoraLinear`) and
+transformers ``Conv1D`` (:class:`~rora_fast.conv1d.RoraConv1D`); with the checks
+:func:`rora_fast.apply_rora` runs on every target before changing the model."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from . import validation as V
-from .conv1d import RoraConv1D
 from .layer import RoraLinear
 from .bases import QUANT_INSTALL_HINT, base_dims, base_for, base_kind
-from .quantized import QuantRoraLinear
+from .kinds import KINDS
 
 __all__ = ["is_rora_target", "target_dims", "check_rora_target", "make_rora_layer",
            "compute_dtype_of", "default_target_modules", "DEFAULT_TARGET_MODULES"]
@@ -86,7 +85,7 @@ def check_rora_target(module: nn.Module, config, name: str) -> None:
     PiSSA/OLoRA nor DoRA."""
     n_in, n_out = target_dims(module)
     V.check_layer_shape(config.r, config.ortho_rank, n_in, n_out, name=name)
-    base_for(module).check_target(module, name, config.init, config.use_dora)
+    base_for(module).check_target(module, name, config.variant)
 
 
 def compute_dtype_of(module: nn.Module, name: str = "") -> torch.dtype:
@@ -104,8 +103,9 @@ def compute_dtype_of(module: nn.Module, name: str = "") -> torch.dtype:
 
 
 def make_rora_layer(module: nn.Module, name: str = "", config=None, **kwargs) -> RoraLinear:
-    """The RoRA layer for ``module``: :class:`QuantRoraLinear` for a bitsandbytes layer,
-    :class:`RoraConv1D` for a ``Conv1D``, :class:`RoraLinear` for an ``nn.Linear``.
+    """The RoRA layer for ``module``: :class:`~rora_fast.quantized.QuantRoraLinear` for a
+    bitsandbytes layer, :class:`~rora_fast.conv1d.RoraConv1D` for a ``Conv1D``,
+    :class:`RoraLinear` for an ``nn.Linear`` (the row of :data:`rora_fast.kinds.KINDS`).
 
     ``config``: a :class:`rora_fast.RoraConfig` (its ``layer_kwargs()``) and/or keyword
     arguments of :class:`RoraLinear`. ``name`` only labels the error for an unsupported
@@ -113,21 +113,17 @@ def make_rora_layer(module: nn.Module, name: str = "", config=None, **kwargs) ->
     """
     kw = dict(config.layer_kwargs()) if config is not None else {}
     kw.update(kwargs)
-    kind = base_kind(module)
-    if kind in QuantRoraLinear.BASE_KINDS:  # bases kept as a child module (bitsandbytes)
-        return QuantRoraLinear.from_quantized(module, **kw)
-    if kind == "conv1d":
-        return RoraConv1D.from_conv1d(module, **kw)
-    if kind == "linear":
-        w = getattr(module, "weight", None)
-        if w is not None and w.dtype in (torch.uint8, torch.int8):
-            raise TypeError(f"the weight is {w.dtype}: a quantized layer that is not a "
-                            "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports "
-                            f"bitsandbytes bases: {QUANT_INSTALL_HINT})")
-        return RoraLinear.from_linear(module, **kw)
-    label = f"{name!r}: " if name else ""
-    raise TypeError(f"{label}RoRA adapts nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and "
-                    f"transformers Conv1D layers, got {type(module).__name__}")
+    row = KINDS.get(base_kind(module))
+    if row is None:
+        label = f"{name!r}: " if name else ""
+        raise TypeError(f"{label}RoRA adapts nn.Linear, bitsandbytes Linear4bit/Linear8bitLt "
+                        f"and transformers Conv1D layers, got {type(module).__name__}")
+    w = getattr(module, "weight", None)
+    if not row.base.child and w is not None and w.dtype in (torch.uint8, torch.int8):
+        raise TypeError(f"the weight is {w.dtype}: a quantized layer that is not a "
+                        "bitsandbytes Linear4bit/Linear8bitLt (RoRA supports "
+                        f"bitsandbytes bases: {QUANT_INSTALL_HINT})")
+    return row.build(module, **kw)
 
 
 def default_target_modules(model: nn.Module):
