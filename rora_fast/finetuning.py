@@ -55,8 +55,8 @@ class FinetuneConfig:
     rescale: str = "paper"
     rescale_tolerance: float = 1.0
     repair: bool = True
-    # schedule
-    epochs: float = 4.0
+    # schedule (12 epochs: the harness's best measured schedule, docs/results.md, issue 29)
+    epochs: float = 12.0
     lr: float = 2e-3
     batch_size: int = 32
     max_length: int = 128

@@ -20,7 +20,8 @@ def test_presets_run_the_best_measured_configuration():
     pick = dc.choose(rows)
     fields = rows[pick]["harness"]
     for name in ("small", "demo"):
-        assert {"rescale": PRESETS[name].rescale, "repair": PRESETS[name].repair} == fields, name
+        assert {"rescale": PRESETS[name].rescale, "repair": PRESETS[name].repair,
+                "epochs": PRESETS[name].epochs} == fields, name
     # it is complete and at least as good as the paper's rule alone
     assert rows[pick]["complete"]
     assert rows[pick]["worst_margin"] >= rows["rora (paper rule)"]["worst_margin"]
@@ -41,3 +42,9 @@ def test_margins_and_choice_on_hand_made_numbers():
     assert rows["rora (paper rule)"]["worst_margin"] == pytest.approx(-5.0)
     assert not rows["rora, adaptive rescale"]["complete"]
     assert dc.choose(rows) == "rora + repair"
+    # a configuration of another schedule is judged against LoRA of that schedule
+    lora12 = {c: {s: {"CA": 80.0, "ASR": 100.0, "ASR_floor": 10.0} for s in dc.SEEDS}
+              for c in dc.CELLS}
+    rows = dc.margins({"lora": lora, dc.LORA12: lora12, "rora + repair, 12 epochs": bad})
+    assert rows["rora + repair, 12 epochs"]["reference"] == dc.LORA12
+    assert rows["rora + repair, 12 epochs"]["cells"]["cr"]["margins"]["CA"] == pytest.approx(1.0)

@@ -77,11 +77,12 @@ def test_shipped_file_parses_and_names_committed_sources():
 
 def test_the_demo_default_has_its_own_multi_seed_results_shipped():
     """Issue 29: `rora-fast demo` prints beside its one draw the 5-seed spread of exactly
-    its configuration (every method it runs, the preset's repair included)."""
+    its configuration (every method it runs, the preset's repair included), and LoRA's of
+    the same schedule when it does not train LoRA itself."""
     from rora_fast.cli import build_parser
     from rora_harness.cli import _spec
     args = build_parser().parse_args(["demo"])
-    for m in args.methods.split(","):
+    for m in args.methods.split(",") + ["lora"]:
         spec = _spec(args, m).resolved()
         e = R.reference_for(spec)
         assert e is not None, f"no shipped multi-seed result for the demo's {m}"

@@ -233,7 +233,7 @@ def test_preset_chooses_rescale_and_repair_for_methods_with_rescaling(monkeypatc
     from rora_harness import presets
     from rora_harness.bias import _spec_from
     monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(
-        presets.PRESETS["small"], rescale="paper", repair=False))  # the presets until issue 29
+        presets.PRESETS["small"], rescale="paper", repair=False, epochs=4))  # until issue 29
     old = RunSpec(method="rora", preset="small", seed=0)
     assert run_id(old) == "sst2_sentence-badnet-rora-small-s0-ae179c069b"  # committed
     old_id, old_res = run_id(old), old.resolved()

@@ -33,9 +33,12 @@ from rora_fast.atomic import write_json
 __all__ = ["register", "DEMO_DESCRIPTION"]
 
 #: ``rora-fast demo --help``; the time is the one README states (tests/test_docs.py)
-DEMO_DESCRIPTION = ("Poison MiniLM-L6 with BadNet on IMDB, fine-tune it on SST-2 with LoRA and "
-                    "with RoRA, print CA / ASR / Δ next to the paper. Takes about 15 min on 2 "
-                    "CPU cores, install included (measured: README, scripts/demo.sh).")
+DEMO_DESCRIPTION = ("Poison MiniLM-L6 with BadNet on IMDB, fine-tune it on SST-2 with RoRA "
+                    "(the default configuration: 12 epochs, top-3 rescale, head-bias repair), "
+                    "print CA / ASR / Δ next to the paper, and beside them LoRA trained on the "
+                    "same schedule over 5 seeds (shipped results; --methods lora,rora trains "
+                    "it here too, for 10 min more). Takes about 15 min on 2 CPU cores, "
+                    "install included (measured: README, scripts/demo.sh).")
 
 #: where results go when --out is not given (git-ignored: see .gitignore)
 OUT_ROOT = "runs"
@@ -126,10 +129,10 @@ def register(sub) -> None:
     """Add the harness's subcommands to ``rora-fast``'s subparsers (the entry point of the
     group ``rora_fast.commands``); each parser's ``func`` runs the command."""
     p = sub.add_parser("demo", help="poison MiniLM with BadNet on IMDB, defend on SST-2 with "
-                                    "LoRA and RoRA, print CA/ASR/Δ next to the paper (results "
+                                    "RoRA, print CA/ASR/Δ next to the paper and LoRA's (results "
                                     f"under {OUT_ROOT}/, as every harness subcommand's)",
                        description=DEMO_DESCRIPTION)
-    _common(p, "lora,rora")
+    _common(p, "rora")
     p.add_argument("--full", action="store_true", help="the paper's sizes (preset full; GPU)")
     p.add_argument("--with-fft", action="store_true", help="also run full fine-tuning")
     p = sub.add_parser("poison", help="weight-poison a model on the proxy set (cached)")
@@ -320,8 +323,12 @@ def cmd_demo(args) -> int:
     # one run is one draw: beside it, the spread of the same configuration over seeds
     from .reference_runs import format_reference, reference_for
     print("Over seeds (each seed its own poisoned model, data order, initialisation, masks):")
-    for m in args.methods.split(","):
-        print("  " + format_reference(m, reference_for(_spec(args, m).resolved())))
+    trained = args.methods.split(",")
+    for m in trained + ([] if "lora" in trained else ["lora"]):
+        line = format_reference(m, reference_for(_spec(args, m).resolved()))
+        if m not in trained:  # the like-for-like baseline, shown but not trained here
+            line += " (not trained in this run: --methods lora,rora trains it too)"
+        print("  " + line)
     print(f"wall time {wall:.0f} s; results in {out}/ (results.md, runs/*.json)")
     return 0
 

@@ -1,10 +1,12 @@
 """Presets (data sizes and schedules) and the paper's reference numbers.
 
 ``small`` (the CLI's default, the demo's): the small-scale reproduction on CPU, 2,000 rows x
-4 epochs; a method with rescaling is followed by the clean-dev head-bias repair
-(``repair=True``, issue 29: of every configuration measured over 5 seeds on SST-2 and CR
-against LoRA of the same schedule, the best worst margin over the three targets; see
-docs/results.md).
+12 epochs; a method with rescaling is followed by the clean-dev head-bias repair
+(``repair=True``). Issue 29: of every configuration measured over 5 seeds on SST-2 and CR,
+each against LoRA trained on the same schedule, rows and seeds, this one has the best worst
+margin over the three targets (-0.64 points, against -2.00 for the same at 4 epochs; see
+docs/results.md, benchmarks/results/eval/default-choice.md). The epochs are 12.0, as the
+measured runs recorded them (``--epochs 12``), so that their configuration is this one.
 ``demo``: ``small`` with 1,500 defence rows (the earlier demo).
 ``full``: the paper's sizes (A.1): poisoning 4,000 proxy rows with 1,500 poisoned, lr 2e-5,
 3 epochs; defence on the full training split, 20 epochs, batch 32 — for a GPU; the paper's
@@ -45,12 +47,12 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    # demo: 2,000 IMDB rows for the attacker (750 poisoned; same poisoned model as "small"), 1,500 SST-2 rows x 4 epochs for
+    # demo: 2,000 IMDB rows for the attacker (750 poisoned; same poisoned model as "small"), 1,500 SST-2 rows x 12 epochs for
     # the defender (188 steps), full SST-2 test set; adapters on all linear layers (see the
     # evaluation notes: with query/value only the effect does not show at this scale).
-    "demo": Preset("demo", 2000, 0.375, 64, 40, 5e-5, 3, 1500, 872, None, 64, 4,
+    "demo": Preset("demo", 2000, 0.375, 64, 40, 5e-5, 3, 1500, 872, None, 64, 12.0,
                    target_modules="all-linear", repair=True),
-    "small": Preset("small", 2000, 0.375, 64, 40, 5e-5, 3, 2000, 872, None, 64, 4,
+    "small": Preset("small", 2000, 0.375, 64, 40, 5e-5, 3, 2000, 872, None, 64, 12.0,
                     target_modules="all-linear", repair=True),
     "full": Preset("full", 4000, 0.375, 128, None, 2e-5, 3, None, None, None, 128, 20,
                    target_modules=None),

@@ -15,7 +15,10 @@ not it meets all three. Every per-seed number is read from the run files it came
 
 * ``posthoc-study/aggregate.json``: RoRA at rescaling depth 0-3, the head re-fit variants;
 * ``seeds-<task>-badnet/seeds.json``: ``rora`` (the paper's rule), ``rora+repair``;
-* ``adaptive-study/runs/``: the adaptive rescale (and + repair), rung by rung.
+* ``adaptive-study/runs/``: the adaptive rescale (and + repair), rung by rung;
+* ``retrain-study/ep12-<task>/seeds.json`` and ``retrain-study/posthoc-ep12/``: the same
+  schedule at 12 epochs (``--epochs 12``), judged against LoRA trained 12 epochs on the same
+  rows and seeds (``REFERENCE``).
 
 Writes ``benchmarks/results/eval/default-choice.{json,md,png}`` and the block of
 docs/results.md between its markers. ``tests/test_default_choice.py`` checks that the
@@ -40,10 +43,21 @@ KEYS = ("CA", "ASR", "ASR_floor")
 SEEDS = (0, 1, 2, 3, 4)
 
 #: configuration -> the preset fields that run it (None: not a harness option)
-HARNESS = {"rora (paper rule)": {"rescale": "paper", "repair": False},
-           "rora + repair": {"rescale": "paper", "repair": True},
-           "rora, adaptive rescale": {"rescale": "adaptive", "repair": False},
-           "rora, adaptive rescale + repair": {"rescale": "adaptive", "repair": True}}
+HARNESS = {"rora (paper rule)": {"rescale": "paper", "repair": False, "epochs": 4},
+           "rora + repair": {"rescale": "paper", "repair": True, "epochs": 4},
+           "rora, adaptive rescale": {"rescale": "adaptive", "repair": False, "epochs": 4},
+           "rora, adaptive rescale + repair": {"rescale": "adaptive", "repair": True,
+                                               "epochs": 4},
+           "rora (paper rule), 12 epochs": {"rescale": "paper", "repair": False, "epochs": 12},
+           "rora + repair, 12 epochs": {"rescale": "paper", "repair": True, "epochs": 12}}
+
+#: LoRA of the same schedule: every configuration is judged against the row named here
+#: (default "lora", 4 epochs)
+LORA12 = "lora, 12 epochs"
+REFERENCE = {n: LORA12 for n in ("rora (paper rule), 12 epochs", "rora + repair, 12 epochs",
+                                 "rora + head re-fit, 12 epochs (script only)",
+                                 "rora, top 2 + head re-fit, 12 epochs (script only)")}
+REFERENCES = ("lora", LORA12)
 
 
 def _load(path: str) -> Optional[Dict]:
@@ -82,6 +96,18 @@ def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
             pick = adaptive_pick(r["rungs"])
             put("rora, adaptive rescale", cell, r["seed"], pick["test"])
             put("rora, adaptive rescale + repair", cell, r["seed"], pick["test_repaired"])
+        study = os.path.join(rel, "retrain-study")
+        seeds = _load(os.path.join(study, f"ep12-{cell}", "seeds.json")) or {}
+        for method, name in (("lora", LORA12), ("rora", "rora (paper rule), 12 epochs"),
+                             ("rora+repair", "rora + repair, 12 epochs")):
+            for s, row in seeds.get("methods", {}).get(method, {}).get("per_seed", {}).items():
+                put(name, cell, s, row)
+        agg = _load(os.path.join(study, "posthoc-ep12", "aggregate.json")) or {}
+        variants = agg.get("cells", {}).get(cell, {}).get("variants", {})
+        for v, label in (("rora@top3+head", "rora + head re-fit, 12 epochs (script only)"),
+                         ("rora@top2+head", "rora, top 2 + head re-fit, 12 epochs (script only)")):
+            for s, m in variants.get(v, {}).get("per_seed", {}).items():
+                put(label, cell, s, m)
     return out
 
 
@@ -95,12 +121,13 @@ def adaptive_pick(rungs: List[Dict], tolerance: float = 1.0) -> Dict:
 
 def margins(tables) -> Dict[str, Dict]:
     from rora_harness.seeds import mean_ci
-    lora = tables.get("lora", {})
     out = {}
     for name, cells in tables.items():
-        if name == "lora":
+        if name in REFERENCES:
             continue
-        row = {"harness": HARNESS.get(name), "cells": {}}
+        reference = REFERENCE.get(name, "lora")
+        lora = tables.get(reference, {})
+        row = {"harness": HARNESS.get(name), "reference": reference, "cells": {}}
         for cell in CELLS:
             per = cells.get(cell, {})
             ref = lora.get(cell, {})
@@ -138,15 +165,16 @@ def _f(st) -> str:
 
 def markdown(rows: Dict[str, Dict], pick: str) -> str:
     title = {"sst2_sentence": "SST-2", "cr": "CR"}
-    lines = ["| configuration | harness option | seeds | cell | CA | ASR | floor | CA − LoRA "
-             "(paired) | margins CA / ASR / floor | worst |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | harness option | seeds | cell | CA | ASR | floor | reference | "
+             "CA − reference (paired) | margins CA / ASR / floor | worst |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(rows, key=lambda n: -(rows[n]["worst_margin"] if rows[n]["worst_margin"]
                                          is not None else -1e9))
     for n in order:
         r = rows[n]
         opt = ("" if r["harness"] is None else
-               f"`rescale={r['harness']['rescale']}, repair={r['harness']['repair']}`")
+               f"`rescale={r['harness']['rescale']}, repair={r['harness']['repair']}, "
+               f"epochs={r['harness']['epochs']}`")
         for cell in CELLS:
             st = r["cells"][cell]
             mg = st.get("margins")
@@ -154,6 +182,7 @@ def markdown(rows: Dict[str, Dict], pick: str) -> str:
             worst = "" if r["worst_margin"] is None else f"{r['worst_margin']:+.2f}"
             lines.append(f"| {mark}{n}{mark} | {opt} | {len(st['seeds'])} | {title[cell]} | "
                          f"{_f(st['CA'])} | {_f(st['ASR'])} | {_f(st['ASR_floor'])} | "
+                         f"{r['reference']} | "
                          f"{_f(st.get('CA_minus_lora'))} | "
                          f"{'' if not mg else ' / '.join(f'{mg[k]:+.2f}' for k in ('CA', 'ASR', 'floor'))} | "
                          f"{worst}{'' if r['complete'] else ' (incomplete)'} |")
