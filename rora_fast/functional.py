@@ -43,7 +43,7 @@ _ENV = "RORA_FAST_BACKEND"
 
 _SCRATCH = threading.local()
 _NATIVE = ref._native
-#: Frozen weights with at most this many elements keep their masked copy from forward
+#: Frozen weights with at most this many elements keep their masked weight from forward
 #: to backward (:func:`_rora_linear_small`, torch's own autograd nodes); larger ones go
 #: through :class:`RoraLinearFunction`, which regenerates the mask from the seed in
 #: backward and saves nothing weight-sized.
@@ -65,7 +65,7 @@ def _weight_scratch(weight: torch.Tensor) -> torch.Tensor:
     The masked weight lives only inside one forward or one backward call (it is never
     returned nor saved), so one buffer per weight shape can serve every call; reusing
     it saves the page faults of a fresh multi-MB allocation each time (~60 % of the
-    masked copy's cost at 4096 x 4096). Not used on other devices, whose caching
+    masked weight's cost at 4096 x 4096). Not used on other devices, whose caching
     allocators already reuse memory, nor under graph capture.
     """
     cache = getattr(_SCRATCH, "buffers", None)
@@ -123,7 +123,7 @@ def masked_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float) -> torc
     if weight.is_cuda:
         kernels = _kernels_module()
         if kernels is not None:
-            out = kernels.masked_copy(weight, _kernel_seed(seed, weight), p)
+            out = kernels.masked_weight(weight, _kernel_seed(seed, weight), p)
             return out.clone() if out is weight else out
     out = ref.masked_weight(weight, int(seed.reshape(()).item()), p)
     return out.clone() if out is weight else out
@@ -185,7 +185,7 @@ def lora_dropout_input(x: torch.Tensor, seed, p: float) -> torch.Tensor:
     else:  # CUDA: the kernels' mask (bit-identical) where they run, else the reference
         ones = torch.ones(x2.shape, dtype=mdtype, device=x.device)
         kernels = _kernels_module() if x.is_cuda and mdtype is torch.float32 else None
-        m = (kernels.masked_copy(ones, key, p) if kernels is not None
+        m = (kernels.masked_weight(ones, key, p) if kernels is not None
              else ref.masked_weight(ones, key, p))
     out = x2 * m  # (a half-precision x: in float32, rounded once below, as lora_input)
     if out.dtype != x.dtype:
@@ -277,7 +277,7 @@ def _rora_linear_small(x, x_lora, weight, bias, lora_A, lora_B, scaling, p, seed
     ``linear(x, M ⊙ W/(1 − p_eff), b) + s · linear(linear(x̃, A), B)`` on the inputs
     flattened to ``(tokens, in)``, torch's C++ autograd nodes doing the backward.
 
-    The masked copy (at most 256 KiB in float32) is kept from forward to backward by
+    The masked weight (at most 256 KiB in float32) is kept from forward to backward by
     autograd instead of regenerated. On these small, launch-bound layers the custom
     Function's Python forward and backward cost more than the computation itself, and
     every autograd node counts: the inputs are flattened once (three ``linear`` calls on

@@ -1,6 +1,6 @@
 """Issue 32: every Triton kernel compiles for the cards users own (sm_80, 86, 89, 90, 120)
 without spilling, with no GPU present (benchmarks/gpu/compile_matrix.py). The bounded CI
-subset: every kernel's heaviest variants (the masked copy, the effective weight with its
+subset: every kernel's heaviest variants (the masked weight, the effective weight with its
 low-rank sum, the nested NF4 dequantization with the mask) in bf16, on every arch; the
 whole matrix (every variant x dtype) is `python benchmarks/gpu/compile_matrix.py`.
 Compiled in a subprocess: the test session runs Triton in interpreter mode."""
@@ -20,7 +20,7 @@ _spec = importlib.util.spec_from_file_location("compile_matrix", SCRIPT)
 cm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cm)
 
-HEAVY = ("masked_copy", "effective_weight (LOWRANK)", "nf4 nested + mask")
+HEAVY = ("masked_weight", "effective_weight (LOWRANK)", "nf4 nested + mask")
 
 
 def test_kernels_compile_for_every_arch_without_spills(tmp_path):

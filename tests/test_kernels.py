@@ -187,15 +187,15 @@ def test_keep_mask_threshold_boundary():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.float16, torch.bfloat16] if CUDA else []))
-def test_masked_copy_bit_identical_to_reference(dtype):
+def test_masked_weight_bit_identical_to_reference(dtype):
     w = torch.randn(37, 33, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
     for p in (0.1, 0.5):
-        got = K.masked_copy(w, 12345, p)
+        got = K.masked_weight(w, 12345, p)
         assert got.dtype == dtype and got.is_contiguous()
         assert torch.equal(got.cpu(), ref.masked_weight(w, 12345, p).cpu())
-    assert K.masked_copy(w, 12345, 0.0) is w
+    assert K.masked_weight(w, 12345, 0.0) is w
     wt = torch.randn(33, 37, dtype=torch.float64).to(dtype=dtype, device=DEVICE).t()  # strided
-    assert torch.equal(K.masked_copy(wt, 9, 0.25).cpu(), ref.masked_weight(wt, 9, 0.25).cpu())
+    assert torch.equal(K.masked_weight(wt, 9, 0.25).cpu(), ref.masked_weight(wt, 9, 0.25).cpu())
 
 
 
@@ -317,27 +317,27 @@ def test_no_penalty_work_in_the_fused_backward():
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**31 + 5, 2**62 - 1, 2**63 - 1])
-def test_masked_copy_reads_a_device_seed(seed):
+def test_masked_weight_reads_a_device_seed(seed):
     """The graph-capture form of the kernel: the seed read from a one-element int64
     tensor on the kernel's device (no host read) draws the int seed's mask, bit for bit."""
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(37, 52, generator=gen).to(DEVICE)
     t_seed = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
-    got = mask.masked_copy(w, t_seed, 0.3)
-    assert torch.equal(got, mask.masked_copy(w, seed, 0.3))
+    got = mask.masked_weight(w, t_seed, 0.3)
+    assert torch.equal(got, mask.masked_weight(w, seed, 0.3))
     assert torch.equal(got.cpu(), ref.masked_weight(w.cpu(), seed, 0.3))
     assert torch.equal(mask.keep_mask(t_seed, 37, 52, 0.3, device=DEVICE).cpu(),
                        ref.weight_keep_mask(seed, 37, 52, 0.3))
 
 
-def test_masked_copy_rejects_bad_tensor_seeds():
+def test_masked_weight_rejects_bad_tensor_seeds():
     w = torch.randn(8, 16, device=DEVICE)
     with pytest.raises(TypeError, match="one-element int64"):
-        mask.masked_copy(w, torch.tensor([1.0], device=DEVICE), 0.1)
+        mask.masked_weight(w, torch.tensor([1.0], device=DEVICE), 0.1)
     with pytest.raises(TypeError, match="one-element int64"):
-        mask.masked_copy(w, torch.tensor([1, 2], device=DEVICE), 0.1)
+        mask.masked_weight(w, torch.tensor([1, 2], device=DEVICE), 0.1)
     with pytest.raises(ValueError, match="kernel's device"):
-        mask.masked_copy(w, torch.tensor([1], device="meta"), 0.1)
+        mask.masked_weight(w, torch.tensor([1], device="meta"), 0.1)
 
 
 @pytest.mark.parametrize("shape", [(37, 52, 3), (64, 128, 16), (5, 9, 1)])

@@ -291,7 +291,7 @@ def _grad_nodes(y):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_small_frozen_weight_path_vs_autograd(lead, lora_input, with_bias):
     """Small frozen weights take torch's own autograd nodes (no custom Function, the
-    masked copy kept by autograd): the same forward and gradients as the independent
+    masked weight kept by autograd): the same forward and gradients as the independent
     float64 computation, for 1-d, 2-d and 3-d inputs, x̃ = x or not, with or without
     a bias."""
     from rora_fast import functional as F_rora
@@ -330,7 +330,7 @@ def test_small_frozen_weight_path_only_where_it_applies():
     keeps every case the small-weight path does not take: a weight above
     SAVE_MASKED_MAX elements, a trainable weight, p = 0 (no mask), a tensor seed (graph
     capture), saved-tensor hooks (checkpointing, offloading); the small path keeps
-    exactly one masked copy, equal to the reference's."""
+    exactly one masked weight, equal to the reference's."""
     from rora_fast import functional as F_rora
 
     x, W, b, A, B, U, V, gy = _problem(lead=(4,), in_f=64, out_f=48)

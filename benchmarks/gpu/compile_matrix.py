@@ -10,7 +10,7 @@ configuration): ``ok`` or the compiler's error, and those resources.
 Kernels and variants (the launch configurations the library uses: fixed block sizes, no
 autotuning; ``num_warps`` as launched, Triton's default 4):
 
-* ``mask_apply`` (``kernels/src/mask.py``): ``masked_copy`` (fp32/fp16/bf16), the same with
+* ``mask_apply`` (``kernels/src/mask.py``): ``masked_weight`` (fp32/fp16/bf16), the same with
   the seed read from device memory (graph capture), ``effective_weight`` (``LOWRANK``,
   ``c·M⊙W + s·BA``), ``keep_mask`` (int8 out);
 * ``dequant_mask`` (``kernels/src/nf4.py``): NF4 dequantization (plain or nested absmax)
@@ -51,11 +51,11 @@ def variants(dtypes=DTYPES, blocks: Optional[tuple] = None) -> List[Dict]:
     base = dict(WRITE_MASK=False, SEED_PTR=False, LOWRANK=False)
     for dt in dtypes:
         p = "*" + dt
-        out.append(dict(kernel="mask_apply", variant="masked_copy", dtype=dt,
+        out.append(dict(kernel="mask_apply", variant="masked_weight", dtype=dt,
                         fn=mask._mask_apply_kernel, warps=warps,
                         types={"W": p, "OUT": p, "scale": "fp32", "seed": "i64"},
                         consts=dict(base, **cfg)))
-        out.append(dict(kernel="mask_apply", variant="masked_copy, device seed", dtype=dt,
+        out.append(dict(kernel="mask_apply", variant="masked_weight, device seed", dtype=dt,
                         fn=mask._mask_apply_kernel, warps=warps,
                         types={"W": p, "OUT": p, "scale": "fp32", "seed": "*i64"},
                         consts=dict(base, SEED_PTR=True, **cfg)))

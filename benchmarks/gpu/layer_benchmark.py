@@ -10,7 +10,7 @@ For each weight shape (in x out) at ``--tokens`` tokens, rank ``--rank``, it tim
                       the base dtype: bf16 on the GPU);
 * ``peft_lora_nodrop`` PEFT's defaults without LoRA dropout (RoRA here has none either);
 * ``rora_reference``  ``rora_fast.functional.rora_linear(..., backend="reference")`` (plain torch);
-* ``rora_fused``      ``rora_fast.kernels.fused_rora_linear`` (Triton masked copy + cuBLAS;
+* ``rora_fused``      ``rora_fast.kernels.fused_rora_linear`` (Triton masked weight + cuBLAS;
                       the in-loop Philox GEMM strategy was deleted after losing 3.3-4.9x,
                       benchmarks/results/2026-11-28-nvidia-h200.md).
 

@@ -12,25 +12,25 @@ Public API, used by ``rora_fast.functional.rora_linear`` for CUDA tensors:
 Files, one op each (its autograd Function and backward derivation inside):
 
 * ``mask.py``: the weight keep-mask drawn in Triton (bit-identical to
-  ``rora_fast.reference.weight_keep_mask``), ``masked_copy``, ``effective_weight``
+  ``rora_fast.reference.weight_keep_mask``), ``masked_weight``, ``effective_weight``
   (``c·M⊙W + s·BA`` in the same pass, when the LoRA input is x) and ``keep_mask``.
 * ``rora_linear.py``: ``FusedRoraLinearFunction``, ``fused_rora_linear``, ``supports``.
 * ``nf4.py``: bitsandbytes 4-bit dequantization and the weight mask in one pass.
 * ``_common.py``: interpreter detection, and the record of the mask-strategy decision
-  (the masked copy + cuBLAS; the in-loop Philox GEMMs were measured slower and deleted).
+  (the masked weight + cuBLAS; the in-loop Philox GEMMs were measured slower and deleted).
 
 Importing this package needs triton but no GPU. Under ``TRITON_INTERPRET=1`` (set
 before import) the kernels run on CPU tensors, which is how the tests run in CI.
 """
 
-from .mask import effective_weight, keep_mask, masked_copy
+from .mask import effective_weight, keep_mask, masked_weight
 from .rora_linear import FusedRoraLinearFunction, fused_rora_linear, supports
 
 __all__ = [
     "supports",
     "fused_rora_linear",
     "FusedRoraLinearFunction",
-    "masked_copy",
+    "masked_weight",
     "effective_weight",
     "keep_mask",
 ]

@@ -1,4 +1,4 @@
-"""The RoRA weight keep-mask drawn inside Triton kernels, and the masked copy of W.
+"""The RoRA weight keep-mask drawn inside Triton kernels, and the masked weight of W.
 
 The mask is defined in :mod:`rora_fast.reference` (read it first). Element ``(n, k)``
 of the ``out x in`` weight uses Philox counter ``g = n * ceil(in / 8) + k // 8`` and
@@ -13,10 +13,10 @@ straddles two rows, because each row starts a new group), so each tile makes one
 expands the 8 lanes along a trailing axis of 8, which ``tl.reshape`` (row-major, no
 reordering) folds back into the column axis. The result depends only on the
 element's ``(n, k)``: tile shapes, launch grids and which kernel (forward, dX,
-masked copy) draws it do not change a single bit. Tests check this against
+masked weight) draws it do not change a single bit. Tests check this against
 ``reference.weight_keep_mask`` for several tile shapes and seeds up to ``2**63 - 1``.
 
-``masked_copy(W, seed, p)`` is mask strategy ``"copy"``: one small elementwise
+``masked_weight(W, seed, p)`` is mask strategy ``"copy"``: one small elementwise
 kernel writes ``(M ⊙ W) / (1 - p_eff)`` in W's dtype, a transient ``out x in``
 buffer that cuBLAS then consumes. The same kernel, applied to ``Gᵀ X``, gives the
 masked weight gradient when a caller trains W. ``effective_weight(W, seed, p, B, A, s)``
@@ -32,7 +32,7 @@ import triton.language as tl
 
 from rora_fast import reference as ref
 
-__all__ = ["masked_copy", "effective_weight", "keep_mask", "mask_params",
+__all__ = ["masked_weight", "effective_weight", "keep_mask", "mask_params",
            "check_counter_range"]
 
 # Tile of the elementwise mask kernels (rows x columns); columns must be a multiple of 8.
@@ -160,7 +160,7 @@ def _check_seed(seed, device=None):
     return seed
 
 
-def masked_copy(weight: torch.Tensor, seed, p: float, *, block_n: int = _COPY_BLOCK_N,
+def masked_weight(weight: torch.Tensor, seed, p: float, *, block_n: int = _COPY_BLOCK_N,
                 block_k: int = _COPY_BLOCK_K) -> torch.Tensor:
     """``(M ⊙ W) / (1 - p_eff)`` in W's dtype, a new contiguous tensor (``W`` itself when
     ``p_eff == 0``). Bit-identical to ``reference.masked_weight`` (same product
@@ -186,7 +186,7 @@ def effective_weight(weight: torch.Tensor, seed, p: float, lora_B: torch.Tensor,
     weight of a RoRA layer whose LoRA input is ``x`` itself (``y = x W_effᵀ + b``,
     ``dX = dY W_eff``). Bit-identical in the interpreter to
     ``reference.effective_weight`` (float32 sum, rank by rank, rounded once).
-    ``seed`` as in :func:`masked_copy`; no argument checks beyond it (the callers, the
+    ``seed`` as in :func:`masked_weight`; no argument checks beyond it (the callers, the
     fused op, have checked shapes, dtypes and devices)."""
     thr, scale = mask_params(p)
     seed = _check_seed(seed, weight.device)

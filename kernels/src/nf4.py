@@ -19,7 +19,7 @@ dtype followed by :func:`rora_fast.reference.masked_weight` gives (the tests che
 the Triton interpreter against both). The keep-mask is :func:`rora_fast.kernels.mask`'s
 ``_keep_nk``, the same bits as every other kernel and the torch reference. A bf16
 masked weight is written after reading half a byte (plus 1/64 B of absmax) per element:
-a quarter of the bytes read by a masked copy of a bf16 weight.
+a quarter of the bytes the masked weight of a bf16 weight reads.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ scaling, ``M`` the weight keep-mask of :mod:`rora_fast.reference`, ``c = 1/(1-p_
 
     y = c · x (M ⊙ W)ᵀ + b + s · (x̃ Aᵀ) Bᵀ
 
-``W' = c · (M ⊙ W)`` is made once per call by ``mask.masked_copy`` (a transient buffer,
+``W' = c · (M ⊙ W)`` is made once per call by ``mask.masked_weight`` (a transient buffer,
 freed when the call returns), then cuBLAS does the GEMMs (why this strategy, with the
 figures of the one it beat, is recorded in ``kernels/src/_common.py``). When the LoRA
 input is ``x`` itself (no LoRA input dropout) and W is masked, the same pass over W
@@ -28,7 +28,7 @@ import torch
 from rora_fast import reference as ref
 
 from . import _common
-from .mask import effective_weight, masked_copy
+from .mask import effective_weight, masked_weight
 
 __all__ = ["FusedRoraLinearFunction", "fused_rora_linear", "supports", "SUPPORTED_DTYPES"]
 
@@ -57,14 +57,14 @@ class FusedRoraLinearFunction(torch.autograd.Function):
     * The penalty ``λ Ω`` is not part of this op: its gradient is added once per
       optimizer step for all layers (``rora_fast.penalty``).
     * ``dW`` (only if a caller made W trainable, not the RoRA setting):
-      ``dW_ij = Σ_t G_ti c M_ij X_tj = c · M ⊙ (Gᵀ X)``: ``masked_copy(Gᵀ X)``.
+      ``dW_ij = Σ_t G_ti c M_ij X_tj = c · M ⊙ (Gᵀ X)``: ``masked_weight(Gᵀ X)``.
 
     When ``x̃`` is ``x`` itself (no LoRA input dropout), autograd would add
     ``dX + dX̃``; the op returns the sum for ``x`` and None for the second slot. With a
     weight mask (p_eff > 0) that sum is ``dY (W' + s·BA) = dY W_eff``: one GEMM with the
     effective weight, rebuilt from the seed and the saved A, B (``Y = X W_effᵀ + b``
     likewise in forward; ``S = X Aᵀ`` is then computed only for dB). Without a mask the
-    LoRA term is one addmm onto ``dY W``, as the masked copy would be ``W`` itself.
+    LoRA term is one addmm onto ``dY W``, as the masked weight would be ``W`` itself.
 
     ``lora_p`` > 0 (``x_lora`` None): ``X̃ = c_x · M_x ⊙ X`` is drawn by the mask kernel
     from the seed (``reference.lora_input``); backward regenerates it for dA and takes
@@ -207,13 +207,13 @@ def _seed_arg(seed: torch.Tensor, weight: torch.Tensor):
 
 # Graph capture (torch.compile) of a tensor seed: the masked copies go through these
 # registered ops, so that the compiler sees no host read of the seed.
-@torch.library.custom_op("rora_fast_kernels::masked_copy", mutates_args=())
-def masked_copy_op(weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    out = masked_copy(weight, _seed_arg(seed, weight), p)
+@torch.library.custom_op("rora_fast_kernels::masked_weight", mutates_args=())
+def masked_weight_op(weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    out = masked_weight(weight, _seed_arg(seed, weight), p)
     return out.clone() if out is weight else out
 
 
-@masked_copy_op.register_fake
+@masked_weight_op.register_fake
 def _(weight, seed, p):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
@@ -231,11 +231,11 @@ def _(weight, seed, p, lora_B, lora_A, scaling):
 
 
 def _mask(weight, seed, p):
-    """The masked copy; ``seed`` an int, or a one-element tensor (graph capture: through
-    the registered op :func:`masked_copy_op`)."""
+    """The masked weight; ``seed`` an int, or a one-element tensor (graph capture: through
+    the registered op :func:`masked_weight_op`)."""
     if isinstance(seed, torch.Tensor):
-        return masked_copy_op(weight, seed, p)
-    return masked_copy(weight, seed, p)
+        return masked_weight_op(weight, seed, p)
+    return masked_weight(weight, seed, p)
 
 
 def _effective(weight, seed, p, lora_B, lora_A, scaling):
