@@ -74,20 +74,29 @@ def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
 
     def put(name, cell, seed, m):
         out.setdefault(name, {}).setdefault(cell, {})[int(seed)] = {k: m[k] for k in KEYS}
-    for cell in CELLS:
-        seeds = _load(os.path.join(rel, f"seeds-{cell}-badnet", "seeds.json")) or {}
-        for method, name in (("lora", "lora"), ("rora", "rora (paper rule)"),
-                             ("rora+repair", "rora + repair")):
+    def put_seeds(path, cell, names):  # a `rora-fast seeds` folder's per-seed rows
+        seeds = _load(path) or {}
+        for method, name in names:
             for s, row in seeds.get("methods", {}).get(method, {}).get("per_seed", {}).items():
                 put(name, cell, s, row)
-        agg = _load(os.path.join(rel, "posthoc-study", "aggregate.json")) or {}
+
+    def put_posthoc(path, cell, labels):  # a posthoc_study.py aggregate's per-seed rows
+        agg = _load(path) or {}
         variants = agg.get("cells", {}).get(cell, {}).get("variants", {})
-        for v, label in (("rora@top2", "rora, top 2 blocks rescaled"),
-                         ("rora@top1", "rora, top 1 block rescaled"),
-                         ("rora@top3+head", "rora + head re-fit (script only)"),
-                         ("rora@top2+head", "rora, top 2 + head re-fit (script only)")):
+        for v, label in labels:
             for s, m in variants.get(v, {}).get("per_seed", {}).items():
                 put(label, cell, s, m)
+
+    study = os.path.join(rel, "retrain-study")
+    for cell in CELLS:
+        put_seeds(os.path.join(rel, f"seeds-{cell}-badnet", "seeds.json"), cell,
+                  (("lora", "lora"), ("rora", "rora (paper rule)"),
+                   ("rora+repair", "rora + repair")))
+        put_posthoc(os.path.join(rel, "posthoc-study", "aggregate.json"), cell,
+                    (("rora@top2", "rora, top 2 blocks rescaled"),
+                     ("rora@top1", "rora, top 1 block rescaled"),
+                     ("rora@top3+head", "rora + head re-fit (script only)"),
+                     ("rora@top2+head", "rora, top 2 + head re-fit (script only)")))
         runs = os.path.join(rel, "adaptive-study", "runs")
         for fn in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
             r = _load(os.path.join(runs, fn))
@@ -96,18 +105,12 @@ def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
             pick = adaptive_pick(r["rungs"])
             put("rora, adaptive rescale", cell, r["seed"], pick["test"])
             put("rora, adaptive rescale + repair", cell, r["seed"], pick["test_repaired"])
-        study = os.path.join(rel, "retrain-study")
-        seeds = _load(os.path.join(study, f"ep12-{cell}", "seeds.json")) or {}
-        for method, name in (("lora", LORA12), ("rora", "rora (paper rule), 12 epochs"),
-                             ("rora+repair", "rora + repair, 12 epochs")):
-            for s, row in seeds.get("methods", {}).get(method, {}).get("per_seed", {}).items():
-                put(name, cell, s, row)
-        agg = _load(os.path.join(study, "posthoc-ep12", "aggregate.json")) or {}
-        variants = agg.get("cells", {}).get(cell, {}).get("variants", {})
-        for v, label in (("rora@top3+head", "rora + head re-fit, 12 epochs (script only)"),
-                         ("rora@top2+head", "rora, top 2 + head re-fit, 12 epochs (script only)")):
-            for s, m in variants.get(v, {}).get("per_seed", {}).items():
-                put(label, cell, s, m)
+        put_seeds(os.path.join(study, f"ep12-{cell}", "seeds.json"), cell,
+                  (("lora", LORA12), ("rora", "rora (paper rule), 12 epochs"),
+                   ("rora+repair", "rora + repair, 12 epochs")))
+        put_posthoc(os.path.join(study, "posthoc-ep12", "aggregate.json"), cell,
+                    (("rora@top3+head", "rora + head re-fit, 12 epochs (script only)"),
+                     ("rora@top2+head", "rora, top 2 + head re-fit, 12 epochs (script only)")))
     return out
 
 
