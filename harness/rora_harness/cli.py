@@ -37,7 +37,7 @@ DEMO_DESCRIPTION = ("Poison MiniLM-L6 with BadNet on IMDB, fine-tune it on SST-2
                     "(the default configuration: 12 epochs, top-3 rescale, head-bias repair), "
                     "print CA / ASR / Δ next to the paper, and beside them LoRA trained on the "
                     "same schedule over 5 seeds (shipped results; --methods lora,rora trains "
-                    "it here too, for 11 min more). Takes about 17 min on 2 CPU cores, "
+                    "it here too, a second 12-epoch run). Takes about 17 min on 2 CPU cores, "
                     "install included (measured: README, scripts/demo.sh).")
 
 #: where results go when --out is not given (git-ignored: see .gitignore)
