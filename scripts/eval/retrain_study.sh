@@ -8,6 +8,9 @@
 #   lam-mean  λ = 10 averaged over the 37 adapted layers instead of summed (= λ 10/37 summed)
 #   lam1      λ = 1, the smallest value of the paper's grid (summed)
 #   ep12      12 epochs on the same 2,000 rows (the paper trains 20 epochs on full splits)
+#   ep12g     ep12 with length-grouped batches (--group-by-length: another draw of the same
+#             schedule, about 2x faster on the CPU); un-repaired, so that METHOD
+#             lora,rora,rora+repair gives the post-hoc repair row from the saved adapters
 # Screen first (seeds 0 and 1), interleaved so that each variant gets a first seed early.
 # A queue item is VARIANT:TASK:SEED[:METHOD] (METHOD default rora); issue 29's like-for-like
 # reference is LoRA on the same 12-epoch schedule, in the same folder as the RoRA runs (so
@@ -30,6 +33,7 @@ variant_args() {
     lam-mean) echo "--ortho-lambda 0.2702702702702703";;   # 10 / 37
     lam1) echo "--ortho-lambda 1";;
     ep12) echo "--epochs 12";;
+    ep12g) echo "--epochs 12 --group-by-length --no-repair";;
     *) echo "unknown variant $1" >&2; return 1;;
   esac
 }
