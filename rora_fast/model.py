@@ -22,7 +22,8 @@ from torch import nn
 from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: public)
 from .config import RoraConfig
 from .layer import RoraLinear
-from .linalg import rescale_factor, sigma_max_lowrank
+from .linalg import rescale_factor
+from .variants import peft_variant
 from .bases import base_for, cpu_repack_switches
 from .targets import (check_rora_target, compute_dtype_of,  # bnb, Conv1D
                       default_target_modules, is_rora_target, make_rora_layer)
@@ -310,6 +311,8 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
     :meth:`RoraLinear.spectral_rescale_`) and PEFT LoRA layers holding the adapter
     ``adapter_name`` (those :func:`rora_fast.register_rora` makes, and plain PEFT LoRA:
     ``scaling[adapter_name]`` set, σ_max(W_pre) computed exactly from the base weight).
+    Every layer's σ_max(update) comes from its variant object (:func:`peft_layer_variant`
+    for PEFT layers: a plain PEFT PiSSA/OLoRA adapter is refused, naming the layer).
 
     ``layers``: an int ``n`` rescales those of the last ``n`` transformer blocks (block
     index read from module names; default ``config.rescale_layers`` or 3); a list of
@@ -345,9 +348,46 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
         if n in rl:
             new[n] = factor * rescale_factor(rl[n].sigma_pre, rl[n].sigma_delta(), n)
         else:
-            A, B = pl[n].lora_A[adapter_name].weight, pl[n].lora_B[adapter_name].weight
-            new[n] = factor * rescale_factor(_peft_sigma_pre(pl[n]), sigma_max_lowrank(B, A), n)
+            sigma = peft_layer_variant(model, n, pl[n], adapter_name).sigma_update(
+                _PeftAdapter(pl[n], adapter_name))
+            new[n] = factor * rescale_factor(_peft_sigma_pre(pl[n]), sigma, n)
     return _apply_scales(model, rl, pl, new, adapter_name)
+
+
+class _PeftAdapter:
+    """One adapter of a PEFT LoRA layer seen as the variant objects see a layer
+    (``lora_A``/``lora_B`` tensors)."""
+
+    def __init__(self, layer: nn.Module, adapter_name: str):
+        self.lora_A = layer.lora_A[adapter_name].weight
+        self.lora_B = layer.lora_B[adapter_name].weight
+
+
+def peft_layer_variant(model: nn.Module, name: str, layer: nn.Module,
+                       adapter_name: str = "default"):
+    """The variant object (:mod:`rora_fast.variants`) of a PEFT LoRA layer's adapter:
+    the one :func:`rora_fast.register_rora`'s layers carry, else the one of the model's
+    ``peft_config[adapter_name]`` (plain PEFT LoRA). Refused, naming the layer: a plain
+    PEFT layer of a model without that config (its start is unknown), and a PiSSA/OLoRA
+    start (PEFT keeps neither the start ``B₀A₀`` nor a way to re-fold the base, so a new
+    scale would also rescale W_pre's top components that the adapter carries)."""
+    variant = getattr(layer, "rora_variant", None)
+    if variant is not None:
+        return variant
+    configs = getattr(model, "peft_config", None)
+    cfg = configs.get(adapter_name) if isinstance(configs, Mapping) else None
+    if cfg is None:
+        raise ValueError(f"{name}: a plain PEFT LoRA layer, and the model has no "
+                         f"peft_config[{adapter_name!r}] saying how its adapter started; "
+                         "pass the PeftModel that get_peft_model returned")
+    variant = peft_variant(getattr(cfg, "init_lora_weights", True),
+                           getattr(cfg, "use_dora", False))
+    if variant.rewrites_base:
+        raise ValueError(f"{name}: cannot rescale a plain PEFT adapter with {variant.label}: "
+                         "PEFT keeps neither its start B0A0 nor a way to re-fold the base, "
+                         "so a new scale would rescale W_pre's top components too; train it "
+                         "with rora_fast.apply_rora(RoraConfig(init=...)) instead")
+    return variant
 
 
 def _apply_scales(model, rl, pl, new: Dict[str, float], adapter_name: str,
@@ -404,6 +444,8 @@ def set_scales_(model: nn.Module, scales: Mapping[str, float],
                 or s <= 0:
             raise ValueError(f"set_scales_: the scale of {n} must be a finite number > 0, "
                              f"got {s!r}")
+        if n not in rl:
+            peft_layer_variant(model, n, pl[n], adapter_name)  # refuses what it cannot rescale
         new[n] = float(s)
     return _apply_scales(model, rl, pl, new, adapter_name, training_scale_resets=True)
 

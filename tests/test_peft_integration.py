@@ -160,3 +160,54 @@ def test_peft_rora_training_forward_refuses_instead_of_falling_back():
     m.eval()
     with torch.no_grad():
         layer(x)  # eval is LoRA's forward, multi-adapter or not
+
+
+def _trained_plain(init, **kw):
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                          task_type="SEQ_CLS", init_lora_weights=init, **kw)
+    model = peft.get_peft_model(_tiny_bert(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def test_rescale_of_plain_peft_lora_asks_the_variant():
+    # plain PEFT LoRA (and DoRA on LoRA's start): sigma(W_pre)/sigma(BA), as RoraLinear does
+    for kw in ({}, {"use_dora": True}):
+        model = _trained_plain("gaussian", **kw)
+        scales = rf.spectral_rescale_(model, layers=1)
+        layer = model.base_model.model.bert.encoder.layer[3].attention.self.query
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        W = layer.get_base_layer().weight.detach()
+        A, B = A.detach(), B.detach()
+        want = float(torch.linalg.matrix_norm(W, 2) / torch.linalg.matrix_norm(B @ A, 2))
+        name = [n for n in scales if n.endswith("layer.3.attention.self.query")][0]
+        assert scales[name] == pytest.approx(want, rel=1e-4)
+        assert layer.scaling["default"] == scales[name]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_rescale_of_plain_peft_pissa_olora_is_refused_naming_the_layer(init):
+    # PEFT keeps no start B0A0: a new scale would rescale W_pre's top components too
+    model = _trained_plain(init)
+    before = rf.adapter_scales(model)
+    with pytest.raises(ValueError, match=r"layer\.[0-9]\.attention\.self\.(query|value).*"
+                                         r"plain PEFT adapter with init='" + init):
+        rf.spectral_rescale_(model, layers=1)
+    name = next(iter(before))
+    with pytest.raises(ValueError, match="plain PEFT adapter"):
+        rf.set_scales_(model, {name: 2.0})
+    assert rf.adapter_scales(model) == before
+
+
+def test_rescale_of_peft_layers_without_their_config_is_refused():
+    # a plain PEFT layer outside a model that says how it started: its start is unknown
+    model = _trained_plain("gaussian")
+    inner = torch.nn.Module()  # the PEFT layers held by a module without PEFT's config
+    inner.bert = model.base_model.model.bert
+    before = rf.adapter_scales(inner)
+    with pytest.raises(ValueError, match=r"no peft_config\['default'\].*PeftModel"):
+        rf.spectral_rescale_(inner, layers=1)
+    assert rf.adapter_scales(inner) == before
