@@ -35,7 +35,7 @@ from .progress import progress_bar
 
 from .data import Example
 
-__all__ = ["set_device", "get_device", "DEFAULT_MODEL", "default_model_path", "resolve_model", "load_model", "load_tokenizer", "predict",
+__all__ = ["set_device", "get_device", "setup_process", "DEFAULT_MODEL", "default_model_path", "resolve_model", "load_model", "load_tokenizer", "predict",
            "TrainConfig", "train", "tokenize_rows", "encode", "text_length", "pad_rows", "epoch_batches", "labelled_batches", "set_seed", "trainable_state", "load_trainable_state",
            "save_checkpoint", "load_checkpoint"]
 
@@ -90,6 +90,18 @@ def set_device(device: Optional[str]) -> None:
     """Device every model loaded by the harness is moved to (None: cuda if available)."""
     global _DEVICE
     _DEVICE = device
+
+
+def setup_process(threads: Optional[int] = None, device: Optional[str] = None) -> None:
+    """What a command-line run sets before it loads anything: offline hub, no tokenizer
+    thread pool, ``threads`` torch CPU threads (None or 0: torch's default) and the
+    device models go to (:func:`set_device`). One place for ``rora-fast train`` and the
+    harness's commands."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        torch.set_num_threads(threads)
+    set_device(device)
 
 
 def get_device() -> str:

@@ -115,18 +115,14 @@ def _label_of(value: str, labels) -> int:
 
 
 def cmd_train(args) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .loop import get_device, setup_process
+    setup_process(args.threads, args.device)
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from .finetuning import FinetuneConfig, finetune, save_finetuned
-    from .loop import set_device, get_device
     from .userdata import read_table, rows_from_table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    set_device(args.device)
     target_modules = args.target_modules
     if target_modules == "peft-default":
         target_modules = None

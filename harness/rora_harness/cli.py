@@ -235,13 +235,8 @@ def _check_model(name: Optional[str], option: str = "--model", hub: bool = True)
 
 
 def _setup(args) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-    from rora_fast.loop import set_device
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    set_device(args.device)
+    from rora_fast.loop import setup_process
+    setup_process(args.threads, args.device)
     # validate names early, with clear messages
     from .data import DATASETS
     from .attacks import get_attack
