@@ -4,9 +4,10 @@ quantized subclasses, and the PEFT layers of :mod:`rora_fast.peft_integration`.
 :func:`layer_forward` takes the layer's parts as arguments: its *base* (a
 :class:`rora_fast.bases.Base` strategy and the module holding the weight), its adapter
 factors and scale, the weight-dropout ``p``, the LoRA input dropout module and its
-*variant* (:mod:`rora_fast.variants`), whose ``output`` is :func:`lora_output` or, for
-DoRA, :func:`dora_layer_output`. It decides the compute dtype (autocast's, else the
-base's), runs the variant's eval output or RoRA training op, and casts back. The training
+*variant* (:mod:`rora_fast.variants`). It decides the compute dtype (autocast's, else the
+base's), gathers the call's parts in one :class:`LayerCall`, hands it to the variant's
+``output`` (:func:`lora_output` or, for DoRA, :func:`dora_layer_output`: the eval output
+or the RoRA training op), and casts back. The training
 op itself is :func:`training_forward`: the call's mask seed, the forward count of the
 penalty hook, and :func:`rora_fast.functional.rora_linear`. A base whose dense weight is not kept between
 calls (bitsandbytes) has it rebuilt for backward instead of saved
@@ -25,7 +26,7 @@ from torch import nn
 from . import functional as F_rora
 from . import penalty as _penalty
 
-__all__ = ["layer_forward", "lora_output", "dora_layer_output", "training_forward",
+__all__ = ["layer_forward", "LayerCall", "lora_output", "dora_layer_output", "training_forward",
            "count_training_forward", "draw_seed", "saved_as_recompute", "dora_output",
            "weight_norm"]
 
@@ -100,25 +101,51 @@ def saved_as_recompute(owner, recompute: Callable[[], torch.Tensor]):
         owner.__dict__["_rora_dense"] = None
 
 
-def training_forward(layer: nn.Module, x: torch.Tensor, lora_dropout: nn.Module,
-                     weight: Callable[[], torch.Tensor], b: Optional[torch.Tensor],
-                     A: torch.Tensor, B: torch.Tensor, scaling: float, p: float,
-                     backend: Optional[str] = None, need_x_lora: bool = False,
-                     masked_weight: Optional[Callable] = None, recompute: bool = False):
-    """The RoRA training op of one call, all tensors in the compute dtype:
+class LayerCall:
+    """One call of a RoRA layer, as every step of its forward reads it: the layer, its
+    *base* strategy and the module holding the weight, the adapter factors ``A``/``B``
+    and scale, the weight-dropout ``p``, the LoRA input dropout module, train/eval, the
+    backend and the compute dtype. Built once per call by :func:`layer_forward` and
+    handed on whole (the variant's ``output``, :func:`training_forward`), instead of
+    the same dozen values passed along positionally at every step."""
+
+    __slots__ = ("layer", "base", "holder", "A", "B", "scaling", "p", "lora_dropout",
+                 "training", "backend", "cdtype")
+
+    def __init__(self, layer, base, holder, A, B, scaling, p, lora_dropout, training,
+                 backend, cdtype):
+        self.layer, self.base, self.holder = layer, base, holder
+        self.A, self.B, self.scaling, self.p = A, B, scaling, p
+        self.lora_dropout, self.training, self.backend = lora_dropout, training, backend
+        self.cdtype = cdtype
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base's dense weight in the compute dtype."""
+        return self.base.dense_weight(self.holder, self.cdtype)
+
+
+def training_forward(call: LayerCall, x: torch.Tensor, b: Optional[torch.Tensor],
+                     A: torch.Tensor, B: torch.Tensor, need_x_lora: bool = False):
+    """The RoRA training op of one call, all tensors in the compute dtype (``A``, ``B``,
+    ``b``: the call's factors and bias cast to it):
     ``x (M ⊙ W)ᵀ/(1−p) + b + s x̃ AᵀBᵀ``.
 
-    ``weight()`` gives the dense base weight ``W``; ``masked_weight(seed, p)``, where a base
-    has one (a 4-bit base's one-pass dequantize+mask kernel), gives ``(M ⊙ W)/(1−p)``
-    directly, and the op is then called with ``p = 0`` on it (bit-identical). With
-    ``recompute`` that weight is rebuilt for backward instead of saved.
+    The base gives the dense weight ``W`` (:meth:`LayerCall.dense_weight`) or, where it
+    has one (a 4-bit base's one-pass dequantize+mask kernel), ``(M ⊙ W)/(1−p)`` directly
+    (``masked_weight_fn``); the op is then called with ``p = 0`` on it (bit-identical).
+    A base with ``recompute`` has that weight rebuilt for backward instead of saved.
 
     The LoRA input ``x̃``: an ``nn.Dropout`` (what RoRA and PEFT layers hold) is drawn by
     the op itself from the call's seed (:func:`rora_fast.reference.lora_input`, the
     ``nn.Dropout`` distribution; nothing of ``x̃`` is kept for backward), or, with
     ``need_x_lora`` (DoRA needs ``x̃`` itself), returned as a differentiable tensor by
     :func:`rora_fast.functional.lora_dropout_input`; ``nn.Identity`` gives ``x̃ = x``;
-    any other module is called. Returns ``(y, x̃ or None, seed, W)``."""
+    any other module is called. Returns ``(y, x̃ or None, seed, W)``.
+
+    The op below (:func:`rora_fast.functional.rora_linear`) takes its tensors
+    positionally, like ``torch.nn.functional.linear``: it is public, and the autograd
+    Function under it must receive every tensor it differentiates as an argument."""
+    lora_dropout, p, base = call.lora_dropout, call.p, call.base
     kind = type(lora_dropout)
     x_lora = None
     lora_p = 0.0
@@ -127,25 +154,27 @@ def training_forward(layer: nn.Module, x: torch.Tensor, lora_dropout: nn.Module,
             lora_p = lora_dropout.p
     elif kind is not nn.Identity:
         x_lora = lora_dropout(x)
+    masked_weight = base.masked_weight_fn(call.holder, x, call.cdtype)
     if masked_weight is not None and p:
         seed = draw_seed()
         get_w = _bind_masked(masked_weight, seed, p)
         p = 0.0
     else:
-        get_w = weight
+        get_w = call.dense_weight
         seed = draw_seed(x.device) if p or lora_p else 0
     if lora_p and need_x_lora:
         x_lora, lora_p = F_rora.lora_dropout_input(x, seed, lora_p), 0.0
+    layer = call.layer
     count_training_forward(layer)
-    if not recompute:
+    if not base.recompute:
         W = get_w()
-        y = F_rora.rora_linear(x, x_lora, W, b, A, B, scaling, p, seed, backend=backend,
-                               lora_p=lora_p)
+        y = F_rora.rora_linear(x, x_lora, W, b, A, B, call.scaling, p, seed,
+                               backend=call.backend, lora_p=lora_p)
         return y, x_lora, seed, W
     with saved_as_recompute(layer, get_w):
         W = layer.__dict__["_rora_dense"] = get_w()  # recognised by the saved-tensor hook
-        y = F_rora.rora_linear(x, x_lora, W, b, A, B, scaling, p, seed, backend=backend,
-                               lora_p=lora_p)
+        y = F_rora.rora_linear(x, x_lora, W, b, A, B, call.scaling, p, seed,
+                               backend=call.backend, lora_p=lora_p)
     return y, x_lora, seed, W
 
 
@@ -158,11 +187,12 @@ def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(weight.to(delta.dtype) + delta, dim=1)
 
 
-def dora_output(y, b, x, x_lora, W, A, B, scaling, magnitude, cdtype, p, seed, backend):
+def dora_output(call: LayerCall, y, b, x, x_lora, W, A, B, magnitude, p, seed):
     """DoRA on top of ``y = x Ŵᵀ + s x̃ AᵀBᵀ`` (no bias), as PEFT's DoRA layer:
     ``g = m / ‖W + s·BA‖_row`` (norm detached, undropped ``W``), and
     ``out = y + (g − 1) ⊙ (x̃ Ŵᵀ + s x̃ AᵀBᵀ) + b``; when ``x̃`` is ``x`` this is
     ``g ⊙ y + b``. In eval, ``p = 0``."""
+    scaling, cdtype = call.scaling, call.cdtype
     with torch.no_grad():
         norm = weight_norm(W, scaling * (B @ A)).to(cdtype)
     g = magnitude.to(cdtype) / norm
@@ -170,7 +200,7 @@ def dora_output(y, b, x, x_lora, W, A, B, scaling, magnitude, cdtype, p, seed, b
         out = g * y
     else:
         inner = F_rora.rora_linear(x_lora, None, W, None, A, B, scaling, p, seed,
-                                   backend=backend)
+                                   backend=call.backend)
         out = y + (g - 1) * inner
     return out + b if b is not None else out
 
@@ -186,7 +216,8 @@ def layer_forward(layer: nn.Module, base, holder: nn.Module, x: torch.Tensor,
     """The forward of a RoRA layer: ``base`` (a :class:`rora_fast.bases.Base`) reads the
     weight and bias of ``holder`` (the layer itself for a dense ``RoraLinear``, the wrapped
     module otherwise); ``variant`` (a :class:`rora_fast.variants.Variant`) gives the output
-    (:func:`lora_output`, or DoRA's :func:`dora_layer_output`).
+    (:func:`lora_output`, or DoRA's :func:`dora_layer_output`) of the call
+    (:class:`LayerCall`).
 
     Compute dtype: autocast's when autocast is on (the output stays in it), else the
     base's (:meth:`~rora_fast.bases.Base.compute_dtype`); the input is cast to it and the
@@ -195,9 +226,10 @@ def layer_forward(layer: nn.Module, base, holder: nn.Module, x: torch.Tensor,
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         cdtype = torch.get_autocast_dtype(dev)
+        call = LayerCall(layer, base, holder, A, B, scaling, p, lora_dropout, training,
+                         backend, cdtype)
         with torch.autocast(dev, enabled=False):
-            return variant.output(layer, base, holder, _cast(x, cdtype), A, B, scaling, p,
-                                  lora_dropout, training, backend, cdtype)
+            return variant.output(call, _cast(x, cdtype))
     cdtype = base.compute_dtype(holder, x)
     in_dtype = x.dtype
     if in_dtype != cdtype:
@@ -208,40 +240,33 @@ def layer_forward(layer: nn.Module, base, holder: nn.Module, x: torch.Tensor,
             raise TypeError(f"input dtype {in_dtype} does not match the layer's dtype "
                             f"{cdtype} (cast the input or use torch.autocast)")
         x = x.to(cdtype)
-    y = variant.output(layer, base, holder, x, A, B, scaling, p, lora_dropout, training,
-                       backend, cdtype)
+    y = variant.output(LayerCall(layer, base, holder, A, B, scaling, p, lora_dropout,
+                                 training, backend, cdtype), x)
     return y if y.dtype == in_dtype else y.to(in_dtype)
 
 
-def lora_output(layer, base, holder, x, A, B, scaling, p, lora_dropout, training, backend,
-                cdtype):
-    """``x Wᵀ + b + s x̃ AᵀBᵀ`` in ``cdtype`` (in training with the masked ``W``): the
-    output of every variant without a magnitude."""
-    b = _cast(holder.bias, cdtype)
-    A, B = _cast(A, cdtype), _cast(B, cdtype)
-    if not training:
-        lora = scaling * ((x @ A.t()) @ B.t())
-        W = base.dense_weight(holder, cdtype)
-        return nn.functional.linear(x, W, b) + lora
-    return training_forward(
-        layer, x, lora_dropout, lambda: base.dense_weight(holder, cdtype), b, A, B, scaling,
-        p, backend=backend, need_x_lora=False,
-        masked_weight=base.masked_weight_fn(holder, x, cdtype), recompute=base.recompute)[0]
+def lora_output(call: LayerCall, x: torch.Tensor) -> torch.Tensor:
+    """``x Wᵀ + b + s x̃ AᵀBᵀ`` in the compute dtype (in training with the masked ``W``):
+    the output of every variant without a magnitude."""
+    cdtype = call.cdtype
+    b = _cast(call.holder.bias, cdtype)
+    A, B = _cast(call.A, cdtype), _cast(call.B, cdtype)
+    if not call.training:
+        lora = call.scaling * ((x @ A.t()) @ B.t())
+        return nn.functional.linear(x, call.dense_weight(), b) + lora
+    return training_forward(call, x, b, A, B)[0]
 
 
-def dora_layer_output(layer, base, holder, x, A, B, scaling, p, lora_dropout, training,
-                      backend, cdtype, magnitude):
+def dora_layer_output(call: LayerCall, x: torch.Tensor, magnitude) -> torch.Tensor:
     """DoRA's output (:func:`dora_output`) with the magnitude ``magnitude``."""
-    b = _cast(holder.bias, cdtype)
-    A, B = _cast(A, cdtype), _cast(B, cdtype)
-    if not training:
-        lora = scaling * ((x @ A.t()) @ B.t())
-        W = base.dense_weight(holder, cdtype)
+    cdtype = call.cdtype
+    b = _cast(call.holder.bias, cdtype)
+    A, B = _cast(call.A, cdtype), _cast(call.B, cdtype)
+    if not call.training:
+        lora = call.scaling * ((x @ A.t()) @ B.t())
+        W = call.dense_weight()
         y = nn.functional.linear(x, W) + lora
-        return dora_output(y, b, x, x, W, A, B, scaling, magnitude, cdtype, 0.0, 0, backend)
-    y, x_lora, seed, W = training_forward(
-        layer, x, lora_dropout, lambda: base.dense_weight(holder, cdtype), None, A, B,
-        scaling, p, backend=backend, need_x_lora=True,
-        masked_weight=base.masked_weight_fn(holder, x, cdtype), recompute=base.recompute)
-    return dora_output(y, b, x, x if x_lora is None else x_lora, W, A, B, scaling,
-                       magnitude, cdtype, p, seed, backend)
+        return dora_output(call, y, b, x, x, W, A, B, magnitude, 0.0, 0)
+    y, x_lora, seed, W = training_forward(call, x, None, A, B, need_x_lora=True)
+    return dora_output(call, y, b, x, x if x_lora is None else x_lora, W, A, B, magnitude,
+                       call.p, seed)

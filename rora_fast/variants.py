@@ -64,7 +64,7 @@ class Variant:
     #: only a dense base can carry it (a quantized base would have to be requantized, or
     #: has no implementation of it)
     needs_dense_base = False
-    #: the forward's output (:mod:`rora_fast.forward`), same arguments for every variant
+    #: the forward's output, ``output(call, x)`` (a :class:`rora_fast.forward.LayerCall`)
     output = staticmethod(lora_output)
 
     def __reduce__(self):  # copies (deepcopy, pickle) are the same singleton
@@ -327,12 +327,10 @@ class Dora(Variant):
         return self.start.export_factors(layer)
 
     # the magnitude's
-    def output(self, layer, base, holder, x, A, B, scaling, p, lora_dropout, training,
-               backend, cdtype):
+    def output(self, call, x):
         """The DoRA forward (:func:`rora_fast.forward.dora_layer_output`) with the layer's
         magnitude."""
-        return dora_layer_output(layer, base, holder, x, A, B, scaling, p, lora_dropout,
-                                 training, backend, cdtype, layer.lora_magnitude)
+        return dora_layer_output(call, x, call.layer.lora_magnitude)
 
     def init_magnitude(self, layer, W):
         """``‖W + s·BA‖_row`` at init."""
