@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, help="path prefix of .json/.md/.png")
     args = ap.parse_args(argv)
-    variants = {"before": (os.path.abspath(args.before_tree), []), "random": (HERE, []),
+    variants = {"before": (os.path.abspath(args.before_tree), []),
+                "random": (HERE, ["--no-group-by-length"]),
                 "grouped": (HERE, ["--group-by-length"])}
     from rora_harness.poisoning import default_cache_dir, poison_key
     from rora_harness.runner import RunSpec, poison_config_for

@@ -51,8 +51,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, default=d.lr)
     r.add_argument("--batch-size", type=int, default=d.batch_size)
     r.add_argument("--max-length", type=int, default=d.max_length)
-    r.add_argument("--group-by-length", action="store_true",
-                   help="length-grouped batches (faster on a CPU; another draw of the schedule)")
+    r.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                   default=d.group_by_length,
+                   help="length-grouped batches (faster on a CPU; another draw of the "
+                        "schedule); default: %(default)s")
     r.add_argument("--target-modules", default=d.target_modules,
                    help="'all-linear' (default), 'peft-default' (PEFT's per-model default), "
                         "or a comma list of module-name suffixes")

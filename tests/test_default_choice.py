@@ -21,7 +21,8 @@ def test_presets_run_the_best_measured_configuration():
     fields = rows[pick]["harness"]
     for name in ("small", "demo"):
         assert {"rescale": PRESETS[name].rescale, "repair": PRESETS[name].repair,
-                "epochs": PRESETS[name].epochs} == fields, name
+                "epochs": PRESETS[name].epochs,
+                "group_by_length": PRESETS[name].group_by_length} == fields, name
     # it is complete and at least as good as the paper's rule alone
     assert rows[pick]["complete"]
     assert rows[pick]["worst_margin"] >= rows["rora (paper rule)"]["worst_margin"]

@@ -83,9 +83,11 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
     if defence:
         o.add_argument("--epochs", type=float, default=None)
         o.add_argument("--lr", type=float, default=None, help="default 2e-3 adapters, 2e-5 FFT")
-        o.add_argument("--group-by-length", action="store_true",
+        o.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                       default=None,
                        help="length-grouped training batches: about 2x faster on a CPU, "
-                            "another draw of the same schedule (not the same run)")
+                            "another draw of the same schedule (not the same run); "
+                            "default: the preset's choice")
     if defence or eval_sizes:
         o.add_argument("--max-length", type=int, default=None)
     if defence:

@@ -44,6 +44,9 @@ class Preset:
     # clean dev rows), and whether the head bias is then re-fitted on them (repair.py)
     rescale: str = "paper"
     repair: bool = False
+    # the defender's training batches: random (False) or length-grouped (True,
+    # rora_fast.loop's group_by_length), unless the run says
+    group_by_length: bool = False
 
 
 PRESETS: Dict[str, Preset] = {

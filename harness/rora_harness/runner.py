@@ -74,7 +74,8 @@ class RunSpec:
     # after rescaling: re-fit the head bias on clean dev (repair.py); None: the preset's
     # choice for methods with rescaling, False for the others
     repair: Optional[bool] = None
-    group_by_length: bool = False  # length-grouped training batches (training.py)
+    # length-grouped training batches (rora_fast.loop); None: the preset's choice
+    group_by_length: Optional[bool] = None
     # "paper" | "adaptive" (rora_fast.adaptive_rescale_ on dev); None: the preset's choice
     # for methods with rescaling, "paper" for the others
     rescale: Optional[str] = None
@@ -99,6 +100,8 @@ class RunSpec:
         d = dataclasses.asdict(self)
         rescale, repair = self.rescale_choice()
         d["rescale"], d["repair"] = rescale, repair
+        d["group_by_length"] = bool(p.group_by_length if self.group_by_length is None
+                                    else self.group_by_length)
         for k, default in (("poison_max_epochs", None), ("repair", False),
                            ("group_by_length", False), ("rescale", "paper"),
                            ("rescale_tolerance", 1.0)):
@@ -248,7 +251,7 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tcfg = TrainConfig(lr=dcfg.lr_for(method), epochs=res_spec["epochs"], batch_size=32,
                        max_length=L, evals_per_epoch=res_spec["evals_per_epoch"],
-                       group_by_length=spec.group_by_length)
+                       group_by_length=res_spec.get("group_by_length", False))
     t0 = time.time()
     tlog = train(model, tok, sets["train"], tcfg, spec.seed, dev_set=sets["dev"],
                  desc=f"{spec.method}")

@@ -18,7 +18,9 @@ not it meets all three. Every per-seed number is read from the run files it came
 * ``adaptive-study/runs/``: the adaptive rescale (and + repair), rung by rung;
 * ``retrain-study/ep12-<task>/seeds.json`` and ``retrain-study/posthoc-ep12/``: the same
   schedule at 12 epochs (``--epochs 12``), judged against LoRA trained 12 epochs on the same
-  rows and seeds (``REFERENCE``).
+  rows and seeds (``REFERENCE``);
+* ``retrain-study/ep12g-<task>/seeds.json``: 12 epochs with length-grouped batches
+  (``--group-by-length``), judged against LoRA trained the same way.
 
 Writes ``benchmarks/results/eval/default-choice.{json,md,png}`` and the block of
 docs/results.md between its markers. ``tests/test_default_choice.py`` checks that the
@@ -42,22 +44,32 @@ CELLS = ("sst2_sentence", "cr")
 KEYS = ("CA", "ASR", "ASR_floor")
 SEEDS = (0, 1, 2, 3, 4)
 
+
+def _fields(rescale, repair, epochs, grouped=False):
+    return {"rescale": rescale, "repair": repair, "epochs": epochs, "group_by_length": grouped}
+
+
 #: configuration -> the preset fields that run it (None: not a harness option)
-HARNESS = {"rora (paper rule)": {"rescale": "paper", "repair": False, "epochs": 4},
-           "rora + repair": {"rescale": "paper", "repair": True, "epochs": 4},
-           "rora, adaptive rescale": {"rescale": "adaptive", "repair": False, "epochs": 4},
-           "rora, adaptive rescale + repair": {"rescale": "adaptive", "repair": True,
-                                               "epochs": 4},
-           "rora (paper rule), 12 epochs": {"rescale": "paper", "repair": False, "epochs": 12},
-           "rora + repair, 12 epochs": {"rescale": "paper", "repair": True, "epochs": 12}}
+HARNESS = {"rora (paper rule)": _fields("paper", False, 4),
+           "rora + repair": _fields("paper", True, 4),
+           "rora, adaptive rescale": _fields("adaptive", False, 4),
+           "rora, adaptive rescale + repair": _fields("adaptive", True, 4),
+           "rora (paper rule), 12 epochs": _fields("paper", False, 12),
+           "rora + repair, 12 epochs": _fields("paper", True, 12),
+           "rora (paper rule), 12 epochs, grouped": _fields("paper", False, 12, True),
+           "rora + repair, 12 epochs, grouped": _fields("paper", True, 12, True)}
 
 #: LoRA of the same schedule: every configuration is judged against the row named here
-#: (default "lora", 4 epochs)
+#: (default "lora", 4 epochs); "grouped": length-grouped training batches (``--group-by-length``),
+#: for LoRA as for RoRA
 LORA12 = "lora, 12 epochs"
-REFERENCE = {n: LORA12 for n in ("rora (paper rule), 12 epochs", "rora + repair, 12 epochs",
-                                 "rora + head re-fit, 12 epochs (script only)",
-                                 "rora, top 2 + head re-fit, 12 epochs (script only)")}
-REFERENCES = ("lora", LORA12)
+LORA12G = "lora, 12 epochs, grouped"
+REFERENCE = {**{n: LORA12 for n in ("rora (paper rule), 12 epochs", "rora + repair, 12 epochs",
+                                    "rora + head re-fit, 12 epochs (script only)",
+                                    "rora, top 2 + head re-fit, 12 epochs (script only)")},
+             **{n: LORA12G for n in ("rora (paper rule), 12 epochs, grouped",
+                                     "rora + repair, 12 epochs, grouped")}}
+REFERENCES = ("lora", LORA12, LORA12G)
 
 
 def _load(path: str) -> Optional[Dict]:
@@ -108,6 +120,9 @@ def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
         put_seeds(os.path.join(study, f"ep12-{cell}", "seeds.json"), cell,
                   (("lora", LORA12), ("rora", "rora (paper rule), 12 epochs"),
                    ("rora+repair", "rora + repair, 12 epochs")))
+        put_seeds(os.path.join(study, f"ep12g-{cell}", "seeds.json"), cell,
+                  (("lora", LORA12G), ("rora", "rora (paper rule), 12 epochs, grouped"),
+                   ("rora+repair", "rora + repair, 12 epochs, grouped")))
         put_posthoc(os.path.join(study, "posthoc-ep12", "aggregate.json"), cell,
                     (("rora@top3+head", "rora + head re-fit, 12 epochs (script only)"),
                      ("rora@top2+head", "rora, top 2 + head re-fit, 12 epochs (script only)")))
@@ -177,7 +192,8 @@ def markdown(rows: Dict[str, Dict], pick: str) -> str:
         r = rows[n]
         opt = ("" if r["harness"] is None else
                f"`rescale={r['harness']['rescale']}, repair={r['harness']['repair']}, "
-               f"epochs={r['harness']['epochs']}`")
+               f"epochs={r['harness']['epochs']}"
+               + (", group_by_length=True" if r["harness"]["group_by_length"] else "") + "`")
         for cell in CELLS:
             st = r["cells"][cell]
             mg = st.get("margins")
