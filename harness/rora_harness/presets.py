@@ -50,9 +50,10 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    # demo: 2,000 IMDB rows for the attacker (750 poisoned; same poisoned model as "small"), 1,500 SST-2 rows x 12 epochs for
-    # the defender (188 steps), full SST-2 test set; adapters on all linear layers (see the
-    # evaluation notes: with query/value only the effect does not show at this scale).
+    # demo: 2,000 IMDB rows for the attacker (750 poisoned; same poisoned model as "small"),
+    # 1,500 SST-2 rows x 12 epochs for the defender (564 steps), full SST-2 test set; adapters
+    # on all linear layers (see the evaluation notes: with query/value only the effect does
+    # not show at this scale).
     "demo": Preset("demo", 2000, 0.375, 64, 40, 5e-5, 3, 1500, 872, None, 64, 12.0,
                    target_modules="all-linear", repair=True),
     "small": Preset("small", 2000, 0.375, 64, 40, 5e-5, 3, 2000, 872, None, 64, 12.0,
