@@ -62,6 +62,7 @@ class FinetuneConfig:
     max_length: int = 128
     evals_per_epoch: int = 1
     group_by_length: bool = False
+    micro_batches: int = 1
     seed: int = 0
     validation_fraction: float = 0.1   # held out of the training rows when no validation
     precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere
@@ -73,10 +74,13 @@ class FinetuneConfig:
         for name in ("epochs", "lr"):
             check_number(name, getattr(self, name), lo=0, lo_open=True)
         check_number("rescale_tolerance", self.rescale_tolerance, lo=0)
-        for name in ("batch_size", "max_length", "evals_per_epoch"):
+        for name in ("batch_size", "max_length", "evals_per_epoch", "micro_batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.micro_batches > self.batch_size:
+            raise ValueError(f"micro_batches ({self.micro_batches}) must be at most "
+                             f"batch_size ({self.batch_size})")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got "
                              f"{self.validation_fraction!r}")
@@ -287,7 +291,8 @@ def finetune(model, tokenizer, train, validation=None, config: Optional[Finetune
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tcfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
                        max_length=config.max_length, evals_per_epoch=config.evals_per_epoch,
-                       group_by_length=config.group_by_length, autocast=amp)
+                       group_by_length=config.group_by_length,
+                       micro_batches=config.micro_batches, autocast=amp)
     t0 = time.time()
     tlog = train_loop(model, tokenizer, train_rows, tcfg, config.seed, dev_set=val_rows,
                       desc="rora", checkpoint=checkpoint, resume=resume,

@@ -55,6 +55,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    default=d.group_by_length,
                    help="length-grouped batches (faster on a CPU; another draw of the "
                         "schedule); default: %(default)s")
+    r.add_argument("--micro-batches", type=int, default=d.micro_batches, metavar="K",
+                   help="compute each batch in K forwards of rows of similar length (the "
+                        "same batch and loss, less padding); default: %(default)s")
     r.add_argument("--target-modules", default=d.target_modules,
                    help="'all-linear' (default), 'peft-default' (PEFT's per-model default), "
                         "or a comma list of module-name suffixes")
@@ -136,7 +139,8 @@ def cmd_train(args) -> int:
         target_modules=target_modules, rescale_layers=args.rescale_layers,
         rescale=args.rescale, rescale_tolerance=args.rescale_tolerance, repair=args.repair,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        max_length=args.max_length, group_by_length=args.group_by_length, seed=args.seed,
+        max_length=args.max_length, group_by_length=args.group_by_length,
+        micro_batches=args.micro_batches, seed=args.seed,
         validation_fraction=args.validation_fraction, precision=args.precision)
     out = args.out
     if os.path.exists(os.path.join(out, "report.json")) and not args.resume:

@@ -160,3 +160,65 @@ def test_training_bar_is_not_redrawn_every_step_when_redirected(tok, make_tiny_b
                                                    max_length=24), seed=0)
     assert log["steps"] == 20
     assert err.getvalue().count("train:") <= 3, err.getvalue()[-500:]
+
+
+def test_micro_batches_keep_the_step_and_pad_less(tok, make_tiny_bert):
+    """micro_batches k: the same rows per step and the same gradient (dropout off), in k
+    forwards of rows of similar length (fewer padded tokens)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    from transformers import AutoModelForSequenceClassification
+    data = _rows(64)
+    grads, widths, losses = {}, {}, {}
+    for k in (1, 4):
+        model = AutoModelForSequenceClassification.from_pretrained(make_tiny_bert(1))
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        seen = []
+        model.register_forward_pre_hook(
+            lambda m, args, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+        got = []
+        handle = register_optimizer_step_pre_hook(lambda opt, a, kw: got.append(
+            [p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+        try:
+            log = train(model, tok, data, TrainConfig(lr=1e-3, epochs=1, batch_size=16,
+                                                      max_length=48, micro_batches=k,
+                                                      max_steps=1, select_on_dev=False),
+                        seed=0)
+        finally:
+            handle.remove()
+        assert log["steps"] == 1 and len(seen) == k
+        grads[k], widths[k], losses[k] = got[0], sum(seen), log["loss_first"]
+    for a, b in zip(grads[1], grads[4]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert losses[4] == pytest.approx(losses[1], rel=1e-4)
+    assert widths[4] < 0.8 * widths[1]
+    for bad in (0, 17, 2.0, True):
+        with pytest.raises(ValueError, match="micro_batches"):
+            train(model, tok, data, TrainConfig(batch_size=16, micro_batches=bad), seed=0)
+
+
+def test_micro_batches_split_by_length():
+    from rora_fast.loop import micro_batches
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    assert micro_batches([0, 1, 2], 1, None) == [([0, 1, 2], 1.0)]
+    parts = micro_batches(list(range(7)), 3, lengths)
+    assert [p for p, _ in parts] == [[1, 5], [3, 0], [4, 6, 2]]
+    assert sum(w for _, w in parts) == pytest.approx(1.0)
+    assert [p for p, _ in micro_batches([0, 1], 4, lengths)] == [[1], [0]]
+
+
+def test_micro_batches_through_every_door():
+    """One option, one meaning: RunSpec (preset default 1, not hashed: run ids unchanged),
+    FinetuneConfig and both command lines refuse a bad value up front."""
+    from rora_fast.finetuning import FinetuneConfig
+    base = RunSpec(task="sst2_sentence", method="rora", preset="small", seed=0)
+    assert "micro_batches" not in base.resolved()
+    four = RunSpec(task="sst2_sentence", method="rora", preset="small", seed=0, micro_batches=4)
+    assert four.resolved()["micro_batches"] == 4 and run_id(four) != run_id(base)
+    for bad in (0, 33, 1.5):
+        with pytest.raises(ValueError, match="micro_batches"):
+            RunSpec(method="rora", micro_batches=bad).resolved()
+        with pytest.raises(ValueError, match="micro_batches"):
+            FinetuneConfig(micro_batches=bad)
+    assert FinetuneConfig().micro_batches == 1

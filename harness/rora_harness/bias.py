@@ -82,7 +82,8 @@ def _spec_from(stored: Dict):
     names = {f.name for f in dataclasses.fields(RunSpec)}
     # a stored (resolved) spec omits these at their old defaults: explicit here, so that a
     # run file keeps its run id whatever the presets now choose
-    stored = {"rescale": "paper", "repair": False, "group_by_length": False, **stored}
+    stored = {"rescale": "paper", "repair": False, "group_by_length": False,
+              "micro_batches": 1, **stored}
     return RunSpec(**{k: v for k, v in stored.items() if k in names})
 
 

@@ -88,6 +88,10 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
                        help="length-grouped training batches: about 2x faster on a CPU, "
                             "another draw of the same schedule (not the same run); "
                             "default: the preset's choice")
+        o.add_argument("--micro-batches", type=int, default=None, metavar="K",
+                       help="compute each training batch in K forwards of rows of similar "
+                            "length (the same batch and loss, less padding; dropout drawn "
+                            "per forward); default: the preset's choice (1)")
     if defence or eval_sizes:
         o.add_argument("--max-length", type=int, default=None)
     if defence:

@@ -47,6 +47,9 @@ class Preset:
     # the defender's training batches: random (False) or length-grouped (True,
     # rora_fast.loop's group_by_length), unless the run says
     group_by_length: bool = False
+    # forwards per training batch (rora_fast.loop's micro_batches: the same batch and loss,
+    # rows of similar length per forward), unless the run says
+    micro_batches: int = 1
 
 
 PRESETS: Dict[str, Preset] = {

@@ -76,6 +76,8 @@ class RunSpec:
     repair: Optional[bool] = None
     # length-grouped training batches (rora_fast.loop); None: the preset's choice
     group_by_length: Optional[bool] = None
+    # forwards per training batch (rora_fast.loop's micro_batches); None: the preset's choice
+    micro_batches: Optional[int] = None
     # "paper" | "adaptive" (rora_fast.adaptive_rescale_ on dev); None: the preset's choice
     # for methods with rescaling, "paper" for the others
     rescale: Optional[str] = None
@@ -102,8 +104,14 @@ class RunSpec:
         d["rescale"], d["repair"] = rescale, repair
         d["group_by_length"] = bool(p.group_by_length if self.group_by_length is None
                                     else self.group_by_length)
+        d["micro_batches"] = p.micro_batches if self.micro_batches is None else self.micro_batches
+        if (isinstance(d["micro_batches"], bool) or not isinstance(d["micro_batches"], int)
+                or not 1 <= d["micro_batches"] <= 32):
+            raise ValueError(f"micro_batches must be an int in [1, 32] (the batch size), got "
+                             f"{d['micro_batches']!r}")
         for k, default in (("poison_max_epochs", None), ("repair", False),
-                           ("group_by_length", False), ("rescale", "paper"),
+                           ("group_by_length", False), ("micro_batches", 1),
+                           ("rescale", "paper"),
                            ("rescale_tolerance", 1.0)):
             if d[k] == default:  # defaults added later are not hashed: run ids stay as before
                 del d[k]
@@ -251,7 +259,8 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tcfg = TrainConfig(lr=dcfg.lr_for(method), epochs=res_spec["epochs"], batch_size=32,
                        max_length=L, evals_per_epoch=res_spec["evals_per_epoch"],
-                       group_by_length=res_spec.get("group_by_length", False))
+                       group_by_length=res_spec.get("group_by_length", False),
+                       micro_batches=res_spec.get("micro_batches", 1))
     t0 = time.time()
     tlog = train(model, tok, sets["train"], tcfg, spec.seed, dev_set=sets["dev"],
                  desc=f"{spec.method}")
