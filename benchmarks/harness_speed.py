@@ -8,7 +8,11 @@ same machine load. A variant is a source tree and extra options:
   change), random batches;
 * ``random``: this tree, random batches (the same input tensors as before: its metrics
   must equal ``before``'s bit for bit);
-* ``grouped``: this tree, ``--group-by-length`` (length-grouped batches).
+* ``grouped``: this tree, ``--group-by-length`` (length-grouped batches);
+* ``micro4``: this tree, random batches each computed in 4 forwards of rows of similar
+  length (``--micro-batches 4``: the same batches and loss, less padding).
+
+``--epochs`` overrides the preset's schedule in every variant (the same for all).
 
 Per run it records the whole run's wall time (process start to exit: imports, loading the
 cached poisoned model, SVD bases, training with its dev evaluations, the test evaluations
@@ -77,11 +81,16 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=float, default=None, help="default: the preset's")
     ap.add_argument("--out", required=True, help="path prefix of .json/.md/.png")
     args = ap.parse_args(argv)
     variants = {"before": (os.path.abspath(args.before_tree), []),
                 "random": (HERE, ["--no-group-by-length"]),
-                "grouped": (HERE, ["--group-by-length"])}
+                "grouped": (HERE, ["--group-by-length"]),
+                "micro4": (HERE, ["--no-group-by-length", "--micro-batches", "4"])}
+    if args.epochs is not None:
+        variants = {k: (t, extra + ["--epochs", str(args.epochs)])
+                    for k, (t, extra) in variants.items()}
     from rora_harness.poisoning import default_cache_dir, poison_key
     from rora_harness.runner import RunSpec, poison_config_for
     cached = os.path.join(default_cache_dir(), poison_key(poison_config_for(RunSpec(
