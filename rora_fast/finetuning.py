@@ -68,19 +68,18 @@ class FinetuneConfig:
     precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere
 
     def __post_init__(self):
+        from .loop import check_micro_batches
         from .validation import check_choice, check_number
         check_choice("rescale", self.rescale, RESCALES)
         check_choice("precision", self.precision, PRECISIONS)
         for name in ("epochs", "lr"):
             check_number(name, getattr(self, name), lo=0, lo_open=True)
         check_number("rescale_tolerance", self.rescale_tolerance, lo=0)
-        for name in ("batch_size", "max_length", "evals_per_epoch", "micro_batches"):
+        for name in ("batch_size", "max_length", "evals_per_epoch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.micro_batches > self.batch_size:
-            raise ValueError(f"micro_batches ({self.micro_batches}) must be at most "
-                             f"batch_size ({self.batch_size})")
+        check_micro_batches(self.micro_batches, self.batch_size)
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got "
                              f"{self.validation_fraction!r}")

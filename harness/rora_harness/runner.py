@@ -31,11 +31,13 @@ from .poisoning import PROXY, PoisonConfig, poison_model
 from .presets import DEFENCE_DEFAULTS, HPARAM_SYMBOL, PRESETS, method_label, paper_row
 from .spectra import (delta_stats, plot_ca_asr_curves, plot_layer_stats, plot_scale_sweep,
                       write_json)
-from rora_fast.loop import (TrainConfig, labelled_batches, load_trainable_state, predict, set_seed,
-                       train, trainable_state)
+from rora_fast.loop import (TrainConfig, check_micro_batches, labelled_batches,
+                            load_trainable_state, predict, set_seed, train, trainable_state)
 
 #: how ``run_defence`` sets the strength of the post-training rescaling
 RESCALE_MODES = ("paper", "adaptive")
+#: the defender's training batch (the paper's A.1)
+BATCH_SIZE = 32
 
 __all__ = ["RunSpec", "poison_config_for", "prepare_sets", "evaluate", "run_defence",
            "write_summary", "run_spectra", "run_rescale_sweep", "run_param_sweep"]
@@ -105,10 +107,7 @@ class RunSpec:
         d["group_by_length"] = bool(p.group_by_length if self.group_by_length is None
                                     else self.group_by_length)
         d["micro_batches"] = p.micro_batches if self.micro_batches is None else self.micro_batches
-        if (isinstance(d["micro_batches"], bool) or not isinstance(d["micro_batches"], int)
-                or not 1 <= d["micro_batches"] <= 32):
-            raise ValueError(f"micro_batches must be an int in [1, 32] (the batch size), got "
-                             f"{d['micro_batches']!r}")
+        check_micro_batches(d["micro_batches"], BATCH_SIZE)
         for k, default in (("poison_max_epochs", None), ("repair", False),
                            ("group_by_length", False), ("micro_batches", 1),
                            ("rescale", "paper"),
@@ -257,7 +256,8 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
     w_pre = _fft_linear_weights(pmodel) if method.kind == "fft" else None
     model = build_defence(pmodel, method, dcfg)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tcfg = TrainConfig(lr=dcfg.lr_for(method), epochs=res_spec["epochs"], batch_size=32,
+    tcfg = TrainConfig(lr=dcfg.lr_for(method), epochs=res_spec["epochs"],
+                       batch_size=BATCH_SIZE,
                        max_length=L, evals_per_epoch=res_spec["evals_per_epoch"],
                        group_by_length=res_spec.get("group_by_length", False),
                        micro_batches=res_spec.get("micro_batches", 1))
