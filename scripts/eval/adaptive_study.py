@@ -2,7 +2,8 @@
 from the committed RoRA adapters (no retraining).
 
 For each schedule (``small``: the 4-epoch runs of ``seeds-<task>-badnet``; ``ep12``: the
-12-epoch runs of ``retrain-study/ep12-<task>``; ``demo``: ``seeds-demo-sst2_sentence-
+12-epoch runs of ``retrain-study/ep12-<task>``; ``ep12g``: the same with length-grouped
+batches, ``retrain-study/ep12g-<task>``; ``demo``: ``seeds-demo-sst2_sentence-
 badnet``), cell (SST-2 <- IMDB BadNet, CR <- MR BadNet) and seed, the saved RoRA adapter
 is loaded onto that seed's poisoned model (``defended_model``, the path of ``rora-fast
 seeds``), and every rung of ``GRID`` (top ``layers`` blocks at ``factor`` x the paper's
@@ -43,6 +44,8 @@ SCHEDULES = {
     "small": {"sst2_sentence": f"{REL}/seeds-sst2_sentence-badnet", "cr": f"{REL}/seeds-cr-badnet"},
     "ep12": {"sst2_sentence": f"{REL}/retrain-study/ep12-sst2_sentence",
              "cr": f"{REL}/retrain-study/ep12-cr"},
+    "ep12g": {"sst2_sentence": f"{REL}/retrain-study/ep12g-sst2_sentence",
+              "cr": f"{REL}/retrain-study/ep12g-cr"},
     "demo": {"sst2_sentence": f"{REL}/seeds-demo-sst2_sentence-badnet"},
 }
 #: the rungs measured: (top blocks, factor x the paper's scale)
