@@ -49,7 +49,7 @@ SCHEDULES = {
     "demo": {"sst2_sentence": f"{REL}/seeds-demo-sst2_sentence-badnet"},
 }
 #: the rungs measured: (top blocks, factor x the paper's scale)
-GRID = [(2, 1.0), (3, 0.25), (3, 0.5), (3, 1.0)]
+GRID = [(2, 1.0), (3, 0.25), (3, 0.5), (3, 0.75), (3, 1.0)]
 #: adaptive ladders (weakest first) evaluated by the summary
 LADDERS = {
     "top3 x{.25,.5,1}": [(3, 0.25), (3, 0.5), (3, 1.0)],
@@ -114,7 +114,11 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
         # the dev label frequencies (rora_fast.repair; the dev logits the
         # adaptive rule measured, dev rows only)
         shift = frequency_bias_shift(zd.double().cpu(), dev_labels).float()
+        # the dev accuracy after that shift (what a rule for "rescale + repair" would see)
+        dev_rep = (zd.float().cpu() + shift).argmax(-1)
         rows.append({"layers": step.layers if step else 0, "factor": step.factor if step else 0.0,
+                     "dev_acc_repaired": round(100.0 * float((dev_rep == torch.tensor(dev_labels))
+                                                             .float().mean()), 4),
                      "test": metrics_from_logits(zt, zg, sets, attack.target_label),
                      "test_repaired": metrics_from_logits(zt + shift, zg + shift, sets,
                                                           attack.target_label),
