@@ -255,12 +255,14 @@ def test_adaptive_study_summary_margins(tmp_path, monkeypatch):
         with open(tmp_path / "seeds-cr" / "runs" / f"lora-{seed}.json", "w") as f:
             json.dump({"kind": "defence", "spec": {"method": "lora", "seed": seed},
                        "metrics": m(lca, 100.0, lfl)}, f)
-        rungs = [{"layers": 0, "factor": 0.0, "dev_acc": 85.0, "test": m(86.0, 100.0, 10.0),
-                  "test_repaired": m(86.0, 100.0, 10.0)}]
+        rungs = [{"layers": 0, "factor": 0.0, "dev_acc": 85.0, "dev_acc_repaired": 85.2,
+                  "test": m(86.0, 100.0, 10.0), "test_repaired": m(86.0, 100.0, 10.0)}]
         for L, c in study.GRID:
             strong = (L, c) == (3, 1.0)
             dev = 80.0 if strong else 84.5 - 0.1 * seed
+            # after the repair the strong rung is within 1 point: the repaired rule takes it
             rungs.append({"layers": L, "factor": c, "dev_acc": dev,
+                          "dev_acc_repaired": 84.6 if strong else 85.0,
                           "test": m(80.0 if strong else 85.0, 12.0, 11.0 + seed),
                           "test_repaired": m(81.0 if strong else 85.5, 11.0, 10.0)})
         with open(tmp_path / "out" / "runs" / f"small-cr-s{seed}.json", "w") as f:
@@ -277,6 +279,15 @@ def test_adaptive_study_summary_margins(tmp_path, monkeypatch):
     assert t["adaptive top3 x{.25,.5,1} δ=1"]["worst_margin"] == pytest.approx(-1.0)
     rep = t["adaptive top3 x{.25,.5,1} δ=1 + repair"]["cells"]["cr"]
     assert rep["CA"]["mean"] == 85.5 and t["adaptive top3 x{.25,.5,1} δ=1 + repair"]["complete"]
+    after = t["adaptive after repair top3 x{.25,.5,1} δ=1 + repair"]["cells"]["cr"]
+    assert [after["per_seed"][s_]["rung"] for s_ in ("0", "1")] == [[3, 1.0], [3, 1.0]]
+    assert after["CA"]["mean"] == 81.0
+    assert t["adaptive after repair top3 x{.25,.5,1} δ=0.5 + repair"]["cells"]["cr"][
+        "per_seed"]["0"]["rung"] == [3, 0.5]
+    # the repaired accuracy judges the repaired model only
+    assert not [c for c in t if c.startswith("adaptive after repair") and "repair" not in c[21:]]
+    # a run without a ladder's rung is left out of that ladder's rows, not guessed
+    assert study.choose(rungs[:3], [(3, 0.25), (3, 1.0)], 1.0) is None
     assert os.path.exists(tmp_path / "out" / "summary.md")
     assert os.path.exists(tmp_path / "out" / "summary.png")
 

@@ -14,7 +14,9 @@ the test split (what it never sees). One JSON per (schedule, cell, seed), resuma
 
 ``summarise`` then evaluates *configurations* over the seeds: each fixed rung, and the
 adaptive rule (the strongest rung of a ladder whose dev accuracy is within δ of the
-un-rescaled model's) for the ladders in ``LADDERS`` and δ in ``DELTAS``. The rule's choice
+un-rescaled model's) for the ladders in ``LADDERS`` and δ in ``DELTAS``, with either dev
+accuracy of ``RULES``: the model's own, or (for rescale + repair) the model's after the
+clean head-bias repair. The rule's choice
 depends on dev accuracies only, so ``choose`` replays it on the recorded ones
 (tests/test_adaptive_rescale.py checks it picks what ``adaptive_rescale_`` picks for every
 sub-ladder and δ). Each configuration is judged
@@ -54,7 +56,13 @@ GRID = [(2, 1.0), (3, 0.25), (3, 0.5), (3, 0.75), (3, 1.0)]
 LADDERS = {
     "top3 x{.25,.5,1}": [(3, 0.25), (3, 0.5), (3, 1.0)],
     "top3 x{.5,1}": [(3, 0.5), (3, 1.0)],
+    "top3 x{.5,.75,1}": [(3, 0.5), (3, 0.75), (3, 1.0)],
+    "top3 x{.75,1}": [(3, 0.75), (3, 1.0)],
 }
+#: the rules: which recorded dev accuracy the adaptive choice compares -- the model's own
+#: ("dev_acc", what rora_fast.adaptive_rescale_ measures) or the model's after the clean
+#: head-bias repair ("dev_acc_repaired": for "rescale + repair", the state it ends in)
+RULES = {"adaptive": "dev_acc", "adaptive after repair": "dev_acc_repaired"}
 DELTAS = (0.5, 1.0, 2.0)
 KEYS = ("CA", "ASR", "ASR_floor")
 
@@ -161,13 +169,17 @@ def target_margins(mine: Dict, lora: Dict) -> Dict:
             "floor": round(lora["ASR_floor"] + 5 - mine["ASR_floor"], 2)}
 
 
-def choose(rungs: List[Dict], ladder, delta: float) -> Dict:
-    """The adaptive rule on recorded dev accuracies (what adaptive_rescale_ does)."""
-    base = rungs[0]["dev_acc"]
+def choose(rungs: List[Dict], ladder, delta: float, acc: str = "dev_acc") -> Optional[Dict]:
+    """The adaptive rule on recorded dev accuracies ``acc`` (with ``dev_acc``: what
+    adaptive_rescale_ does); None when the run lacks a rung of ``ladder`` or ``acc``
+    (measured before they were recorded)."""
     by = {(r["layers"], r["factor"]): r for r in rungs[1:]}
+    if any(key not in by or acc not in by[key] for key in ladder) or acc not in rungs[0]:
+        return None
+    base = rungs[0][acc]
     pick = rungs[0]
     for key in ladder:
-        if by[key]["dev_acc"] >= base - delta:
+        if by[key][acc] >= base - delta:
             pick = by[key]
     return pick
 
@@ -180,9 +192,12 @@ def configurations() -> Dict[str, object]:
         for L, c in GRID:
             label = " (paper rule, library default)" if (L, c) == (3, 1.0) and not suffix else ""
             conf[f"top{L} x{c:g}{suffix}{label}"] = ("fixed", (L, c), key)
-        for name, ladder in LADDERS.items():
-            for d in DELTAS:
-                conf[f"adaptive {name} δ={d:g}{suffix}"] = ("adaptive", (ladder, d), key)
+        for rule, acc in RULES.items():
+            if acc == "dev_acc_repaired" and not suffix:
+                continue  # the repaired accuracy judges the repaired model only
+            for name, ladder in LADDERS.items():
+                for d in DELTAS:
+                    conf[f"{rule} {name} δ={d:g}{suffix}"] = ("adaptive", (ladder, d, acc), key)
     return conf
 
 
@@ -214,6 +229,8 @@ def summarise(out: str) -> Dict:
                             continue
                     else:
                         pick = choose(r["rungs"], *arg)
+                        if pick is None:
+                            continue
                     per[r["seed"]] = {**pick[key], "rung": [pick["layers"], pick["factor"]],
                                       "dev_acc": pick["dev_acc"]}
                 if not per:
