@@ -100,12 +100,12 @@ def penalty_value(model: nn.Module) -> float:
     return float(rora_penalty(inner))
 
 
-def spectral_rescale_distributed_(model: nn.Module, layers=None):
+def spectral_rescale_distributed_(model: nn.Module, layers=None, factor: float = 1.0):
     """:func:`rora_fast.spectral_rescale_` for plain, DDP and FSDP2 models (every rank
     computes the same scales from the gathered adapters)."""
     inner = getattr(model, "module", model)
     with full_adapters(inner):
-        return spectral_rescale_(inner, layers)
+        return spectral_rescale_(inner, layers, factor=factor)
 
 
 def save_rora_distributed(model: nn.Module, path: Union[str, Path]) -> Optional[Path]:

@@ -53,6 +53,7 @@ class FinetuneConfig:
     # after training: rescale of the top blocks ("paper", "adaptive" or "none"), repair
     rescale_layers: int = 3
     rescale: str = "paper"
+    rescale_factor: float = 1.0        # "paper": factor x σ_max(W_pre)/σ_max(update)
     rescale_tolerance: float = 1.0
     repair: bool = True
     # schedule (12 epochs: the harness's best measured schedule, docs/results.md, issue 29)
@@ -75,6 +76,10 @@ class FinetuneConfig:
         for name in ("epochs", "lr"):
             check_number(name, getattr(self, name), lo=0, lo_open=True)
         check_number("rescale_tolerance", self.rescale_tolerance, lo=0)
+        check_number("rescale_factor", self.rescale_factor, lo=0, lo_open=True)
+        if self.rescale != "paper" and self.rescale_factor != 1.0:
+            raise ValueError(f"rescale_factor={self.rescale_factor} multiplies the paper rule's "
+                             f"scale: it needs rescale='paper', got rescale={self.rescale!r}")
         for name in ("batch_size", "max_length", "evals_per_epoch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -305,7 +310,7 @@ def finetune(model, tokenizer, train, validation=None, config: Optional[Finetune
                     "spectra_before_rescale": _spectra(model)}
     if config.rescale == "paper":
         report["rescale"] = {k: float(v) for k, v in model_mod.spectral_rescale_(
-            model, layers=config.rescale_layers).items()}
+            model, layers=config.rescale_layers, factor=config.rescale_factor).items()}
     elif config.rescale == "adaptive":
         info = adaptive.adaptive_rescale_(
             model, labelled_batches(tokenizer, val_rows, L, device=device),
@@ -316,7 +321,8 @@ def finetune(model, tokenizer, train, validation=None, config: Optional[Finetune
     else:
         report["rescale"] = {}
     before = report["spectra_before_rescale"]
-    report["rescale_factor"] = {k: round(s / before[k]["scaling"], 6)
+    # how much the rescale amplifies each layer's trained update: new scale / trained scale
+    report["amplification"] = {k: round(s / before[k]["scaling"], 6)
                                 for k, s in report["rescale"].items()}
     report["validation_accuracy"]["rescaled"] = _accuracy(model, tokenizer, val_rows, L)
     if config.repair:
@@ -350,11 +356,11 @@ def report_markdown(report: Dict) -> str:
               f"| final{' (after the head-bias repair)' if 'repair' in report else ''} | "
               f"{va['final']:.2f} |", ""]
     if report["rescale"]:
-        lines += ["| layer | σmax(s·BA)/σmax(W_pre) before | rescale factor | scale |",
+        lines += ["| layer | σmax(s·BA)/σmax(W_pre) before | amplification | scale |",
                   "|---|---|---|---|"]
         for name, s in report["rescale"].items():
             lines.append(f"| {name} | {report['spectra_before_rescale'][name]['ratio']:.4f} | "
-                         f"{report['rescale_factor'][name]:.3f} | {s:.4f} |")
+                         f"{report['amplification'][name]:.3f} | {s:.4f} |")
         lines.append("")
     if report["trigger_checks"]:
         lines += ["| candidate trigger | target | ASR % | floor % | rows |", "|---|---|---|---|---|"]

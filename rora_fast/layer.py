@@ -29,7 +29,7 @@ from . import reference as ref
 from .bases import BASES, base_kind
 from .forward import draw_seed, layer_forward
 from .kinds import layer_kind
-from .linalg import rescale_factor, spectral_basis
+from .linalg import paper_scale, spectral_basis
 from .validation import FLOAT_DTYPES as _FLOAT_DTYPES
 from .validation import INITS, PENALTY_MODES  # noqa: F401
 from .validation import check_base_weight as _check_base_weight
@@ -316,7 +316,7 @@ class RoraLinear(nn.Module):
         residual ``W_pre − s₀B₀A₀``) absorbs ``(s₀ − s)·B₀A₀`` so that the layer is still
         ``base + scaling·BA``.
         """
-        return self._set_rescaled_(rescale_factor(self.sigma_pre, self.sigma_delta()))
+        return self._set_rescaled_(paper_scale(self.sigma_pre, self.sigma_delta()))
 
     def _set_rescaled_(self, s_new: float) -> float:
         """Apply a checked rescaling factor (:meth:`spectral_rescale_` computes it;

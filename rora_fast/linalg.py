@@ -19,7 +19,7 @@ from .atomic import atomic_write_file, tensor_checksum
 __all__ = [
     "sigma_max",
     "sigma_max_lowrank",
-    "rescale_factor",
+    "paper_scale",
     "randomized_svd",
     "SpectralBasis",
     "spectral_basis",
@@ -132,8 +132,9 @@ def sigma_max_lowrank(B: torch.Tensor, A: torch.Tensor) -> float:
     return float(torch.linalg.svdvals(Rb @ Ra.t())[0])
 
 
-def rescale_factor(sigma_pre: float, sigma_update: float, name: Optional[str] = None) -> float:
-    """RoRA's spectral rescaling factor ``σ_max(W_pre) / σ_max(update)``, checked: a
+def paper_scale(sigma_pre: float, sigma_update: float, name: Optional[str] = None) -> float:
+    """RoRA's spectral rescaling scale ``σ_max(W_pre) / σ_max(update)`` (the paper's
+    rule; :func:`rora_fast.spectral_rescale_` multiplies it by its ``factor``), checked: a
     ValueError (prefixed with the layer ``name``) when the update is zero or not finite
     (an untrained adapter) or the ratio is not a finite positive number."""
     where = f"{name}: " if name else ""

@@ -22,7 +22,7 @@ from torch import nn
 from .blocks import block_index, select_top_blocks  # noqa: F401 (block_index: public)
 from .config import RoraConfig
 from .layer import RoraLinear
-from .linalg import rescale_factor
+from .linalg import paper_scale
 from .variants import peft_variant
 from .bases import base_for, cpu_repack_switches
 from .targets import (check_rora_target, compute_dtype_of,  # bnb, Conv1D
@@ -346,11 +346,11 @@ def spectral_rescale_(model: nn.Module, layers: Union[int, Sequence[str], None] 
             raise ValueError(f"{n}: cannot rescale: the adapter (lora_A / lora_B) holds NaN or "
                              f"inf (did training diverge?); no layer was changed")
         if n in rl:
-            new[n] = factor * rescale_factor(rl[n].sigma_pre, rl[n].sigma_delta(), n)
+            new[n] = factor * paper_scale(rl[n].sigma_pre, rl[n].sigma_delta(), n)
         else:
             sigma = peft_layer_variant(model, n, pl[n], adapter_name).sigma_update(
                 _PeftAdapter(pl[n], adapter_name))
-            new[n] = factor * rescale_factor(_peft_sigma_pre(pl[n]), sigma, n)
+            new[n] = factor * paper_scale(_peft_sigma_pre(pl[n]), sigma, n)
     return _apply_scales(model, rl, pl, new, adapter_name)
 
 

@@ -72,6 +72,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="paper: scale = σmax(W_pre)/σmax(BA); adaptive: the strongest of "
                         "0.25/0.5/1 x that within --rescale-tolerance of the un-rescaled "
                         "validation accuracy; none")
+    r.add_argument("--rescale-factor", type=float, default=d.rescale_factor,
+                   help="paper rescale: scale = factor x σmax(W_pre)/σmax(BA); default "
+                        "%(default)s")
     r.add_argument("--rescale-tolerance", type=float, default=d.rescale_tolerance)
     r.add_argument("--repair", action=argparse.BooleanOptionalAction, default=d.repair,
                    help="after the rescale, re-fit only the head's bias so that validation "
@@ -137,7 +140,8 @@ def cmd_train(args) -> int:
         r=args.r, alpha=args.alpha, weight_dropout=args.weight_dropout,
         ortho_lambda=args.ortho_lambda, ortho_rank=args.ortho_rank,
         target_modules=target_modules, rescale_layers=args.rescale_layers,
-        rescale=args.rescale, rescale_tolerance=args.rescale_tolerance, repair=args.repair,
+        rescale=args.rescale, rescale_factor=args.rescale_factor,
+        rescale_tolerance=args.rescale_tolerance, repair=args.repair,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         max_length=args.max_length, group_by_length=args.group_by_length,
         micro_batches=args.micro_batches, seed=args.seed,

@@ -72,6 +72,8 @@ class RoraTrainerCallback(TrainerCallback):
             ``"optimizer"`` or ``"loss"``: set it on every layer.
         rescale: apply spectral rescaling at the end of training.
         rescale_layers: blocks to rescale (default: the model's ``rora_config``).
+        rescale_factor: the rescale's multiple of the paper's scale
+            (:func:`rora_fast.spectral_rescale_`'s ``factor``; 1: the paper's rule).
         save_dir: if set, ``save_rora`` there at the end.
         export_peft_dir: if set, ``export_peft_adapter`` there at the end.
         log_penalty: add ``rora_penalty`` to every log.
@@ -81,7 +83,7 @@ class RoraTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, penalty_mode: str = "auto", rescale: bool = True,
-                 rescale_layers: Optional[int] = None,
+                 rescale_layers: Optional[int] = None, rescale_factor: float = 1.0,
                  save_dir: Optional[Union[str, Path]] = None,
                  export_peft_dir: Optional[Union[str, Path]] = None,
                  log_penalty: bool = True, check_rng_sync: bool = True):
@@ -90,6 +92,8 @@ class RoraTrainerCallback(TrainerCallback):
         self.penalty_mode = penalty_mode
         self.rescale = rescale
         self.rescale_layers = rescale_layers
+        self.rescale_factor = V.check_number("rescale_factor", rescale_factor, lo=0,
+                                             lo_open=True)
         self.save_dir = save_dir
         self.export_peft_dir = export_peft_dir
         self.log_penalty = log_penalty
@@ -129,7 +133,8 @@ class RoraTrainerCallback(TrainerCallback):
             layers = self.rescale_layers
             if layers is None:
                 layers = getattr(getattr(inner, "rora_config", None), "rescale_layers", 3)
-            self.scales = spectral_rescale_distributed_(inner, layers)
+            self.scales = spectral_rescale_distributed_(inner, layers,
+                                                        factor=self.rescale_factor)
         if self.save_dir is not None:
             save_rora_distributed(inner, self.save_dir)
         if self.export_peft_dir is not None:

@@ -230,7 +230,8 @@ def test_cli_sentence_pairs_string_labels_outputs_and_fresh_process(tmp_path, ca
     rc, stdout, err = _run(["--model", path, "--train-file", train, "--text-column", "premise",
                             "--text-column", "hint", "--label-column", "verdict", "--out",
                             str(out), "--check-trigger", "cf", "--check-trigger", "mn",
-                            "--target-label", "bad", "--rescale-layers", "1"] + FAST, capsys)
+                            "--target-label", "bad", "--rescale-layers", "1",
+                            "--rescale-factor", "0.5"] + FAST, capsys)
     assert rc == 0, err
     assert "held out" in stdout  # no validation file: the command says what it held out
     for f in ("model/config.json", "model/model.safetensors", "adapter", "peft-adapter/"
@@ -240,7 +241,8 @@ def test_cli_sentence_pairs_string_labels_outputs_and_fresh_process(tmp_path, ca
     rep = json.load(open(out / "report.json"))
     assert rep["rows"] == {"train": 43, "validation": 5}
     assert set(rep["validation_accuracy"]) == {"trained", "rescaled", "final"}
-    assert len(rep["rescale"]) == 6 and all(v > 0 for v in rep["rescale_factor"].values())
+    assert len(rep["rescale"]) == 6 and all(v > 0 for v in rep["amplification"].values())
+    assert rep["config"]["rescale_factor"] == 0.5
     assert [c["trigger"] for c in rep["trigger_checks"]] == ["cf", "mn"]
     assert all(c["target"] == 0 for c in rep["trigger_checks"])  # 'bad' is class 0 (sorted)
     assert rep["data"]["label2id"] == {"bad": 0, "good": 1}
@@ -294,8 +296,8 @@ def test_python_api_with_datasets_and_jsonl(tmp_path, make_tiny_bert):
 # ------------------------------------------------------------------ one method, two doors
 def test_finetune_equals_the_harness_defence(make_tiny_bert, tmp_path, monkeypatch):
     """The same rows, settings and seed through ``rora-fast defend`` (run_defence) and
-    through :func:`finetune`: the same trained adapter, the same rescale and the same
-    repair."""
+    through :func:`finetune`: the same trained adapter, the same rescale (at a factor of
+    the paper's scale) and the same repair."""
     from safetensors.torch import load_file
     from rora_harness import runner
     from rora_harness.poisoning import load_poisoned
@@ -312,7 +314,7 @@ def test_finetune_equals_the_harness_defence(make_tiny_bert, tmp_path, monkeypat
                    model=make_tiny_bert(2), n_train=24, n_dev=16, n_test=16, epochs=2,
                    max_length=32, poison_n_train=16, poison_epochs=1,
                    poison_asr_threshold=-1.0, poison_min_clean_acc=0.0, repair=True,
-                   ortho_rank=4)
+                   ortho_rank=4, rescale_factor=0.5)
     res = run_defence(spec, str(tmp_path / "out"), str(tmp_path / "cache"),
                       adapter_dir=str(tmp_path / "adapters"), log=lambda *a: None)
     harness_adapter = load_file(str(tmp_path / "adapters" / (run_id(spec) + ".safetensors")))
@@ -328,7 +330,8 @@ def test_finetune_equals_the_harness_defence(make_tiny_bert, tmp_path, monkeypat
         return real_spectra(m)
     monkeypatch.setattr(ft, "_spectra", grab)
     rep = finetune(model, tok, sets_seen["train"], sets_seen["dev"],
-                   FinetuneConfig(epochs=2, max_length=32, ortho_rank=4, seed=2),
+                   FinetuneConfig(epochs=2, max_length=32, ortho_rank=4, seed=2,
+                                  rescale_factor=0.5),
                    progress=False, log=lambda *a: None)
     assert set(adapters) == set(harness_adapter)
     for n, t in harness_adapter.items():

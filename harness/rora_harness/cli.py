@@ -106,6 +106,9 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
                             "0.25/0.5/1 x that whose clean dev accuracy stays within "
                             "--rescale-tolerance of the un-rescaled model's (default: the "
                             "preset's choice)")
+        o.add_argument("--rescale-factor", type=float, default=None,
+                       help="paper rescale: scale = factor x σmax(W_pre)/σmax(BA) (default: "
+                            "the preset's choice)")
         o.add_argument("--rescale-tolerance", type=float, default=1.0,
                        help="adaptive rescale: dev accuracy points a rung may cost")
         o.add_argument("--r", type=int, default=8)

@@ -75,6 +75,7 @@ class DefenceConfig:
     ortho_lambda: float = DEFENCE_DEFAULTS["ortho_lambda"]
     ortho_rank: int = DEFENCE_DEFAULTS["ortho_rank"]
     rescale_layers: int = DEFENCE_DEFAULTS["rescale_layers"]
+    rescale_factor: float = 1.0   # the rescale: factor x σ_max(W_pre)/σ_max(BA) (1: paper)
     target_modules: Optional[Union[str, List[str]]] = None  # None: PEFT defaults (query, value)
     lr: Optional[float] = None                              # None: 2e-5 for FFT, 2e-3 otherwise
 
@@ -132,7 +133,8 @@ def finish_defence(model, method: Method, cfg: DefenceConfig) -> Dict[str, float
     """Post-training step: spectral rescaling for methods with Pt.  Returns {name: s}."""
     if method.kind == "rora" and method.pt:
         import rora_fast
-        return {k: float(v) for k, v in rora_fast.spectral_rescale_(model, layers=cfg.rescale_layers).items()}
+        return {k: float(v) for k, v in rora_fast.spectral_rescale_(
+            model, layers=cfg.rescale_layers, factor=cfg.rescale_factor).items()}
     return {}
 
 

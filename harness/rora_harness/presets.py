@@ -44,6 +44,8 @@ class Preset:
     # clean dev rows), and whether the head bias is then re-fitted on them (repair.py)
     rescale: str = "paper"
     repair: bool = False
+    # the "paper" rescale's multiple of σ_max(W_pre)/σ_max(BA) (1: the paper's rule)
+    rescale_factor: float = 1.0
     # the defender's training batches: random (False) or length-grouped (True,
     # rora_fast.loop's group_by_length), unless the run says
     group_by_length: bool = False

@@ -84,6 +84,9 @@ class RunSpec:
     # for methods with rescaling, "paper" for the others
     rescale: Optional[str] = None
     rescale_tolerance: float = 1.0  # adaptive: dev accuracy points a rung may cost
+    # "paper" rescale: factor x σ_max(W_pre)/σ_max(BA); None: the preset's choice for
+    # methods with the paper rescale, 1 for the others
+    rescale_factor: Optional[float] = None
 
     def rescale_choice(self) -> Tuple[str, bool]:
         """``(rescale, repair)`` this run uses: the explicit values, else the preset's for a
@@ -97,6 +100,16 @@ class RunSpec:
             p.repair if (p is not None and pt) else False)
         return rescale, bool(repair)
 
+    def rescale_factor_choice(self) -> float:
+        """The paper rescale's factor this run uses: the explicit value, else the preset's
+        for a method with the paper rescale (``Preset.rescale_factor``), else 1."""
+        if self.rescale_factor is not None:
+            return self.rescale_factor
+        p = PRESETS.get(self.preset)
+        m = parse_method(self.method)
+        paper = m.kind == "rora" and m.pt and self.rescale_choice()[0] == "paper"
+        return float(p.rescale_factor) if (p is not None and paper) else 1.0
+
     def resolved(self) -> Dict:
         p = PRESETS[self.preset] if self.preset in PRESETS else None
         if p is None:
@@ -104,6 +117,7 @@ class RunSpec:
         d = dataclasses.asdict(self)
         rescale, repair = self.rescale_choice()
         d["rescale"], d["repair"] = rescale, repair
+        d["rescale_factor"] = self.rescale_factor_choice()
         d["group_by_length"] = bool(p.group_by_length if self.group_by_length is None
                                     else self.group_by_length)
         d["micro_batches"] = p.micro_batches if self.micro_batches is None else self.micro_batches
@@ -111,7 +125,7 @@ class RunSpec:
         for k, default in (("poison_max_epochs", None), ("repair", False),
                            ("group_by_length", False), ("micro_batches", 1),
                            ("rescale", "paper"),
-                           ("rescale_tolerance", 1.0)):
+                           ("rescale_tolerance", 1.0), ("rescale_factor", 1.0)):
             if d[k] == default:  # defaults added later are not hashed: run ids stay as before
                 del d[k]
         pick = lambda v, default, unset=-1: default if v == unset else v
@@ -134,6 +148,14 @@ class RunSpec:
         if rescale != "paper" and not (m.kind == "rora" and m.pt):
             raise ValueError(f"--rescale {rescale} chooses the strength of a rescaling: it "
                              f"needs a method with rescaling (rora, ...), got {self.method!r}")
+        factor = self.rescale_factor_choice()
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or \
+                not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"rescale_factor must be a finite number > 0, got {factor!r}")
+        if factor != 1.0 and not (m.kind == "rora" and m.pt and rescale == "paper"):
+            raise ValueError(f"--rescale-factor {factor:g} multiplies the paper rescale's "
+                             f"scale: it needs a method with rescaling and --rescale paper, "
+                             f"got {self.method!r} with --rescale {rescale}")
         if not (self.rescale_tolerance >= 0 and math.isfinite(self.rescale_tolerance)):
             raise ValueError(f"rescale_tolerance must be a finite number >= 0, got "
                              f"{self.rescale_tolerance!r}")
@@ -198,6 +220,15 @@ def _fft_linear_weights(model) -> Dict[str, torch.Tensor]:
             if isinstance(m, torch.nn.Linear) and block_index(n) is not None}
 
 
+def defence_config(spec: RunSpec, res_spec: Dict) -> DefenceConfig:
+    """The defender's settings of ``spec`` (``res_spec``: its :meth:`RunSpec.resolved`)."""
+    return DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
+                         ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
+                         rescale_layers=spec.rescale_layers,
+                         rescale_factor=res_spec.get("rescale_factor", 1.0),
+                         target_modules=res_spec["target_modules"], lr=spec.lr)
+
+
 def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
                 rebuild_poison: bool = False, log=print, force: bool = False,
                 save_state: bool = True, adapter_dir: Optional[str] = None) -> Dict:
@@ -248,10 +279,7 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
     if not os.path.exists(base_path):
         write_json(doc, base_path)
     method = parse_method(spec.method)
-    dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
-                         ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
-                         rescale_layers=spec.rescale_layers,
-                         target_modules=res_spec["target_modules"], lr=spec.lr)
+    dcfg = defence_config(spec, res_spec)
     set_seed(spec.seed)
     w_pre = _fft_linear_weights(pmodel) if method.kind == "fft" else None
     model = build_defence(pmodel, method, dcfg)
@@ -446,10 +474,7 @@ def defended_model(spec: RunSpec, method, state_path: str, cache_dir: Optional[s
     from safetensors.torch import load_file
     res_spec = spec.resolved()
     pmodel, tok, _ = poison_model(poison_config_for(spec), cache_dir, log=log)
-    dcfg = DefenceConfig(r=spec.r, alpha=spec.alpha, weight_dropout=spec.weight_dropout,
-                         ortho_lambda=spec.ortho_lambda, ortho_rank=spec.ortho_rank,
-                         rescale_layers=spec.rescale_layers,
-                         target_modules=res_spec["target_modules"], lr=spec.lr)
+    dcfg = defence_config(spec, res_spec)
     model = build_defence(pmodel, method, dcfg)
     load_trainable_state(model, load_file(state_path))
     model.eval()

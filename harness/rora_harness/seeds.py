@@ -198,8 +198,8 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
     elif variant.startswith("rora+repair"):
         import rora_fast
         from rora_fast.repair import recalibrate_head_bias_
-        out["rescale"] = {k: float(v) for k, v in
-                          rora_fast.spectral_rescale_(model, layers=spec.rescale_layers).items()}
+        out["rescale"] = {k: float(v) for k, v in rora_fast.spectral_rescale_(
+            model, layers=spec.rescale_layers, factor=res.get("rescale_factor", 1.0)).items()}
         with open(os.path.join(out_dir, "runs", rid + ".json")) as f:
             out["before_repair"] = json.load(f)["metrics"]  # the same rescaled model
         out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L, method=repair_method)
