@@ -20,7 +20,10 @@ not it meets all three. Every per-seed number is read from the run files it came
   schedule at 12 epochs (``--epochs 12``), judged against LoRA trained 12 epochs on the same
   rows and seeds (``REFERENCE``);
 * ``retrain-study/ep12g-<task>/seeds.json``: 12 epochs with length-grouped batches
-  (``--group-by-length``), judged against LoRA trained the same way.
+  (``--group-by-length``), judged against LoRA trained the same way;
+* ``adaptive-study/runs/ep12*-``: the 12-epoch adapters (random and grouped batches) with the
+  rescale at a factor of the paper's scale (``--rescale-factor``), the adaptive rescale, and
+  the adaptive rule judged on the repaired dev accuracy (script only).
 
 Writes ``benchmarks/results/eval/default-choice.{json,md,png}`` and the block of
 docs/results.md between its markers. ``tests/test_default_choice.py`` checks that the
@@ -45,8 +48,29 @@ KEYS = ("CA", "ASR", "ASR_floor")
 SEEDS = (0, 1, 2, 3, 4)
 
 
-def _fields(rescale, repair, epochs, grouped=False):
-    return {"rescale": rescale, "repair": repair, "epochs": epochs, "group_by_length": grouped}
+def _fields(rescale, repair, epochs, grouped=False, factor=1.0):
+    return {"rescale": rescale, "repair": repair, "epochs": epochs, "group_by_length": grouped,
+            "rescale_factor": factor}
+
+
+#: the 12-epoch schedules of the adaptive study (its runs re-apply every rung to the
+#: committed adapters): schedule -> (name suffix, grouped batches)
+STUDY_12 = {"ep12": (", 12 epochs", False), "ep12g": (", 12 epochs, grouped", True)}
+#: the fixed factors of the paper's scale the harness can run (``--rescale-factor``)
+FACTORS = (0.5, 0.75)
+#: the adaptive rule judged on the repaired dev accuracy (the study's; not a harness option)
+AFTER_REPAIR = ([(3, 0.5), (3, 0.75), (3, 1.0)], 2.0)
+
+
+def study_names(suffix: str) -> Dict[str, str]:
+    """The adaptive study's configurations of one schedule: key -> name."""
+    names = {("fixed", f, rep): f"rora{' + repair' if rep else ''}, rescale x{f:g}{suffix}"
+             for f in FACTORS for rep in (False, True)}
+    names.update({("adaptive", rep): f"rora, adaptive rescale{' + repair' if rep else ''}{suffix}"
+                  for rep in (False, True)})
+    names[("after repair",)] = (f"rora, adaptive rescale judged after the repair (x.5/.75/1, "
+                                f"δ 2) + repair{suffix} (script only)")
+    return names
 
 
 #: configuration -> the preset fields that run it (None: not a harness option)
@@ -58,6 +82,12 @@ HARNESS = {"rora (paper rule)": _fields("paper", False, 4),
            "rora + repair, 12 epochs": _fields("paper", True, 12),
            "rora (paper rule), 12 epochs, grouped": _fields("paper", False, 12, True),
            "rora + repair, 12 epochs, grouped": _fields("paper", True, 12, True)}
+for _sched, (_suffix, _grouped) in STUDY_12.items():
+    for _key, _name in study_names(_suffix).items():
+        if _key[0] == "fixed":
+            HARNESS[_name] = _fields("paper", _key[2], 12, _grouped, _key[1])
+        elif _key[0] == "adaptive":
+            HARNESS[_name] = _fields("adaptive", _key[1], 12, _grouped)
 
 #: LoRA of the same schedule: every configuration is judged against the row named here
 #: (default "lora", 4 epochs); "grouped": length-grouped training batches (``--group-by-length``),
@@ -69,6 +99,8 @@ REFERENCE = {**{n: LORA12 for n in ("rora (paper rule), 12 epochs", "rora + repa
                                     "rora, top 2 + head re-fit, 12 epochs (script only)")},
              **{n: LORA12G for n in ("rora (paper rule), 12 epochs, grouped",
                                      "rora + repair, 12 epochs, grouped")}}
+for _sched, (_suffix, _grouped) in STUDY_12.items():
+    REFERENCE.update({n: LORA12G if _grouped else LORA12 for n in study_names(_suffix).values()})
 REFERENCES = ("lora", LORA12, LORA12G)
 
 
@@ -112,11 +144,23 @@ def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
         runs = os.path.join(rel, "adaptive-study", "runs")
         for fn in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
             r = _load(os.path.join(runs, fn))
-            if r.get("schedule") != "small" or r.get("cell") != cell:
+            if r.get("cell") != cell:
                 continue
-            pick = adaptive_pick(r["rungs"])
-            put("rora, adaptive rescale", cell, r["seed"], pick["test"])
-            put("rora, adaptive rescale + repair", cell, r["seed"], pick["test_repaired"])
+            if r.get("schedule") == "small":
+                pick = adaptive_pick(r["rungs"])
+                put("rora, adaptive rescale", cell, r["seed"], pick["test"])
+                put("rora, adaptive rescale + repair", cell, r["seed"], pick["test_repaired"])
+            elif r.get("schedule") in STUDY_12:
+                names = study_names(STUDY_12[r["schedule"]][0])
+                rung = {(x["layers"], x["factor"]): x for x in r["rungs"]}
+                for f in FACTORS:
+                    put(names[("fixed", f, False)], cell, r["seed"], rung[(3, f)]["test"])
+                    put(names[("fixed", f, True)], cell, r["seed"], rung[(3, f)]["test_repaired"])
+                pick = adaptive_pick(r["rungs"])
+                put(names[("adaptive", False)], cell, r["seed"], pick["test"])
+                put(names[("adaptive", True)], cell, r["seed"], pick["test_repaired"])
+                pick = replay_rule(r["rungs"], *AFTER_REPAIR, acc="dev_acc_repaired")
+                put(names[("after repair",)], cell, r["seed"], pick["test_repaired"])
         put_seeds(os.path.join(study, f"ep12-{cell}", "seeds.json"), cell,
                   (("lora", LORA12), ("rora", "rora (paper rule), 12 epochs"),
                    ("rora+repair", "rora + repair, 12 epochs")))
@@ -193,7 +237,9 @@ def markdown(rows: Dict[str, Dict], pick: str) -> str:
         opt = ("" if r["harness"] is None else
                f"`rescale={r['harness']['rescale']}, repair={r['harness']['repair']}, "
                f"epochs={r['harness']['epochs']}"
-               + (", group_by_length=True" if r["harness"]["group_by_length"] else "") + "`")
+               + (", group_by_length=True" if r["harness"]["group_by_length"] else "")
+               + (f", rescale_factor={r['harness']['rescale_factor']:g}"
+                  if r["harness"].get("rescale_factor", 1.0) != 1.0 else "") + "`")
         for cell in CELLS:
             st = r["cells"][cell]
             mg = st.get("margins")
