@@ -10,6 +10,12 @@ each ``factor · σ_max(W_pre) / σ_max(update)`` on the top ``layers`` blocks
 batches after each, and keeps the **strongest** whose accuracy stays within
 ``tolerance`` points of the model before any rescaling. It never sees a trigger or a
 poisoned row: it knows only the clean task.
+
+With ``after_repair=True`` every state is judged as it will be delivered when the clean
+head-bias repair follows the rescale (:func:`rora_fast.repair.recalibrate_head_bias_` on the
+same rows): by its dev accuracy after the frequency shift of the head bias that state would
+get (:func:`rora_fast.repair.frequency_bias_shift` of its dev logits). The model's head is
+not changed here; the caller repairs after the call.
 """
 from __future__ import annotations
 
@@ -96,6 +102,14 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * int((logits.argmax(-1) == labels).sum()) / labels.numel()
 
 
+def _repaired_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The accuracy of ``logits`` after the frequency head-bias repair fitted on them."""
+    from .repair import frequency_bias_shift
+    z = logits.detach().double().cpu()
+    y = labels.detach().cpu()
+    return _accuracy(z + frequency_bias_shift(z, y.tolist()), y)
+
+
 def _snapshot(model: nn.Module, adapter_name: str):
     """What a rescale changes: every RoRA layer's scale (and the base a PiSSA/OLoRA
     re-fold rewrites), every PEFT LoRA layer's scale of ``adapter_name``."""
@@ -115,8 +129,8 @@ def adaptive_rescale_(model: nn.Module, dev_batches: Iterable[Mapping],
                       ladder: Sequence[RescaleStep] = DEFAULT_LADDER, tolerance: float = 1.0,
                       adapter_name: str = "default",
                       on_step: Optional[Callable[[Optional[RescaleStep], nn.Module,
-                                                  torch.Tensor], None]] = None
-                      ) -> Dict:
+                                                  torch.Tensor], None]] = None,
+                      after_repair: bool = False) -> Dict:
     """Rescale ``model`` with the strongest rung of ``ladder`` (ordered weakest first)
     whose accuracy on the clean ``dev_batches`` is at least the un-rescaled model's minus
     ``tolerance`` (percentage points); no rung qualifies: the model stays un-rescaled.
@@ -127,8 +141,13 @@ def adaptive_rescale_(model: nn.Module, dev_batches: Iterable[Mapping],
     is called with the model in each measured state (``step`` None: un-rescaled) and its
     logits on the dev batches (:func:`dev_logits` order), e.g. to log more.
 
-    Returns ``{"base_accuracy", "tolerance", "steps": [{"layers", "factor",
-    "accuracy", "within"}], "chosen": {"layers", "factor"} or None, "scales": {name: s}}``.
+    ``after_repair``: judge every state (the un-rescaled one included) by its dev accuracy
+    after the frequency head-bias repair it would get (module docstring), for a model whose
+    head bias is re-fitted on the same rows after the rescale.
+
+    Returns ``{"base_accuracy", "tolerance", "after_repair", "steps": [{"layers", "factor",
+    "accuracy", "within"}], "chosen": {"layers", "factor"} or None, "scales": {name: s}}``
+    (accuracies as judged).
     All or nothing: on any error the model is restored to its state before the call.
     """
     if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
@@ -141,10 +160,13 @@ def adaptive_rescale_(model: nn.Module, dev_batches: Iterable[Mapping],
     if isinstance(dev_batches, Iterable) and iter(dev_batches) is dev_batches:
         raise TypeError("dev_batches is an iterator (it would be used up after one pass); "
                         "pass a list or a DataLoader")
+    if not isinstance(after_repair, bool):
+        raise TypeError(f"after_repair must be a bool, got {after_repair!r}")
+    judge = _repaired_accuracy if after_repair else _accuracy
     restore = _snapshot(model, adapter_name)
     try:
         z, y = dev_logits(model, dev_batches)
-        base = _accuracy(z, y)
+        base = judge(z, y)
         if on_step is not None:
             on_step(None, model, z)
         steps: List[Dict] = []
@@ -152,7 +174,7 @@ def adaptive_rescale_(model: nn.Module, dev_batches: Iterable[Mapping],
             spectral_rescale_(model, layers=step.layers, adapter_name=adapter_name,
                               factor=float(step.factor))
             z, _ = dev_logits(model, dev_batches)
-            acc = _accuracy(z, y)
+            acc = judge(z, y)
             if on_step is not None:
                 on_step(step, model, z)
             restore()
@@ -167,5 +189,6 @@ def adaptive_rescale_(model: nn.Module, dev_batches: Iterable[Mapping],
     except BaseException:
         restore()
         raise
-    return {"base_accuracy": round(base, 4), "tolerance": float(tolerance), "steps": steps,
+    return {"base_accuracy": round(base, 4), "tolerance": float(tolerance),
+            "after_repair": after_repair, "steps": steps,
             "chosen": asdict(chosen) if chosen is not None else None, "scales": scales}

@@ -342,3 +342,65 @@ def test_set_scales_on_peft_layers():
     assert layers[name].scaling["default"] == 7.5
     rora_fast.set_scales_(m, trained)
     assert rora_fast.adapter_scales(m) == trained
+
+
+def test_adaptive_rescale_after_repair_against_a_reference():
+    """``after_repair=True``: each state judged by its dev accuracy after the frequency
+    head-bias shift fitted on its own dev logits (computed here by hand on copies); the
+    strongest rung within the tolerance of the un-rescaled state's is kept, the head is
+    untouched; the study's replay on recorded repaired accuracies picks the same."""
+    import importlib.util
+    import os
+    from rora_fast.repair import frequency_bias_shift
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "scripts", "eval", "adaptive_study.py")
+    spec = importlib.util.spec_from_file_location("adaptive_study_rep", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    model = _rora_model(6)
+    batches = _batches(model, n=192, flip=0.2)
+    y = torch.cat([b["labels"] for b in batches])
+
+    def repaired_acc(m):
+        with torch.no_grad():
+            z = torch.cat([m(b["x"]).logits for b in batches]).double()
+        d = frequency_bias_shift(z, y.tolist())
+        return 100.0 * float(((z + d).argmax(-1) == y).double().mean())
+
+    grid = [(1, 0.5), (2, 0.5), (2, 1.0), (4, 1.0), (4, 3.0)]
+    base = repaired_acc(model)
+    accs = []
+    for L, c in grid:
+        m = copy.deepcopy(model)
+        spectral_rescale_(m, layers=L, factor=c)
+        accs.append(repaired_acc(m))
+    head0 = model.head.modules_to_save["default"].bias.clone() if hasattr(
+        model.head, "modules_to_save") else model.head.bias.clone()
+    rungs = [{"layers": 0, "factor": 0.0, "dev_acc_repaired": base}] + [
+        {"layers": L, "factor": c, "dev_acc_repaired": a} for (L, c), a in zip(grid, accs)]
+    picked = set()
+    for tol in (0.0, 1.0, 3.0, 10.0, 100.0):
+        want = None
+        for (L, c), a in zip(grid, accs):
+            if a >= base - tol:
+                want = (L, c)
+        m = copy.deepcopy(model)
+        info = adaptive_rescale_(m, batches, ladder=[RescaleStep(L, c) for L, c in grid],
+                                 tolerance=tol, after_repair=True)
+        got = None if info["chosen"] is None else (info["chosen"]["layers"],
+                                                    info["chosen"]["factor"])
+        assert got == want, tol
+        assert info["after_repair"] and info["base_accuracy"] == pytest.approx(base, abs=1e-4)
+        assert [s["accuracy"] for s in info["steps"]] == pytest.approx(accs, abs=1e-4)
+        head = m.head.modules_to_save["default"] if hasattr(m.head, "modules_to_save") else m.head
+        assert torch.equal(head.bias, head0)  # the caller repairs, not this call
+        replay = study.choose(rungs, grid, tol, acc="dev_acc_repaired")
+        assert (None if replay["layers"] == 0 else (replay["layers"], replay["factor"])) == want
+        picked.add(want)
+    assert len(picked) >= 3  # the cases differ
+
+
+def test_adaptive_rescale_after_repair_is_checked():
+    model = _rora_model(0)
+    with pytest.raises(TypeError, match="after_repair must be a bool"):
+        adaptive_rescale_(model, _batches(model), after_repair="yes")
