@@ -87,3 +87,36 @@ def test_the_demo_default_has_its_own_multi_seed_results_shipped():
         e = R.reference_for(spec)
         assert e is not None, f"no shipped multi-seed result for the demo's {m}"
         assert len(e["seeds"]) == 5 and e["spec"] == {k: v for k, v in spec.items() if k != "seed"}
+
+
+def test_study_entries_are_the_trained_configuration_of_their_rung(tmp_path, monkeypatch):
+    """``study:SCHEDULE:FACTOR:repair``: the adaptive study's rung, entered under the spec of
+    ``defend --rescale-factor FACTOR --repair`` of the same runs (one entry per cell)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "eval"))
+    try:
+        import reference_runs as gen
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(gen, "ROOT", str(tmp_path))
+    runs = tmp_path / "benchmarks" / "results" / "eval" / "adaptive-study" / "runs"
+    runs.mkdir(parents=True)
+    (tmp_path / "trained").mkdir()
+    for s in (0, 1):
+        spec = RunSpec(task="cr", method="rora", preset="small", seed=s,
+                       group_by_length=True).resolved()
+        (tmp_path / "trained" / f"r{s}.json").write_text(json.dumps({"spec": spec}))
+        rungs = [{"layers": 0, "factor": 0.0}] + [
+            {"layers": 3, "factor": f, "test": {"CA": 80.0 + f, "ASR": 20.0, "ASR_floor": 9.0},
+             "test_repaired": {"CA": 84.0 + s, "ASR": 12.0 + s, "ASR_floor": 10.0}}
+            for f in (0.5, 0.75, 1.0)]
+        (runs / f"ep12g-cr-s{s}.json").write_text(json.dumps(
+            {"schedule": "ep12g", "cell": "cr", "seed": s, "rungs": rungs,
+             "from_run": f"trained/r{s}.json"}))
+    (e,) = gen.study_entries("study:ep12g:0.75:repair")
+    want = RunSpec(task="cr", method="rora", preset="small", seed=0, group_by_length=True,
+                   repair=True, rescale_factor=0.75).resolved()
+    assert e["spec"] == {k: v for k, v in want.items() if k != "seed"}
+    assert e["setting_key"] == R.setting_key(want) and e["seeds"] == [0, 1]
+    assert e["metrics"]["CA"]["mean"] == 84.5 and e["metrics"]["ASR"]["max"] == 13.0
+    (plain,) = gen.study_entries("study:ep12g:0.75")
+    assert plain["metrics"]["CA"]["mean"] == 80.75 and plain["method"] == "rora"

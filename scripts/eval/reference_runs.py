@@ -1,6 +1,14 @@
 """Write harness/rora_harness/reference_runs.json from committed `rora-fast seeds` folders.
 
     python scripts/eval/reference_runs.py benchmarks/results/eval/seeds-demo-sst2_sentence-badnet [...]
+    python scripts/eval/reference_runs.py ... study:ep12g:0.75:repair
+
+``study:SCHEDULE:FACTOR[:repair]``: the rescale at FACTOR x the paper's scale (+ the repair)
+of the RoRA runs of an adaptive-study schedule (scripts/eval/adaptive_study.py), read from
+its per-seed records: the study re-applies that rung to each committed adapter, which is what
+``defend --rescale-factor FACTOR [--repair]`` does after training (its paper rung and its
+repaired paper rung reproduce the committed runs' metrics to the digit), so it is entered
+under that trained configuration's spec, one entry per cell.
 
 For every trained method of each folder's seeds.json, the per-seed run files are read,
 their specs must agree apart from the seed (else an error), and the entry records the seeds
@@ -63,11 +71,56 @@ def entries_of(folder: str):
                "source": os.path.relpath(os.path.abspath(folder), ROOT)}
 
 
+def study_entries(source: str):
+    """The entries of ``study:SCHEDULE:FACTOR[:repair]`` (module docstring), per cell."""
+    from rora_harness.reference_runs import METRICS, setting_key
+    from rora_harness.seeds import mean_ci
+    parts = source.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "repair"):
+        raise SystemExit(f"{source}: expected study:SCHEDULE:FACTOR[:repair]")
+    schedule, factor, repaired = parts[1], float(parts[2]), len(parts) == 4
+    runs_dir = os.path.join(ROOT, "benchmarks", "results", "eval", "adaptive-study", "runs")
+    by_cell = {}
+    for fn in sorted(os.listdir(runs_dir)):
+        with open(os.path.join(runs_dir, fn), encoding="utf-8") as f:
+            rec = json.load(f)
+        if rec.get("schedule") == schedule:
+            by_cell.setdefault(rec["cell"], []).append(rec)
+    if not by_cell:
+        raise SystemExit(f"{source}: no adaptive-study records of schedule {schedule!r}")
+    for cell, recs in sorted(by_cell.items()):
+        rows, specs = [], []
+        for rec in sorted(recs, key=lambda r: r["seed"]):
+            with open(os.path.join(ROOT, rec["from_run"]), encoding="utf-8") as f:
+                run = json.load(f)
+            rung = next(x for x in rec["rungs"] if (x["layers"], x["factor"]) ==
+                        (run["spec"]["rescale_layers"], factor))
+            rows.append(rung["test_repaired" if repaired else "test"])
+            specs.append(trained_spec(run["spec"], {"rescale_factor": factor,
+                                                    **({"repair": True} if repaired else {})}))
+        keys = {setting_key(s) for s in specs}
+        if len(keys) != 1:
+            raise SystemExit(f"{source} {cell}: the seeds' specs differ beyond the seed")
+        metrics = {}
+        for k in METRICS:
+            xs = [float(r[k]) for r in rows]
+            s = mean_ci(xs)
+            metrics[k] = {"mean": s["mean"], "ci95_half": s["ci95_half"], "sd": s["sd"],
+                          "min": min(xs), "max": max(xs), "n": s["n"]}
+        yield {"setting_key": keys.pop(), "method": "rora" + ("+repair" if repaired else ""),
+               "spec": {k: v for k, v in specs[0].items() if k != "seed"},
+               "seeds": [int(s["seed"]) for s in specs], "metrics": metrics,
+               "source": os.path.relpath(runs_dir, ROOT),
+               "rung": f"{schedule}: top {specs[0]['rescale_layers']} x{factor:g}"
+                       + (" + repair" if repaired else "")}
+
+
 def main(argv) -> int:
     from rora_fast.atomic import write_json
     from rora_harness.reference_runs import REFERENCE_FILE
 
-    entries = [e for folder in argv for e in entries_of(folder)]
+    entries = [e for src in argv
+               for e in (study_entries(src) if src.startswith("study:") else entries_of(src))]
     write_json(REFERENCE_FILE, {"written_by": "scripts/eval/reference_runs.py " + " ".join(argv),
                                 "entries": entries})
     for e in entries:
