@@ -29,7 +29,7 @@ from torch import nn
 from .model import (ModelState, layer_attrs, peft_lora_layers, rora_layers,
                     spectral_rescale_)
 
-__all__ = ["RescaleStep", "DEFAULT_FACTORS", "DEFAULT_LADDER", "factor_ladder",
+__all__ = ["RescaleStep", "DEFAULT_FACTORS", "DEFAULT_LADDER", "factor_ladder", "parse_factors",
            "adaptive_rescale_", "dev_accuracy", "dev_logits"]
 
 
@@ -60,6 +60,22 @@ def factor_ladder(layers: int = 3, factors: Sequence[float] = DEFAULT_FACTORS
     if sorted(factors) != factors or len(set(factors)) != len(factors):
         raise ValueError(f"factors must be strictly ascending (weakest first), got {factors}")
     return tuple(RescaleStep(layers, f) for f in factors)
+
+
+def parse_factors(text: str) -> Tuple[float, ...]:
+    """``"0.5,0.75,1"`` -> ``(0.5, 0.75, 1.0)``: a command line's ladder factors, checked
+    as :func:`factor_ladder` checks them (argparse ``type=``: a clear usage error)."""
+    import argparse
+    try:
+        factors = tuple(float(x) for x in str(text).split(",") if x.strip())
+        factor_ladder(1, factors)
+        if not factors:
+            raise ValueError("no factor given")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated factors > 0, weakest first (e.g. 0.5,0.75,1), got "
+            f"{text!r}: {e}")
+    return factors
 
 
 #: the top 3 blocks (the paper's count) at each of ``DEFAULT_FACTORS``

@@ -54,7 +54,10 @@ class FinetuneConfig:
     rescale_layers: int = 3
     rescale: str = "paper"
     rescale_factor: float = 1.0        # "paper": factor x σ_max(W_pre)/σ_max(update)
+    # "adaptive": dev accuracy points a rung may cost, the ladder's factors (weakest first);
+    # judged after the repair when the repair follows (adaptive_rescale_'s after_repair)
     rescale_tolerance: float = 1.0
+    rescale_factors: Tuple[float, ...] = (0.25, 0.5, 1.0)
     repair: bool = True
     # schedule (12 epochs: the harness's best measured schedule, docs/results.md, issue 29)
     epochs: float = 12.0
@@ -77,6 +80,9 @@ class FinetuneConfig:
             check_number(name, getattr(self, name), lo=0, lo_open=True)
         check_number("rescale_tolerance", self.rescale_tolerance, lo=0)
         check_number("rescale_factor", self.rescale_factor, lo=0, lo_open=True)
+        from .adaptive import factor_ladder
+        self.rescale_factors = tuple(self.rescale_factors)
+        factor_ladder(1, self.rescale_factors)  # ascending, each finite and > 0
         if self.rescale != "paper" and self.rescale_factor != 1.0:
             raise ValueError(f"rescale_factor={self.rescale_factor} multiplies the paper rule's "
                              f"scale: it needs rescale='paper', got rescale={self.rescale!r}")
@@ -314,8 +320,8 @@ def finetune(model, tokenizer, train, validation=None, config: Optional[Finetune
     elif config.rescale == "adaptive":
         info = adaptive.adaptive_rescale_(
             model, labelled_batches(tokenizer, val_rows, L, device=device),
-            ladder=adaptive.factor_ladder(config.rescale_layers),
-            tolerance=config.rescale_tolerance)
+            ladder=adaptive.factor_ladder(config.rescale_layers, config.rescale_factors),
+            tolerance=config.rescale_tolerance, after_repair=config.repair)
         report["adaptive_rescale"] = {k: v for k, v in info.items() if k != "scales"}
         report["rescale"] = {k: float(v) for k, v in info["scales"].items()}
     else:

@@ -22,6 +22,7 @@ CHECKPOINT = os.path.join("checkpoint", "train-state.safetensors")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from .adaptive import parse_factors
     from .finetuning import FinetuneConfig, RESCALES
     d = FinetuneConfig()
     p = sub.add_parser("train", help="fine-tune your own checkpoint with RoRA on your own "
@@ -70,12 +71,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="rescale the adapters of the last N blocks")
     r.add_argument("--rescale", choices=RESCALES, default=d.rescale,
                    help="paper: scale = σmax(W_pre)/σmax(BA); adaptive: the strongest of "
-                        "0.25/0.5/1 x that within --rescale-tolerance of the un-rescaled "
-                        "validation accuracy; none")
+                        "--rescale-factors x that within --rescale-tolerance of the "
+                        "un-rescaled validation accuracy; none")
     r.add_argument("--rescale-factor", type=float, default=d.rescale_factor,
                    help="paper rescale: scale = factor x σmax(W_pre)/σmax(BA); default "
                         "%(default)s")
-    r.add_argument("--rescale-tolerance", type=float, default=d.rescale_tolerance)
+    r.add_argument("--rescale-tolerance", type=float, default=d.rescale_tolerance,
+                   help="adaptive rescale: validation accuracy points a rung may cost (judged "
+                        "after the repair when --repair); default %(default)s")
+    r.add_argument("--rescale-factors", type=parse_factors, default=d.rescale_factors,
+                   metavar="F,F,...", help="adaptive rescale: the ladder's factors of the "
+                   "paper's scale, weakest first; default %(default)s")
     r.add_argument("--repair", action=argparse.BooleanOptionalAction, default=d.repair,
                    help="after the rescale, re-fit only the head's bias so that validation "
                         "prediction frequencies match the label frequencies (default on)")
@@ -141,7 +147,8 @@ def cmd_train(args) -> int:
         ortho_lambda=args.ortho_lambda, ortho_rank=args.ortho_rank,
         target_modules=target_modules, rescale_layers=args.rescale_layers,
         rescale=args.rescale, rescale_factor=args.rescale_factor,
-        rescale_tolerance=args.rescale_tolerance, repair=args.repair,
+        rescale_tolerance=args.rescale_tolerance, rescale_factors=args.rescale_factors,
+        repair=args.repair,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         max_length=args.max_length, group_by_length=args.group_by_length,
         micro_batches=args.micro_batches, seed=args.seed,

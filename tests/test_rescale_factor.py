@@ -105,3 +105,94 @@ def test_harness_cli_passes_the_factor():
     from rora_harness.cli import _spec
     args = build_parser().parse_args(["defend", "--methods", "rora", "--rescale-factor", "0.5"])
     assert _spec(args, "rora").resolved()["rescale_factor"] == 0.5
+
+
+# ------------------------------------------------------------------ the adaptive rescale's settings
+def test_adaptive_settings_come_from_the_preset_and_keep_old_run_ids(monkeypatch):
+    """An adaptive rescale takes the preset's tolerance and factors and is judged after the
+    repair when the repair follows; a paper rescale is untouched by them; old run files keep
+    their run ids."""
+    from rora_harness import presets
+    from rora_harness.bias import _spec_from
+    monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(
+        presets.PRESETS["small"], rescale="adaptive", repair=False, rescale_tolerance=1.0,
+        rescale_factors=(0.25, 0.5, 1.0)))
+    old = RunSpec(method="rora", preset="small", seed=0).resolved()
+    for k in ("rescale_tolerance", "rescale_factors", "rescale_judge"):
+        assert k not in old  # the library's defaults: not hashed
+    old_id = run_id(_spec_from(old))
+    monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(
+        presets.PRESETS["small"], rescale="adaptive", repair=True, rescale_tolerance=2.0,
+        rescale_factors=(0.5, 0.75, 1.0)))
+    new = RunSpec(method="rora", preset="small", seed=0).resolved()
+    assert (new["rescale_tolerance"], new["rescale_factors"], new["rescale_judge"]) == (
+        2.0, [0.5, 0.75, 1.0], "repaired")
+    assert run_id(_spec_from(old)) == old_id  # re-read with the new preset: the same run
+    paper = RunSpec(method="rora", preset="small", seed=0, rescale="paper").resolved()
+    assert not {"rescale_tolerance", "rescale_factors", "rescale_judge"} & set(paper)
+    model_judged = RunSpec(method="rora", preset="small", seed=0, repair=False).resolved()
+    assert "rescale_judge" not in model_judged
+    explicit = RunSpec(method="rora", preset="small", seed=0, rescale_judge="model",
+                       rescale_tolerance=0.5, rescale_factors=(0.5, 1.0)).resolved()
+    assert "rescale_judge" not in explicit and explicit["rescale_factors"] == [0.5, 1.0]
+
+
+def test_adaptive_settings_are_checked():
+    with pytest.raises(ValueError, match="weakest first"):
+        RunSpec(method="rora", rescale="adaptive", rescale_factors=(1.0, 0.5)).resolved()
+    with pytest.raises(ValueError, match="need --rescale adaptive"):
+        RunSpec(method="rora", rescale="paper", rescale_factors=(0.5, 1.0)).resolved()
+    with pytest.raises(ValueError, match="needs --repair"):
+        RunSpec(method="rora", rescale="adaptive", repair=False,
+                rescale_judge="repaired").resolved()
+    with pytest.raises(ValueError, match="'model' or 'repaired'"):
+        RunSpec(method="rora", rescale="adaptive", rescale_judge="test").resolved()
+    with pytest.raises(ValueError, match="rescale_tolerance"):
+        RunSpec(method="rora", rescale="adaptive", rescale_tolerance=-1).resolved()
+    with pytest.raises(ValueError, match="weakest first"):
+        FinetuneConfig(rescale_factors=(0.5, 0.5))
+    from rora_fast.adaptive import parse_factors
+    import argparse
+    assert parse_factors("0.5, 0.75,1") == (0.5, 0.75, 1.0)
+    for bad in ("", "1,0.5", "a", "0,1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="weakest first"):
+            parse_factors(bad)
+
+
+def test_every_door_passes_the_adaptive_settings(make_tiny_bert, monkeypatch):
+    """finetune() and the harness's rescale hand adaptive_rescale_ the same ladder,
+    tolerance and judge for the same settings."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import rora_fast.adaptive as ad
+    from rora_harness import runner
+    seen = []
+    real = ad.adaptive_rescale_
+
+    def spy(model, batches, **kw):
+        seen.append({"ladder": [(s.layers, s.factor) for s in kw["ladder"]],
+                     "tolerance": kw["tolerance"], "after_repair": kw["after_repair"]})
+        return real(model, batches, **kw)
+    monkeypatch.setattr(ad, "adaptive_rescale_", spy)
+    monkeypatch.setattr(rora_fast, "adaptive_rescale_", spy)
+    path = make_tiny_bert(2)
+    rows = load_dataset("sst2_sentence", "train", limit=40, seed=1)
+    val = [e for e in rows if e.label == 0][:4] + [e for e in rows if e.label == 1][:4]
+    train = [e for e in rows if e not in val]
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    finetune(model, tok, train, val,
+             FinetuneConfig(epochs=1, ortho_rank=4, max_length=24, rescale_layers=1,
+                            rescale="adaptive", rescale_factors=(0.5, 0.75, 1.0),
+                            rescale_tolerance=2.0, repair=True),
+             progress=False, log=lambda *a: None)
+    res = RunSpec(method="rora", rescale="adaptive", repair=True, rescale_layers=1,
+                  rescale_factors=(0.5, 0.75, 1.0), rescale_tolerance=2.0).resolved()
+    model2 = AutoModelForSequenceClassification.from_pretrained(path)
+    model2 = rora_fast.apply_rora(model2, rora_fast.RoraConfig(
+        r=2, alpha=4, ortho_rank=2, target_modules="all-linear"))
+    with torch.no_grad():
+        for _, lay in rora_fast.rora_layers(model2):
+            lay.lora_B.normal_(0, 0.1)
+    runner.adaptive_rescale_on_dev_(model2, tok, val, 24, res)
+    assert seen[0] == seen[1] == {"ladder": [(1, 0.5), (1, 0.75), (1, 1.0)], "tolerance": 2.0,
+                                  "after_repair": True}

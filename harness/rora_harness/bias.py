@@ -83,7 +83,10 @@ def _spec_from(stored: Dict):
     # a stored (resolved) spec omits these at their old defaults: explicit here, so that a
     # run file keeps its run id whatever the presets now choose
     stored = {"rescale": "paper", "repair": False, "group_by_length": False,
-              "micro_batches": 1, "rescale_factor": 1.0, **stored}
+              "micro_batches": 1, "rescale_factor": 1.0, "rescale_tolerance": 1.0,
+              "rescale_factors": (0.25, 0.5, 1.0), "rescale_judge": "model", **stored}
+    if isinstance(stored.get("rescale_factors"), list):
+        stored["rescale_factors"] = tuple(stored["rescale_factors"])
     return RunSpec(**{k: v for k, v in stored.items() if k in names})
 
 

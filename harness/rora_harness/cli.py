@@ -28,6 +28,7 @@ import sys
 import time
 from typing import List, Optional
 
+from rora_fast.adaptive import parse_factors
 from rora_fast.atomic import write_json
 
 __all__ = ["register", "DEMO_DESCRIPTION"]
@@ -103,14 +104,18 @@ def _common(p: argparse.ArgumentParser, methods_default: Optional[str] = None,
         o.add_argument("--rescale-layers", type=int, default=3, help="rescale the last N blocks")
         o.add_argument("--rescale", default=None, choices=["paper", "adaptive"],
                        help="paper: scale = σmax(W_pre)/σmax(BA); adaptive: the strongest of "
-                            "0.25/0.5/1 x that whose clean dev accuracy stays within "
-                            "--rescale-tolerance of the un-rescaled model's (default: the "
-                            "preset's choice)")
+                            "--rescale-factors x that whose clean dev accuracy stays within "
+                            "--rescale-tolerance of the un-rescaled model's, both judged after "
+                            "the repair when it follows (default: the preset's choice)")
         o.add_argument("--rescale-factor", type=float, default=None,
                        help="paper rescale: scale = factor x σmax(W_pre)/σmax(BA) (default: "
                             "the preset's choice)")
-        o.add_argument("--rescale-tolerance", type=float, default=1.0,
-                       help="adaptive rescale: dev accuracy points a rung may cost")
+        o.add_argument("--rescale-tolerance", type=float, default=None,
+                       help="adaptive rescale: dev accuracy points a rung may cost (default: "
+                            "the preset's choice)")
+        o.add_argument("--rescale-factors", type=parse_factors, default=None, metavar="F,F,...",
+                       help="adaptive rescale: the ladder's factors of the paper's scale, "
+                            "weakest first (default: the preset's choice)")
         o.add_argument("--r", type=int, default=8)
         o.add_argument("--alpha", type=float, default=16)
     a = p.add_argument_group("the attacker's overrides of the preset (poisoned model)")

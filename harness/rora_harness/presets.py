@@ -15,7 +15,7 @@ method as published (no repair: not measured at that scale).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 __all__ = ["Preset", "PRESETS", "DEFENCE_DEFAULTS", "PAPER_FIG5_GRID", "PAPER_TABLE2_BERT",
            "PAPER_TABLE5", "paper_row", "nondefault_hparams", "method_label"]
@@ -46,6 +46,10 @@ class Preset:
     repair: bool = False
     # the "paper" rescale's multiple of σ_max(W_pre)/σ_max(BA) (1: the paper's rule)
     rescale_factor: float = 1.0
+    # the "adaptive" rescale: dev accuracy points a rung may cost, and the ladder's factors
+    # (weakest first); judged after the repair when the repair follows
+    rescale_tolerance: float = 1.0
+    rescale_factors: Tuple[float, ...] = (0.25, 0.5, 1.0)
     # the defender's training batches: random (False) or length-grouped (True,
     # rora_fast.loop's group_by_length), unless the run says
     group_by_length: bool = False

@@ -83,7 +83,13 @@ class RunSpec:
     # "paper" | "adaptive" (rora_fast.adaptive_rescale_ on dev); None: the preset's choice
     # for methods with rescaling, "paper" for the others
     rescale: Optional[str] = None
-    rescale_tolerance: float = 1.0  # adaptive: dev accuracy points a rung may cost
+    # adaptive: dev accuracy points a rung may cost, the ladder's factors of the paper's scale
+    # (weakest first), and what is judged: "model" (its own dev accuracy) or "repaired" (after
+    # the head-bias repair it would get); None: the preset's for an adaptive rescale
+    # (``Preset.rescale_tolerance`` / ``rescale_factors``; "repaired" when the repair follows)
+    rescale_tolerance: Optional[float] = None
+    rescale_factors: Optional[Tuple[float, ...]] = None
+    rescale_judge: Optional[str] = None
     # "paper" rescale: factor x σ_max(W_pre)/σ_max(BA); None: the preset's choice for
     # methods with the paper rescale, 1 for the others
     rescale_factor: Optional[float] = None
@@ -110,6 +116,22 @@ class RunSpec:
         paper = m.kind == "rora" and m.pt and self.rescale_choice()[0] == "paper"
         return float(p.rescale_factor) if (p is not None and paper) else 1.0
 
+    def adaptive_choice(self) -> Tuple[float, Tuple[float, ...], str]:
+        """``(tolerance, factors, judge)`` of this run's adaptive rescale: the explicit
+        values, else the preset's for an adaptive rescale (judge "repaired" when the repair
+        follows it), else the library's defaults."""
+        from rora_fast.adaptive import DEFAULT_FACTORS
+        p = PRESETS.get(self.preset)
+        rescale, repair = self.rescale_choice()
+        adaptive = rescale == "adaptive" and p is not None
+        tol = self.rescale_tolerance if self.rescale_tolerance is not None else (
+            p.rescale_tolerance if adaptive else 1.0)
+        factors = self.rescale_factors if self.rescale_factors is not None else (
+            p.rescale_factors if adaptive else DEFAULT_FACTORS)
+        judge = self.rescale_judge if self.rescale_judge is not None else (
+            "repaired" if adaptive and repair else "model")
+        return tol, tuple(float(f) for f in factors), judge
+
     def resolved(self) -> Dict:
         p = PRESETS[self.preset] if self.preset in PRESETS else None
         if p is None:
@@ -118,6 +140,8 @@ class RunSpec:
         rescale, repair = self.rescale_choice()
         d["rescale"], d["repair"] = rescale, repair
         d["rescale_factor"] = self.rescale_factor_choice()
+        tol, factors, judge = self.adaptive_choice()
+        d["rescale_tolerance"], d["rescale_factors"], d["rescale_judge"] = tol, list(factors), judge
         d["group_by_length"] = bool(p.group_by_length if self.group_by_length is None
                                     else self.group_by_length)
         d["micro_batches"] = p.micro_batches if self.micro_batches is None else self.micro_batches
@@ -125,7 +149,8 @@ class RunSpec:
         for k, default in (("poison_max_epochs", None), ("repair", False),
                            ("group_by_length", False), ("micro_batches", 1),
                            ("rescale", "paper"),
-                           ("rescale_tolerance", 1.0), ("rescale_factor", 1.0)):
+                           ("rescale_tolerance", 1.0), ("rescale_factor", 1.0),
+                           ("rescale_factors", [0.25, 0.5, 1.0]), ("rescale_judge", "model")):
             if d[k] == default:  # defaults added later are not hashed: run ids stay as before
                 del d[k]
         pick = lambda v, default, unset=-1: default if v == unset else v
@@ -156,9 +181,19 @@ class RunSpec:
             raise ValueError(f"--rescale-factor {factor:g} multiplies the paper rescale's "
                              f"scale: it needs a method with rescaling and --rescale paper, "
                              f"got {self.method!r} with --rescale {rescale}")
-        if not (self.rescale_tolerance >= 0 and math.isfinite(self.rescale_tolerance)):
-            raise ValueError(f"rescale_tolerance must be a finite number >= 0, got "
-                             f"{self.rescale_tolerance!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or \
+                not (math.isfinite(tol) and tol >= 0):
+            raise ValueError(f"rescale_tolerance must be a finite number >= 0, got {tol!r}")
+        from rora_fast.adaptive import DEFAULT_FACTORS, factor_ladder
+        factor_ladder(self.rescale_layers or 1, factors)  # ascending, each finite and > 0
+        if judge not in ("model", "repaired"):
+            raise ValueError(f"rescale_judge must be 'model' or 'repaired', got {judge!r}")
+        if rescale != "adaptive" and (judge != "model" or factors != DEFAULT_FACTORS):
+            raise ValueError("--rescale-factors and the rescale judge configure the adaptive "
+                             f"rescale: they need --rescale adaptive, got --rescale {rescale}")
+        if judge == "repaired" and not repair:
+            raise ValueError("rescale_judge 'repaired' judges the model after the head-bias "
+                             "repair: it needs --repair")
         if repair and not (m.kind == "rora" and m.pt):
             raise ValueError(f"--repair undoes a bias of the rescaling: it needs a method with "
                              f"rescaling (rora, lora+rescale, rora:ci+pt, ...), got "
@@ -322,7 +357,8 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
     if method.kind == "rora" and method.pt:
         result["before_rescale"] = evaluate(model, tok, sets, L, attack.target_label)
         if res_spec.get("rescale", "paper") == "adaptive":
-            result["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, spec)
+            result["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L,
+                                                                  res_spec)
             result["rescale"] = result["adaptive_rescale"]["scales"]
         else:
             result["rescale"] = finish_defence(model, method, dcfg)
@@ -334,14 +370,19 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
     return finish_result(result, path, t_start, rid, log)
 
 
-def adaptive_rescale_on_dev_(model, tok, dev, max_length: int, spec: RunSpec) -> Dict:
+def adaptive_rescale_on_dev_(model, tok, dev, max_length: int, res_spec: Dict) -> Dict:
     """:func:`rora_fast.adaptive_rescale_` of ``model`` on the clean ``dev`` rows (the
-    selection split; never a triggered or test row), with the default ladder's factors on
-    the top ``spec.rescale_layers`` blocks and ``spec.rescale_tolerance``."""
+    selection split; never a triggered or test row) as the resolved spec ``res_spec`` says:
+    its factors on the top ``rescale_layers`` blocks, its tolerance, judged on the model or
+    after the repair it would get."""
     import rora_fast
+    from rora_fast.adaptive import DEFAULT_FACTORS
     info = rora_fast.adaptive_rescale_(
         model, labelled_batches(tok, dev, max_length, device=next(model.parameters()).device),
-        ladder=rora_fast.factor_ladder(spec.rescale_layers), tolerance=spec.rescale_tolerance)
+        ladder=rora_fast.factor_ladder(res_spec["rescale_layers"],
+                                       res_spec.get("rescale_factors", DEFAULT_FACTORS)),
+        tolerance=res_spec.get("rescale_tolerance", 1.0),
+        after_repair=res_spec.get("rescale_judge", "model") == "repaired")
     info["scales"] = {k: float(v) for k, v in info["scales"].items()}
     return info
 

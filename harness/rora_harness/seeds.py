@@ -207,7 +207,7 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
         from .runner import adaptive_rescale_on_dev_
         with open(os.path.join(out_dir, "runs", rid + ".json")) as f:
             out["before_rescale"] = json.load(f).get("before_rescale")
-        out["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, spec)
+        out["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, res)
         out["rescale"] = out["adaptive_rescale"]["scales"]
         if res.get("repair"):  # as the trained run (and `defend --rescale adaptive`) does
             from rora_fast.repair import recalibrate_head_bias_
