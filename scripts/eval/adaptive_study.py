@@ -152,6 +152,52 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
     return out
 
 
+def verify_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str], factors,
+               tolerance: float) -> Dict:
+    """The harness's own path for ``--rescale adaptive --repair`` with ``factors`` and
+    ``tolerance`` (judged after the repair) on the committed RoRA adapter of
+    (schedule, cell, seed): ``adaptive_rescale_on_dev_``, the repair, ``evaluate`` -- to
+    check that the summary's replay of that rule on the recorded dev accuracies picks the
+    same rung and gives the same metrics."""
+    import dataclasses
+    from rora_fast.repair import recalibrate_head_bias_
+    from posthoc_study import committed_runs
+    from rora_harness.attacks import get_attack
+    from rora_harness.bias import _spec_from
+    from rora_harness.defences import parse_method
+    from rora_harness.runner import (adaptive_rescale_on_dev_, defended_model, evaluate,
+                                     prepare_sets)
+    folder = os.path.join(ROOT, SCHEDULES[schedule][cell])
+    run = committed_runs(folder, seed)["rora"]
+    spec = _spec_from(run["spec"])
+    t0 = time.time()
+    model, tok, res = defended_model(spec, parse_method(spec.method),
+                                     os.path.join(folder, run["adapter"]), cache_dir, log=log)
+    L = res["max_length"]
+    attack = get_attack(spec.attack, spec.trigger)
+    sets = prepare_sets(spec.task, attack, tok, L, res["n_train"], res["n_dev"], res["n_test"],
+                        spec.seed)
+    trained = dataclasses.replace(spec, rescale="adaptive", repair=True,
+                                  rescale_factors=tuple(factors), rescale_tolerance=tolerance,
+                                  rescale_judge=None).resolved()
+    info = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, trained)
+    repair = recalibrate_head_bias_(model, tok, sets["dev"], L)
+    metrics = evaluate(model, tok, sets, L, attack.target_label)
+    with open(result_path(os.path.join(ROOT, OUT), schedule, cell, seed)) as f:
+        rec = json.load(f)
+    pick = choose(rec["rungs"], [(spec.rescale_layers, float(c)) for c in factors], tolerance,
+                  acc="dev_acc_repaired")
+    return {"kind": "adaptive-study-verify", "schedule": schedule, "cell": cell, "seed": seed,
+            "spec": trained, "adaptive_rescale": {k: v for k, v in info.items() if k != "scales"},
+            "repair": repair, "metrics": metrics,
+            "replay": {"rung": [pick["layers"], pick["factor"]],
+                       "metrics": {k: pick["test_repaired"][k] for k in KEYS}},
+            "same": {"rung": (info["chosen"] or {"layers": 0, "factor": 0.0}) ==
+                     {"layers": pick["layers"], "factor": pick["factor"]},
+                     "metrics": all(metrics[k] == pick["test_repaired"][k] for k in KEYS)},
+            "seconds": round(time.time() - t0, 1)}
+
+
 # ----------------------------------------------------------------------------- summary
 def lora_reference(schedule: str, cell: str) -> Dict[int, Dict]:
     from rora_harness.seeds import run_files
@@ -347,10 +393,37 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--commit", action="store_true")
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--verify", default=None, metavar="F,F,...:TOL",
+                    help="instead of the study: run the harness's --rescale adaptive --repair "
+                         "with these factors and tolerance on the committed adapters and "
+                         "compare with the summary's replay (verify/*.json)")
     ap.add_argument("--only-cached", action="store_true",
                     help="skip (for a later call) seeds whose poisoned model is not cached yet")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.verify:
+        from rora_harness.poisoning import default_cache_dir
+        from rora_harness.spectra import write_json as write_json_
+        facs, tol = args.verify.split(":")
+        factors, tolerance = [float(x) for x in facs.split(",")], float(tol)
+        for seed in parse_seeds(args.seeds):
+            for schedule in args.schedules.split(","):
+                for cell in args.cells.split(","):
+                    path = os.path.join(args.out, "verify",
+                                        f"{schedule}-{cell}-s{seed}-{facs}-{tol}.json")
+                    if os.path.exists(path):
+                        continue
+                    res = verify_one(schedule, cell, seed, args.cache_dir or default_cache_dir(),
+                                     factors, tolerance)
+                    write_json_(res, path)
+                    log(f"verify {schedule} {cell} seed {seed}: same {res['same']} "
+                        f"{res['metrics']} vs replay {res['replay']}")
+                    if args.commit:
+                        commit(os.path.join(args.out, "verify"),
+                               f"adaptive-study verify: {schedule} {cell} seed {seed}, the "
+                               f"harness's adaptive rescale judged after the repair ({facs}, "
+                               f"δ {tol}) against the replay")
+        return 0
     if not args.summary_only:
         from rora_harness.poisoning import default_cache_dir
         cache = args.cache_dir or default_cache_dir()
