@@ -23,12 +23,16 @@ def test_presets_run_the_best_measured_configuration():
         assert {"rescale": PRESETS[name].rescale, "repair": PRESETS[name].repair,
                 "epochs": PRESETS[name].epochs,
                 "group_by_length": PRESETS[name].group_by_length,
-                "rescale_factor": PRESETS[name].rescale_factor} == fields, name
+                "rescale_factor": PRESETS[name].rescale_factor,
+                "rescale_tolerance": PRESETS[name].rescale_tolerance,
+                "rescale_factors": tuple(PRESETS[name].rescale_factors)} == fields, name
     # rora-fast train / finetune() defaults: the same configuration
     from rora_fast import FinetuneConfig
     d = FinetuneConfig()
     assert {"rescale": d.rescale, "repair": d.repair, "epochs": d.epochs,
-            "group_by_length": d.group_by_length, "rescale_factor": d.rescale_factor} == fields
+            "group_by_length": d.group_by_length, "rescale_factor": d.rescale_factor,
+            "rescale_tolerance": d.rescale_tolerance,
+            "rescale_factors": tuple(d.rescale_factors)} == fields
     # it is complete and at least as good as the paper's rule alone
     assert rows[pick]["complete"]
     assert rows[pick]["worst_margin"] >= rows["rora (paper rule)"]["worst_margin"]

@@ -231,7 +231,7 @@ def test_cli_sentence_pairs_string_labels_outputs_and_fresh_process(tmp_path, ca
                             "--text-column", "hint", "--label-column", "verdict", "--out",
                             str(out), "--check-trigger", "cf", "--check-trigger", "mn",
                             "--target-label", "bad", "--rescale-layers", "1",
-                            "--rescale-factor", "0.5"] + FAST, capsys)
+                            "--rescale", "paper", "--rescale-factor", "0.5"] + FAST, capsys)
     assert rc == 0, err
     assert "held out" in stdout  # no validation file: the command says what it held out
     for f in ("model/config.json", "model/model.safetensors", "adapter", "peft-adapter/"
@@ -294,10 +294,13 @@ def test_python_api_with_datasets_and_jsonl(tmp_path, make_tiny_bert):
 
 
 # ------------------------------------------------------------------ one method, two doors
-def test_finetune_equals_the_harness_defence(make_tiny_bert, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rescale", [{}, {"rescale": "paper", "rescale_factor": 0.5}],
+                         ids=["defaults", "paper-x0.5"])
+def test_finetune_equals_the_harness_defence(make_tiny_bert, tmp_path, monkeypatch, rescale):
     """The same rows, settings and seed through ``rora-fast defend`` (run_defence) and
-    through :func:`finetune`: the same trained adapter, the same rescale (at a factor of
-    the paper's scale) and the same repair."""
+    through :func:`finetune`: the same trained adapter, the same rescale (the defaults'
+    adaptive rescale judged after the repair; the paper's rule at a factor) and the same
+    repair."""
     from safetensors.torch import load_file
     from rora_harness import runner
     from rora_harness.poisoning import load_poisoned
@@ -314,7 +317,7 @@ def test_finetune_equals_the_harness_defence(make_tiny_bert, tmp_path, monkeypat
                    model=make_tiny_bert(2), n_train=24, n_dev=16, n_test=16, epochs=2,
                    max_length=32, poison_n_train=16, poison_epochs=1,
                    poison_asr_threshold=-1.0, poison_min_clean_acc=0.0, repair=True,
-                   ortho_rank=4, rescale_factor=0.5)
+                   ortho_rank=4, **rescale)
     res = run_defence(spec, str(tmp_path / "out"), str(tmp_path / "cache"),
                       adapter_dir=str(tmp_path / "adapters"), log=lambda *a: None)
     harness_adapter = load_file(str(tmp_path / "adapters" / (run_id(spec) + ".safetensors")))
@@ -330,13 +333,15 @@ def test_finetune_equals_the_harness_defence(make_tiny_bert, tmp_path, monkeypat
         return real_spectra(m)
     monkeypatch.setattr(ft, "_spectra", grab)
     rep = finetune(model, tok, sets_seen["train"], sets_seen["dev"],
-                   FinetuneConfig(epochs=2, max_length=32, ortho_rank=4, seed=2,
-                                  rescale_factor=0.5),
+                   FinetuneConfig(epochs=2, max_length=32, ortho_rank=4, seed=2, **rescale),
                    progress=False, log=lambda *a: None)
     assert set(adapters) == set(harness_adapter)
     for n, t in harness_adapter.items():
         assert torch.equal(adapters[n], t), n
     assert rep["rescale"] == pytest.approx(res["rescale"], rel=1e-12)
+    if not rescale:  # the defaults: the same adaptive choice, judged after the repair
+        assert rep["adaptive_rescale"]["after_repair"] and rep["adaptive_rescale"]["steps"] == \
+            res["adaptive_rescale"]["steps"]
     assert rep["repair"]["bias_shift"] == res["repair"]["bias_shift"]
     assert rep["train_log"]["dev_history"] == res["train_log"]["dev_history"]
 

@@ -102,8 +102,8 @@ def test_study_entries_are_the_trained_configuration_of_their_rung(tmp_path, mon
     runs.mkdir(parents=True)
     (tmp_path / "trained").mkdir()
     for s in (0, 1):
-        spec = RunSpec(task="cr", method="rora", preset="small", seed=s,
-                       group_by_length=True).resolved()
+        spec = RunSpec(task="cr", method="rora", preset="small", seed=s, rescale="paper",
+                       repair=False, group_by_length=True).resolved()
         (tmp_path / "trained" / f"r{s}.json").write_text(json.dumps({"spec": spec}))
         rungs = [{"layers": 0, "factor": 0.0}] + [
             {"layers": 3, "factor": f, "test": {"CA": 80.0 + f, "ASR": 20.0, "ASR_floor": 9.0},
@@ -114,9 +114,25 @@ def test_study_entries_are_the_trained_configuration_of_their_rung(tmp_path, mon
              "from_run": f"trained/r{s}.json"}))
     (e,) = gen.study_entries("study:ep12g:0.75:repair")
     want = RunSpec(task="cr", method="rora", preset="small", seed=0, group_by_length=True,
-                   repair=True, rescale_factor=0.75).resolved()
+                   repair=True, rescale="paper", rescale_factor=0.75).resolved()
     assert e["spec"] == {k: v for k, v in want.items() if k != "seed"}
     assert e["setting_key"] == R.setting_key(want) and e["seeds"] == [0, 1]
     assert e["metrics"]["CA"]["mean"] == 84.5 and e["metrics"]["ASR"]["max"] == 13.0
     (plain,) = gen.study_entries("study:ep12g:0.75")
     assert plain["metrics"]["CA"]["mean"] == 80.75 and plain["method"] == "rora"
+    # the adaptive rule, judged after the repair: replayed on the recorded dev accuracies
+    for s in (0, 1):
+        p = runs / f"ep12g-cr-s{s}.json"
+        rec = json.loads(p.read_text())
+        rec["rungs"][0]["dev_acc_repaired"] = 80.0
+        for r, acc in zip(rec["rungs"][1:], (79.0, 79.5 - s, 70.0)):
+            r["dev_acc_repaired"] = acc  # x0.75 within 1 point at seed 0 only
+            r["test_repaired"]["CA"] = 90.0 + 10 * r["factor"]
+        p.write_text(json.dumps(rec))
+    (ad,) = gen.study_entries("study:ep12g:adaptive:0.5,0.75,1:1:repair")
+    want = RunSpec(task="cr", method="rora", preset="small", seed=0, group_by_length=True,
+                   repair=True, rescale="adaptive", rescale_factors=(0.5, 0.75, 1.0),
+                   rescale_tolerance=1.0).resolved()
+    assert ad["spec"] == {k: v for k, v in want.items() if k != "seed"}
+    assert ad["spec"]["rescale_judge"] == "repaired"
+    assert ad["metrics"]["CA"]["mean"] == 96.25  # seed 0: x0.75 (97.5), seed 1: x0.5 (95)

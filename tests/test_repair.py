@@ -211,8 +211,9 @@ def test_adaptive_rescale_sees_only_the_clean_dev_rows(tiny_bert, tmp_path, monk
         e.text for e in load_dataset("mr", "train", limit=16, seed=0)}
     assert triggered and not any(e.text in bad for e in seen["rows"])
     info = res["adaptive_rescale"]
-    assert [(s["layers"], s["factor"]) for s in info["steps"]] == [(3, f) for f in
-                                                                   rora_fast.adaptive.DEFAULT_FACTORS]
+    from rora_harness.presets import PRESETS
+    assert [(s["layers"], s["factor"]) for s in info["steps"]] == [
+        (3, f) for f in PRESETS["small"].rescale_factors]  # the preset's ladder
     assert res["rescale"] == info["scales"]
     assert run_id(spec) != run_id(dataclasses.replace(spec, rescale="paper"))
 
@@ -224,7 +225,7 @@ def test_adaptive_rescale_option_is_checked():
         RunSpec(method="lora", rescale="adaptive").resolved()
     with pytest.raises(ValueError, match="rescale_tolerance"):
         RunSpec(method="rora", rescale="adaptive", rescale_tolerance=-1).resolved()
-    assert "rescale" not in RunSpec(method="rora").resolved()
+    assert "rescale" not in RunSpec(method="rora", preset="full").resolved()
 
 
 def test_preset_chooses_rescale_and_repair_for_methods_with_rescaling(monkeypatch):
@@ -233,7 +234,8 @@ def test_preset_chooses_rescale_and_repair_for_methods_with_rescaling(monkeypatc
     from rora_harness import presets
     from rora_harness.bias import _spec_from
     monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(
-        presets.PRESETS["small"], rescale="paper", repair=False, epochs=4))  # until issue 29
+        presets.PRESETS["small"], rescale="paper", repair=False, epochs=4, group_by_length=False,
+        rescale_tolerance=1.0, rescale_factors=(0.25, 0.5, 1.0)))  # until issue 29
     old = RunSpec(method="rora", preset="small", seed=0)
     assert run_id(old) == "sst2_sentence-badnet-rora-small-s0-ae179c069b"  # committed
     old_id, old_res = run_id(old), old.resolved()

@@ -153,7 +153,7 @@ def test_seeds_end_to_end_on_a_tiny_model(tiny_bert, tmp_path, capsys):
             "--n-train", "16", "--n-dev", "16", "--n-test", "24", "--epochs", "1",
             "--max-length", "32", "--ortho-rank", "4", "--poison-n-train", "16",
             "--poison-epochs", "1", "--poison-asr-threshold", "-1", "--poison-min-clean-acc",
-            "0", "--threads", "1", "--device", "cpu", "--out", out]
+            "0", "--threads", "1", "--device", "cpu", "--rescale", "paper", "--out", out]
     assert main([*args, "--methods", "lora,lora+rescale,rora,rora+repair", "--no-repair",
                  "--seeds", "0-1"]) == 0
     agg = json.load(open(os.path.join(out, "seeds.json")))
@@ -177,7 +177,9 @@ def test_seeds_end_to_end_on_a_tiny_model(tiny_bert, tmp_path, capsys):
     assert agg["methods"]["rora+adaptive"]["seeds"] == [0, 1]
     assert "rora+adaptive - rora" in agg["paired"]
     post = json.load(open(glob.glob(os.path.join(out, "runs", "*s0-*+adaptive.json"))[0]))
-    assert [s["factor"] for s in post["adaptive_rescale"]["steps"]] == [0.25, 0.5, 1.0]
+    from rora_harness.presets import PRESETS
+    assert [s["factor"] for s in post["adaptive_rescale"]["steps"]] == list(
+        PRESETS["small"].rescale_factors)  # the preset's ladder, as `defend --rescale adaptive`
     assert args[0] == "seeds" and args[-2:] == ["--out", out]
     assert main(["defend", *args[1:-2], "--out", str(tmp_path / "defend"),
                  "--methods", "rora", "--seed", "0", "--rescale", "adaptive", "--no-repair"]) == 0

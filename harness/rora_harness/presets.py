@@ -1,12 +1,15 @@
 """Presets (data sizes and schedules) and the paper's reference numbers.
 
 ``small`` (the CLI's default, the demo's): the small-scale reproduction on CPU, 2,000 rows x
-12 epochs; a method with rescaling is followed by the clean-dev head-bias repair
+12 epochs in length-grouped batches; a method with rescaling rescales adaptively (the
+strongest of 0.5 / 0.75 / 1 x the paper's scale whose clean dev accuracy after the repair
+stays within 2 points of the un-rescaled model's), then the clean-dev head-bias repair
 (``repair=True``). Issue 29: of every configuration measured over 5 seeds on SST-2 and CR,
 each against LoRA trained on the same schedule, rows and seeds, this one has the best worst
-margin over the three targets (-0.64 points, against -2.00 for the same at 4 epochs; see
-docs/results.md, benchmarks/results/eval/default-choice.md). The epochs are 12.0, as the
-measured runs recorded them (``--epochs 12``), so that their configuration is this one.
+margin over the three targets (+0.20 points: all three met on both cells; the paper's rule +
+repair at 12 epochs, random batches: -0.64; see docs/results.md,
+benchmarks/results/eval/default-choice.md). The epochs are 12.0, as the measured runs
+recorded them (``--epochs 12``), so that their configuration is this one.
 ``demo``: ``small`` with 1,500 defence rows (the earlier demo).
 ``full``: the paper's sizes (A.1): poisoning 4,000 proxy rows with 1,500 poisoned, lr 2e-5,
 3 epochs; defence on the full training split, 20 epochs, batch 32 — for a GPU; the paper's
@@ -64,9 +67,13 @@ PRESETS: Dict[str, Preset] = {
     # on all linear layers (see the evaluation notes: with query/value only the effect does
     # not show at this scale).
     "demo": Preset("demo", 2000, 0.375, 64, 40, 5e-5, 3, 1500, 872, None, 64, 12.0,
-                   target_modules="all-linear", repair=True),
+                   target_modules="all-linear", rescale="adaptive", repair=True,
+                   group_by_length=True, rescale_tolerance=2.0,
+                   rescale_factors=(0.5, 0.75, 1.0)),
     "small": Preset("small", 2000, 0.375, 64, 40, 5e-5, 3, 2000, 872, None, 64, 12.0,
-                    target_modules="all-linear", repair=True),
+                    target_modules="all-linear", rescale="adaptive", repair=True,
+                    group_by_length=True, rescale_tolerance=2.0,
+                    rescale_factors=(0.5, 0.75, 1.0)),
     "full": Preset("full", 4000, 0.375, 128, None, 2e-5, 3, None, None, None, 128, 20,
                    target_modules=None),
 }

@@ -185,6 +185,10 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
     if variant.startswith("rora+repair") and res.get("repair"):
         raise ValueError(f"{variant}: the rora run of seed {spec.seed} is already repaired (its "
                          f"preset's choice); {variant} would repair it twice")
+    if variant.startswith("rora+repair") and res.get("rescale", "paper") != "paper":
+        raise ValueError(f"{variant}: the rora run of seed {spec.seed} was rescaled "
+                         f"{res['rescale']}ly, {variant} repairs the paper rescale (train with "
+                         f"--rescale paper)")
     if variant.startswith("lora+rescale"):
         out["rescale"] = rescale_peft_lora_(model, spec.rescale_layers)
         if "+repair" in variant:
@@ -207,9 +211,12 @@ def run_posthoc(spec, variant: str, out_dir: str, cache_dir: Optional[str], log=
         from .runner import adaptive_rescale_on_dev_
         with open(os.path.join(out_dir, "runs", rid + ".json")) as f:
             out["before_rescale"] = json.load(f).get("before_rescale")
-        out["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, res)
+        # what `defend --rescale adaptive` of this run does: the preset's ladder, tolerance and
+        # judge for an adaptive rescale (after the repair when the run repairs)
+        ad = dataclasses.replace(spec, rescale="adaptive", rescale_factor=None).resolved()
+        out["adaptive_rescale"] = adaptive_rescale_on_dev_(model, tok, sets["dev"], L, ad)
         out["rescale"] = out["adaptive_rescale"]["scales"]
-        if res.get("repair"):  # as the trained run (and `defend --rescale adaptive`) does
+        if ad.get("repair"):  # as the trained run (and `defend --rescale adaptive`) does
             from rora_fast.repair import recalibrate_head_bias_
             out["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
     else:  # pragma: no cover - POSTHOC is closed

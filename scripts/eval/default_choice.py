@@ -22,8 +22,9 @@ not it meets all three. Every per-seed number is read from the run files it came
 * ``retrain-study/ep12g-<task>/seeds.json``: 12 epochs with length-grouped batches
   (``--group-by-length``), judged against LoRA trained the same way;
 * ``adaptive-study/runs/ep12*-``: the 12-epoch adapters (random and grouped batches) with the
-  rescale at a factor of the paper's scale (``--rescale-factor``), the adaptive rescale, and
-  the adaptive rule judged on the repaired dev accuracy (script only).
+  rescale at a factor of the paper's scale (``--rescale-factor``) and the adaptive rescale
+  (``--rescale adaptive``; followed by the repair it is judged after the repair, as the
+  harness does; ``adaptive_study.py --verify`` checks the replay against the harness's path).
 
 Writes ``benchmarks/results/eval/default-choice.{json,md,png}`` and the block of
 docs/results.md between its markers. ``tests/test_default_choice.py`` checks that the
@@ -48,9 +49,13 @@ KEYS = ("CA", "ASR", "ASR_floor")
 SEEDS = (0, 1, 2, 3, 4)
 
 
-def _fields(rescale, repair, epochs, grouped=False, factor=1.0):
+def _fields(rescale, repair, epochs, grouped=False, factor=1.0, tolerance=1.0,
+            factors=(0.25, 0.5, 1.0)):
+    """The preset fields of a configuration (an adaptive rescale followed by the repair is
+    judged after the repair: the harness's rule)."""
     return {"rescale": rescale, "repair": repair, "epochs": epochs, "group_by_length": grouped,
-            "rescale_factor": factor}
+            "rescale_factor": factor, "rescale_tolerance": tolerance,
+            "rescale_factors": tuple(factors)}
 
 
 #: the 12-epoch schedules of the adaptive study (its runs re-apply every rung to the
@@ -58,8 +63,8 @@ def _fields(rescale, repair, epochs, grouped=False, factor=1.0):
 STUDY_12 = {"ep12": (", 12 epochs", False), "ep12g": (", 12 epochs, grouped", True)}
 #: the fixed factors of the paper's scale the harness can run (``--rescale-factor``)
 FACTORS = (0.5, 0.75)
-#: the adaptive rule judged on the repaired dev accuracy (the study's; not a harness option)
-AFTER_REPAIR = ([(3, 0.5), (3, 0.75), (3, 1.0)], 2.0)
+#: the adaptive rescale over x0.5/0.75/1 within 2 dev points, judged after the repair
+AFTER_REPAIR = ((0.5, 0.75, 1.0), 2.0)
 
 
 def study_names(suffix: str) -> Dict[str, str]:
@@ -68,8 +73,7 @@ def study_names(suffix: str) -> Dict[str, str]:
              for f in FACTORS for rep in (False, True)}
     names.update({("adaptive", rep): f"rora, adaptive rescale{' + repair' if rep else ''}{suffix}"
                   for rep in (False, True)})
-    names[("after repair",)] = (f"rora, adaptive rescale judged after the repair (x.5/.75/1, "
-                                f"δ 2) + repair{suffix} (script only)")
+    names[("after repair",)] = f"rora, adaptive rescale x0.5/0.75/1 within 2 + repair{suffix}"
     return names
 
 
@@ -77,7 +81,9 @@ def study_names(suffix: str) -> Dict[str, str]:
 HARNESS = {"rora (paper rule)": _fields("paper", False, 4),
            "rora + repair": _fields("paper", True, 4),
            "rora, adaptive rescale": _fields("adaptive", False, 4),
-           "rora, adaptive rescale + repair": _fields("adaptive", True, 4),
+           # (the 4-epoch records have no repaired dev accuracy: this row's rule judged the
+           # model before the repair, which the harness no longer does)
+           "rora, adaptive rescale (judged before the repair) + repair": None,
            "rora (paper rule), 12 epochs": _fields("paper", False, 12),
            "rora + repair, 12 epochs": _fields("paper", True, 12),
            "rora (paper rule), 12 epochs, grouped": _fields("paper", False, 12, True),
@@ -88,6 +94,9 @@ for _sched, (_suffix, _grouped) in STUDY_12.items():
             HARNESS[_name] = _fields("paper", _key[2], 12, _grouped, _key[1])
         elif _key[0] == "adaptive":
             HARNESS[_name] = _fields("adaptive", _key[1], 12, _grouped)
+        else:
+            HARNESS[_name] = _fields("adaptive", True, 12, _grouped, tolerance=AFTER_REPAIR[1],
+                                     factors=AFTER_REPAIR[0])
 
 #: LoRA of the same schedule: every configuration is judged against the row named here
 #: (default "lora", 4 epochs); "grouped": length-grouped training batches (``--group-by-length``),
@@ -149,7 +158,8 @@ def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
             if r.get("schedule") == "small":
                 pick = adaptive_pick(r["rungs"])
                 put("rora, adaptive rescale", cell, r["seed"], pick["test"])
-                put("rora, adaptive rescale + repair", cell, r["seed"], pick["test_repaired"])
+                put("rora, adaptive rescale (judged before the repair) + repair", cell,
+                    r["seed"], pick["test_repaired"])
             elif r.get("schedule") in STUDY_12:
                 names = study_names(STUDY_12[r["schedule"]][0])
                 rung = {(x["layers"], x["factor"]): x for x in r["rungs"]}
@@ -158,8 +168,10 @@ def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
                     put(names[("fixed", f, True)], cell, r["seed"], rung[(3, f)]["test_repaired"])
                 pick = adaptive_pick(r["rungs"])
                 put(names[("adaptive", False)], cell, r["seed"], pick["test"])
+                pick = adaptive_pick(r["rungs"], acc="dev_acc_repaired")
                 put(names[("adaptive", True)], cell, r["seed"], pick["test_repaired"])
-                pick = replay_rule(r["rungs"], *AFTER_REPAIR, acc="dev_acc_repaired")
+                pick = replay_rule(r["rungs"], [(3, f) for f in AFTER_REPAIR[0]], AFTER_REPAIR[1],
+                                   acc="dev_acc_repaired")
                 put(names[("after repair",)], cell, r["seed"], pick["test_repaired"])
         put_seeds(os.path.join(study, f"ep12-{cell}", "seeds.json"), cell,
                   (("lora", LORA12), ("rora", "rora (paper rule), 12 epochs"),
@@ -173,12 +185,12 @@ def per_seed_tables(rel: str = REL) -> Dict[str, Dict[str, Dict[int, Dict]]]:
     return out
 
 
-def adaptive_pick(rungs: List[Dict], tolerance: float = 1.0) -> Dict:
+def adaptive_pick(rungs: List[Dict], tolerance: float = 1.0, acc: str = "dev_acc") -> Dict:
     """What ``rora_fast.adaptive_rescale_`` picks with its default ladder (the top 3 blocks
     at rora_fast.adaptive.DEFAULT_FACTORS x the paper's scale) and ``tolerance``, from a
     study record's dev accuracies: the study's replay of the rule (tested against the API)."""
     from rora_fast.adaptive import DEFAULT_LADDER
-    return replay_rule(rungs, [(s.layers, s.factor) for s in DEFAULT_LADDER], tolerance)
+    return replay_rule(rungs, [(s.layers, s.factor) for s in DEFAULT_LADDER], tolerance, acc=acc)
 
 
 def margins(tables) -> Dict[str, Dict]:
@@ -239,7 +251,10 @@ def markdown(rows: Dict[str, Dict], pick: str) -> str:
                f"epochs={r['harness']['epochs']}"
                + (", group_by_length=True" if r["harness"]["group_by_length"] else "")
                + (f", rescale_factor={r['harness']['rescale_factor']:g}"
-                  if r["harness"].get("rescale_factor", 1.0) != 1.0 else "") + "`")
+                  if r["harness"].get("rescale_factor", 1.0) != 1.0 else "")
+               + (f", rescale_factors={','.join(f'{x:g}' for x in r['harness']['rescale_factors'])}"
+                  f", rescale_tolerance={r['harness']['rescale_tolerance']:g}"
+                  if r["harness"]["rescale"] == "adaptive" else "") + "`")
         for cell in CELLS:
             st = r["cells"][cell]
             mg = st.get("margins")

@@ -9,6 +9,10 @@ its per-seed records: the study re-applies that rung to each committed adapter, 
 ``defend --rescale-factor FACTOR [--repair]`` does after training (its paper rung and its
 repaired paper rung reproduce the committed runs' metrics to the digit), so it is entered
 under that trained configuration's spec, one entry per cell.
+``study:SCHEDULE:adaptive:F,F,...:TOL[:repair]``: the adaptive rescale over those factors
+within TOL (judged after the repair when it follows, as the harness does), replayed on the
+recorded dev accuracies (``adaptive_study.py --verify`` runs the harness's own path against
+the replay).
 
 For every trained method of each folder's seeds.json, the per-seed run files are read,
 their specs must agree apart from the seed (else an error), and the entry records the seeds
@@ -75,10 +79,19 @@ def study_entries(source: str):
     """The entries of ``study:SCHEDULE:FACTOR[:repair]`` (module docstring), per cell."""
     from rora_harness.reference_runs import METRICS, setting_key
     from rora_harness.seeds import mean_ci
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from adaptive_study import choose
     parts = source.split(":")
-    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "repair"):
-        raise SystemExit(f"{source}: expected study:SCHEDULE:FACTOR[:repair]")
-    schedule, factor, repaired = parts[1], float(parts[2]), len(parts) == 4
+    adaptive = len(parts) > 2 and parts[2] == "adaptive"
+    n = 5 if adaptive else 3
+    if len(parts) not in (n, n + 1) or (len(parts) == n + 1 and parts[n] != "repair"):
+        raise SystemExit(f"{source}: expected study:SCHEDULE:FACTOR[:repair] or "
+                         f"study:SCHEDULE:adaptive:F,F,...:TOL[:repair]")
+    schedule, repaired = parts[1], len(parts) == n + 1
+    if adaptive:
+        factors, tol = tuple(float(x) for x in parts[3].split(",")), float(parts[4])
+    else:
+        factor = float(parts[2])
     runs_dir = os.path.join(ROOT, "benchmarks", "results", "eval", "adaptive-study", "runs")
     by_cell = {}
     for fn in sorted(os.listdir(runs_dir)):
@@ -93,11 +106,18 @@ def study_entries(source: str):
         for rec in sorted(recs, key=lambda r: r["seed"]):
             with open(os.path.join(ROOT, rec["from_run"]), encoding="utf-8") as f:
                 run = json.load(f)
-            rung = next(x for x in rec["rungs"] if (x["layers"], x["factor"]) ==
-                        (run["spec"]["rescale_layers"], factor))
+            layers = run["spec"]["rescale_layers"]
+            if adaptive:
+                rung = choose(rec["rungs"], [(layers, f) for f in factors], tol,
+                              acc="dev_acc_repaired" if repaired else "dev_acc")
+                fields = {"rescale": "adaptive", "rescale_factors": factors,
+                          "rescale_tolerance": tol, "rescale_judge": None}
+            else:
+                rung = next(x for x in rec["rungs"] if (x["layers"], x["factor"]) ==
+                            (layers, factor))
+                fields = {"rescale": "paper", "rescale_factor": factor}
             rows.append(rung["test_repaired" if repaired else "test"])
-            specs.append(trained_spec(run["spec"], {"rescale_factor": factor,
-                                                    **({"repair": True} if repaired else {})}))
+            specs.append(trained_spec(run["spec"], {**fields, "repair": repaired}))
         keys = {setting_key(s) for s in specs}
         if len(keys) != 1:
             raise SystemExit(f"{source} {cell}: the seeds' specs differ beyond the seed")
@@ -111,7 +131,8 @@ def study_entries(source: str):
                "spec": {k: v for k, v in specs[0].items() if k != "seed"},
                "seeds": [int(s["seed"]) for s in specs], "metrics": metrics,
                "source": os.path.relpath(runs_dir, ROOT),
-               "rung": f"{schedule}: top {specs[0]['rescale_layers']} x{factor:g}"
+               "rung": f"{schedule}: " + (f"adaptive {parts[3]} within {tol:g}" if adaptive
+                                          else f"top {specs[0]['rescale_layers']} x{factor:g}")
                        + (" + repair" if repaired else "")}
 
 
