@@ -10,7 +10,9 @@ same machine load. A variant is a source tree and extra options:
   must equal ``before``'s bit for bit);
 * ``grouped``: this tree, ``--group-by-length`` (length-grouped batches);
 * ``micro4``: this tree, random batches each computed in 4 forwards of rows of similar
-  length (``--micro-batches 4``: the same batches and loss, less padding).
+  length (``--micro-batches 4``: the same batches and loss, less padding);
+* ``default``: this tree with no option: the preset's own configuration (since issue 29's
+  pick: length-grouped batches, the adaptive rescale judged after the repair, the repair).
 
 ``--epochs`` overrides the preset's schedule in every variant (the same for all).
 
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
     variants = {"before": (os.path.abspath(args.before_tree), []),
                 "random": (HERE, ["--no-group-by-length"]),
                 "grouped": (HERE, ["--group-by-length"]),
-                "micro4": (HERE, ["--no-group-by-length", "--micro-batches", "4"])}
+                "micro4": (HERE, ["--no-group-by-length", "--micro-batches", "4"]),
+                "default": (HERE, [])}
     if args.epochs is not None:
         variants = {k: (t, extra + ["--epochs", str(args.epochs)])
                     for k, (t, extra) in variants.items()}

@@ -35,7 +35,8 @@ __all__ = ["register", "DEMO_DESCRIPTION"]
 
 #: ``rora-fast demo --help``; the time is the one README states (tests/test_docs.py)
 DEMO_DESCRIPTION = ("Poison MiniLM-L6 with BadNet on IMDB, fine-tune it on SST-2 with RoRA "
-                    "(the default configuration: 12 epochs, top-3 rescale, head-bias repair), "
+                    "(the default configuration: 12 epochs in length-grouped batches, the "
+                    "top-3 rescale's strength chosen on clean dev rows, head-bias repair), "
                     "print CA / ASR / Δ next to the paper, and beside them LoRA trained on the "
                     "same schedule over 5 seeds (shipped results; --methods lora,rora trains "
                     "it here too, a second 12-epoch run). Takes about 17 min on 2 CPU cores, "
