@@ -219,17 +219,23 @@ def micro_batches(idx: List[int], k: int, lengths: Optional[Sequence[int]]):
     return [(p, len(p) / n) for p in parts if p]
 
 
+def length_batches(texts: Sequence[str], batch_size: int = 64) -> List[List[int]]:
+    """The batches :func:`predict` runs, in its order: indices of ``texts`` sorted by
+    length, cut every ``batch_size``."""
+    order = sorted(range(len(texts)), key=lambda i: text_length(texts[i]))
+    return [order[a:b] for a, b in _batches(len(order), batch_size)]
+
+
 @torch.inference_mode()
 def predict(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64,
             desc: Optional[str] = None) -> List[int]:
-    """Argmax predictions; texts are sorted by length internally (less padding)."""
+    """Argmax predictions; texts are sorted by length internally (less padding,
+    :func:`length_batches`)."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(texts)), key=lambda i: text_length(texts[i]))
     preds = [0] * len(texts)
     bar = progress_bar(total=len(texts), desc=desc, leave=False, disable=desc is None)
-    for a, b in _batches(len(order), batch_size):
-        idx = order[a:b]
+    for idx in length_batches(texts, batch_size):
         enc = encode(tokenizer, [texts[i] for i in idx], max_length, padding=True,
                      return_tensors="pt")
         enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}

@@ -11,6 +11,9 @@ PY=${PYTHON:-python3}
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
+# --no-compile: no byte-compiling of every installed module up front (torch alone: about 20 s
+# of the install here); Python compiles what it imports, when it imports it
+export RORA_PIP_FLAGS="--no-compile"
 . scripts/install_torch.sh   # the torch build that fits this machine (CPU index when no GPU)
-python -m pip install -q -e . -e ./harness
+python -m pip install -q --no-compile -e . -e ./harness
 rora-fast demo "$@"

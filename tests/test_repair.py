@@ -249,3 +249,28 @@ def test_preset_chooses_rescale_and_repair_for_methods_with_rescaling(monkeypatc
     explicit = RunSpec(method="rora", preset="small", seed=0, rescale="paper", repair=False)
     assert run_id(explicit) == old_id
     assert run_id(_spec_from(old_res)) == old_id  # a committed run file, re-read
+
+
+def test_evaluate_head_equals_a_full_evaluation_after_a_head_change(tiny_bert):
+    """After the repair (a change of the head's bias alone) the harness evaluates the head
+    on the inputs it kept from the evaluation before: the same metrics as a full forward."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from rora_fast.repair import classification_head
+    from rora_harness.attacks import get_attack
+    from rora_harness.runner import evaluate, evaluate_head, prepare_sets
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    sets = prepare_sets("cr", get_attack("badnet", None), tok, 32, 16, 16, 150, 0)
+    kept = {}
+    before = evaluate(model, tok, sets, 32, 0, keep_head_inputs=kept)
+    assert len(kept["test"]) == 3 and sum(len(h) for h in kept["nt_trig"]) == len(sets["nt_trig"])
+    with torch.no_grad():
+        head = classification_head(model)
+        # a shift that moves predictions: the bias moved to the median test margin
+        z = head(torch.cat(kept["test"]))
+        head.bias[1] -= float((z[:, 1] - z[:, 0]).median())
+    full = evaluate(model, tok, sets, 32, 0)
+    assert evaluate_head(model, kept, sets, 0) == full
+    assert full != before  # the head change moved predictions: the check is not vacuous
+    with pytest.raises(ValueError, match="batches"):
+        evaluate_head(model, {"test": kept["test"][:1], "nt_trig": kept["nt_trig"]}, sets, 0)

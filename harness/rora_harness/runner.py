@@ -32,7 +32,8 @@ from .presets import DEFENCE_DEFAULTS, HPARAM_SYMBOL, PRESETS, method_label, pap
 from .spectra import (delta_stats, plot_ca_asr_curves, plot_layer_stats, plot_scale_sweep,
                       write_json)
 from rora_fast.loop import (TrainConfig, check_micro_batches, labelled_batches,
-                            load_trainable_state, predict, set_seed, train, trainable_state)
+                            length_batches, load_trainable_state, predict, set_seed, train,
+                            trainable_state)
 
 #: how ``run_defence`` sets the strength of the post-training rescaling
 RESCALE_MODES = ("paper", "adaptive")
@@ -232,13 +233,64 @@ def prepare_sets(task: str, attack, tokenizer, max_length: int, n_train, n_dev, 
     return {"train": train_set, "dev": dev, "test": test, "nt_clean": nt_clean, "nt_trig": nt_trig}
 
 
-def evaluate(model, tok, sets: Dict, max_length: int, target_label: int = 0) -> Dict:
-    clean_preds = predict(model, tok, [e.text for e in sets["test"]], max_length, desc="eval clean")
-    trig_preds = predict(model, tok, [e.text for e in sets["nt_trig"]], max_length, desc="eval triggered")
+def _metrics(clean_preds, trig_preds, sets: Dict, target_label: int) -> Dict:
     # the non-target clean samples are a subset of the test set: reuse the predictions
     nt_preds = [p for p, e in zip(clean_preds, sets["test"]) if e.label != target_label]
     return backdoor_metrics(clean_preds, [e.label for e in sets["test"]], trig_preds, nt_preds,
                             [e.label for e in sets["nt_trig"]], target_label)
+
+
+def evaluate(model, tok, sets: Dict, max_length: int, target_label: int = 0,
+             keep_head_inputs: Optional[Dict] = None) -> Dict:
+    """CA / ASR / ASR floor on the test sets. ``keep_head_inputs``: a dict that receives,
+    per set, the classification head's input of every batch :func:`predict` ran (for
+    :func:`evaluate_head` after a change of the head alone)."""
+    kept: List[torch.Tensor] = []
+    handle = None
+    if keep_head_inputs is not None:
+        from rora_fast.repair import classification_head
+        handle = classification_head(model).register_forward_pre_hook(
+            lambda mod, args: kept.append(args[0].detach().clone()))
+    try:
+        clean_preds = predict(model, tok, [e.text for e in sets["test"]], max_length,
+                              desc="eval clean")
+        n_clean = len(kept)
+        trig_preds = predict(model, tok, [e.text for e in sets["nt_trig"]], max_length,
+                             desc="eval triggered")
+    finally:
+        if handle is not None:
+            handle.remove()
+    if keep_head_inputs is not None:
+        keep_head_inputs.update({"test": kept[:n_clean], "nt_trig": kept[n_clean:]})
+    return _metrics(clean_preds, trig_preds, sets, target_label)
+
+
+@torch.inference_mode()
+def evaluate_head(model, kept: Dict, sets: Dict, target_label: int = 0) -> Dict:
+    """:func:`evaluate` of ``model`` after a change of its classification head alone (the
+    repair), from the head inputs :func:`evaluate` kept: the head applied to each batch's
+    kept input as the full forward applies it -- the same op on the same tensors, so the
+    same predictions, without running the encoder again."""
+    from rora_fast.repair import classification_head
+    head = classification_head(model)
+    was_training = head.training
+    head.eval()
+    preds = {}
+    try:
+        for name in ("test", "nt_trig"):
+            texts = [e.text for e in sets[name]]
+            batches = length_batches(texts)
+            if len(batches) != len(kept[name]):
+                raise ValueError(f"kept head inputs of {name!r}: {len(kept[name])} batches for "
+                                 f"{len(batches)}")
+            out = [0] * len(texts)
+            for idx, h in zip(batches, kept[name]):
+                for i, p in zip(idx, head(h).argmax(-1).tolist()):
+                    out[i] = p
+            preds[name] = out
+    finally:
+        head.train(was_training)
+    return _metrics(preds["test"], preds["nt_trig"], sets, target_label)
 
 
 def _spec_hash(d: Dict) -> str:
@@ -364,9 +416,14 @@ def run_defence(spec: RunSpec, out_dir: str, cache_dir: Optional[str] = None,
             result["rescale"] = finish_defence(model, method, dcfg)
     if res_spec.get("repair", False):
         from rora_fast.repair import recalibrate_head_bias_
-        result["before_repair"] = evaluate(model, tok, sets, L, attack.target_label)
+        kept: Dict = {}
+        result["before_repair"] = evaluate(model, tok, sets, L, attack.target_label,
+                                           keep_head_inputs=kept)
         result["repair"] = recalibrate_head_bias_(model, tok, sets["dev"], L)
-    result["metrics"] = evaluate(model, tok, sets, L, attack.target_label)
+        # the repair changes the head's bias alone: the head on the kept inputs
+        result["metrics"] = evaluate_head(model, kept, sets, attack.target_label)
+    else:
+        result["metrics"] = evaluate(model, tok, sets, L, attack.target_label)
     return finish_result(result, path, t_start, rid, log)
 
 
