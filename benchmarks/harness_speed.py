@@ -47,7 +47,11 @@ def run_once(tree: str, extra, args) -> dict:
     cmd = [sys.executable, "-m", "rora_fast.cli", "defend", "--task", args.task,
            "--methods", args.method, "--preset", args.preset, "--seed", str(args.seed),
            "--threads", str(args.threads), "--out", out] + list(extra)
-    env = dict(os.environ, PYTHONPATH=tree, TQDM_DISABLE="1")
+    # the tree's own harness too (a separate distribution under harness/ since the split;
+    # without it the installed harness of another checkout would run against this tree)
+    path = [tree] + ([os.path.join(tree, "harness")]
+                     if os.path.isdir(os.path.join(tree, "harness", "rora_harness")) else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), TQDM_DISABLE="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
