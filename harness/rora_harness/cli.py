@@ -4,7 +4,7 @@ fine-tuning, measure CA / ASR / delta.
 Registered with the library's command through the entry point group ``rora_fast.commands``
 (harness/setup.py): ``rora-fast <subcommand> --help`` on each of
 
-  demo           poison MiniLM (BadNet, IMDB), defend on SST-2 with RoRA (about 17 min)
+  demo           poison MiniLM (BadNet, IMDB), defend on SST-2 with RoRA (about 12 min)
   poison         weight-poison a model on the proxy set (cached by its settings)
   defend         fine-tune the poisoned model with defences and measure
   evaluate       CA / ASR / ASR floor of a saved model folder
@@ -39,7 +39,7 @@ DEMO_DESCRIPTION = ("Poison MiniLM-L6 with BadNet on IMDB, fine-tune it on SST-2
                     "top-3 rescale's strength chosen on clean dev rows, head-bias repair), "
                     "print CA / ASR / Δ next to the paper, and beside them LoRA trained on the "
                     "same schedule over 5 seeds (shipped results; --methods lora,rora trains "
-                    "it here too, a second 12-epoch run). Takes about 17 min on 2 CPU cores, "
+                    "it here too, a second 12-epoch run). Takes about 12 min on 2 CPU cores, "
                     "install included (measured: README, scripts/demo.sh).")
 
 #: where results go when --out is not given (git-ignored: see .gitignore)
