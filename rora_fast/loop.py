@@ -45,7 +45,7 @@ from .progress import progress_bar
 
 from .data import Example
 
-__all__ = ["set_device", "get_device", "setup_process", "DEFAULT_MODEL", "default_model_path", "resolve_model", "load_model", "load_tokenizer", "predict",
+__all__ = ["set_device", "get_device", "setup_process", "DEFAULT_MODEL", "default_model_path", "resolve_model", "load_model", "load_tokenizer", "predict", "length_batches",
            "TrainConfig", "train", "tokenize_rows", "encode", "text_length", "pad_rows", "epoch_batches", "micro_batches", "check_micro_batches", "labelled_batches", "set_seed", "trainable_state", "load_trainable_state",
            "save_checkpoint", "load_checkpoint"]
 

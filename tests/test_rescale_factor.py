@@ -32,7 +32,7 @@ def test_finetune_rescales_by_the_factor(make_tiny_bert):
     rows = load_dataset("sst2_sentence", "train", limit=24, seed=1)
     rep = finetune(model, tok, rows[:18], rows[18:],
                    FinetuneConfig(epochs=1, ortho_rank=4, max_length=24, rescale_layers=1,
-                                  rescale_factor=0.5, repair=False),
+                                  rescale="paper", rescale_factor=0.5, repair=False),
                    progress=False, log=lambda *a: None)
     layers = dict(rora_fast.rora_layers(model))
     assert rep["config"]["rescale_factor"] == 0.5 and rep["rescale"]
@@ -68,7 +68,7 @@ def test_trainer_callback_rescales_by_the_factor(tmp_path):
 
 def test_runspec_rescale_factor_option():
     base = RunSpec(task="sst2_sentence", method="rora", preset="small", seed=0,
-                   rescale_factor=1.0)
+                   rescale="paper", rescale_factor=1.0)
     assert "rescale_factor" not in base.resolved()  # the paper's rule: run ids as before
     half = dataclasses.replace(base, rescale_factor=0.5)
     assert half.resolved()["rescale_factor"] == 0.5 and run_id(half) != run_id(base)
@@ -85,11 +85,13 @@ def test_preset_factor_applies_to_the_paper_rescale_only(monkeypatch):
     a run file written before (no such key) keeps its run id (bias._spec_from)."""
     from rora_harness import presets
     from rora_harness.bias import _spec_from
+    monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(
+        presets.PRESETS["small"], rescale="paper", rescale_factor=1.0))
     old = RunSpec(method="rora", preset="small", seed=0)
     old_id, old_res = run_id(old), old.resolved()
     monkeypatch.setitem(presets.PRESETS, "small", dataclasses.replace(
-        presets.PRESETS["small"], rescale_factor=0.75 if presets.PRESETS["small"].rescale_factor
-        == 1.0 else 1.0))
+        presets.PRESETS["small"], rescale="paper",
+        rescale_factor=0.75 if presets.PRESETS["small"].rescale_factor == 1.0 else 1.0))
     new_factor = presets.PRESETS["small"].rescale_factor
     new = RunSpec(method="rora", preset="small", seed=0).resolved()
     assert new.get("rescale_factor", 1.0) == new_factor and run_id(
@@ -103,7 +105,8 @@ def test_preset_factor_applies_to_the_paper_rescale_only(monkeypatch):
 def test_harness_cli_passes_the_factor():
     from rora_fast.cli import build_parser
     from rora_harness.cli import _spec
-    args = build_parser().parse_args(["defend", "--methods", "rora", "--rescale-factor", "0.5"])
+    args = build_parser().parse_args(["defend", "--methods", "rora", "--rescale", "paper",
+                                      "--rescale-factor", "0.5"])
     assert _spec(args, "rora").resolved()["rescale_factor"] == 0.5
 
 
