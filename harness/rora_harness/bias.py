@@ -78,13 +78,11 @@ def balance_from_runs(root: str) -> List[Dict]:
 
 
 def _spec_from(stored: Dict):
-    from .runner import RunSpec
+    from .runner import UNHASHED_DEFAULTS, RunSpec
     names = {f.name for f in dataclasses.fields(RunSpec)}
     # a stored (resolved) spec omits these at their old defaults: explicit here, so that a
     # run file keeps its run id whatever the presets now choose
-    stored = {"rescale": "paper", "repair": False, "group_by_length": False,
-              "micro_batches": 1, "rescale_factor": 1.0, "rescale_tolerance": 1.0,
-              "rescale_factors": (0.25, 0.5, 1.0), "rescale_judge": "model", **stored}
+    stored = {**UNHASHED_DEFAULTS, **stored}
     if isinstance(stored.get("rescale_factors"), list):
         stored["rescale_factors"] = tuple(stored["rescale_factors"])
     return RunSpec(**{k: v for k, v in stored.items() if k in names})

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+from rora_fast.adaptive import DEFAULT_FACTORS
+
 __all__ = ["Preset", "PRESETS", "DEFENCE_DEFAULTS", "PAPER_FIG5_GRID", "PAPER_TABLE2_BERT",
            "PAPER_TABLE5", "paper_row", "nondefault_hparams", "method_label"]
 
@@ -52,7 +54,7 @@ class Preset:
     # the "adaptive" rescale: dev accuracy points a rung may cost, and the ladder's factors
     # (weakest first); judged after the repair when the repair follows
     rescale_tolerance: float = 1.0
-    rescale_factors: Tuple[float, ...] = (0.25, 0.5, 1.0)
+    rescale_factors: Tuple[float, ...] = DEFAULT_FACTORS  # rora_fast.adaptive's
     # the defender's training batches: random (False) or length-grouped (True,
     # rora_fast.loop's group_by_length), unless the run says
     group_by_length: bool = False

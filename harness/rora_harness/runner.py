@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from rora_fast import block_index
+from rora_fast.adaptive import DEFAULT_FACTORS
 from rora_fast.atomic import atomic_write_file, save_figure
 from .data import load_dataset
 from .attacks import get_attack, triggered_test_set
@@ -39,6 +40,13 @@ from rora_fast.loop import (TrainConfig, check_micro_batches, labelled_batches,
 RESCALE_MODES = ("paper", "adaptive")
 #: the defender's training batch (the paper's A.1)
 BATCH_SIZE = 32
+#: RunSpec fields added after runs were committed, at the values those runs had: left out
+#: of a resolved spec at these values (run ids stay as before), and what a stored spec
+#: without them means (bias._spec_from)
+UNHASHED_DEFAULTS = {"poison_max_epochs": None, "repair": False, "group_by_length": False,
+                     "micro_batches": 1, "rescale": "paper", "rescale_tolerance": 1.0,
+                     "rescale_factor": 1.0, "rescale_factors": tuple(DEFAULT_FACTORS),
+                     "rescale_judge": "model"}
 
 __all__ = ["RunSpec", "poison_config_for", "prepare_sets", "evaluate", "run_defence",
            "write_summary", "run_spectra", "run_rescale_sweep", "run_param_sweep"]
@@ -121,7 +129,6 @@ class RunSpec:
         """``(tolerance, factors, judge)`` of this run's adaptive rescale: the explicit
         values, else the preset's for an adaptive rescale (judge "repaired" when the repair
         follows it), else the library's defaults."""
-        from rora_fast.adaptive import DEFAULT_FACTORS
         p = PRESETS.get(self.preset)
         rescale, repair = self.rescale_choice()
         adaptive = rescale == "adaptive" and p is not None
@@ -140,20 +147,18 @@ class RunSpec:
         d = dataclasses.asdict(self)
         rescale, repair = self.rescale_choice()
         d["rescale"], d["repair"] = rescale, repair
-        d["rescale_factor"] = self.rescale_factor_choice()
+        factor = d["rescale_factor"] = self.rescale_factor_choice()
         tol, factors, judge = self.adaptive_choice()
-        d["rescale_tolerance"], d["rescale_factors"], d["rescale_judge"] = tol, list(factors), judge
+        d["rescale_tolerance"], d["rescale_factors"], d["rescale_judge"] = tol, factors, judge
         d["group_by_length"] = bool(p.group_by_length if self.group_by_length is None
                                     else self.group_by_length)
         d["micro_batches"] = p.micro_batches if self.micro_batches is None else self.micro_batches
         check_micro_batches(d["micro_batches"], BATCH_SIZE)
-        for k, default in (("poison_max_epochs", None), ("repair", False),
-                           ("group_by_length", False), ("micro_batches", 1),
-                           ("rescale", "paper"),
-                           ("rescale_tolerance", 1.0), ("rescale_factor", 1.0),
-                           ("rescale_factors", [0.25, 0.5, 1.0]), ("rescale_judge", "model")):
+        for k, default in UNHASHED_DEFAULTS.items():
             if d[k] == default:  # defaults added later are not hashed: run ids stay as before
                 del d[k]
+        if "rescale_factors" in d:
+            d["rescale_factors"] = list(factors)  # as JSON stores it
         pick = lambda v, default, unset=-1: default if v == unset else v
         d["n_train"] = pick(self.n_train, p.n_train)
         d["n_dev"] = pick(self.n_dev, p.n_dev)
@@ -174,7 +179,6 @@ class RunSpec:
         if rescale != "paper" and not (m.kind == "rora" and m.pt):
             raise ValueError(f"--rescale {rescale} chooses the strength of a rescaling: it "
                              f"needs a method with rescaling (rora, ...), got {self.method!r}")
-        factor = self.rescale_factor_choice()
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or \
                 not (math.isfinite(factor) and factor > 0):
             raise ValueError(f"rescale_factor must be a finite number > 0, got {factor!r}")
@@ -185,7 +189,7 @@ class RunSpec:
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or \
                 not (math.isfinite(tol) and tol >= 0):
             raise ValueError(f"rescale_tolerance must be a finite number >= 0, got {tol!r}")
-        from rora_fast.adaptive import DEFAULT_FACTORS, factor_ladder
+        from rora_fast.adaptive import factor_ladder
         factor_ladder(self.rescale_layers or 1, factors)  # ascending, each finite and > 0
         if judge not in ("model", "repaired"):
             raise ValueError(f"rescale_judge must be 'model' or 'repaired', got {judge!r}")
@@ -433,7 +437,6 @@ def adaptive_rescale_on_dev_(model, tok, dev, max_length: int, res_spec: Dict) -
     its factors on the top ``rescale_layers`` blocks, its tolerance, judged on the model or
     after the repair it would get."""
     import rora_fast
-    from rora_fast.adaptive import DEFAULT_FACTORS
     info = rora_fast.adaptive_rescale_(
         model, labelled_batches(tok, dev, max_length, device=next(model.parameters()).device),
         ladder=rora_fast.factor_ladder(res_spec["rescale_layers"],

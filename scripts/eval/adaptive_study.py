@@ -79,15 +79,27 @@ class NotCached(Exception):
     """The seed's poisoned model is not in the cache yet (``--only-cached``)."""
 
 
+def load_defended(spec, folder: str, run: Dict, cache_dir: Optional[str]):
+    """The committed RoRA ``run``'s adapter (in ``folder``) on its seed's poisoned model, and
+    the run's data sets: ``(model, tokenizer, resolved spec, attack, sets)``."""
+    from rora_harness.attacks import get_attack
+    from rora_harness.defences import parse_method
+    from rora_harness.runner import defended_model, prepare_sets
+    model, tok, res = defended_model(spec, parse_method(spec.method),
+                                     os.path.join(folder, run["adapter"]), cache_dir, log=log)
+    attack = get_attack(spec.attack, spec.trigger)
+    sets = prepare_sets(spec.task, attack, tok, res["max_length"], res["n_train"], res["n_dev"],
+                        res["n_test"], spec.seed)
+    return model, tok, res, attack, sets
+
+
 def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
               only_cached: bool = False) -> Dict:
     import rora_fast
     from posthoc_study import committed_runs, forward_features, metrics_from_logits
-    from rora_harness.attacks import get_attack
     from rora_harness.bias import _spec_from
-    from rora_harness.defences import parse_method
     from rora_fast.repair import classification_head, frequency_bias_shift
-    from rora_harness.runner import defended_model, prepare_sets, run_id
+    from rora_harness.runner import run_id
     from rora_fast.loop import labelled_batches
     folder = os.path.join(ROOT, SCHEDULES[schedule][cell])
     runs = committed_runs(folder, seed)
@@ -103,12 +115,8 @@ def study_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str],
         if not os.path.isdir(os.path.join(cache_dir, poison_key(poison_config_for(spec)))):
             raise NotCached(f"{schedule} {cell} seed {seed}")
     t0 = time.time()
-    model, tok, res = defended_model(spec, parse_method(spec.method),
-                                     os.path.join(folder, run["adapter"]), cache_dir, log=log)
+    model, tok, res, attack, sets = load_defended(spec, folder, run, cache_dir)
     L = res["max_length"]
-    attack = get_attack(spec.attack, spec.trigger)
-    sets = prepare_sets(spec.task, attack, tok, L, res["n_train"], res["n_dev"], res["n_test"],
-                        spec.seed)
     head = classification_head(model)
     batches = labelled_batches(tok, sets["dev"], L)
     rows = []
@@ -162,21 +170,14 @@ def verify_one(schedule: str, cell: str, seed: int, cache_dir: Optional[str], fa
     import dataclasses
     from rora_fast.repair import recalibrate_head_bias_
     from posthoc_study import committed_runs
-    from rora_harness.attacks import get_attack
     from rora_harness.bias import _spec_from
-    from rora_harness.defences import parse_method
-    from rora_harness.runner import (adaptive_rescale_on_dev_, defended_model, evaluate,
-                                     prepare_sets)
+    from rora_harness.runner import adaptive_rescale_on_dev_, evaluate
     folder = os.path.join(ROOT, SCHEDULES[schedule][cell])
     run = committed_runs(folder, seed)["rora"]
     spec = _spec_from(run["spec"])
     t0 = time.time()
-    model, tok, res = defended_model(spec, parse_method(spec.method),
-                                     os.path.join(folder, run["adapter"]), cache_dir, log=log)
+    model, tok, res, attack, sets = load_defended(spec, folder, run, cache_dir)
     L = res["max_length"]
-    attack = get_attack(spec.attack, spec.trigger)
-    sets = prepare_sets(spec.task, attack, tok, L, res["n_train"], res["n_dev"], res["n_test"],
-                        spec.seed)
     trained = dataclasses.replace(spec, rescale="adaptive", repair=True,
                                   rescale_factors=tuple(factors), rescale_tolerance=tolerance,
                                   rescale_judge=None).resolved()

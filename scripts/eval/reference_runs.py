@@ -41,9 +41,22 @@ def trained_spec(spec: dict, fields: dict) -> dict:
     return dataclasses.replace(_spec_from(spec), **fields).resolved()
 
 
-def entries_of(folder: str):
-    from rora_harness.reference_runs import METRICS, setting_key
+def spread(rows) -> dict:
+    """Per metric of ``rows`` (dicts of CA / ASR / ASR_floor, one per seed): mean, 95 %
+    t-interval half-width, sd, min, max, n."""
+    from rora_harness.reference_runs import METRICS
     from rora_harness.seeds import mean_ci
+    metrics = {}
+    for k in METRICS:
+        xs = [float(r[k]) for r in rows]
+        s = mean_ci(xs)
+        metrics[k] = {"mean": s["mean"], "ci95_half": s["ci95_half"], "sd": s["sd"],
+                      "min": min(xs), "max": max(xs), "n": s["n"]}
+    return metrics
+
+
+def entries_of(folder: str):
+    from rora_harness.reference_runs import setting_key
 
     with open(os.path.join(folder, "seeds.json"), encoding="utf-8") as f:
         agg = json.load(f)
@@ -63,12 +76,7 @@ def entries_of(folder: str):
         keys = {setting_key(r["spec"]) for r in runs}
         if len(keys) != 1:
             raise SystemExit(f"{folder} {method}: the seeds' specs differ beyond the seed")
-        metrics = {}
-        for k in METRICS:
-            xs = [float(r["metrics"][k]) for r in runs]
-            s = mean_ci(xs)
-            metrics[k] = {"mean": s["mean"], "ci95_half": s["ci95_half"], "sd": s["sd"],
-                          "min": min(xs), "max": max(xs), "n": s["n"]}
+        metrics = spread([r["metrics"] for r in runs])
         spec = {k: v for k, v in runs[0]["spec"].items() if k != "seed"}
         yield {"setting_key": keys.pop(), "method": method, "spec": spec,
                "seeds": [int(r["spec"]["seed"]) for r in runs], "metrics": metrics,
@@ -77,8 +85,7 @@ def entries_of(folder: str):
 
 def study_entries(source: str):
     """The entries of ``study:SCHEDULE:FACTOR[:repair]`` (module docstring), per cell."""
-    from rora_harness.reference_runs import METRICS, setting_key
-    from rora_harness.seeds import mean_ci
+    from rora_harness.reference_runs import setting_key
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from adaptive_study import choose
     parts = source.split(":")
@@ -121,12 +128,7 @@ def study_entries(source: str):
         keys = {setting_key(s) for s in specs}
         if len(keys) != 1:
             raise SystemExit(f"{source} {cell}: the seeds' specs differ beyond the seed")
-        metrics = {}
-        for k in METRICS:
-            xs = [float(r[k]) for r in rows]
-            s = mean_ci(xs)
-            metrics[k] = {"mean": s["mean"], "ci95_half": s["ci95_half"], "sd": s["sd"],
-                          "min": min(xs), "max": max(xs), "n": s["n"]}
+        metrics = spread(rows)
         yield {"setting_key": keys.pop(), "method": "rora" + ("+repair" if repaired else ""),
                "spec": {k: v for k, v in specs[0].items() if k != "seed"},
                "seeds": [int(s["seed"]) for s in specs], "metrics": metrics,
